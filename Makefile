@@ -1,0 +1,55 @@
+# bms-image: `make run` starts the service, `make test` runs the whole suite.
+# Every target installs what it needs first, so both work on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+STUBS_STAMP := src/bms/.generated
+
+.PHONY: run test lint proto install clean help
+
+help:
+	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
+	@echo "make test   - install, generate stubs, run the whole test suite"
+	@echo "make lint   - buf lint (protos), ruff and mypy (Python)"
+	@echo "make proto  - regenerate the Python stubs from protos/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(STUBS_STAMP): $(PROTOS) $(VENV)/.installed
+	rm -rf src/bms
+	mkdir -p src
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_out=src --pyi_out=src --grpc_python_out=src $(PROTOS)
+	touch $@
+
+proto: $(VENV)/.installed
+	rm -f $(STUBS_STAMP)
+	$(MAKE) $(STUBS_STAMP)
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+run: $(STUBS_STAMP)
+	$(BIN)/bms-image serve
+
+test: $(STUBS_STAMP) node_modules/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STUBS_STAMP) node_modules/.installed
+	npx buf lint
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) node_modules src/bms .pytest_cache .mypy_cache

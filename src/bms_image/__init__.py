@@ -1,0 +1,1 @@
+"""bms-image: the image service of a bare-metal-server cloud."""

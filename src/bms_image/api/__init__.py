@@ -1,0 +1,1 @@
+"""gRPC layer: thin servicers translating proto <-> domain, errors -> status."""

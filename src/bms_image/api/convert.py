@@ -1,0 +1,173 @@
+"""Proto messages <-> domain objects, and resource names <-> ids."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any, TypeVar
+
+from google.protobuf import timestamp_pb2
+
+from bms.image.v1 import image_pb2, provisioning_pb2
+
+from ..domain import model
+from ..domain.errors import invalid_field
+from ..domain.images import ImageChanges, NewImage
+
+E = TypeVar("E", bound=enum.Enum)
+
+_ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
+    model.ImageType: (image_pb2.ImageType, "IMAGE_TYPE_"),
+    model.ImageStatus: (image_pb2.ImageStatus, "IMAGE_STATUS_"),
+    model.OsType: (image_pb2.OsType, "OS_TYPE_"),
+    model.Architecture: (image_pb2.Architecture, "ARCHITECTURE_"),
+    model.DiskFormat: (image_pb2.DiskFormat, "DISK_FORMAT_"),
+    model.PluginKind: (image_pb2.PluginKind, "PLUGIN_KIND_"),
+}
+
+
+def enum_to_proto(value: enum.Enum) -> int:
+    wrapper, prefix = _ENUM_PREFIXES[type(value)]
+    return int(wrapper.Value(prefix + str(value.value).upper()))
+
+
+def enum_from_proto(domain_type: type[E], number: int, field: str) -> E | None:
+    """None for the UNSPECIFIED zero value; INVALID_ARGUMENT for numbers the
+    API does not define (proto3 enums accept any integer on the wire)."""
+    if number == 0:
+        return None
+    wrapper, prefix = _ENUM_PREFIXES[domain_type]
+    try:
+        name = wrapper.Name(number)
+    except ValueError:
+        raise invalid_field(field, f"{number} is not a value of this enum") from None
+    return domain_type(name.removeprefix(prefix).lower())
+
+
+def _resource_id(name: str, collection: str, field: str) -> str:
+    prefix = collection + "/"
+    if not name.startswith(prefix):
+        raise invalid_field(field, f"must be `{collection}/{{id}}`, got {name[:80]!r}")
+    return name[len(prefix) :]
+
+
+def image_id_from_name(name: str, field: str = "name") -> str:
+    raw = _resource_id(name, "images", field)
+    try:
+        parsed = uuid.UUID(raw)
+    except ValueError:
+        raise invalid_field(field, f"`images/{{id}}` needs a UUID id, got {raw[:80]!r}") from None
+    if str(parsed) != raw:
+        raise invalid_field(field, f"write the id in canonical lower-case form: {parsed}")
+    return raw
+
+
+def flavor_name_from_resource(name: str, field: str = "name") -> str:
+    raw = _resource_id(name, "flavors", field)
+    if not raw:
+        raise invalid_field(field, "names no flavor")
+    return raw
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def image_to_proto(
+    image: model.Image, image_type: model.ImageType, supported_flavors: list[str]
+) -> image_pb2.Image:
+    return image_pb2.Image(
+        name=f"images/{image.id}",
+        display_name=image.display_name,
+        description=image.description,
+        type=enum_to_proto(image_type),  # type: ignore[arg-type]
+        owner_project=image.owner_project or "",
+        os_type=enum_to_proto(image.os_type),  # type: ignore[arg-type]
+        os_distro=image.os_distro,
+        os_version=image.os_version,
+        architecture=enum_to_proto(image.architecture),  # type: ignore[arg-type]
+        disk_format=enum_to_proto(image.disk_format),  # type: ignore[arg-type]
+        size_bytes=image.size_bytes,
+        min_disk_gb=image.min_disk_gb,
+        sha256=image.sha256,
+        status=enum_to_proto(image.status),  # type: ignore[arg-type]
+        status_reason=image.status_reason,
+        hardware_model=image.hardware_model,
+        supported_flavors=[f"flavors/{name}" for name in supported_flavors],
+        plugins=[
+            image_pb2.Plugin(kind=enum_to_proto(p.kind), version=p.version)  # type: ignore[arg-type]
+            for p in image.plugins
+        ],
+        source_server=image.source_server,
+        tags=image.tags,
+        protected=image.protected,
+        deprecated=image.deprecated,
+        create_time=_timestamp(image.create_time),
+        update_time=_timestamp(image.update_time),
+        etag=image.etag,
+    )
+
+
+def new_image_from_proto(message: image_pb2.Image) -> NewImage:
+    plugins = []
+    for index, plugin in enumerate(message.plugins):
+        kind = enum_from_proto(model.PluginKind, plugin.kind, f"image.plugins[{index}].kind")
+        if kind is None:
+            raise invalid_field(f"image.plugins[{index}].kind", "is required")
+        plugins.append(model.Plugin(kind, plugin.version))
+    return NewImage(
+        display_name=message.display_name,
+        description=message.description,
+        type=enum_from_proto(model.ImageType, message.type, "image.type"),
+        os_type=enum_from_proto(model.OsType, message.os_type, "image.os_type"),
+        os_distro=message.os_distro,
+        os_version=message.os_version,
+        architecture=enum_from_proto(model.Architecture, message.architecture, "image.architecture"),
+        disk_format=enum_from_proto(model.DiskFormat, message.disk_format, "image.disk_format"),
+        min_disk_gb=message.min_disk_gb,
+        hardware_model=message.hardware_model,
+        supported_flavors=list(message.supported_flavors),
+        plugins=plugins,
+        tags=list(message.tags),
+        protected=message.protected,
+    )
+
+
+UPDATABLE_FIELDS = ("display_name", "description", "tags", "min_disk_gb", "protected")
+
+
+def changes_from_proto(message: image_pb2.Image, paths: list[str]) -> ImageChanges:
+    if not paths:
+        raise invalid_field(
+            "update_mask", f"is required: name the fields to change ({', '.join(UPDATABLE_FIELDS)})"
+        )
+    changes = ImageChanges()
+    for path in paths:
+        if path not in UPDATABLE_FIELDS:
+            raise invalid_field(
+                "update_mask",
+                f"{path!r} cannot be updated; updatable fields: {', '.join(UPDATABLE_FIELDS)}",
+            )
+        value = getattr(message, path)
+        setattr(changes, path, list(value) if path == "tags" else value)
+    return changes
+
+
+def flavor_to_proto(flavor: model.Flavor) -> provisioning_pb2.Flavor:
+    return provisioning_pb2.Flavor(
+        name=f"flavors/{flavor.name}",
+        hardware_model=flavor.hardware_model,
+        cpu_cores=flavor.cpu_cores,
+        cpu_model=flavor.cpu_model,
+        memory_gib=flavor.memory_gib,
+        local_disks=flavor.local_disks,
+        local_disk_gb=flavor.local_disk_gb,
+        evs_boot=flavor.evs_boot,
+        public_images=[f"images/{image_id}" for image_id in flavor.public_image_ids],
+        description=flavor.description,
+    )

@@ -1,0 +1,126 @@
+"""Assembles the service: database, domain, servicers, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+
+from ..auth import TokenAuthority
+from ..catalog.seed import seed
+from ..config import Settings
+from ..domain.flavors import FlavorCatalog, FlavorDirectory
+from ..domain.images import ImageCatalog
+from ..domain.paging import PageTokens
+from ..store.db import Database
+from ..store.repository import SqlFlavorRepository, SqlImageRepository
+from .flavors import ProvisioningServicer
+from .guard import CallGuard
+from .images import ImageServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+    provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Deliberate transport limits: bounded messages, keepalive that detects
+    dead peers of long streams, and no silent port sharing between servers."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class RunningService:
+    settings: Settings
+    database: Database
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    authority: TokenAuthority
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health goes NOT_SERVING first so balancers drain us, then in-flight
+        calls get `grace` seconds to finish; new calls are refused meanwhile."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.database.close()
+
+
+async def start(settings: Settings) -> RunningService:
+    settings = settings.resolved()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.database_url)
+    await database.migrate()
+    added = await seed(database)
+    if added:
+        log.info("seeded %d catalog entries", added)
+    flavor_repository = SqlFlavorRepository(database)
+    flavors = FlavorCatalog(await flavor_repository.list_flavors())
+    page_tokens = PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
+    catalog = ImageCatalog(
+        SqlImageRepository(database), flavors, page_tokens, settings.private_image_quota
+    )
+    authority = TokenAuthority(settings.secret())
+
+    server = grpc.aio.server(
+        interceptors=[CallGuard(authority)], options=server_options(settings)
+    )
+    image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog), server)
+    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
+        ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens)), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as error:
+        await database.close()
+        raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("bms-image serving on %s (database %s)", settings.listen, database.engine.url)
+    return RunningService(settings, database, server, health_servicer, port, authority)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    service = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"bms-image listening on {service.address}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0fs", service.settings.shutdown_grace_seconds)
+    await service.stop()

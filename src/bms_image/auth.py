@@ -1,0 +1,81 @@
+"""Bearer tokens: HS256-signed JWTs naming a project and its roles."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+
+from .domain.errors import Unauthenticated
+from .domain.model import Caller
+from .domain.rules import PROJECT_PATTERN
+
+ISSUER = "bms-image"
+ALGORITHM = "HS256"
+DEFAULT_TTL_SECONDS = 24 * 3600
+KNOWN_ROLES = frozenset({"admin"})
+
+
+class TokenAuthority:
+    """Issues and verifies tokens with one shared secret."""
+
+    def __init__(self, secret: str) -> None:
+        if len(secret) < 32:
+            raise ValueError("the token secret must be at least 32 characters")
+        self._secret = secret
+
+    def issue(
+        self, project: str, admin: bool = False, ttl_seconds: int = DEFAULT_TTL_SECONDS
+    ) -> str:
+        if not PROJECT_PATTERN.match(project):
+            raise ValueError(
+                f"project {project!r} is not valid: 2-64 lower-case letters, digits, '-' or '_'"
+            )
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": project,
+            "roles": ["admin"] if admin else [],
+            "iat": now,
+            "exp": now + ttl_seconds,
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> Caller:
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "iss"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("TOKEN_EXPIRED", "the token has expired; get a new one") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated(
+                "TOKEN_INVALID_SIGNATURE", "the token was not signed by this service"
+            ) from None
+        except jwt.InvalidTokenError as error:
+            raise Unauthenticated("TOKEN_INVALID", f"the token is not valid: {error}") from None
+        project, roles = claims.get("sub"), claims.get("roles", [])
+        if not isinstance(project, str) or not PROJECT_PATTERN.match(project):
+            raise Unauthenticated("TOKEN_INVALID", "the token does not name a valid project")
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise Unauthenticated("TOKEN_INVALID", "the token's roles must be a list of strings")
+        return Caller(project=project, roles=frozenset(roles) & KNOWN_ROLES)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """Extracts the token from an `authorization: Bearer <token>` value."""
+    if not authorization:
+        raise Unauthenticated(
+            "TOKEN_MISSING",
+            "missing `authorization: Bearer <token>` metadata; get a token with `bms-image token`",
+        )
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "TOKEN_MALFORMED", "the authorization metadata must be `Bearer <token>`"
+        )
+    return token.strip()

@@ -1,0 +1,105 @@
+"""The `bms-image` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="bms-image: the BMS image service")
+
+ListenOpt = Annotated[
+    str | None, typer.Option(help="host:port to listen on [env BMS_IMAGE_LISTEN, 127.0.0.1:50051]")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="directory for the SQLite file and token secret [env BMS_IMAGE_DATA_DIR, ./data]"),
+]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy URL, e.g. postgresql+asyncpg://... [env BMS_IMAGE_DATABASE_URL]"),
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings.from_env(**overrides)
+
+
+@app.command()
+def serve(
+    listen: ListenOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+    private_image_quota: Annotated[
+        int | None, typer.Option(help="private images per project [env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50]")
+    ] = None,
+    shutdown_grace_seconds: Annotated[
+        float | None, typer.Option(help="seconds in-flight calls get on shutdown [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]")
+    ] = None,
+) -> None:
+    """Start the gRPC service (migrates and seeds the database first)."""
+    from .api.server import serve as run_server
+
+    settings = _settings(
+        listen=listen,
+        data_dir=data_dir,
+        database_url=database_url,
+        private_image_quota=private_image_quota,
+        shutdown_grace_seconds=shutdown_grace_seconds,
+    )
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_server(settings))
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
+    """Apply database migrations and seed the public catalog, then exit."""
+    from .catalog.seed import seed
+    from .store.db import Database
+
+    settings = _settings(data_dir=data_dir, database_url=database_url).resolved()
+
+    async def run() -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(settings.database_url)
+        try:
+            await database.migrate()
+            added = await seed(database)
+        finally:
+            await database.close()
+        typer.echo(f"database at the newest schema; {added} catalog entries added")
+
+    asyncio.run(run())
+
+
+@app.command()
+def token(
+    project: Annotated[str, typer.Option(help="project the token acts for")],
+    admin: Annotated[bool, typer.Option(help="grant the platform admin role")] = False,
+    ttl_seconds: Annotated[int, typer.Option(help="lifetime in seconds")] = 24 * 3600,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print a bearer token signed with the service's secret."""
+    from .auth import TokenAuthority
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        typer.echo(TokenAuthority(settings.secret()).issue(project, admin, ttl_seconds))
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()

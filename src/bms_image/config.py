@@ -1,0 +1,69 @@
+"""Configuration: environment variables, overridable by command-line flags."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BMS_IMAGE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, its environment variable being BMS_IMAGE_<NAME>."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    token_secret: str = ""
+    private_image_quota: int = 50
+    shutdown_grace_seconds: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, caster in _CASTERS.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = caster(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def resolved(self) -> Settings:
+        """Fills derived defaults: the SQLite file and the token secret live in data_dir."""
+        database_url = self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'bms-image.db'}"
+        return replace(self, database_url=database_url, token_secret=self.secret())
+
+    def secret(self) -> str:
+        if self.token_secret:
+            return self.token_secret
+        path = self.data_dir / "token-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: two processes starting together agree on one secret.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+
+_CASTERS: dict[str, Any] = {
+    "listen": str,
+    "data_dir": Path,
+    "database_url": str,
+    "token_secret": str,
+    "private_image_quota": int,
+    "shutdown_grace_seconds": float,
+    "max_message_bytes": int,
+    "log_level": str,
+}

@@ -1,0 +1,282 @@
+"""Use cases of the image catalog: what ImageService does, free of gRPC and SQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import rules
+from .errors import Aborted, FieldViolation, PermissionDenied, invalid_field
+from .flavors import FlavorCatalog
+from .model import (
+    Architecture,
+    Caller,
+    DiskFormat,
+    Image,
+    ImageStatus,
+    ImageType,
+    OsType,
+    Plugin,
+    Visibility,
+)
+from .paging import PageTokens, page_size_or_default
+from .ports import ImageRepository
+from .query import ImageQuery, parse_filter
+
+DEFAULT_PRIVATE_IMAGE_QUOTA = 50
+_UPDATE_RETRIES = 5
+
+
+@dataclass
+class NewImage:
+    """What a caller asks for in CreateImage."""
+
+    display_name: str
+    os_type: OsType | None
+    os_distro: str
+    os_version: str
+    architecture: Architecture | None
+    type: ImageType | None = None
+    description: str = ""
+    disk_format: DiskFormat | None = None
+    min_disk_gb: int = 0
+    hardware_model: str = ""
+    supported_flavors: list[str] = field(default_factory=list)
+    plugins: list[Plugin] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    protected: bool = False
+
+
+@dataclass
+class ImageChanges:
+    """The fields UpdateImage may change; None means leave as is."""
+
+    display_name: str | None = None
+    description: str | None = None
+    tags: list[str] | None = None
+    min_disk_gb: int | None = None
+    protected: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ImageCatalog:
+    def __init__(
+        self,
+        images: ImageRepository,
+        flavors: FlavorCatalog,
+        page_tokens: PageTokens,
+        private_image_quota: int = DEFAULT_PRIVATE_IMAGE_QUOTA,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self._images = images
+        self._flavors = flavors
+        self._tokens = page_tokens
+        self._quota = private_image_quota
+        self._clock = clock
+
+    @property
+    def private_image_quota(self) -> int:
+        return self._quota
+
+    def supported_flavors(self, image: Image) -> list[str]:
+        if image.visibility is Visibility.PUBLIC:
+            return list(image.supported_flavors)
+        return self._flavors.names_for_model(image.hardware_model)
+
+    async def get(self, caller: Caller, image_id: str) -> Image:
+        return rules.require_visible(caller, await self._images.get(image_id), image_id)
+
+    async def list(
+        self, caller: Caller, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[Image], str]:
+        limit = page_size_or_default(page_size)
+        query = ImageQuery(parse_filter(filter_text))
+        for condition in query.values("flavor"):
+            flavor = self._flavors.find(condition.value)
+            if flavor is None:
+                raise invalid_field(
+                    "filter",
+                    f"unknown flavor {condition.value!r}; known flavors: "
+                    + ", ".join(f.name for f in self._flavors.all()),
+                    reason="INVALID_FILTER",
+                )
+            query.flavor = (flavor.name, flavor.hardware_model)
+        scope = f"{caller.project}\n{filter_text}"
+        after = self._tokens.decode(page_token, scope)
+        rows = await self._images.list_visible(caller, query, after, limit + 1)
+        page, more = rows[:limit], len(rows) > limit
+        next_token = self._tokens.encode(page[-1].seq, scope) if more else ""
+        return page, next_token
+
+    async def create(self, caller: Caller, new: NewImage, request_id: str = "") -> Image:
+        if request_id:
+            try:
+                uuid.UUID(request_id)
+            except ValueError:
+                raise invalid_field("request_id", "must be a UUID, e.g. from uuidgen") from None
+            earlier = await self._images.find_by_request_id(caller.project, request_id)
+            if earlier is not None:
+                return earlier
+        image_type = new.type or ImageType.PRIVATE
+        if image_type is ImageType.SHARED:
+            raise invalid_field("image.type", "cannot create a SHARED image; share a private one")
+        if image_type is ImageType.PUBLIC and not caller.is_admin:
+            raise PermissionDenied(
+                "ADMIN_REQUIRED", "only a platform admin may create (publish) a public image"
+            )
+        image = self._validated_image(caller, new, image_type, request_id or None)
+        if image.visibility is Visibility.PUBLIC:
+            return await self._images.create_public(image)
+        return await self._images.create_private(image, self._quota)
+
+    def _validated_image(
+        self, caller: Caller, new: NewImage, image_type: ImageType, request_id: str | None
+    ) -> Image:
+        violations: list[FieldViolation] = []
+        violations += rules.validate_display_name(new.display_name, "image.display_name")
+        violations += rules.validate_description(new.description)
+        violations += rules.validate_tags(new.tags)
+        min_disk = new.min_disk_gb or 40
+        violations += rules.validate_min_disk_gb(min_disk)
+        if new.os_type is None:
+            violations.append(FieldViolation("image.os_type", "is required: LINUX or WINDOWS"))
+        if new.architecture is None:
+            violations.append(FieldViolation("image.architecture", "is required: X86_64 or AARCH64"))
+        violations += rules.validate_word(
+            "image.os_distro", new.os_distro, rules.OS_WORD_PATTERN,
+            "lower-case distribution such as centos, ubuntu, windows-server",
+        )
+        violations += rules.validate_word(
+            "image.os_version", new.os_version, rules.OS_WORD_PATTERN,
+            "a version such as 7.6, 22.04 or 2019",
+        )
+        kinds = [p.kind for p in new.plugins]
+        if len(set(kinds)) != len(kinds):
+            violations.append(FieldViolation("image.plugins", "lists a plug-in more than once"))
+        for index, plugin in enumerate(new.plugins):
+            if not rules.OS_WORD_PATTERN.match(plugin.version):
+                violations.append(
+                    FieldViolation(f"image.plugins[{index}].version", "must be like 1.2.3")
+                )
+        public = image_type is ImageType.PUBLIC
+        flavors: list[str] = []
+        if public:
+            if not new.supported_flavors:
+                violations.append(
+                    FieldViolation("image.supported_flavors", "a public image needs its flavors")
+                )
+            for name in new.supported_flavors:
+                short = name.removeprefix("flavors/")
+                if self._flavors.find(short) is None:
+                    violations.append(
+                        FieldViolation("image.supported_flavors", f"unknown flavor {name!r}")
+                    )
+                flavors.append(short)
+        elif new.hardware_model not in self._flavors.hardware_models():
+            violations.append(
+                FieldViolation(
+                    "image.hardware_model",
+                    f"{new.hardware_model!r} is not a known hardware model; use one of "
+                    + ", ".join(self._flavors.hardware_models()),
+                )
+            )
+        rules.raise_if_invalid(violations)
+        assert new.os_type is not None and new.architecture is not None
+        now = self._clock()
+        return Image(
+            id=str(uuid.uuid4()),
+            display_name=new.display_name,
+            description=new.description,
+            visibility=Visibility.PUBLIC if public else Visibility.PRIVATE,
+            owner_project=None if public else caller.project,
+            os_type=new.os_type,
+            os_distro=new.os_distro,
+            os_version=new.os_version,
+            architecture=new.architecture,
+            disk_format=new.disk_format or DiskFormat.RAW,
+            min_disk_gb=min_disk,
+            hardware_model="" if public else new.hardware_model,
+            supported_flavors=sorted(set(flavors)),
+            plugins=list(new.plugins),
+            tags=list(new.tags),
+            protected=new.protected,
+            request_id=request_id,
+            status=ImageStatus.QUEUED,
+            create_time=now,
+            update_time=now,
+        )
+
+    async def update(
+        self, caller: Caller, image_id: str, changes: ImageChanges, etag: str = ""
+    ) -> Image:
+        violations: list[FieldViolation] = []
+        if changes.display_name is not None:
+            violations += rules.validate_display_name(changes.display_name, "image.display_name")
+        if changes.description is not None:
+            violations += rules.validate_description(changes.description)
+        if changes.tags is not None:
+            violations += rules.validate_tags(changes.tags)
+        if changes.min_disk_gb is not None:
+            violations += rules.validate_min_disk_gb(changes.min_disk_gb)
+        rules.raise_if_invalid(violations)
+        return await self._change(
+            caller, image_id, etag, lambda image: {**changes.as_dict()}
+        )
+
+    async def delete(self, caller: Caller, image_id: str, etag: str = "") -> None:
+        def deletion(image: Image) -> dict[str, Any]:
+            rules.require_deletable(image)
+            rules.require_transition(image, ImageStatus.DELETED)
+            return {"status": ImageStatus.DELETED}
+
+        await self._change(caller, image_id, etag, deletion)
+
+    async def deprecate(self, caller: Caller, image_id: str) -> Image:
+        if not caller.is_admin:
+            # Check visibility first so a non-admin learns nothing it cannot see.
+            await self.get(caller, image_id)
+            raise PermissionDenied("ADMIN_REQUIRED", "only a platform admin may deprecate images")
+
+        def deprecation(image: Image) -> dict[str, Any]:
+            if image.visibility is not Visibility.PUBLIC:
+                raise invalid_field("name", f"images/{image.id} is not a public image")
+            return {"deprecated": True}
+
+        return await self._change(caller, image_id, "", deprecation)
+
+    async def _change(
+        self,
+        caller: Caller,
+        image_id: str,
+        etag: str,
+        compute: Callable[[Image], dict[str, Any]],
+    ) -> Image:
+        """Read, check, and write conditionally on the revision read, so that
+        two concurrent writers never lose an update. Without an etag a writer
+        that lost the race re-reads and retries; with one it gets ABORTED."""
+        for _ in range(_UPDATE_RETRIES):
+            image = await self.get(caller, image_id)
+            rules.require_can_modify(caller, image)
+            rules.require_etag(image, etag)
+            values = compute(image)
+            values["update_time"] = self._clock()
+            updated = await self._images.update(image.id, image.revision, values)
+            if updated is not None:
+                return updated
+            if etag:
+                break
+        raise Aborted(
+            "CONCURRENT_UPDATE",
+            f"images/{image_id} was changed concurrently; read it again and retry",
+        )
+
+

@@ -1,0 +1,157 @@
+"""The rules of the catalog: who sees and changes what, valid values, the
+image state machine and what counts against the private-image quota."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from .errors import PermissionDenied, PreconditionViolation
+from .model import Caller, Image, ImageStatus, ImageType, Visibility
+
+DISPLAY_NAME_MAX = 128
+DESCRIPTION_MAX = 1024
+MAX_TAGS = 10
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+MIN_DISK_GB_RANGE = range(1, 1025)
+PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
+OS_WORD_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+HARDWARE_MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+#: Statuses whose private images hold a quota slot. Killed and deleted images free theirs.
+QUOTA_COUNTED_STATUSES = frozenset(
+    {ImageStatus.QUEUED, ImageStatus.SAVING, ImageStatus.ACTIVE, ImageStatus.DEACTIVATED}
+)
+
+#: The image state machine: status -> statuses it may move to.
+ALLOWED_TRANSITIONS: dict[ImageStatus, frozenset[ImageStatus]] = {
+    ImageStatus.QUEUED: frozenset({ImageStatus.SAVING, ImageStatus.DELETED}),
+    ImageStatus.SAVING: frozenset(
+        {ImageStatus.ACTIVE, ImageStatus.KILLED, ImageStatus.QUEUED, ImageStatus.DELETED}
+    ),
+    ImageStatus.ACTIVE: frozenset({ImageStatus.DEACTIVATED, ImageStatus.DELETED}),
+    ImageStatus.DEACTIVATED: frozenset({ImageStatus.ACTIVE, ImageStatus.DELETED}),
+    ImageStatus.KILLED: frozenset({ImageStatus.DELETED}),
+    ImageStatus.DELETED: frozenset(),
+}
+
+
+def can_transition(current: ImageStatus, target: ImageStatus) -> bool:
+    return target in ALLOWED_TRANSITIONS[current]
+
+
+def require_transition(image: Image, target: ImageStatus) -> None:
+    if not can_transition(image.status, target):
+        raise FailedPrecondition(
+            "IMAGE_STATUS_CONFLICT",
+            f"image {image.id} is {image.status.value} and cannot become {target.value}",
+            [PreconditionViolation("STATUS", f"images/{image.id}", f"status is {image.status}")],
+        )
+
+
+def is_visible(caller: Caller, image: Image, accepted_member: bool = False) -> bool:
+    """Public images, the caller's own, and images shared with it and accepted.
+    Deleted images are visible to nobody."""
+    if image.status is ImageStatus.DELETED:
+        return False
+    if image.visibility is Visibility.PUBLIC:
+        return True
+    return image.owner_project == caller.project or accepted_member
+
+
+def image_type_for(caller: Caller, image: Image) -> ImageType:
+    if image.visibility is Visibility.PUBLIC:
+        return ImageType.PUBLIC
+    if image.owner_project == caller.project:
+        return ImageType.PRIVATE
+    return ImageType.SHARED
+
+
+def require_visible(caller: Caller, image: Image | None, image_id: str) -> Image:
+    if image is None or not is_visible(caller, image):
+        raise NotFound("IMAGE_NOT_FOUND", f"image images/{image_id} not found")
+    return image
+
+
+def require_can_modify(caller: Caller, image: Image) -> None:
+    """Owners change private images; only admins change public ones."""
+    if image.visibility is Visibility.PUBLIC:
+        if not caller.is_admin:
+            raise PermissionDenied(
+                "PUBLIC_IMAGE_READ_ONLY",
+                f"images/{image.id} is a public image; only a platform admin may change it",
+            )
+    elif image.owner_project != caller.project:
+        raise PermissionDenied(
+            "NOT_IMAGE_OWNER",
+            f"images/{image.id} belongs to another project; only its owner may change it",
+        )
+
+
+def require_etag(image: Image, etag: str) -> None:
+    if etag and etag != image.etag:
+        raise Aborted(
+            "ETAG_MISMATCH",
+            f"images/{image.id} changed since it was read (etag {etag}, now {image.etag}); "
+            "read it again and retry",
+        )
+
+
+def require_deletable(image: Image) -> None:
+    if image.protected:
+        raise FailedPrecondition(
+            "IMAGE_PROTECTED",
+            f"images/{image.id} is protected; clear `protected` with UpdateImage first",
+            [PreconditionViolation("PROTECTED", f"images/{image.id}", "image is protected")],
+        )
+
+
+def validate_display_name(value: str, field: str = "display_name") -> list[FieldViolation]:
+    if not value or not value.strip():
+        return [FieldViolation(field, "is required (1 to 128 characters)")]
+    if len(value) > DISPLAY_NAME_MAX:
+        return [FieldViolation(field, f"is {len(value)} characters; at most 128 are allowed")]
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return [FieldViolation(field, "must not contain control characters")]
+    return []
+
+
+def validate_description(value: str) -> list[FieldViolation]:
+    if len(value) > DESCRIPTION_MAX:
+        return [FieldViolation("description", f"is {len(value)} characters; at most 1024")]
+    return []
+
+
+def validate_tags(tags: list[str]) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    if len(tags) > MAX_TAGS:
+        violations.append(FieldViolation("tags", f"has {len(tags)} tags; at most 10 are allowed"))
+    for index, tag in enumerate(tags):
+        if not TAG_PATTERN.match(tag):
+            violations.append(
+                FieldViolation(
+                    f"tags[{index}]",
+                    "must be 1 to 64 characters of letters, digits, '.', '_', '-' and ':'",
+                )
+            )
+    if len(set(tags)) != len(tags):
+        violations.append(FieldViolation("tags", "must not repeat a tag"))
+    return violations
+
+
+def validate_min_disk_gb(value: int) -> list[FieldViolation]:
+    if value not in MIN_DISK_GB_RANGE:
+        return [FieldViolation("min_disk_gb", f"is {value}; must be between 1 and 1024")]
+    return []
+
+
+def validate_word(field: str, value: str, pattern: re.Pattern[str], hint: str) -> list[FieldViolation]:
+    if not pattern.match(value):
+        return [FieldViolation(field, f"{value!r} is not valid: {hint}")]
+    return []
+
+
+def raise_if_invalid(violations: list[FieldViolation], reason: str = "INVALID_IMAGE") -> None:
+    if violations:
+        summary = "; ".join(f"{v.field} {v.description}" for v in violations)
+        raise InvalidArgument(reason, f"invalid request: {summary}", violations)

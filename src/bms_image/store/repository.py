@@ -1,0 +1,313 @@
+"""SQL implementations of the domain's repositories."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ..domain.errors import QuotaExceeded, QuotaViolation
+from ..domain.model import (
+    Architecture,
+    Caller,
+    DiskFormat,
+    Flavor,
+    Image,
+    ImageStatus,
+    OsType,
+    Plugin,
+    PluginKind,
+    Visibility,
+)
+from ..domain.query import Condition, ImageQuery
+from ..domain.rules import QUOTA_COUNTED_STATUSES
+from .db import Database
+from .tables import FlavorRow, ImageFlavorRow, ImageRow, ImageTagRow, ProjectRow
+
+_COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def to_domain(row: ImageRow) -> Image:
+    return Image(
+        id=row.id,
+        seq=row.seq,
+        display_name=row.display_name,
+        description=row.description,
+        visibility=Visibility(row.visibility),
+        owner_project=row.owner_project,
+        os_type=OsType(row.os_type),
+        os_distro=row.os_distro,
+        os_version=row.os_version,
+        architecture=Architecture(row.architecture),
+        disk_format=DiskFormat(row.disk_format),
+        size_bytes=row.size_bytes,
+        min_disk_gb=row.min_disk_gb,
+        sha256=row.sha256,
+        status=ImageStatus(row.status),
+        status_reason=row.status_reason,
+        hardware_model=row.hardware_model,
+        supported_flavors=[f.flavor for f in row.flavors],
+        plugins=[Plugin(PluginKind(p["kind"]), p["version"]) for p in row.plugins],
+        source_server=row.source_server,
+        tags=[t.tag for t in row.tags],
+        protected=row.protected,
+        deprecated=row.deprecated,
+        request_id=row.request_id,
+        revision=row.revision,
+        create_time=_utc(row.create_time),
+        update_time=_utc(row.update_time),
+    )
+
+
+def to_row(image: Image) -> ImageRow:
+    assert image.create_time is not None and image.update_time is not None
+    return ImageRow(
+        id=image.id,
+        display_name=image.display_name,
+        description=image.description,
+        visibility=image.visibility.value,
+        owner_project=image.owner_project,
+        os_type=image.os_type.value,
+        os_distro=image.os_distro,
+        os_version=image.os_version,
+        architecture=image.architecture.value,
+        disk_format=image.disk_format.value,
+        size_bytes=image.size_bytes,
+        min_disk_gb=image.min_disk_gb,
+        sha256=image.sha256,
+        status=image.status.value,
+        status_reason=image.status_reason,
+        hardware_model=image.hardware_model,
+        plugins=[{"kind": p.kind.value, "version": p.version} for p in image.plugins],
+        source_server=image.source_server,
+        protected=image.protected,
+        deprecated=image.deprecated,
+        request_id=image.request_id,
+        revision=image.revision,
+        create_time=image.create_time,
+        update_time=image.update_time,
+        tags=[ImageTagRow(tag=tag, position=i) for i, tag in enumerate(image.tags)],
+        flavors=[ImageFlavorRow(flavor=name) for name in image.supported_flavors],
+    )
+
+
+def _condition_clause(caller: Caller, condition: Condition, query: ImageQuery) -> ColumnElement[bool]:
+    name, value = condition.field, condition.value
+    clause: ColumnElement[bool]
+    if name == "type":
+        clause = {
+            "public": ImageRow.visibility == Visibility.PUBLIC.value,
+            "private": and_(
+                ImageRow.visibility == Visibility.PRIVATE.value,
+                ImageRow.owner_project == caller.project,
+            ),
+            "shared": and_(
+                ImageRow.visibility == Visibility.PRIVATE.value,
+                ImageRow.owner_project != caller.project,
+            ),
+        }[value]
+    elif name in ("os_type", "os_distro", "os_version", "architecture", "status", "owner_project"):
+        clause = getattr(ImageRow, name) == value
+    elif name == "name":
+        if value.endswith("*"):
+            prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clause = ImageRow.display_name.like(prefix + "%", escape="\\")
+        else:
+            clause = ImageRow.display_name == value
+    elif name == "tag":
+        clause = exists().where(ImageTagRow.image_id == ImageRow.id, ImageTagRow.tag == value)
+    elif name in ("protected", "deprecated"):
+        clause = getattr(ImageRow, name) == (value == "true")
+    elif name == "flavor":
+        assert query.flavor is not None
+        flavor_name, hardware_model = query.flavor
+        clause = or_(
+            and_(
+                ImageRow.visibility == Visibility.PUBLIC.value,
+                exists().where(
+                    ImageFlavorRow.image_id == ImageRow.id, ImageFlavorRow.flavor == flavor_name
+                ),
+            ),
+            and_(
+                ImageRow.visibility == Visibility.PRIVATE.value,
+                ImageRow.hardware_model == hardware_model,
+            ),
+        )
+    else:  # parse_filter admits only the fields above
+        raise AssertionError(f"unhandled filter field {name}")
+    return not_(clause) if condition.negate else clause
+
+
+class SqlImageRepository:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def get(self, image_id: str) -> Image | None:
+        async with self._db.read() as session:
+            row = await session.scalar(select(ImageRow).where(ImageRow.id == image_id))
+            return to_domain(row) if row else None
+
+    async def list_visible(
+        self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
+    ) -> list[Image]:
+        clauses: list[ColumnElement[bool]] = [
+            ImageRow.seq > after_seq,
+            ImageRow.status != ImageStatus.DELETED.value,
+            or_(
+                ImageRow.visibility == Visibility.PUBLIC.value,
+                ImageRow.owner_project == caller.project,
+            ),
+        ]
+        if not query.asks_deprecated:
+            clauses.append(ImageRow.deprecated == false())
+        clauses += [_condition_clause(caller, c, query) for c in query.conditions]
+        statement = select(ImageRow).where(*clauses).order_by(ImageRow.seq).limit(limit)
+        async with self._db.read() as session:
+            rows = (await session.scalars(statement)).all()
+            return [to_domain(row) for row in rows]
+
+    async def find_by_request_id(self, project: str, request_id: str) -> Image | None:
+        async with self._db.read() as session:
+            return await self._by_request_id(session, project, request_id)
+
+    async def _by_request_id(
+        self, session: AsyncSession, project: str, request_id: str
+    ) -> Image | None:
+        row = await session.scalar(
+            select(ImageRow).where(
+                ImageRow.owner_project == project, ImageRow.request_id == request_id
+            )
+        )
+        return to_domain(row) if row else None
+
+    async def _lock_project(self, session: AsyncSession, project: str) -> None:
+        """Creates the project row if needed and locks it until commit; on
+        SQLite the BEGIN IMMEDIATE of the write unit already serialises."""
+        insert = pg_insert if not self._db.is_sqlite else sqlite_insert
+        await session.execute(
+            insert(ProjectRow)
+            .values(id=project, create_time=datetime.now(UTC))
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        await session.execute(
+            select(ProjectRow.id).where(ProjectRow.id == project).with_for_update()
+        )
+
+    async def _count_quota_used(self, session: AsyncSession, project: str) -> int:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(ImageRow)
+            .where(
+                ImageRow.owner_project == project,
+                ImageRow.visibility == Visibility.PRIVATE.value,
+                ImageRow.status.in_(_COUNTED),
+            )
+        )
+        return int(count or 0)
+
+    async def count_quota_used(self, project: str) -> int:
+        async with self._db.read() as session:
+            return await self._count_quota_used(session, project)
+
+    async def create_private(self, image: Image, quota_limit: int) -> Image:
+        assert image.owner_project is not None
+        project = image.owner_project
+        async with self._db.write() as session:
+            await self._lock_project(session, project)
+            if image.request_id:
+                earlier = await self._by_request_id(session, project, image.request_id)
+                if earlier is not None:
+                    return earlier
+            used = await self._count_quota_used(session, project)
+            if used >= quota_limit:
+                raise QuotaExceeded(
+                    "IMAGE_QUOTA_EXCEEDED",
+                    f"project {project} already has {used} of its {quota_limit} private images; "
+                    "delete one to make room",
+                    [QuotaViolation(f"projects/{project}", f"private images: limit {quota_limit}")],
+                    {"limit": str(quota_limit), "used": str(used)},
+                )
+            row = to_row(image)
+            session.add(row)
+            await session.flush()
+            return to_domain(row)
+
+    async def create_public(self, image: Image) -> Image:
+        async with self._db.write() as session:
+            row = to_row(image)
+            session.add(row)
+            await session.flush()
+            return to_domain(row)
+
+    async def update(
+        self, image_id: str, expected_revision: int, changes: Mapping[str, Any]
+    ) -> Image | None:
+        values = {k: v for k, v in changes.items() if k != "tags"}
+        values = {k: (v.value if isinstance(v, ImageStatus) else v) for k, v in values.items()}
+        async with self._db.write() as session:
+            result = await session.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id, ImageRow.revision == expected_revision)
+                .values(revision=ImageRow.revision + 1, **values)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            row = await session.scalar(
+                select(ImageRow)
+                .where(ImageRow.id == image_id)
+                .execution_options(populate_existing=True)
+            )
+            assert row is not None
+            if "tags" in changes:
+                tags: Sequence[str] = changes["tags"]
+                row.tags = [ImageTagRow(tag=tag, position=i) for i, tag in enumerate(tags)]
+                await session.flush()
+            return to_domain(row)
+
+
+class SqlFlavorRepository:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def list_flavors(self) -> list[Flavor]:
+        async with self._db.read() as session:
+            flavors = (await session.scalars(select(FlavorRow).order_by(FlavorRow.name))).all()
+            links = (
+                await session.execute(
+                    select(ImageFlavorRow.flavor, ImageFlavorRow.image_id)
+                    .join(ImageRow, ImageRow.id == ImageFlavorRow.image_id)
+                    .where(ImageRow.status != ImageStatus.DELETED.value)
+                    .order_by(ImageRow.seq)
+                )
+            ).all()
+        by_flavor: dict[str, list[str]] = {}
+        for flavor_name, image_id in links:
+            by_flavor.setdefault(flavor_name, []).append(image_id)
+        return [
+            Flavor(
+                name=row.name,
+                hardware_model=row.hardware_model,
+                cpu_cores=row.cpu_cores,
+                cpu_model=row.cpu_model,
+                memory_gib=row.memory_gib,
+                local_disks=row.local_disks,
+                local_disk_gb=row.local_disk_gb,
+                evs_boot=row.evs_boot,
+                description=row.description,
+                public_image_ids=tuple(by_flavor.get(row.name, [])),
+            )
+            for row in flavors
+        ]
+
+

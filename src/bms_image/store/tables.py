@@ -1,0 +1,121 @@
+"""Table definitions. Alembic migrations in migrations/versions mirror these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ProjectRow(Base):
+    """One row per project that owns images: the lock that serialises quota checks."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    visibility: Mapped[str] = mapped_column(String(16))
+    owner_project: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    os_type: Mapped[str] = mapped_column(String(16))
+    os_distro: Mapped[str] = mapped_column(String(32))
+    os_version: Mapped[str] = mapped_column(String(32))
+    architecture: Mapped[str] = mapped_column(String(16))
+    disk_format: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    min_disk_gb: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    hardware_model: Mapped[str] = mapped_column(String(64), default="")
+    plugins: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    source_server: Mapped[str] = mapped_column(String(80), default="")
+    protected: Mapped[bool] = mapped_column(Boolean, default=False)
+    deprecated: Mapped[bool] = mapped_column(Boolean, default=False)
+    request_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    tags: Mapped[list[ImageTagRow]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", order_by="ImageTagRow.position"
+    )
+    flavors: Mapped[list[ImageFlavorRow]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", order_by="ImageFlavorRow.flavor"
+    )
+
+    __table_args__ = (
+        UniqueConstraint("owner_project", "request_id", name="uq_images_owner_request"),
+        Index("ix_images_owner_status", "owner_project", "status"),
+        Index("ix_images_visibility_seq", "visibility", "seq"),
+        Index("ix_images_model_seq", "hardware_model", "seq"),
+    )
+
+
+class ImageTagRow(Base):
+    __tablename__ = "image_tags"
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_image_tags_tag", "tag", "image_id"),)
+
+
+class ImageFlavorRow(Base):
+    """The flavors a public image is published for."""
+
+    __tablename__ = "image_flavors"
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    flavor: Mapped[str] = mapped_column(
+        ForeignKey("flavors.name", ondelete="CASCADE"), primary_key=True
+    )
+
+    __table_args__ = (Index("ix_image_flavors_flavor", "flavor", "image_id"),)
+
+
+class FlavorRow(Base):
+    __tablename__ = "flavors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hardware_model: Mapped[str] = mapped_column(String(64), index=True)
+    cpu_cores: Mapped[int] = mapped_column(Integer)
+    cpu_model: Mapped[str] = mapped_column(String(128))
+    memory_gib: Mapped[int] = mapped_column(Integer)
+    local_disks: Mapped[str] = mapped_column(String(128))
+    local_disk_gb: Mapped[int] = mapped_column(Integer)
+    evs_boot: Mapped[bool] = mapped_column(Boolean)
+    description: Mapped[str] = mapped_column(Text, default="")

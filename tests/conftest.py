@@ -1,0 +1,122 @@
+"""Shared fixtures: a real service on a loopback port, tokens, stubs, and
+PostgreSQL databases (skipped with a visible reason where there is no server,
+except in CI, where a missing PostgreSQL fails the run)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc
+from bms_image.api.server import RunningService, start
+from bms_image.config import Settings
+
+TEST_SECRET = "test-secret-" + "0" * 52
+POSTGRES_URL = os.environ.get(
+    "BMS_IMAGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _postgres_dsn(url: str, database: str | None = None) -> str:
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    if database is not None:
+        dsn = dsn.rsplit("/", 1)[0] + "/" + database
+    return dsn
+
+
+async def _postgres_reachable() -> str | None:
+    try:
+        connection = await asyncio.wait_for(asyncpg.connect(_postgres_dsn(POSTGRES_URL)), 5)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+        return f"{type(error).__name__}: {error}"
+    await connection.close()
+    return None
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    problem = await _postgres_reachable()
+    if problem is not None:
+        message = f"PostgreSQL at {POSTGRES_URL} is not reachable ({problem})"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the PostgreSQL tests")
+        pytest.skip(message)
+    name = f"bms_image_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_postgres_dsn(POSTGRES_URL))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    admin = await asyncpg.connect(_postgres_dsn(POSTGRES_URL))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'bms-image.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": tmp_path,
+        "token_secret": TEST_SECRET,
+        "shutdown_grace_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[RunningService]:
+    running = await start(settings)
+    yield running
+    await running.stop(0)
+
+
+@pytest.fixture
+async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(service.address) as opened:
+        yield opened
+
+
+@pytest.fixture
+def images(channel: grpc.aio.Channel) -> image_pb2_grpc.ImageServiceStub:
+    return image_pb2_grpc.ImageServiceStub(channel)
+
+
+@pytest.fixture
+def provisioning(channel: grpc.aio.Channel) -> provisioning_pb2_grpc.ProvisioningServiceStub:
+    return provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+
+
+@pytest.fixture
+def as_project(service: RunningService) -> Callable[..., Metadata]:
+    """as_project("alpha") / as_project("ops", admin=True): call metadata."""
+
+    def metadata(project: str, admin: bool = False) -> Metadata:
+        return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
+
+    return metadata
