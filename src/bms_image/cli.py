@@ -11,14 +11,18 @@ import typer
 
 from .config import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="bms-image: the BMS image service")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="bms-image: the BMS image service"
+)
 
 ListenOpt = Annotated[
     str | None, typer.Option(help="host:port to listen on [env BMS_IMAGE_LISTEN, 127.0.0.1:50051]")
 ]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option(help="directory for the SQLite file and token secret [env BMS_IMAGE_DATA_DIR, ./data]"),
+    typer.Option(
+        help="directory for the SQLite file and token secret [env BMS_IMAGE_DATA_DIR, ./data]"
+    ),
 ]
 DatabaseOpt = Annotated[
     str | None,
@@ -27,7 +31,7 @@ DatabaseOpt = Annotated[
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings.from_env(**overrides)
+    return Settings.from_env(overrides)
 
 
 @app.command()
@@ -36,10 +40,14 @@ def serve(
     data_dir: DataDirOpt = None,
     database_url: DatabaseOpt = None,
     private_image_quota: Annotated[
-        int | None, typer.Option(help="private images per project [env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50]")
+        int | None,
+        typer.Option(help="private images per project [env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50]"),
     ] = None,
     shutdown_grace_seconds: Annotated[
-        float | None, typer.Option(help="seconds in-flight calls get on shutdown [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]")
+        float | None,
+        typer.Option(
+            help="grace for in-flight calls [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]"
+        ),
     ] = None,
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""

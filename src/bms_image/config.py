@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,17 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Environment first, then the non-None overrides (command-line flags)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, caster in _CASTERS.items():
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 values[name] = caster(raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls(**values)
 
     def resolved(self) -> Settings:

@@ -127,7 +127,9 @@ def new_image_from_proto(message: image_pb2.Image) -> NewImage:
         os_type=enum_from_proto(model.OsType, message.os_type, "image.os_type"),
         os_distro=message.os_distro,
         os_version=message.os_version,
-        architecture=enum_from_proto(model.Architecture, message.architecture, "image.architecture"),
+        architecture=enum_from_proto(
+            model.Architecture, message.architecture, "image.architecture"
+        ),
         disk_format=enum_from_proto(model.DiskFormat, message.disk_format, "image.disk_format"),
         min_disk_gb=message.min_disk_gb,
         hardware_model=message.hardware_model,

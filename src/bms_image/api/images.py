@@ -37,7 +37,9 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
             images=[self._proto(caller, image) for image in images], next_page_token=next_token
         )
 
-    async def GetImage(self, request: image_pb2.GetImageRequest, context: Context) -> image_pb2.Image:
+    async def GetImage(
+        self, request: image_pb2.GetImageRequest, context: Context
+    ) -> image_pb2.Image:
         caller = current_caller()
         image = await self._catalog.get(caller, image_id_from_name(request.name))
         return self._proto(caller, image)

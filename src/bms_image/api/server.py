@@ -87,9 +87,7 @@ async def start(settings: Settings) -> RunningService:
     )
     authority = TokenAuthority(settings.secret())
 
-    server = grpc.aio.server(
-        interceptors=[CallGuard(authority)], options=server_options(settings)
-    )
+    server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
     image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog), server)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens)), server
@@ -97,8 +95,11 @@ async def start(settings: Settings) -> RunningService:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     try:

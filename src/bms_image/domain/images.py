@@ -150,13 +150,19 @@ class ImageCatalog:
         if new.os_type is None:
             violations.append(FieldViolation("image.os_type", "is required: LINUX or WINDOWS"))
         if new.architecture is None:
-            violations.append(FieldViolation("image.architecture", "is required: X86_64 or AARCH64"))
+            violations.append(
+                FieldViolation("image.architecture", "is required: X86_64 or AARCH64")
+            )
         violations += rules.validate_word(
-            "image.os_distro", new.os_distro, rules.OS_WORD_PATTERN,
+            "image.os_distro",
+            new.os_distro,
+            rules.OS_WORD_PATTERN,
             "lower-case distribution such as centos, ubuntu, windows-server",
         )
         violations += rules.validate_word(
-            "image.os_version", new.os_version, rules.OS_WORD_PATTERN,
+            "image.os_version",
+            new.os_version,
+            rules.OS_WORD_PATTERN,
             "a version such as 7.6, 22.04 or 2019",
         )
         kinds = [p.kind for p in new.plugins]
@@ -228,9 +234,7 @@ class ImageCatalog:
         if changes.min_disk_gb is not None:
             violations += rules.validate_min_disk_gb(changes.min_disk_gb)
         rules.raise_if_invalid(violations)
-        return await self._change(
-            caller, image_id, etag, lambda image: {**changes.as_dict()}
-        )
+        return await self._change(caller, image_id, etag, lambda image: {**changes.as_dict()})
 
     async def delete(self, caller: Caller, image_id: str, etag: str = "") -> None:
         def deletion(image: Image) -> dict[str, Any]:
@@ -278,5 +282,3 @@ class ImageCatalog:
             "CONCURRENT_UPDATE",
             f"images/{image_id} was changed concurrently; read it again and retry",
         )
-
-

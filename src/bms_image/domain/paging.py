@@ -61,4 +61,3 @@ class PageTokens:
         if token_scope != self._scope(scope) or not isinstance(after, int) or after < 0:
             raise bad
         return after
-

@@ -90,14 +90,18 @@ def parse_filter(text: str) -> list[Condition]:
     while index < len(tokens):
         if conditions:
             if tokens[index] != "AND":
-                raise _bad(f"expected AND between conditions, found {tokens[index].lstrip(chr(0))!r}")
+                raise _bad(
+                    f"expected AND between conditions, found {tokens[index].lstrip(chr(0))!r}"
+                )
             index += 1
         term = tokens[index : index + 3]
         if len(term) < 3 or term[1] not in ("=", "!="):
             raise _bad("each condition must be `field = value` or `field != value`")
         name, op, raw_value = term
         if name.startswith("\x00") or name not in FILTER_FIELDS:
-            raise _bad(f"unknown field {name.lstrip(chr(0))!r}; use one of {', '.join(FILTER_FIELDS)}")
+            raise _bad(
+                f"unknown field {name.lstrip(chr(0))!r}; use one of {', '.join(FILTER_FIELDS)}"
+            )
         value = raw_value[1:] if raw_value.startswith("\x00") else raw_value
         allowed = _ENUM_FIELDS.get(name)
         if allowed is not None:

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import re
 
-from .errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from .errors import PermissionDenied, PreconditionViolation
+from .errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PreconditionViolation,
+)
 from .model import Caller, Image, ImageStatus, ImageType, Visibility
 
 DISPLAY_NAME_MAX = 128
@@ -145,7 +152,9 @@ def validate_min_disk_gb(value: int) -> list[FieldViolation]:
     return []
 
 
-def validate_word(field: str, value: str, pattern: re.Pattern[str], hint: str) -> list[FieldViolation]:
+def validate_word(
+    field: str, value: str, pattern: re.Pattern[str], hint: str
+) -> list[FieldViolation]:
     if not pattern.match(value):
         return [FieldViolation(field, f"{value!r} is not valid: {hint}")]
     return []

@@ -101,7 +101,9 @@ def to_row(image: Image) -> ImageRow:
     )
 
 
-def _condition_clause(caller: Caller, condition: Condition, query: ImageQuery) -> ColumnElement[bool]:
+def _condition_clause(
+    caller: Caller, condition: Condition, query: ImageQuery
+) -> ColumnElement[bool]:
     name, value = condition.field, condition.value
     clause: ColumnElement[bool]
     if name == "type":
@@ -309,5 +311,3 @@ class SqlFlavorRepository:
             )
             for row in flavors
         ]
-
-
