@@ -17,8 +17,8 @@ import pytest
 from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.api.server import RunningService, start
 from bms_image.config import Settings
+from helpers import TEST_SECRET, make_settings
 
-TEST_SECRET = "test-secret-" + "0" * 52
 POSTGRES_URL = os.environ.get(
     "BMS_IMAGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
@@ -66,22 +66,11 @@ async def postgres_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Runs a test once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'bms-image.db'}"
     return str(request.getfixturevalue("postgres_url"))
-
-
-def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "listen": "127.0.0.1:0",
-        "data_dir": tmp_path,
-        "token_secret": TEST_SECRET,
-        "shutdown_grace_seconds": 1.0,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -45,9 +45,7 @@ def serve(
     ] = None,
     shutdown_grace_seconds: Annotated[
         float | None,
-        typer.Option(
-            help="grace for in-flight calls [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]"
-        ),
+        typer.Option(help="grace for in-flight calls [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]"),
     ] = None,
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""
@@ -72,8 +70,7 @@ def serve(
 
 @app.command()
 def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
-    """Apply database migrations and seed the public catalog, then exit."""
-    from .catalog.seed import seed
+    """Apply the database migrations, then exit (`serve` also does this on start)."""
     from .store.db import Database
 
     settings = _settings(data_dir=data_dir, database_url=database_url).resolved()
@@ -83,10 +80,9 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
         database = Database(settings.database_url)
         try:
             await database.migrate()
-            added = await seed(database)
         finally:
             await database.close()
-        typer.echo(f"database at the newest schema; {added} catalog entries added")
+        typer.echo(f"database {database.engine.url!r} is at the newest schema")
 
     asyncio.run(run())
 

@@ -24,6 +24,16 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "INFO"
+    max_image_bytes: int = 1024**4
+    chunk_bytes: int = 1024 * 1024
+    catalog_image_mib: int = 32
+    blob_backend: str = "local"
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "bms-images"
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_prefix: str = "images/"
 
     @classmethod
     def from_env(
@@ -70,4 +80,14 @@ _CASTERS: dict[str, Any] = {
     "shutdown_grace_seconds": float,
     "max_message_bytes": int,
     "log_level": str,
+    "max_image_bytes": int,
+    "chunk_bytes": int,
+    "catalog_image_mib": int,
+    "blob_backend": str,
+    "s3_endpoint_url": str,
+    "s3_bucket": str,
+    "s3_region": str,
+    "s3_access_key": str,
+    "s3_secret_key": str,
+    "s3_prefix": str,
 }

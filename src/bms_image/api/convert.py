@@ -110,6 +110,7 @@ def image_to_proto(
         create_time=_timestamp(image.create_time),
         update_time=_timestamp(image.update_time),
         etag=image.etag,
+        uploaded_bytes=image.uploaded_bytes,
     )
 
 

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 
-from ..domain import rules
+from ..domain import model, rules
+from ..domain.errors import invalid_field
+from ..domain.imagedata import ImageData, UploadDeclaration
 from ..domain.images import ImageCatalog
 from ..domain.model import Caller, Image
 from .context import current_caller
-from .convert import changes_from_proto, image_id_from_name, image_to_proto, new_image_from_proto
+from .convert import (
+    changes_from_proto,
+    enum_from_proto,
+    image_id_from_name,
+    image_to_proto,
+    new_image_from_proto,
+)
 
 Context = Any
 
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
-    def __init__(self, catalog: ImageCatalog) -> None:
+    def __init__(self, catalog: ImageCatalog, data: ImageData) -> None:
         self._catalog = catalog
+        self._data = data
 
     def _proto(self, caller: Caller, image: Image) -> image_pb2.Image:
         return image_to_proto(
@@ -74,3 +84,42 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
         caller = current_caller()
         image = await self._catalog.deprecate(caller, image_id_from_name(request.name))
         return self._proto(caller, image)
+
+    async def UploadImageData(
+        self, requests: AsyncIterator[image_pb2.UploadImageDataRequest], context: Context
+    ) -> image_pb2.Image:
+        caller = current_caller()
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise invalid_field("metadata", "the first message of an upload must carry metadata")
+        meta = first.metadata
+        declared = UploadDeclaration(
+            offset=meta.offset,
+            size_bytes=meta.size_bytes,
+            sha256=meta.sha256,
+            disk_format=enum_from_proto(model.DiskFormat, meta.disk_format, "metadata.disk_format"),
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in requests:
+                if message.WhichOneof("payload") != "chunk":
+                    raise invalid_field("metadata", "only the first message may carry metadata")
+                yield message.chunk
+
+        image = await self._data.upload(
+            caller, image_id_from_name(meta.name, "metadata.name"), declared, chunks()
+        )
+        return self._proto(caller, image)
+
+    async def DownloadImageData(
+        self, request: image_pb2.DownloadImageDataRequest, context: Context
+    ) -> AsyncIterator[image_pb2.DownloadImageDataResponse]:
+        image, chunks = await self._data.open_download(
+            current_caller(), image_id_from_name(request.name), request.offset
+        )
+        offset, size = request.offset, image.size_bytes
+        Response = image_pb2.DownloadImageDataResponse
+        async for chunk in chunks:
+            yield Response(offset=offset, chunk=chunk, size_bytes=size)
+            offset += len(chunk)
+        yield Response(offset=offset, size_bytes=size, sha256=image.sha256, last=True)

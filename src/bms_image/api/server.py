@@ -15,11 +15,15 @@ from grpc_reflection.v1alpha import reflection
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 
 from ..auth import TokenAuthority
+from ..blobs.local import LocalBlobStore
+from ..blobs.staging import Staging, release_image_bytes
 from ..catalog.seed import seed
 from ..config import Settings
 from ..domain.flavors import FlavorCatalog, FlavorDirectory
+from ..domain.imagedata import ImageData
 from ..domain.images import ImageCatalog
 from ..domain.paging import PageTokens
+from ..formats import ContentInspector
 from ..store.db import Database
 from ..store.repository import SqlFlavorRepository, SqlImageRepository
 from .flavors import ProvisioningServicer
@@ -76,19 +80,42 @@ async def start(settings: Settings) -> RunningService:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url)
     await database.migrate()
-    added = await seed(database)
+    blobs = LocalBlobStore(settings.data_dir / "blobs")
+    staging = Staging(settings.data_dir / "staging")
+    added = await seed(database, blobs, staging, settings.catalog_image_mib * 1024 * 1024)
     if added:
         log.info("seeded %d catalog entries", added)
     flavor_repository = SqlFlavorRepository(database)
+    image_repository = SqlImageRepository(database)
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
     page_tokens = PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
+
+    async def release(image_id: str) -> None:
+        await release_image_bytes(blobs, staging, image_id)
+
     catalog = ImageCatalog(
-        SqlImageRepository(database), flavors, page_tokens, settings.private_image_quota
+        image_repository,
+        flavors,
+        page_tokens,
+        settings.private_image_quota,
+        release_data=release,
     )
+    data = ImageData(
+        catalog,
+        image_repository,
+        staging,
+        blobs,
+        ContentInspector(),
+        max_image_bytes=settings.max_image_bytes,
+        chunk_bytes=settings.chunk_bytes,
+    )
+    recovered = await data.recover()
+    if any(recovered.values()):
+        log.info("recovered after restart: %s", recovered)
     authority = TokenAuthority(settings.secret())
 
     server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
-    image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog), server)
+    image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens)), server
     )

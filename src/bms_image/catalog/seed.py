@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 import uuid
 from dataclasses import dataclass
@@ -9,14 +10,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from ..blobs.staging import Staging, sha256_of_file
+from ..blobs.store import BlobStore
+from ..disks import DiskSpec, write_disk
 from ..domain.model import Architecture, Image, ImageStatus, OsType, Plugin, PluginKind, Visibility
 from ..store.db import Database
 from ..store.repository import to_row
 from ..store.tables import FlavorRow, ImageRow
 
 CATALOG_FILE = Path(__file__).with_name("public.toml")
+#: Bulk data per public image: "tens of MiB" makes streaming realistic.
+DEFAULT_BULK_BYTES = 32 * 1024 * 1024
 _NAMESPACE = uuid.UUID("6f1c2a52-3b0e-4f4e-9f39-5d8f0b1f6a10")
 
 
@@ -55,23 +61,73 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
     return Catalog(flavors=list(data["flavors"]), images=images)
 
 
-async def seed(database: Database, catalog: Catalog | None = None) -> int:
-    """Inserts the flavors and public images that are not stored yet; returns
-    how many rows were added."""
+def disk_spec(image: Image, bulk_bytes: int) -> DiskSpec:
+    """The system disk of a public catalog image: deterministic, so a lost
+    blob is rebuilt byte for byte."""
+    return DiskSpec(
+        os_release={
+            "NAME": image.os_distro,
+            "ID": image.os_distro,
+            "VERSION_ID": image.os_version,
+            "PRETTY_NAME": image.display_name,
+            "BMS_OS_TYPE": image.os_type.value,
+            "BMS_ARCHITECTURE": image.architecture.value,
+        },
+        plugins=tuple(image.plugins),
+        bulk_bytes=bulk_bytes,
+        seed=image.id,
+    )
+
+
+async def _build_bytes(image: Image, blobs: BlobStore, staging: Staging, bulk_bytes: int) -> None:
+    """Writes the image's disk into the blob store; sets its size and sha256."""
+    path = staging.scratch(image.id, "seed")
+    await asyncio.to_thread(write_disk, path, disk_spec(image, bulk_bytes))
+    image.sha256, image.size_bytes = await asyncio.to_thread(sha256_of_file, path)
+    await blobs.put_file(image.id, path)
+
+
+async def seed(
+    database: Database,
+    blobs: BlobStore,
+    staging: Staging,
+    bulk_bytes: int = DEFAULT_BULK_BYTES,
+    catalog: Catalog | None = None,
+) -> int:
+    """Inserts the flavors and public images that are not stored yet, each
+    image with its bytes (a public image is never active without them), and
+    rebuilds the bytes of catalog images whose blob went missing. Returns how
+    many entries were added or repaired."""
     catalog = catalog or load_catalog()
     added = 0
-    now = datetime.now(UTC)
     async with database.write() as session:
         known_flavors = set((await session.scalars(select(FlavorRow.name))).all())
         for flavor in catalog.flavors:
             if flavor["name"] not in known_flavors:
                 session.add(FlavorRow(**flavor))
                 added += 1
-        await session.flush()
-        known_images = set((await session.scalars(select(ImageRow.id))).all())
-        for image in catalog.images:
-            if image.id not in known_images:
-                image.create_time = image.update_time = now
+    async with database.read() as session:
+        stored = {
+            row.id: row
+            for row in await session.scalars(
+                select(ImageRow).where(ImageRow.id.in_([i.id for i in catalog.images]))
+            )
+        }
+    present = set(await blobs.keys())
+    for image in catalog.images:
+        row = stored.get(image.id)
+        if row is not None and (row.status != ImageStatus.ACTIVE.value or image.id in present):
+            continue
+        await _build_bytes(image, blobs, staging, bulk_bytes)
+        async with database.write() as session:
+            if row is None:
+                image.create_time = image.update_time = datetime.now(UTC)
                 session.add(to_row(image))
-                added += 1
+            else:
+                await session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id == image.id)
+                    .values(size_bytes=image.size_bytes, sha256=image.sha256)
+                )
+        added += 1
     return added

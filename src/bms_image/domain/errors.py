@@ -98,6 +98,10 @@ class QuotaExceeded(DomainError):
         self.violations = list(violations)
 
 
+class DataLoss(DomainError):
+    """Bytes arrived damaged (their checksum does not match)."""
+
+
 class Aborted(DomainError):
     """A concurrent change won (stale etag); read again and retry."""
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,8 @@ from .model import (
 from .paging import PageTokens, page_size_or_default
 from .ports import ImageRepository
 from .query import ImageQuery, parse_filter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PRIVATE_IMAGE_QUOTA = 50
 _UPDATE_RETRIES = 5
@@ -76,12 +79,14 @@ class ImageCatalog:
         page_tokens: PageTokens,
         private_image_quota: int = DEFAULT_PRIVATE_IMAGE_QUOTA,
         clock: Callable[[], datetime] = _now,
+        release_data: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._images = images
         self._flavors = flavors
         self._tokens = page_tokens
         self._quota = private_image_quota
         self._clock = clock
+        self._release_data = release_data
 
     @property
     def private_image_quota(self) -> int:
@@ -216,6 +221,7 @@ class ImageCatalog:
             tags=list(new.tags),
             protected=new.protected,
             request_id=request_id,
+            creator_project=caller.project,
             status=ImageStatus.QUEUED,
             create_time=now,
             update_time=now,
@@ -243,6 +249,11 @@ class ImageCatalog:
             return {"status": ImageStatus.DELETED}
 
         await self._change(caller, image_id, etag, deletion)
+        if self._release_data is not None:
+            try:
+                await self._release_data(image_id)
+            except Exception:  # the image is gone; leftovers are collected at the next start
+                log.warning("could not remove the bytes of images/%s", image_id, exc_info=True)
 
     async def deprecate(self, caller: Caller, image_id: str) -> Image:
         if not caller.is_admin:

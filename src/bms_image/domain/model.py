@@ -119,6 +119,8 @@ class Image:
     tags: list[str] = field(default_factory=list)
     protected: bool = False
     deprecated: bool = False
+    uploaded_bytes: int = 0
+    creator_project: str = ""
     request_id: str | None = None
     revision: int = 1
     seq: int = 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from .model import Caller, Flavor, Image
+from .model import Caller, DiskFormat, Flavor, Image, ImageStatus
 from .query import ImageQuery
 
 
@@ -34,6 +36,14 @@ class ImageRepository(Protocol):
     ) -> Image | None:
         """Applies changes if the revision still matches; None if it does not."""
 
+    async def transition(
+        self, image_id: str, from_statuses: Collection[ImageStatus], changes: Mapping[str, Any]
+    ) -> Image | None:
+        """Applies changes if the image is in one of from_statuses; None if not."""
+
+    async def in_statuses(self, statuses: Collection[ImageStatus]) -> list[Image]:
+        """Every image in one of these statuses (for recovery after a restart)."""
+
     async def count_quota_used(self, project: str) -> int:
         """Private images of the project that hold a quota slot."""
 
@@ -41,3 +51,20 @@ class ImageRepository(Protocol):
 class FlavorRepository(Protocol):
     async def list_flavors(self) -> list[Flavor]:
         """Every flavor, by name."""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What an uploaded file really is."""
+
+    format: DiskFormat
+    virtual_size: int
+
+
+class Inspector(Protocol):
+    async def inspect(self, path: Path, subject: str) -> Inspection:
+        """Detects the content's format and virtual size; raises
+        FailedPrecondition for unknown, unsupported or unsafe content."""
+
+    async def convert_to_raw(self, source: Path, disk_format: DiskFormat, target: Path) -> None:
+        """Writes the raw disk that source (in disk_format) describes."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import enum
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,8 @@ def to_domain(row: ImageRow) -> Image:
         size_bytes=row.size_bytes,
         min_disk_gb=row.min_disk_gb,
         sha256=row.sha256,
+        uploaded_bytes=row.uploaded_bytes,
+        creator_project=row.creator_project,
         status=ImageStatus(row.status),
         status_reason=row.status_reason,
         hardware_model=row.hardware_model,
@@ -85,6 +88,8 @@ def to_row(image: Image) -> ImageRow:
         size_bytes=image.size_bytes,
         min_disk_gb=image.min_disk_gb,
         sha256=image.sha256,
+        uploaded_bytes=image.uploaded_bytes,
+        creator_project=image.creator_project,
         status=image.status.value,
         status_reason=image.status_reason,
         hardware_model=image.hardware_model,
@@ -187,7 +192,7 @@ class SqlImageRepository:
     ) -> Image | None:
         row = await session.scalar(
             select(ImageRow).where(
-                ImageRow.owner_project == project, ImageRow.request_id == request_id
+                ImageRow.creator_project == project, ImageRow.request_id == request_id
             )
         )
         return to_domain(row) if row else None
@@ -227,7 +232,9 @@ class SqlImageRepository:
         async with self._db.write() as session:
             await self._lock_project(session, project)
             if image.request_id:
-                earlier = await self._by_request_id(session, project, image.request_id)
+                earlier = await self._by_request_id(
+                    session, image.creator_project, image.request_id
+                )
                 if earlier is not None:
                     return earlier
             used = await self._count_quota_used(session, project)
@@ -246,6 +253,13 @@ class SqlImageRepository:
 
     async def create_public(self, image: Image) -> Image:
         async with self._db.write() as session:
+            await self._lock_project(session, image.creator_project)
+            if image.request_id:
+                earlier = await self._by_request_id(
+                    session, image.creator_project, image.request_id
+                )
+                if earlier is not None:
+                    return earlier
             row = to_row(image)
             session.add(row)
             await session.flush()
@@ -254,12 +268,35 @@ class SqlImageRepository:
     async def update(
         self, image_id: str, expected_revision: int, changes: Mapping[str, Any]
     ) -> Image | None:
+        return await self._conditional_update(
+            image_id, ImageRow.revision == expected_revision, changes
+        )
+
+    async def transition(
+        self, image_id: str, from_statuses: Collection[ImageStatus], changes: Mapping[str, Any]
+    ) -> Image | None:
+        return await self._conditional_update(
+            image_id, ImageRow.status.in_([s.value for s in from_statuses]), changes
+        )
+
+    async def in_statuses(self, statuses: Collection[ImageStatus]) -> list[Image]:
+        async with self._db.read() as session:
+            rows = await session.scalars(
+                select(ImageRow)
+                .where(ImageRow.status.in_([s.value for s in statuses]))
+                .order_by(ImageRow.seq)
+            )
+            return [to_domain(row) for row in rows]
+
+    async def _conditional_update(
+        self, image_id: str, condition: ColumnElement[bool], changes: Mapping[str, Any]
+    ) -> Image | None:
         values = {k: v for k, v in changes.items() if k != "tags"}
-        values = {k: (v.value if isinstance(v, ImageStatus) else v) for k, v in values.items()}
+        values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
         async with self._db.write() as session:
             result = await session.execute(
                 update(ImageRow)
-                .where(ImageRow.id == image_id, ImageRow.revision == expected_revision)
+                .where(ImageRow.id == image_id, condition)
                 .values(revision=ImageRow.revision + 1, **values)
                 .execution_options(synchronize_session=False)
             )

@@ -45,6 +45,9 @@ class ImageRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     visibility: Mapped[str] = mapped_column(String(16))
     owner_project: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: The project whose call created the image (an admin's, for public images);
+    #: with request_id it makes creates idempotent.
+    creator_project: Mapped[str] = mapped_column(String(64), default="")
     os_type: Mapped[str] = mapped_column(String(16))
     os_distro: Mapped[str] = mapped_column(String(32))
     os_version: Mapped[str] = mapped_column(String(32))
@@ -53,6 +56,7 @@ class ImageRow(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     min_disk_gb: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64), default="")
+    uploaded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[str] = mapped_column(String(16))
     status_reason: Mapped[str] = mapped_column(Text, default="")
     hardware_model: Mapped[str] = mapped_column(String(64), default="")
@@ -74,9 +78,11 @@ class ImageRow(Base):
 
     __table_args__ = (
         UniqueConstraint("owner_project", "request_id", name="uq_images_owner_request"),
+        UniqueConstraint("creator_project", "request_id", name="uq_images_creator_request"),
         Index("ix_images_owner_status", "owner_project", "status"),
         Index("ix_images_visibility_seq", "visibility", "seq"),
         Index("ix_images_model_seq", "hardware_model", "seq"),
+        Index("ix_images_status", "status"),
     )
 
 

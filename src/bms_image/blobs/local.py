@@ -1,0 +1,97 @@
+"""Blobs as files in a directory. Writes are atomic: a temporary file is
+written and fsynced, then renamed over the final name, and the directory is
+fsynced, so a crash never leaves a partial blob under a final name."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .store import DEFAULT_CHUNK_BYTES, BlobNotFound
+
+_SUFFIX = ".blob"
+_TEMP_PREFIX = ".tmp-"
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobStore:
+    name = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(_TEMP_PREFIX + "*"):
+            leftover.unlink(missing_ok=True)  # a crash mid-copy left it; never a final name
+
+    def _path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / (key + _SUFFIX)
+
+    def _install(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            os.link(path, temp)  # same file system: no copy
+        except OSError:
+            shutil.copyfile(path, temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        fsync_directory(self.root)
+        path.unlink(missing_ok=True)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        await asyncio.to_thread(self._install, key, path)
+
+    async def read(
+        self, key: str, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> AsyncIterator[bytes]:
+        try:
+            handle = await asyncio.to_thread(open, self._path(key), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        try:
+            handle.seek(offset)
+            while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+                yield chunk
+        finally:
+            handle.close()
+
+    async def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    def _copy(self, source_key: str, target_key: str) -> None:
+        source = self._path(source_key)
+        if not source.exists():
+            raise BlobNotFound(source_key)
+        temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        shutil.copyfile(source, temp)
+        self._install(target_key, temp)
+
+    async def copy(self, source_key: str, target_key: str) -> None:
+        await asyncio.to_thread(self._copy, source_key, target_key)
+
+    async def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    async def keys(self) -> list[str]:
+        return sorted(p.name.removesuffix(_SUFFIX) for p in self.root.glob("*" + _SUFFIX))
+
+    async def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"blob directory {self.root} is not writable")

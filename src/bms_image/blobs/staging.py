@@ -1,0 +1,97 @@
+"""The staging area: one file per upload in progress, kept across broken
+streams and restarts so that uploads can resume."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from .local import fsync_directory
+from .store import BlobStore
+
+_SUFFIX = ".part"
+
+
+class StagedUpload:
+    """An open staging file being appended to, hashing as it goes.
+    Blocking methods: call them off the event loop."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.sha256 = hashlib.sha256()
+        self._handle: BinaryIO = open(path, "ab+")
+        self._handle.truncate(offset)
+        self._handle.seek(0)
+        remaining = offset
+        while remaining:  # resuming: the hash must cover the bytes already staged
+            block = self._handle.read(min(remaining, 4 * 1024 * 1024))
+            if not block:
+                raise ValueError(f"staging file {path} is shorter than offset {offset}")
+            self.sha256.update(block)
+            remaining -= len(block)
+        self._handle.seek(offset)
+        self.size = offset
+
+    def write(self, chunk: bytes) -> None:
+        self._handle.write(chunk)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+
+    def close(self) -> None:
+        """Makes what was written durable (for a later resume) and closes."""
+        if self._handle.closed:
+            return
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+
+class Staging:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid staging key {key!r}")
+        return self.root / (key + _SUFFIX)
+
+    def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def open(self, key: str, offset: int) -> StagedUpload:
+        return StagedUpload(self.path(key), offset)
+
+    def scratch(self, key: str, suffix: str) -> Path:
+        """A second file for the same upload (e.g. its conversion to raw)."""
+        return self.root / f"{key}.{suffix}"
+
+    def discard(self, key: str) -> None:
+        for path in self.root.glob(f"{key}.*"):
+            path.unlink(missing_ok=True)
+        fsync_directory(self.root)
+
+    def keys(self) -> list[str]:
+        return sorted({p.name.split(".", 1)[0] for p in self.root.iterdir() if p.is_file()})
+
+
+def sha256_of_file(path: Path, block: int = 4 * 1024 * 1024) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a file. Blocking."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while data := handle.read(block):
+            digest.update(data)
+            size += len(data)
+    return digest.hexdigest(), size
+
+
+async def release_image_bytes(blobs: BlobStore, staging: Staging, image_id: str) -> None:
+    """Removes every byte stored for an image: its blob and any staged upload."""
+    await blobs.delete(image_id)
+    await asyncio.to_thread(staging.discard, image_id)

@@ -1,0 +1,306 @@
+"""The image data plane: uploads (resumable, verified, inspected, stored as
+raw) and downloads, plus recovery of interrupted uploads after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..blobs.staging import StagedUpload, Staging, release_image_bytes, sha256_of_file
+from ..blobs.store import DEFAULT_CHUNK_BYTES, BlobNotFound, BlobStore
+from . import rules
+from .errors import (
+    DataLoss,
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+    invalid_field,
+)
+from .images import ImageCatalog
+from .model import Caller, DiskFormat, Image, ImageStatus
+from .ports import ImageRepository, Inspector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGE_BYTES = 1024**4  # 1 TiB
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class UploadDeclaration:
+    """What the client declares in the first message of an upload."""
+
+    offset: int = 0
+    size_bytes: int = 0
+    sha256: str = ""
+    disk_format: DiskFormat | None = None
+
+
+def _validate(declared: UploadDeclaration, max_image_bytes: int) -> None:
+    violations: list[FieldViolation] = []
+    if declared.offset < 0:
+        violations.append(FieldViolation("metadata.offset", "must not be negative"))
+    if declared.size_bytes < 0:
+        violations.append(FieldViolation("metadata.size_bytes", "must not be negative"))
+    if declared.size_bytes > max_image_bytes:
+        violations.append(
+            FieldViolation(
+                "metadata.size_bytes",
+                f"{declared.size_bytes} exceeds the maximum image size of {max_image_bytes} bytes",
+            )
+        )
+    if declared.sha256 and not _SHA256.match(declared.sha256):
+        violations.append(FieldViolation("metadata.sha256", "must be 64 lower-case hex digits"))
+    rules.raise_if_invalid(violations, "INVALID_UPLOAD")
+
+
+class ImageData:
+    def __init__(
+        self,
+        catalog: ImageCatalog,
+        images: ImageRepository,
+        staging: Staging,
+        blobs: BlobStore,
+        inspector: Inspector,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self._catalog = catalog
+        self._images = images
+        self._staging = staging
+        self._blobs = blobs
+        self._inspector = inspector
+        self.max_image_bytes = max_image_bytes
+        self.chunk_bytes = chunk_bytes
+
+    # -- upload -------------------------------------------------------------
+
+    async def upload(
+        self,
+        caller: Caller,
+        image_id: str,
+        declared: UploadDeclaration,
+        chunks: AsyncIterator[bytes],
+    ) -> Image:
+        _validate(declared, self.max_image_bytes)
+        image = await self._catalog.get(caller, image_id)
+        rules.require_can_modify(caller, image)
+        if image.status is not ImageStatus.QUEUED:
+            busy = " (another upload is in progress)" if image.status is ImageStatus.SAVING else ""
+            raise FailedPrecondition(
+                "IMAGE_NOT_QUEUED",
+                f"images/{image_id} is {image.status.value}{busy}; only a queued image takes data",
+                [PreconditionViolation("STATUS", f"images/{image_id}", image.status.value)],
+            )
+        if declared.offset != image.uploaded_bytes:
+            raise FailedPrecondition(
+                "UPLOAD_OFFSET_MISMATCH",
+                f"images/{image_id} has {image.uploaded_bytes} bytes stored; "
+                f"send metadata.offset = {image.uploaded_bytes} and the bytes from there on",
+                metadata={"uploaded_bytes": str(image.uploaded_bytes)},
+            )
+        claimed = await self._images.transition(
+            image_id, {ImageStatus.QUEUED}, {"status": ImageStatus.SAVING, "status_reason": ""}
+        )
+        if claimed is None:
+            raise FailedPrecondition(
+                "IMAGE_NOT_QUEUED", f"images/{image_id} is no longer queued; read it again"
+            )
+        limit = declared.size_bytes or self.max_image_bytes
+        staged = await asyncio.to_thread(self._staging.open, image_id, declared.offset)
+        try:
+            await self._receive(staged, chunks, limit, declared)
+        except DomainError as error:
+            await self._kill(image_id, staged, error.message)
+            raise
+        except BaseException:
+            await self._interrupt(image_id, staged)
+            raise
+        try:
+            return await self._finish(image_id, staged, declared)
+        except DomainError as error:
+            await self._kill(image_id, staged, error.message)
+            raise
+        except BaseException:
+            await self._interrupt(image_id, staged)
+            raise
+
+    async def _receive(
+        self,
+        staged: StagedUpload,
+        chunks: AsyncIterator[bytes],
+        limit: int,
+        declared: UploadDeclaration,
+    ) -> None:
+        async for chunk in chunks:
+            if len(chunk) > MAX_CHUNK_BYTES:
+                raise invalid_field(
+                    "chunk", f"is {len(chunk)} bytes; send chunks of at most {MAX_CHUNK_BYTES}"
+                )
+            if staged.size + len(chunk) > limit:
+                what = "the declared size" if declared.size_bytes else "the maximum image size"
+                raise invalid_field(
+                    "chunk", f"the upload exceeds {what} of {limit} bytes", "IMAGE_TOO_LARGE"
+                )
+            await asyncio.to_thread(staged.write, chunk)
+        await asyncio.to_thread(staged.close)
+
+    async def _finish(
+        self, image_id: str, staged: StagedUpload, declared: UploadDeclaration
+    ) -> Image:
+        subject = f"images/{image_id}"
+        size, digest = staged.size, staged.sha256.hexdigest()
+        if declared.size_bytes and size != declared.size_bytes:
+            raise InvalidArgument(
+                "IMAGE_SIZE_MISMATCH",
+                f"{subject}: received {size} bytes but {declared.size_bytes} were declared",
+                [
+                    FieldViolation(
+                        "metadata.size_bytes", f"declared {declared.size_bytes}, got {size}"
+                    )
+                ],
+            )
+        if declared.sha256 and digest != declared.sha256:
+            raise DataLoss(
+                "IMAGE_CHECKSUM_MISMATCH",
+                f"{subject}: the received bytes have SHA-256 {digest}, "
+                f"not the declared {declared.sha256}; upload the image again",
+            )
+        inspection = await self._inspector.inspect(staged.path, subject)
+        if declared.disk_format and inspection.format is not declared.disk_format:
+            raise FailedPrecondition(
+                "IMAGE_FORMAT_MISMATCH",
+                f"{subject}: declared {declared.disk_format.value} "
+                f"but the content is {inspection.format.value}",
+                [PreconditionViolation("FORMAT", subject, f"content is {inspection.format.value}")],
+            )
+        if inspection.virtual_size > self.max_image_bytes:
+            raise FailedPrecondition(
+                "IMAGE_TOO_LARGE",
+                f"{subject}: the image claims a virtual size of {inspection.virtual_size} bytes, "
+                f"over the limit of {self.max_image_bytes}",
+                [PreconditionViolation("SIZE", subject, "virtual size over the limit")],
+            )
+        raw_path = staged.path
+        if inspection.format is not DiskFormat.RAW:
+            raw_path = self._staging.scratch(image_id, "raw")
+            await self._inspector.convert_to_raw(staged.path, inspection.format, raw_path)
+            digest, size = await asyncio.to_thread(sha256_of_file, raw_path)
+        await self._blobs.put_file(image_id, raw_path)
+        image = await self._images.transition(
+            image_id,
+            {ImageStatus.SAVING},
+            {
+                "status": ImageStatus.ACTIVE,
+                "status_reason": "",
+                "size_bytes": size,
+                "sha256": digest,
+                "disk_format": inspection.format,
+                "uploaded_bytes": 0,
+            },
+        )
+        await asyncio.to_thread(self._staging.discard, image_id)
+        if image is None:  # deleted while we were storing it
+            await self._blobs.delete(image_id)
+            raise NotFound("IMAGE_NOT_FOUND", f"{subject} was deleted during the upload")
+        return image
+
+    async def _kill(self, image_id: str, staged: StagedUpload, reason: str) -> None:
+        await asyncio.to_thread(staged.close)
+        await self._images.transition(
+            image_id,
+            {ImageStatus.SAVING},
+            {"status": ImageStatus.KILLED, "status_reason": reason, "uploaded_bytes": 0},
+        )
+        await asyncio.to_thread(self._staging.discard, image_id)
+
+    async def _interrupt(self, image_id: str, staged: StagedUpload) -> None:
+        """The stream broke off: keep what arrived so the client can resume."""
+        await asyncio.to_thread(staged.close)
+        await self._images.transition(
+            image_id,
+            {ImageStatus.SAVING},
+            {
+                "status": ImageStatus.QUEUED,
+                "uploaded_bytes": staged.size,
+                "status_reason": f"upload interrupted after {staged.size} bytes; "
+                f"resume with metadata.offset = {staged.size}",
+            },
+        )
+        log.info("upload of images/%s interrupted at %d bytes", image_id, staged.size)
+
+    # -- download -----------------------------------------------------------
+
+    async def open_download(
+        self, caller: Caller, image_id: str, offset: int
+    ) -> tuple[Image, AsyncIterator[bytes]]:
+        image = await self._catalog.get(caller, image_id)
+        if image.status is not ImageStatus.ACTIVE:
+            raise FailedPrecondition(
+                "IMAGE_NOT_ACTIVE",
+                f"images/{image_id} is {image.status.value}; only active images can be downloaded",
+                [PreconditionViolation("STATUS", f"images/{image_id}", image.status.value)],
+            )
+        if offset < 0 or offset > image.size_bytes:
+            raise invalid_field("offset", f"must be between 0 and the size {image.size_bytes}")
+        return image, self._read(image_id, offset)
+
+    async def _read(self, image_id: str, offset: int) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._blobs.read(image_id, offset, self.chunk_bytes):
+                yield chunk
+        except BlobNotFound:
+            raise DataLoss(
+                "IMAGE_DATA_MISSING", f"the stored bytes of images/{image_id} are missing"
+            ) from None
+
+    # -- housekeeping -------------------------------------------------------
+
+    async def release(self, image_id: str) -> None:
+        """Removes the bytes of a deleted image."""
+        await release_image_bytes(self._blobs, self._staging, image_id)
+
+    async def recover(self) -> dict[str, int]:
+        """After a restart: uploads that were in flight become resumable
+        (SAVING -> QUEUED with the bytes staged so far), and blobs or staged
+        files that no image owns any more are removed."""
+        report = {"resumable": 0, "orphans": 0}
+        for image in await self._images.in_statuses({ImageStatus.SAVING}):
+            staged = self._staging.size(image.id)
+            await self._images.transition(
+                image.id,
+                {ImageStatus.SAVING},
+                {
+                    "status": ImageStatus.QUEUED,
+                    "uploaded_bytes": staged,
+                    "status_reason": f"upload interrupted by a service restart after {staged} "
+                    f"bytes; resume with metadata.offset = {staged}",
+                },
+            )
+            report["resumable"] += 1
+        for key in sorted(set(await self._blobs.keys()) | set(self._staging.keys())):
+            owner = await self._images.get(key)
+            status = owner.status if owner else None
+            if owner is None or status in (ImageStatus.DELETED, ImageStatus.KILLED):
+                await self.release(key)
+                report["orphans"] += 1
+            elif status is ImageStatus.QUEUED:
+                await self._blobs.delete(key)
+                await self._sync_uploaded_bytes(owner)
+            elif status in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
+                await asyncio.to_thread(self._staging.discard, key)
+        return report
+
+    async def _sync_uploaded_bytes(self, image: Image) -> None:
+        staged = self._staging.size(image.id)
+        if staged != image.uploaded_bytes:
+            await self._images.transition(
+                image.id, {ImageStatus.QUEUED}, {"uploaded_bytes": staged}
+            )
