@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := src/bms/.generated
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto install clean help
+.PHONY: run test lint proto install tools clean help
 
 help:
 	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
@@ -23,7 +24,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed tools
+
+# qemu-img converts uploaded QCOW2/VMDK/VHD/VHDX images to raw.
+tools:
+	@command -v qemu-img >/dev/null || { echo "installing qemu-utils (qemu-img)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq qemu-utils >/dev/null; }
 
 $(STUBS_STAMP): $(PROTOS) $(VENV)/.installed
 	rm -rf src/bms
@@ -40,10 +46,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
-run: $(STUBS_STAMP)
+run: $(STUBS_STAMP) tools
 	$(BIN)/bms-image serve
 
-test: $(STUBS_STAMP) node_modules/.installed
+test: $(STUBS_STAMP) node_modules/.installed tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STUBS_STAMP) node_modules/.installed

@@ -21,6 +21,7 @@ class Settings:
     database_url: str = ""
     token_secret: str = ""
     private_image_quota: int = 50
+    max_image_members: int = 256
     shutdown_grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "INFO"
@@ -77,6 +78,7 @@ _CASTERS: dict[str, Any] = {
     "database_url": str,
     "token_secret": str,
     "private_image_quota": int,
+    "max_image_members": int,
     "shutdown_grace_seconds": float,
     "max_message_bytes": int,
     "log_level": str,

@@ -28,6 +28,10 @@ _FORMATS = {
 }
 
 
+#: qemu-img's driver names where they differ from ours.
+_QEMU_DRIVERS = {DiskFormat.VHD: "vpc"}
+
+
 def _refuse(reason: str, subject: str, description: str) -> FailedPrecondition:
     return FailedPrecondition(
         reason, f"{subject}: {description}", [PreconditionViolation(reason, subject, description)]
@@ -77,7 +81,8 @@ class ContentInspector:
                 f"{disk_format.value} images need qemu-img (Debian package qemu-utils) to convert",
             )
         process = await asyncio.create_subprocess_exec(
-            self._qemu_img, "convert", "-q", "-f", disk_format.value, "-O", "raw",
+            self._qemu_img, "convert", "-q",
+            "-f", _QEMU_DRIVERS.get(disk_format, disk_format.value), "-O", "raw",
             str(source), str(target),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

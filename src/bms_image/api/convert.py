@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
-from bms.image.v1 import image_pb2, provisioning_pb2
+from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 
 from ..domain import model
 from ..domain.errors import invalid_field
@@ -24,6 +24,7 @@ _ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
     model.Architecture: (image_pb2.Architecture, "ARCHITECTURE_"),
     model.DiskFormat: (image_pb2.DiskFormat, "DISK_FORMAT_"),
     model.PluginKind: (image_pb2.PluginKind, "PLUGIN_KIND_"),
+    model.MemberStatus: (sharing_pb2.MemberStatus, "MEMBER_STATUS_"),
 }
 
 
@@ -173,4 +174,25 @@ def flavor_to_proto(flavor: model.Flavor) -> provisioning_pb2.Flavor:
         evs_boot=flavor.evs_boot,
         public_images=[f"images/{image_id}" for image_id in flavor.public_image_ids],
         description=flavor.description,
+    )
+
+
+def member_from_name(name: str, field: str = "name") -> tuple[str, str]:
+    """`images/{image}/members/{project}` -> (image id, project)."""
+    image_part, separator, project = name.rpartition("/members/")
+    if not separator or not project:
+        raise invalid_field(
+            field, f"must be `images/{{id}}/members/{{project}}`, got {name[:80]!r}"
+        )
+    return image_id_from_name(image_part, field), project
+
+
+def member_to_proto(member: model.Member) -> sharing_pb2.ImageMember:
+    return sharing_pb2.ImageMember(
+        name=f"images/{member.image_id}/members/{member.project}",
+        image=f"images/{member.image_id}",
+        member_project=member.project,
+        status=enum_to_proto(member.status),  # type: ignore[arg-type]
+        create_time=_timestamp(member.create_time),
+        update_time=_timestamp(member.update_time),
     )

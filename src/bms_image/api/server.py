@@ -12,7 +12,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import (
+    image_pb2,
+    image_pb2_grpc,
+    provisioning_pb2,
+    provisioning_pb2_grpc,
+    sharing_pb2,
+    sharing_pb2_grpc,
+)
 
 from ..auth import TokenAuthority
 from ..blobs.local import LocalBlobStore
@@ -23,18 +30,21 @@ from ..domain.flavors import FlavorCatalog, FlavorDirectory
 from ..domain.imagedata import ImageData
 from ..domain.images import ImageCatalog
 from ..domain.paging import PageTokens
+from ..domain.sharing import Sharing
 from ..formats import ContentInspector
 from ..store.db import Database
-from ..store.repository import SqlFlavorRepository, SqlImageRepository
+from ..store.repository import SqlFlavorRepository, SqlImageRepository, SqlMemberRepository
 from .flavors import ProvisioningServicer
 from .guard import CallGuard
 from .images import ImageServicer
+from .sharing import SharingServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
+    sharing_pb2.DESCRIPTOR.services_by_name["SharingService"].full_name,
 )
 
 
@@ -87,6 +97,7 @@ async def start(settings: Settings) -> RunningService:
         log.info("seeded %d catalog entries", added)
     flavor_repository = SqlFlavorRepository(database)
     image_repository = SqlImageRepository(database)
+    member_repository = SqlMemberRepository(database)
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
     page_tokens = PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
 
@@ -99,6 +110,7 @@ async def start(settings: Settings) -> RunningService:
         page_tokens,
         settings.private_image_quota,
         release_data=release,
+        members=member_repository,
     )
     data = ImageData(
         catalog,
@@ -116,6 +128,10 @@ async def start(settings: Settings) -> RunningService:
 
     server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
     image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
+    sharing = Sharing(
+        catalog, image_repository, member_repository, blobs, page_tokens, settings.max_image_members
+    )
+    sharing_pb2_grpc.add_SharingServiceServicer_to_server(SharingServicer(sharing, catalog), server)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens)), server
     )

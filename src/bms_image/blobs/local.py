@@ -80,7 +80,10 @@ class LocalBlobStore:
         if not source.exists():
             raise BlobNotFound(source_key)
         temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-        shutil.copyfile(source, temp)
+        try:
+            os.link(source, temp)  # blobs are immutable, so sharing the inode is safe
+        except OSError:
+            shutil.copyfile(source, temp)
         self._install(target_key, temp)
 
     async def copy(self, source_key: str, target_key: str) -> None:

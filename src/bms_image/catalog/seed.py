@@ -16,7 +16,7 @@ from ..blobs.staging import Staging, sha256_of_file
 from ..blobs.store import BlobStore
 from ..disks import DiskSpec, write_disk
 from ..domain.model import Architecture, Image, ImageStatus, OsType, Plugin, PluginKind, Visibility
-from ..store.db import Database
+from ..store.db import SEED_LOCK, Database
 from ..store.repository import to_row
 from ..store.tables import FlavorRow, ImageRow
 
@@ -101,6 +101,7 @@ async def seed(
     catalog = catalog or load_catalog()
     added = 0
     async with database.write() as session:
+        await database.serialize(session, SEED_LOCK)
         known_flavors = set((await session.scalars(select(FlavorRow.name))).all())
         for flavor in catalog.flavors:
             if flavor["name"] not in known_flavors:
@@ -120,7 +121,10 @@ async def seed(
             continue
         await _build_bytes(image, blobs, staging, bulk_bytes)
         async with database.write() as session:
+            await database.serialize(session, SEED_LOCK)
             if row is None:
+                if await session.scalar(select(ImageRow.id).where(ImageRow.id == image.id)):
+                    continue  # another replica seeded it meanwhile
                 image.create_time = image.update_time = datetime.now(UTC)
                 session.add(to_row(image))
             else:

@@ -241,7 +241,8 @@ class ImageData:
     async def open_download(
         self, caller: Caller, image_id: str, offset: int
     ) -> tuple[Image, AsyncIterator[bytes]]:
-        image = await self._catalog.get(caller, image_id)
+        image, membership = await self._catalog.get_with_membership(caller, image_id)
+        rules.require_usable(caller, image, membership)
         if image.status is not ImageStatus.ACTIVE:
             raise FailedPrecondition(
                 "IMAGE_NOT_ACTIVE",

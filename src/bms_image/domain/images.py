@@ -19,12 +19,13 @@ from .model import (
     Image,
     ImageStatus,
     ImageType,
+    MemberStatus,
     OsType,
     Plugin,
     Visibility,
 )
 from .paging import PageTokens, page_size_or_default
-from .ports import ImageRepository
+from .ports import ImageRepository, MemberRepository
 from .query import ImageQuery, parse_filter
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ImageCatalog:
         private_image_quota: int = DEFAULT_PRIVATE_IMAGE_QUOTA,
         clock: Callable[[], datetime] = _now,
         release_data: Callable[[str], Awaitable[None]] | None = None,
+        members: MemberRepository | None = None,
     ) -> None:
         self._images = images
         self._flavors = flavors
@@ -87,6 +89,7 @@ class ImageCatalog:
         self._quota = private_image_quota
         self._clock = clock
         self._release_data = release_data
+        self._members = members
 
     @property
     def private_image_quota(self) -> int:
@@ -98,7 +101,25 @@ class ImageCatalog:
         return self._flavors.names_for_model(image.hardware_model)
 
     async def get(self, caller: Caller, image_id: str) -> Image:
-        return rules.require_visible(caller, await self._images.get(image_id), image_id)
+        image, _ = await self.get_with_membership(caller, image_id)
+        return image
+
+    async def get_with_membership(
+        self, caller: Caller, image_id: str
+    ) -> tuple[Image, MemberStatus | None]:
+        """The image if the caller can see it, and the caller's answer when
+        the image is shared with it."""
+        image = await self._images.get(image_id)
+        membership = None
+        if (
+            image is not None
+            and self._members is not None
+            and image.visibility is Visibility.PRIVATE
+            and image.owner_project != caller.project
+        ):
+            member = await self._members.get(image_id, caller.project)
+            membership = member.status if member else None
+        return rules.require_visible(caller, image, image_id, membership), membership
 
     async def list(
         self, caller: Caller, filter_text: str, page_size: int, page_token: str
@@ -124,10 +145,7 @@ class ImageCatalog:
 
     async def create(self, caller: Caller, new: NewImage, request_id: str = "") -> Image:
         if request_id:
-            try:
-                uuid.UUID(request_id)
-            except ValueError:
-                raise invalid_field("request_id", "must be a UUID, e.g. from uuidgen") from None
+            rules.require_request_id(request_id)
             earlier = await self._images.find_by_request_id(caller.project, request_id)
             if earlier is not None:
                 return earlier

@@ -33,6 +33,14 @@ class ImageStatus(enum.StrEnum):
     DELETED = "deleted"
 
 
+class MemberStatus(enum.StrEnum):
+    """A member project's answer to an image shared with it."""
+
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
 class OsType(enum.StrEnum):
     LINUX = "linux"
     WINDOWS = "windows"
@@ -130,3 +138,14 @@ class Image:
     @property
     def etag(self) -> str:
         return f'"{self.revision}"'
+
+
+@dataclass(frozen=True)
+class Member:
+    """A project an image is shared with."""
+
+    image_id: str
+    project: str
+    status: MemberStatus
+    create_time: datetime | None = None
+    update_time: datetime | None = None

@@ -31,14 +31,30 @@ class PageTokens:
         return hashlib.sha256(scope.encode()).hexdigest()[:16]
 
     def encode(self, after: int, scope: str) -> str:
+        return self._encode(after, scope)
+
+    def encode_text(self, after: str, scope: str) -> str:
+        """A token positioned after a text key (e.g. a project id)."""
+        return self._encode(after, scope)
+
+    def decode_text(self, token: str, scope: str) -> str:
+        """The text key after which the page starts ("" for no token)."""
+        after = self._decode(token, scope, str)
+        return after if isinstance(after, str) else ""
+
+    def _encode(self, after: int | str, scope: str) -> str:
         body = json.dumps({"a": after, "s": self._scope(scope)}, separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(body + mac).decode().rstrip("=")
 
     def decode(self, token: str, scope: str) -> int:
         """Returns the position after which the page starts (0 for no token)."""
+        after = self._decode(token, scope, int)
+        return after if isinstance(after, int) else 0
+
+    def _decode(self, token: str, scope: str, kind: type) -> int | str | None:
         if not token:
-            return 0
+            return None
         bad = invalid_field(
             "page_token",
             "is not a token this service issued for this request; "
@@ -58,6 +74,10 @@ class PageTokens:
             after, token_scope = data["a"], data["s"]
         except (ValueError, KeyError, TypeError):
             raise bad from None
-        if token_scope != self._scope(scope) or not isinstance(after, int) or after < 0:
+        if token_scope != self._scope(scope) or type(after) is not kind:
+            raise bad
+        if isinstance(after, str):
+            return after
+        if not isinstance(after, int) or after < 0:
             raise bad
         return after

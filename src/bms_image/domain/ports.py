@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .model import Caller, DiskFormat, Flavor, Image, ImageStatus
+from .model import Caller, DiskFormat, Flavor, Image, ImageStatus, Member, MemberStatus
 from .query import ImageQuery
 
 
@@ -46,6 +46,26 @@ class ImageRepository(Protocol):
 
     async def count_quota_used(self, project: str) -> int:
         """Private images of the project that hold a quota slot."""
+
+
+class MemberRepository(Protocol):
+    async def get(self, image_id: str, project: str) -> Member | None:
+        """The project's membership of the image, if any."""
+
+    async def list(
+        self, image_id: str, after_project: str, limit: int, only_project: str | None = None
+    ) -> list[Member]:
+        """Members ordered by project, after after_project; only one if asked."""
+
+    async def add(self, image_id: str, project: str, limit: int) -> Member:
+        """Adds a PENDING member unless it exists (then returns it unchanged);
+        QuotaExceeded when the image already has `limit` members. Atomic."""
+
+    async def set_status(self, image_id: str, project: str, status: MemberStatus) -> Member | None:
+        """Changes the member's status; None if there is no such member."""
+
+    async def remove(self, image_id: str, project: str) -> bool:
+        """Removes the member; False if there was none."""
 
 
 class FlavorRepository(Protocol):

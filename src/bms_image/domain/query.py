@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import FieldViolation, InvalidArgument
-from .model import Architecture, ImageStatus, ImageType, OsType
+from .model import Architecture, ImageStatus, ImageType, MemberStatus, OsType
 
 MAX_FILTER_LENGTH = 1024
 
@@ -43,6 +43,19 @@ class ImageQuery:
     def asks_deprecated(self) -> bool:
         return any(c.field == "deprecated" for c in self.conditions)
 
+    def member_statuses(self) -> set[MemberStatus] | None:
+        """The answers of the caller that `member_status` conditions select;
+        None without such conditions (then only accepted shared images are
+        listed, beside public and own ones)."""
+        conditions = self.values("member_status")
+        if not conditions:
+            return None
+        allowed = set(MemberStatus)
+        for condition in conditions:
+            status = MemberStatus(condition.value)
+            allowed = allowed - {status} if condition.negate else allowed & {status}
+        return allowed
+
 
 _ENUM_FIELDS: dict[str, set[str]] = {
     "type": {t.value for t in ImageType},
@@ -51,6 +64,7 @@ _ENUM_FIELDS: dict[str, set[str]] = {
     "status": {s.value for s in ImageStatus if s is not ImageStatus.DELETED},
     "protected": {"true", "false"},
     "deprecated": {"true", "false"},
+    "member_status": {m.value for m in MemberStatus},
 }
 _FREE_FIELDS = {"os_distro", "os_version", "name", "tag", "owner_project", "flavor"}
 FILTER_FIELDS = sorted(set(_ENUM_FIELDS) | _FREE_FIELDS)
@@ -84,6 +98,8 @@ def parse_filter(text: str) -> list[Condition]:
     """Parses `a = b AND c != "d e"`; raises InvalidArgument saying what to fix."""
     if len(text) > MAX_FILTER_LENGTH:
         raise _bad(f"is {len(text)} characters; at most {MAX_FILTER_LENGTH} are allowed")
+    if "\x00" in text:
+        raise _bad("must not contain NUL characters")
     tokens = _tokens(text)
     conditions: list[Condition] = []
     index = 0

@@ -4,6 +4,8 @@ image state machine and what counts against the private-image quota."""
 from __future__ import annotations
 
 import re
+import unicodedata
+import uuid
 
 from .errors import (
     Aborted,
@@ -14,16 +16,16 @@ from .errors import (
     PermissionDenied,
     PreconditionViolation,
 )
-from .model import Caller, Image, ImageStatus, ImageType, Visibility
+from .model import Caller, Image, ImageStatus, ImageType, MemberStatus, Visibility
 
 DISPLAY_NAME_MAX = 128
 DESCRIPTION_MAX = 1024
 MAX_TAGS = 10
-TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 MIN_DISK_GB_RANGE = range(1, 1025)
-PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
-OS_WORD_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
-HARDWARE_MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}\Z")
+OS_WORD_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}\Z")
+HARDWARE_MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 
 #: Statuses whose private images hold a quota slot. Killed and deleted images free theirs.
 QUOTA_COUNTED_STATUSES = frozenset(
@@ -56,14 +58,33 @@ def require_transition(image: Image, target: ImageStatus) -> None:
         )
 
 
-def is_visible(caller: Caller, image: Image, accepted_member: bool = False) -> bool:
-    """Public images, the caller's own, and images shared with it and accepted.
-    Deleted images are visible to nobody."""
+def is_visible(caller: Caller, image: Image, membership: MemberStatus | None = None) -> bool:
+    """Public images, the caller's own, and images shared with it, whatever its
+    answer (a pending member must see what it is asked to accept). Deleted
+    images are visible to nobody."""
     if image.status is ImageStatus.DELETED:
         return False
     if image.visibility is Visibility.PUBLIC:
         return True
-    return image.owner_project == caller.project or accepted_member
+    return image.owner_project == caller.project or membership is not None
+
+
+def is_owner(caller: Caller, image: Image) -> bool:
+    return image.visibility is Visibility.PRIVATE and image.owner_project == caller.project
+
+
+def require_usable(caller: Caller, image: Image, membership: MemberStatus | None) -> None:
+    """Deploying or copying a shared image needs the member to have accepted it."""
+    if image.visibility is Visibility.PUBLIC or is_owner(caller, image):
+        return
+    if membership is not MemberStatus.ACCEPTED:
+        state = membership.value if membership else "not shared"
+        raise FailedPrecondition(
+            "SHARED_IMAGE_NOT_ACCEPTED",
+            f"images/{image.id} was shared with project {caller.project} and is {state}; "
+            "accept it first (UpdateImageMember status ACCEPTED)",
+            [PreconditionViolation("MEMBER_STATUS", f"images/{image.id}", state)],
+        )
 
 
 def image_type_for(caller: Caller, image: Image) -> ImageType:
@@ -74,8 +95,10 @@ def image_type_for(caller: Caller, image: Image) -> ImageType:
     return ImageType.SHARED
 
 
-def require_visible(caller: Caller, image: Image | None, image_id: str) -> Image:
-    if image is None or not is_visible(caller, image):
+def require_visible(
+    caller: Caller, image: Image | None, image_id: str, membership: MemberStatus | None = None
+) -> Image:
+    if image is None or not is_visible(caller, image, membership):
         raise NotFound("IMAGE_NOT_FOUND", f"image images/{image_id} not found")
     return image
 
@@ -118,37 +141,39 @@ def validate_display_name(value: str, field: str = "display_name") -> list[Field
         return [FieldViolation(field, "is required (1 to 128 characters)")]
     if len(value) > DISPLAY_NAME_MAX:
         return [FieldViolation(field, f"is {len(value)} characters; at most 128 are allowed")]
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
         return [FieldViolation(field, "must not contain control characters")]
     return []
 
 
-def validate_description(value: str) -> list[FieldViolation]:
+def validate_description(value: str, field: str = "image.description") -> list[FieldViolation]:
     if len(value) > DESCRIPTION_MAX:
-        return [FieldViolation("description", f"is {len(value)} characters; at most 1024")]
+        return [FieldViolation(field, f"is {len(value)} characters; at most 1024")]
+    if "\x00" in value:
+        return [FieldViolation(field, "must not contain NUL characters")]
     return []
 
 
-def validate_tags(tags: list[str]) -> list[FieldViolation]:
+def validate_tags(tags: list[str], field: str = "image.tags") -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     if len(tags) > MAX_TAGS:
-        violations.append(FieldViolation("tags", f"has {len(tags)} tags; at most 10 are allowed"))
+        violations.append(FieldViolation(field, f"has {len(tags)} tags; at most 10 are allowed"))
     for index, tag in enumerate(tags):
         if not TAG_PATTERN.match(tag):
             violations.append(
                 FieldViolation(
-                    f"tags[{index}]",
+                    f"{field}[{index}]",
                     "must be 1 to 64 characters of letters, digits, '.', '_', '-' and ':'",
                 )
             )
     if len(set(tags)) != len(tags):
-        violations.append(FieldViolation("tags", "must not repeat a tag"))
+        violations.append(FieldViolation(field, "must not repeat a tag"))
     return violations
 
 
-def validate_min_disk_gb(value: int) -> list[FieldViolation]:
+def validate_min_disk_gb(value: int, field: str = "image.min_disk_gb") -> list[FieldViolation]:
     if value not in MIN_DISK_GB_RANGE:
-        return [FieldViolation("min_disk_gb", f"is {value}; must be between 1 and 1024")]
+        return [FieldViolation(field, f"is {value}; must be between 1 and 1024")]
     return []
 
 
@@ -158,6 +183,20 @@ def validate_word(
     if not pattern.match(value):
         return [FieldViolation(field, f"{value!r} is not valid: {hint}")]
     return []
+
+
+def require_request_id(request_id: str) -> None:
+    """Idempotency keys are UUIDs in canonical form, so one key has one spelling."""
+    try:
+        canonical = str(uuid.UUID(request_id))
+    except ValueError:
+        canonical = ""
+    if canonical != request_id:
+        raise InvalidArgument(
+            "INVALID_REQUEST_ID",
+            "request_id must be a UUID in canonical lower-case form, e.g. from `uuidgen`",
+            [FieldViolation("request_id", "must be a canonical UUID")],
+        )
 
 
 def raise_if_invalid(violations: list[FieldViolation], reason: str = "INVALID_IMAGE") -> None:

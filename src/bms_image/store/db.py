@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import (
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "bms_write"
+MIGRATION_LOCK = 7405011
+SEED_LOCK = 7405012
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -72,12 +74,18 @@ class Database:
         async with self._writer() as session, session.begin():
             yield session
 
+    async def serialize(self, session: AsyncSession, key: int) -> None:
+        """Queues write transactions of several processes (replicas) that use
+        the same key until commit. SQLite's BEGIN IMMEDIATE already does."""
+        if not self.is_sqlite:
+            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
     async def migrate(self) -> None:
         """Brings the schema to the newest migration. On PostgreSQL an advisory
         lock keeps replicas that start together from migrating twice."""
         async with self.engine.execution_options(**{_WRITE: True}).begin() as connection:
             if not self.is_sqlite:
-                await connection.execute(text("SELECT pg_advisory_xact_lock(7405011)"))
+                await connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
             await connection.run_sync(_upgrade)
 
     async def ping(self) -> None:

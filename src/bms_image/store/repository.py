@@ -7,12 +7,24 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..domain.errors import QuotaExceeded, QuotaViolation
+from ..domain.errors import NotFound, QuotaExceeded, QuotaViolation
 from ..domain.model import (
     Architecture,
     Caller,
@@ -20,6 +32,8 @@ from ..domain.model import (
     Flavor,
     Image,
     ImageStatus,
+    Member,
+    MemberStatus,
     OsType,
     Plugin,
     PluginKind,
@@ -28,7 +42,14 @@ from ..domain.model import (
 from ..domain.query import Condition, ImageQuery
 from ..domain.rules import QUOTA_COUNTED_STATUSES
 from .db import Database
-from .tables import FlavorRow, ImageFlavorRow, ImageRow, ImageTagRow, ProjectRow
+from .tables import (
+    FlavorRow,
+    ImageFlavorRow,
+    ImageMemberRow,
+    ImageRow,
+    ImageTagRow,
+    ProjectRow,
+)
 
 _COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
 
@@ -123,12 +144,14 @@ def _condition_clause(
                 ImageRow.owner_project != caller.project,
             ),
         }[value]
+    elif name == "member_status":  # applied by the visibility clause
+        return true()
     elif name in ("os_type", "os_distro", "os_version", "architecture", "status", "owner_project"):
         clause = getattr(ImageRow, name) == value
     elif name == "name":
-        if value.endswith("*"):
-            prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            clause = ImageRow.display_name.like(prefix + "%", escape="\\")
+        if value.endswith("*"):  # case-sensitive on both databases, unlike SQLite's LIKE
+            prefix = value[:-1]
+            clause = func.substr(ImageRow.display_name, 1, len(prefix)) == prefix
         else:
             clause = ImageRow.display_name == value
     elif name == "tag":
@@ -167,13 +190,32 @@ class SqlImageRepository:
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
     ) -> list[Image]:
+        member_statuses = query.member_statuses()
+        shared_with_caller = exists().where(
+            ImageMemberRow.image_id == ImageRow.id,
+            ImageMemberRow.project == caller.project,
+            ImageMemberRow.status.in_(
+                [
+                    s.value
+                    for s in (
+                        {MemberStatus.ACCEPTED} if member_statuses is None else member_statuses
+                    )
+                ]
+            ),
+        )
+        visible: ColumnElement[bool] = (
+            shared_with_caller
+            if member_statuses is not None
+            else or_(
+                ImageRow.visibility == Visibility.PUBLIC.value,
+                ImageRow.owner_project == caller.project,
+                shared_with_caller,
+            )
+        )
         clauses: list[ColumnElement[bool]] = [
             ImageRow.seq > after_seq,
             ImageRow.status != ImageStatus.DELETED.value,
-            or_(
-                ImageRow.visibility == Visibility.PUBLIC.value,
-                ImageRow.owner_project == caller.project,
-            ),
+            visible,
         ]
         if not query.asks_deprecated:
             clauses.append(ImageRow.deprecated == false())
@@ -348,3 +390,93 @@ class SqlFlavorRepository:
             )
             for row in flavors
         ]
+
+
+def _member(row: ImageMemberRow) -> Member:
+    return Member(
+        image_id=row.image_id,
+        project=row.project,
+        status=MemberStatus(row.status),
+        create_time=_utc(row.create_time),
+        update_time=_utc(row.update_time),
+    )
+
+
+class SqlMemberRepository:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def get(self, image_id: str, project: str) -> Member | None:
+        async with self._db.read() as session:
+            row = await session.get(ImageMemberRow, (image_id, project))
+            return _member(row) if row else None
+
+    async def list(
+        self, image_id: str, after_project: str, limit: int, only_project: str | None = None
+    ) -> list[Member]:
+        statement = (
+            select(ImageMemberRow)
+            .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project > after_project)
+            .order_by(ImageMemberRow.project)
+            .limit(limit)
+        )
+        if only_project is not None:
+            statement = statement.where(ImageMemberRow.project == only_project)
+        async with self._db.read() as session:
+            return [_member(row) for row in await session.scalars(statement)]
+
+    async def add(self, image_id: str, project: str, limit: int) -> Member:
+        async with self._db.write() as session:
+            # Lock the image row: concurrent shares of one image queue here, so
+            # the member count and the duplicate check cannot race.
+            locked = await session.scalar(
+                select(ImageRow.id).where(ImageRow.id == image_id).with_for_update()
+            )
+            if locked is None:
+                raise NotFound("IMAGE_NOT_FOUND", f"image images/{image_id} not found")
+            existing = await session.get(ImageMemberRow, (image_id, project))
+            if existing is not None:
+                return _member(existing)
+            count = await session.scalar(
+                select(func.count())
+                .select_from(ImageMemberRow)
+                .where(ImageMemberRow.image_id == image_id)
+            )
+            if (count or 0) >= limit:
+                raise QuotaExceeded(
+                    "IMAGE_MEMBER_QUOTA_EXCEEDED",
+                    f"images/{image_id} is already shared with {count} projects, the limit; "
+                    "stop sharing with one first",
+                    [QuotaViolation(f"images/{image_id}", f"members per image: limit {limit}")],
+                    {"limit": str(limit)},
+                )
+            now = datetime.now(UTC)
+            row = ImageMemberRow(
+                image_id=image_id,
+                project=project,
+                status=MemberStatus.PENDING.value,
+                create_time=now,
+                update_time=now,
+            )
+            session.add(row)
+            await session.flush()
+            return _member(row)
+
+    async def set_status(self, image_id: str, project: str, status: MemberStatus) -> Member | None:
+        async with self._db.write() as session:
+            row = await session.get(ImageMemberRow, (image_id, project))
+            if row is None:
+                return None
+            row.status = status.value
+            row.update_time = datetime.now(UTC)
+            await session.flush()
+            return _member(row)
+
+    async def remove(self, image_id: str, project: str) -> bool:
+        async with self._db.write() as session:
+            result = await session.execute(
+                delete(ImageMemberRow).where(
+                    ImageMemberRow.image_id == image_id, ImageMemberRow.project == project
+                )
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -125,3 +125,19 @@ class FlavorRow(Base):
     local_disk_gb: Mapped[int] = mapped_column(Integer)
     evs_boot: Mapped[bool] = mapped_column(Boolean)
     description: Mapped[str] = mapped_column(Text, default="")
+
+
+class ImageMemberRow(Base):
+    """A project a private image is shared with, and its answer."""
+
+    __tablename__ = "image_members"
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_image_members_project_status", "project", "status", "image_id"),)

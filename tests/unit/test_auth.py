@@ -1,0 +1,192 @@
+"""auth: issuing and verifying bearer tokens, and reading the metadata."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from bms_image.auth import ALGORITHM, ISSUER, TokenAuthority, bearer_token
+from bms_image.domain.errors import Unauthenticated
+from bms_image.domain.model import Caller
+
+SECRET = "unit-test-secret-" + "s" * 50
+OTHER_SECRET = "another-test-secret-" + "o" * 50
+AUTHORITY = TokenAuthority(SECRET)
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    values: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": "alpha",
+        "roles": [],
+        "iat": now,
+        "exp": now + 3600,
+    }
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def signed(secret: str = SECRET, algorithm: str = ALGORITHM, **overrides: Any) -> str:
+    return jwt.encode(claims(**overrides), secret, algorithm=algorithm)
+
+
+def rejected(token: str, reason: str, authority: TokenAuthority = AUTHORITY) -> Unauthenticated:
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+    assert caught.value.reason == reason, caught.value.message
+    return caught.value
+
+
+def test_round_trip_project() -> None:
+    caller = AUTHORITY.verify(AUTHORITY.issue("alpha"))
+    assert caller == Caller("alpha", frozenset())
+    assert not caller.is_admin
+
+
+def test_round_trip_admin() -> None:
+    caller = AUTHORITY.verify(AUTHORITY.issue("ops", admin=True))
+    assert caller == Caller("ops", frozenset({"admin"}))
+    assert caller.is_admin
+
+
+def test_another_authority_with_the_same_secret_accepts_the_token() -> None:
+    assert TokenAuthority(SECRET).verify(AUTHORITY.issue("alpha")).project == "alpha"
+
+
+def test_issued_token_carries_the_documented_claims() -> None:
+    before = int(time.time())
+    decoded = jwt.decode(
+        AUTHORITY.issue("alpha", ttl_seconds=600), SECRET, algorithms=[ALGORITHM], issuer=ISSUER
+    )
+    assert decoded["sub"] == "alpha" and decoded["iss"] == ISSUER and decoded["roles"] == []
+    assert before <= decoded["iat"] <= int(time.time())
+    assert decoded["exp"] - decoded["iat"] == 600
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="32"):
+        TokenAuthority("s" * 31)
+    TokenAuthority("s" * 32)
+
+
+@pytest.mark.parametrize("project", ["", "a", "Alpha", "-alpha", "al pha", "x" * 65, "al/pha"])
+def test_issue_refuses_invalid_projects(project: str) -> None:
+    with pytest.raises(ValueError, match="not valid"):
+        AUTHORITY.issue(project)
+
+
+@pytest.mark.parametrize("ttl", [-1, -3600])
+def test_expired_token(ttl: int) -> None:
+    rejected(AUTHORITY.issue("alpha", ttl_seconds=ttl), "TOKEN_EXPIRED")
+
+
+def test_expired_admin_token_grants_nothing() -> None:
+    rejected(AUTHORITY.issue("ops", admin=True, ttl_seconds=-10), "TOKEN_EXPIRED")
+
+
+def test_token_of_another_secret() -> None:
+    token = TokenAuthority(OTHER_SECRET).issue("alpha", admin=True)
+    rejected(token, "TOKEN_INVALID_SIGNATURE")
+
+
+def test_tampered_payload_breaks_the_signature() -> None:
+    header, payload, signature = AUTHORITY.issue("alpha").split(".")
+    forged_payload = signed(OTHER_SECRET, roles=["admin"]).split(".")[1]
+    assert forged_payload != payload
+    rejected(f"{header}.{forged_payload}.{signature}", "TOKEN_INVALID_SIGNATURE")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "garbage", "a.b.c", "a.b", "....", "Bearer x", "eyJ.eyJ.sig", "\x00", "ü.ü.ü"],
+)
+def test_garbage(garbage: str) -> None:
+    rejected(garbage, "TOKEN_INVALID")
+
+
+def test_unsigned_token_is_refused() -> None:
+    token = jwt.encode(claims(roles=["admin"]), key=None, algorithm="none")
+    rejected(token, "TOKEN_INVALID")
+
+
+def test_token_of_another_algorithm_is_refused() -> None:
+    rejected(signed(algorithm="HS512"), "TOKEN_INVALID")
+
+
+@pytest.mark.parametrize("missing", ["exp", "iat", "sub", "iss"])
+def test_required_claims(missing: str) -> None:
+    rejected(signed(**{missing: None}), "TOKEN_INVALID")
+
+
+def test_token_of_another_issuer() -> None:
+    rejected(signed(iss="someone-else"), "TOKEN_INVALID")
+
+
+@pytest.mark.parametrize("project", ["Alpha", "a", "al pha", "x" * 65, "../beta"])
+def test_token_naming_an_invalid_project(project: str) -> None:
+    rejected(signed(sub=project), "TOKEN_INVALID")
+
+
+@pytest.mark.parametrize("roles", ["admin", {"admin": True}, [1], ["admin", None], 1])
+def test_roles_must_be_a_list_of_strings(roles: object) -> None:
+    rejected(signed(roles=roles), "TOKEN_INVALID")
+
+
+def test_unknown_roles_are_dropped() -> None:
+    caller = AUTHORITY.verify(signed(roles=["admin", "superuser", "root", "ADMIN"]))
+    assert caller.roles == frozenset({"admin"})
+    caller = AUTHORITY.verify(signed(roles=["superuser", "Admin"]))
+    assert caller.roles == frozenset()
+    assert not caller.is_admin
+
+
+def test_missing_roles_claim_means_no_roles() -> None:
+    assert AUTHORITY.verify(signed(roles=None)) == Caller("alpha", frozenset())
+
+
+def test_token_naming_a_project_with_a_trailing_newline_is_refused() -> None:
+    # PROJECT_PATTERN ends in `$`, which also matches before a final "\n".
+    rejected(signed(sub="alpha\n"), "TOKEN_INVALID")
+
+
+# --- bearer_token ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc.def.ghi", "abc.def.ghi"),
+        ("bearer abc", "abc"),
+        ("BEARER abc", "abc"),
+        ("Bearer   abc  ", "abc"),
+        ("  Bearer abc", "abc"),
+    ],
+)
+def test_bearer_token(header: str, token: str) -> None:
+    assert bearer_token(header) == token
+
+
+@pytest.mark.parametrize("header", [None, ""])
+def test_missing_authorization(header: str | None) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        bearer_token(header)
+    assert caught.value.reason == "TOKEN_MISSING"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer", "Bearer ", "Bearer    ", "Basic dXNlcjpwdw==", "Token abc", "abc", "Bearerabc", " "],
+)
+def test_malformed_authorization(header: str) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        bearer_token(header)
+    assert caught.value.reason == "TOKEN_MALFORMED"
+
+
+def test_bearer_token_then_verify() -> None:
+    token = AUTHORITY.issue("alpha", admin=True)
+    assert AUTHORITY.verify(bearer_token(f"Bearer {token}")).is_admin
