@@ -5,19 +5,21 @@ except in CI, where a missing PostgreSQL fails the run)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
+from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.api.server import RunningService, start
 from bms_image.config import Settings
-from helpers import TEST_SECRET, make_settings
+from helpers import make_settings
 
 POSTGRES_URL = os.environ.get(
     "BMS_IMAGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -36,7 +38,7 @@ def _postgres_dsn(url: str, database: str | None = None) -> str:
 async def _postgres_reachable() -> str | None:
     try:
         connection = await asyncio.wait_for(asyncpg.connect(_postgres_dsn(POSTGRES_URL)), 5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         return f"{type(error).__name__}: {error}"
     await connection.close()
     return None
@@ -109,3 +111,27 @@ def as_project(service: RunningService) -> Callable[..., Metadata]:
         return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
 
     return metadata
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of an S3 server for the whole test session. Port 0 lets the
+    kernel pick a free port; get_host_and_port() reports it once started.
+    moto accepts any credentials."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def isolated_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keeps the developer's ~/.aws files and AWS_* variables out of the tests."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)

@@ -64,6 +64,13 @@ def _inspect(path: Path, subject: str) -> Inspection:
     return Inspection(_FORMATS[name], int(inspector.virtual_size))
 
 
+def _without_paths(text: str, *paths: Path) -> str:
+    """qemu-img names the files it read; clients must not learn server paths."""
+    for path in paths:
+        text = text.replace(str(path), "the image")
+    return text.strip()
+
+
 class ContentInspector:
     """Detects formats and converts to raw, off the event loop."""
 
@@ -73,7 +80,9 @@ class ContentInspector:
     async def inspect(self, path: Path, subject: str) -> Inspection:
         return await asyncio.to_thread(_inspect, path, subject)
 
-    async def convert_to_raw(self, source: Path, disk_format: DiskFormat, target: Path) -> None:
+    async def convert_to_raw(
+        self, source: Path, disk_format: DiskFormat, target: Path, subject: str
+    ) -> None:
         if self._qemu_img is None:
             raise _refuse(
                 "CONVERTER_MISSING",
@@ -92,7 +101,7 @@ class ContentInspector:
             await asyncio.to_thread(target.unlink, missing_ok=True)
             raise _refuse(
                 "IMAGE_CONVERSION_FAILED",
-                str(source.name),
+                subject,
                 f"qemu-img could not convert the {disk_format.value} image: "
-                + stderr.decode(errors="replace").strip()[:300],
+                + _without_paths(stderr.decode(errors="replace"), source, target)[:300],
             )

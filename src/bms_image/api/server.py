@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import grpc
@@ -23,7 +24,9 @@ from bms.image.v1 import (
 
 from ..auth import TokenAuthority
 from ..blobs.local import LocalBlobStore
+from ..blobs.s3 import S3BlobStore
 from ..blobs.staging import Staging, release_image_bytes
+from ..blobs.store import BlobStore
 from ..catalog.seed import seed
 from ..config import Settings
 from ..domain.flavors import FlavorCatalog, FlavorDirectory
@@ -71,6 +74,7 @@ class RunningService:
     health: health.aio.HealthServicer
     port: int
     authority: TokenAuthority
+    closing: AsyncExitStack
 
     @property
     def address(self) -> str:
@@ -83,6 +87,26 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.database.close()
+        await self.closing.aclose()
+
+
+async def open_blob_store(settings: Settings, closing: AsyncExitStack) -> BlobStore:
+    """The configured backend: local files (default) or an S3-compatible store."""
+    if settings.blob_backend == "local":
+        return LocalBlobStore(settings.data_dir / "blobs")
+    if settings.blob_backend != "s3":
+        raise RuntimeError(f"unknown blob backend {settings.blob_backend!r}: use local or s3")
+    store = S3BlobStore(
+        settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url or None,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key or None,
+        secret_key=settings.s3_secret_key or None,
+        prefix=settings.s3_prefix,
+    )
+    await closing.enter_async_context(store)
+    await store.ensure_bucket()
+    return store
 
 
 async def start(settings: Settings) -> RunningService:
@@ -90,7 +114,8 @@ async def start(settings: Settings) -> RunningService:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url)
     await database.migrate()
-    blobs = LocalBlobStore(settings.data_dir / "blobs")
+    closing = AsyncExitStack()
+    blobs = await open_blob_store(settings, closing)
     staging = Staging(settings.data_dir / "staging")
     added = await seed(database, blobs, staging, settings.catalog_image_mib * 1024 * 1024)
     if added:
@@ -149,12 +174,13 @@ async def start(settings: Settings) -> RunningService:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as error:
         await database.close()
+        await closing.aclose()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("bms-image serving on %s (database %s)", settings.listen, database.engine.url)
-    return RunningService(settings, database, server, health_servicer, port, authority)
+    return RunningService(settings, database, server, health_servicer, port, authority, closing)
 
 
 async def serve(settings: Settings) -> None:

@@ -77,6 +77,12 @@ class Staging:
             path.unlink(missing_ok=True)
         fsync_directory(self.root)
 
+    def discard_scratch(self, key: str) -> None:
+        """Removes the upload's scratch files but keeps its staged bytes."""
+        for path in self.root.glob(f"{key}.*"):
+            if path.name != self.path(key).name:
+                path.unlink(missing_ok=True)
+
     def keys(self) -> list[str]:
         return sorted({p.name.split(".", 1)[0] for p in self.root.iterdir() if p.is_file()})
 

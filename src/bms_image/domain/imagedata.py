@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_BYTES = 1024**4  # 1 TiB
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: How often a long upload checks that its image was not deleted meanwhile.
+_STATUS_CHECK_BYTES = 256 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -116,15 +118,22 @@ class ImageData:
         limit = declared.size_bytes or self.max_image_bytes
         staged = await asyncio.to_thread(self._staging.open, image_id, declared.offset)
         try:
-            await self._receive(staged, chunks, limit, declared)
+            await self._receive(image_id, staged, chunks, limit, declared)
+        except NotFound:
+            raise  # deleted meanwhile: its bytes went with it
         except DomainError as error:
             await self._kill(image_id, staged, error.message)
             raise
         except BaseException:
             await self._interrupt(image_id, staged)
             raise
+        if staged.size == 0:
+            await self._interrupt(image_id, staged)
+            raise invalid_field("chunk", "no bytes were sent; an image cannot be empty")
         try:
             return await self._finish(image_id, staged, declared)
+        except NotFound:
+            raise
         except DomainError as error:
             await self._kill(image_id, staged, error.message)
             raise
@@ -132,14 +141,25 @@ class ImageData:
             await self._interrupt(image_id, staged)
             raise
 
+    async def _require_saving(self, image_id: str) -> None:
+        """Fails the upload when the image was deleted (or changed) meanwhile."""
+        image = await self._images.get(image_id)
+        if image is None or image.status is not ImageStatus.SAVING:
+            raise NotFound("IMAGE_NOT_FOUND", f"images/{image_id} was deleted during the upload")
+
     async def _receive(
         self,
+        image_id: str,
         staged: StagedUpload,
         chunks: AsyncIterator[bytes],
         limit: int,
         declared: UploadDeclaration,
     ) -> None:
+        checked_at = staged.size
         async for chunk in chunks:
+            if staged.size - checked_at >= _STATUS_CHECK_BYTES:
+                await self._require_saving(image_id)
+                checked_at = staged.size
             if len(chunk) > MAX_CHUNK_BYTES:
                 raise invalid_field(
                     "chunk", f"is {len(chunk)} bytes; send chunks of at most {MAX_CHUNK_BYTES}"
@@ -156,6 +176,7 @@ class ImageData:
         self, image_id: str, staged: StagedUpload, declared: UploadDeclaration
     ) -> Image:
         subject = f"images/{image_id}"
+        await self._require_saving(image_id)
         size, digest = staged.size, staged.sha256.hexdigest()
         if declared.size_bytes and size != declared.size_bytes:
             raise InvalidArgument(
@@ -191,7 +212,7 @@ class ImageData:
         raw_path = staged.path
         if inspection.format is not DiskFormat.RAW:
             raw_path = self._staging.scratch(image_id, "raw")
-            await self._inspector.convert_to_raw(staged.path, inspection.format, raw_path)
+            await self._inspector.convert_to_raw(staged.path, inspection.format, raw_path, subject)
             digest, size = await asyncio.to_thread(sha256_of_file, raw_path)
         await self._blobs.put_file(image_id, raw_path)
         image = await self._images.transition(
@@ -297,6 +318,8 @@ class ImageData:
                 await self._sync_uploaded_bytes(owner)
             elif status in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
                 await asyncio.to_thread(self._staging.discard, key)
+            if status is ImageStatus.QUEUED:  # a conversion cut off by the crash
+                await asyncio.to_thread(self._staging.discard_scratch, key)
         return report
 
     async def _sync_uploaded_bytes(self, image: Image) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ from .query import ImageQuery, parse_filter
 log = logging.getLogger(__name__)
 
 DEFAULT_PRIVATE_IMAGE_QUOTA = 50
-_UPDATE_RETRIES = 5
+#: Without an etag a writer that lost a race re-reads and retries, with jitter.
+UPDATE_RETRIES = 30
 
 
 @dataclass
@@ -296,7 +299,7 @@ class ImageCatalog:
         """Read, check, and write conditionally on the revision read, so that
         two concurrent writers never lose an update. Without an etag a writer
         that lost the race re-reads and retries; with one it gets ABORTED."""
-        for _ in range(_UPDATE_RETRIES):
+        for attempt in range(UPDATE_RETRIES):
             image = await self.get(caller, image_id)
             rules.require_can_modify(caller, image)
             rules.require_etag(image, etag)
@@ -307,6 +310,7 @@ class ImageCatalog:
                 return updated
             if etag:
                 break
+            await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
         raise Aborted(
             "CONCURRENT_UPDATE",
             f"images/{image_id} was changed concurrently; read it again and retry",

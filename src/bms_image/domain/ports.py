@@ -86,5 +86,7 @@ class Inspector(Protocol):
         """Detects the content's format and virtual size; raises
         FailedPrecondition for unknown, unsupported or unsafe content."""
 
-    async def convert_to_raw(self, source: Path, disk_format: DiskFormat, target: Path) -> None:
+    async def convert_to_raw(
+        self, source: Path, disk_format: DiskFormat, target: Path, subject: str
+    ) -> None:
         """Writes the raw disk that source (in disk_format) describes."""

@@ -1,0 +1,315 @@
+"""Crashes: `bms-image serve` killed with SIGKILL in the middle of an upload
+comes back on the same data directory with the upload resumable (QUEUED,
+`uploaded_bytes` = the bytes staged) and no half-written blob; bytes no image
+owns are collected at start."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from dataplane_support import (
+    ACTIVE,
+    KILLED,
+    QUEUED,
+    SAVING,
+    MiB,
+    ServeProcess,
+    blob_path,
+    chunk_message,
+    create_image,
+    download_verified,
+    expect_error,
+    file_size,
+    files_of,
+    get_image,
+    own_service,
+    random_bytes,
+    sha256_hex,
+    split,
+    staged_path,
+    status_name,
+    temp_blobs,
+    upload,
+    upload_metadata,
+    wait_for_file_size,
+)
+
+from bms.image.v1 import image_pb2, image_pb2_grpc
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    """A `bms-image serve` process on tmp_path/data (started by the test);
+    if it is still running at the end it must stop cleanly on SIGTERM."""
+    process = ServeProcess(tmp_path / "data")
+    process.data_dir.mkdir()
+    try:
+        yield process
+        assert process.stop() in (0, None), process.output()
+    finally:
+        process.kill()
+
+
+async def assert_only_active_blobs(
+    images: image_pb2_grpc.ImageServiceStub, metadata: tuple[tuple[str, str], ...], data_dir: Path
+) -> None:
+    """Every blob on disk belongs to an ACTIVE image the caller can see (its
+    own or a public one), and no temporary file is left from a copy."""
+    assert temp_blobs(data_dir) == []
+    listed = await images.ListImages(
+        image_pb2.ListImagesRequest(page_size=1000, filter="status = active"), metadata=metadata
+    )
+    active = {image.name.removeprefix("images/") for image in listed.images}
+    on_disk = {p.name.removesuffix(".blob") for p in (data_dir / "blobs").glob("*.blob")}
+    assert on_disk <= active, f"orphan blobs: {on_disk - active}"
+
+
+def paced_requests(
+    name: str, content: bytes, sent: int, more: asyncio.Event, piece: int = MiB
+) -> Callable[[], AsyncIterator[image_pb2.UploadImageDataRequest]]:
+    """A request stream declaring all of `content`, sending its first `sent`
+    bytes, then waiting for `more` before it sends the rest."""
+
+    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+        yield upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content))
+        for chunk in split(content[:sent], [piece]):
+            yield chunk_message(chunk)
+        await more.wait()
+        for chunk in split(content[sent:], [piece]):
+            yield chunk_message(chunk)
+
+    return requests
+
+
+@dataclass
+class InFlight:
+    """One upload the crash interrupts."""
+
+    content: bytes
+    sent: int
+    name: str = ""
+    call: Any = None
+
+
+async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
+    """One crash, several uploads: one half sent, one with every byte sent
+    but the stream not yet closed, one of an image deleted meanwhile, and one
+    broken off (resumable) before the crash."""
+    data_dir = serve.data_dir
+    # Each `sent` ends in a piece of more than 8 KiB: smaller writes may sit in
+    # the server's file buffer, and a SIGKILL rightly loses them.
+    uploads = {
+        "half-sent": InFlight(random_bytes(12 * MiB + 3), 5 * MiB + 12_345),
+        "all-sent": InFlight(random_bytes(6 * MiB + 12_345), 6 * MiB + 12_345),
+        "deleted": InFlight(random_bytes(6 * MiB), 3 * MiB),
+        "broken-before": InFlight(random_bytes(4 * MiB), 2 * MiB),
+    }
+    serve.start()
+    alpha = serve.metadata("alpha")
+    more = asyncio.Event()
+
+    async with grpc.aio.insecure_channel(serve.address) as channel:
+        images = image_pb2_grpc.ImageServiceStub(channel)
+        for label, upload_ in uploads.items():
+            upload_.name = (await create_image(images, alpha, display_name=label)).name
+            upload_.call = images.UploadImageData(
+                paced_requests(upload_.name, upload_.content, upload_.sent, more)(),
+                metadata=alpha,
+            )
+        for upload_ in uploads.values():
+            await wait_for_file_size(staged_path(data_dir, upload_.name), upload_.sent)
+            assert (await get_image(images, alpha, upload_.name)).status == SAVING
+
+        broken = uploads["broken-before"]
+        broken.call.cancel()
+        for _ in range(250):
+            image = await get_image(images, alpha, broken.name)
+            if image.status == QUEUED:
+                break
+            await asyncio.sleep(0.02)
+        assert (image.status, image.uploaded_bytes) == (QUEUED, broken.sent)
+
+        deleted = uploads["deleted"]
+        await images.DeleteImage(image_pb2.DeleteImageRequest(name=deleted.name), metadata=alpha)
+        assert files_of(data_dir, deleted.name) == []
+
+        serve.kill()
+        for label in ("half-sent", "all-sent", "deleted"):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await uploads[label].call
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, label
+
+    serve.start()  # the same data directory, a new port
+    async with grpc.aio.insecure_channel(serve.address) as channel:
+        images = image_pb2_grpc.ImageServiceStub(channel)
+        await expect_error(get_image(images, alpha, deleted.name), grpc.StatusCode.NOT_FOUND)
+        assert files_of(data_dir, deleted.name) == []
+        await assert_only_active_blobs(images, alpha, data_dir)
+
+        for label in ("half-sent", "all-sent", "broken-before"):
+            upload_ = uploads[label]
+            image = await get_image(images, alpha, upload_.name)
+            assert image.status == QUEUED, (label, status_name(image.status))
+            assert image.uploaded_bytes == upload_.sent, label
+            assert file_size(staged_path(data_dir, upload_.name)) == upload_.sent, label
+            assert (image.size_bytes, image.sha256) == (0, ""), label
+            if label != "broken-before":
+                assert "restart" in image.status_reason, label
+            staged = staged_path(data_dir, upload_.name).read_bytes()
+            assert staged == upload_.content[: upload_.sent], label
+            assert not blob_path(data_dir, upload_.name).exists(), label
+
+            resumed = await upload(
+                images,
+                alpha,
+                upload_.name,
+                upload_.content[upload_.sent :],
+                offset=upload_.sent,
+                size_bytes=len(upload_.content),
+                sha256=sha256_hex(upload_.content),
+                chunk_sizes=[4 * MiB],
+            )
+
+            assert resumed.status == ACTIVE, (label, status_name(resumed.status))
+            assert resumed.size_bytes == len(upload_.content), label
+            assert resumed.sha256 == sha256_hex(upload_.content), label
+            data = await download_verified(images, alpha, upload_.name)
+            assert data == upload_.content, label
+            assert files_of(data_dir, upload_.name) == [blob_path(data_dir, upload_.name)]
+        await assert_only_active_blobs(images, alpha, data_dir)
+
+
+async def test_sigkill_while_bytes_are_flowing(serve: ServeProcess) -> None:
+    """Killed at an arbitrary point of a fast stream: whatever was staged is
+    a prefix of the content, and exactly that is reported and resumable."""
+    content = random_bytes(24 * MiB)
+    data_dir = serve.data_dir
+    serve.start()
+    alpha = serve.metadata("alpha")
+
+    async with grpc.aio.insecure_channel(serve.address) as channel:
+        images = image_pb2_grpc.ImageServiceStub(channel)
+        created = await create_image(images, alpha)
+
+        async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+            yield upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
+            for piece in split(content, [MiB - 1]):
+                yield chunk_message(piece)
+                await asyncio.sleep(0.005)  # keep the stream going while the test kills
+
+        call = images.UploadImageData(requests(), metadata=alpha)
+        await wait_for_file_size(staged_path(data_dir, created.name), 3 * MiB)
+        serve.kill()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+
+    staged_at_crash = file_size(staged_path(data_dir, created.name))
+    assert staged_at_crash is not None and 3 * MiB <= staged_at_crash < len(content)
+
+    serve.start()
+    async with grpc.aio.insecure_channel(serve.address) as channel:
+        images = image_pb2_grpc.ImageServiceStub(channel)
+        image = await get_image(images, alpha, created.name)
+        assert image.status == QUEUED, status_name(image.status)
+        assert image.uploaded_bytes == staged_at_crash
+        offset = image.uploaded_bytes
+        assert staged_path(data_dir, created.name).read_bytes() == content[:offset]
+        assert not blob_path(data_dir, created.name).exists()
+
+        resumed = await upload(
+            images,
+            alpha,
+            created.name,
+            content[offset:],
+            offset=offset,
+            size_bytes=len(content),
+            sha256=sha256_hex(content),
+            chunk_sizes=[4 * MiB],
+        )
+        assert (resumed.status, resumed.sha256) == (ACTIVE, sha256_hex(content))
+        await assert_only_active_blobs(images, alpha, data_dir)
+
+
+# -- in-process restarts: collecting what no image owns -----------------------
+
+
+async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
+    data_dir = tmp_path
+    async with own_service(data_dir) as own:
+        alpha = own.metadata("alpha")
+        active = await create_image(own.images, alpha, display_name="active")
+        active_content = random_bytes(MiB + 1)
+        await upload(own.images, alpha, active.name, active_content)
+        killed = await create_image(own.images, alpha, display_name="killed")
+        await expect_error(
+            upload(own.images, alpha, killed.name, b"abc", sha256="0" * 64),
+            grpc.StatusCode.DATA_LOSS,
+        )
+        queued = await create_image(own.images, alpha, display_name="queued")
+        deleted = await create_image(own.images, alpha, display_name="deleted")
+        await own.images.DeleteImage(
+            image_pb2.DeleteImageRequest(name=deleted.name), metadata=alpha
+        )
+
+    # What a crash or an operator could leave behind.
+    nobody = f"images/{uuid.uuid4()}"
+    planted = {
+        "unknown blob": blob_path(data_dir, nobody),
+        "unknown staged upload": staged_path(data_dir, nobody),
+        "temporary blob copy": data_dir / "blobs" / f".tmp-{uuid.uuid4().hex}",
+        "killed image's blob": blob_path(data_dir, killed.name),
+        "killed image's staged upload": staged_path(data_dir, killed.name),
+        "deleted image's blob": blob_path(data_dir, deleted.name),
+        "deleted image's staged upload": staged_path(data_dir, deleted.name),
+        "queued image's blob": blob_path(data_dir, queued.name),
+        "active image's stale staged upload": staged_path(data_dir, active.name),
+    }
+    for path in planted.values():
+        path.write_bytes(random_bytes(4096))
+    queued_prefix = random_bytes(10_000)
+    staged_path(data_dir, queued.name).write_bytes(queued_prefix)
+
+    async with own_service(data_dir) as own:
+        left = {what: path for what, path in planted.items() if path.exists()}
+        assert left == {}, f"not collected at start: {sorted(left)}"
+
+        # The active image keeps its blob; the queued one keeps its staged bytes,
+        # which become its uploaded_bytes.
+        assert await download_verified(own.images, alpha, active.name) == active_content
+        image = await get_image(own.images, alpha, queued.name)
+        assert (image.status, image.uploaded_bytes) == (QUEUED, len(queued_prefix))
+        rest = random_bytes(5000)
+        resumed = await upload(
+            own.images,
+            alpha,
+            queued.name,
+            rest,
+            offset=len(queued_prefix),
+            size_bytes=len(queued_prefix) + len(rest),
+            sha256=sha256_hex(queued_prefix + rest),
+        )
+        assert resumed.status == ACTIVE
+        assert (await get_image(own.images, alpha, killed.name)).status == KILLED
+        await assert_only_active_blobs(own.images, alpha, data_dir)
+
+
+async def test_restart_rebuilds_a_lost_public_blob(tmp_path: Path) -> None:
+    async with own_service(tmp_path) as own:
+        beta = own.metadata("beta")
+        listed = await own.images.ListImages(
+            image_pb2.ListImagesRequest(filter="type = public"), metadata=beta
+        )
+        public = listed.images[0]
+    blob_path(tmp_path, public.name).unlink()
+
+    async with own_service(tmp_path) as own:
+        data = await download_verified(own.images, beta, public.name)
+        assert sha256_hex(data) == public.sha256
+        assert len(data) == public.size_bytes
