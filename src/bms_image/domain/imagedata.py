@@ -4,6 +4,7 @@ raw) and downloads, plus recovery of interrupted uploads after a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -117,22 +118,24 @@ class ImageData:
             )
         limit = declared.size_bytes or self.max_image_bytes
         staged = await asyncio.to_thread(self._staging.open, image_id, declared.offset)
-        try:
+        async with self._settling(image_id, staged):
             await self._receive(image_id, staged, chunks, limit, declared)
-        except NotFound:
-            raise  # deleted meanwhile: its bytes went with it
-        except DomainError as error:
-            await self._kill(image_id, staged, error.message)
-            raise
-        except BaseException:
-            await self._interrupt(image_id, staged)
-            raise
         if staged.size == 0:
             await self._interrupt(image_id, staged)
             raise invalid_field("chunk", "no bytes were sent; an image cannot be empty")
-        try:
+        async with self._settling(image_id, staged):
             return await self._finish(image_id, staged, declared)
+
+    @contextlib.asynccontextmanager
+    async def _settling(self, image_id: str, staged: StagedUpload) -> AsyncIterator[None]:
+        """What becomes of an upload that fails: a domain error (bad size,
+        checksum, format) kills the image and drops its bytes; anything else
+        (the client went away, a crash of ours) keeps the bytes for a resume;
+        an image deleted meanwhile took its bytes with it."""
+        try:
+            yield
         except NotFound:
+            await asyncio.to_thread(staged.close)
             raise
         except DomainError as error:
             await self._kill(image_id, staged, error.message)
