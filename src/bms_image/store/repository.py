@@ -464,13 +464,22 @@ class SqlMemberRepository:
 
     async def set_status(self, image_id: str, project: str, status: MemberStatus) -> Member | None:
         async with self._db.write() as session:
-            row = await session.get(ImageMemberRow, (image_id, project))
-            if row is None:
+            # One UPDATE, not read-modify-write: a member removed concurrently
+            # is simply not found, never a stale-row error.
+            result = await session.execute(
+                update(ImageMemberRow)
+                .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project == project)
+                .values(status=status.value, update_time=datetime.now(UTC))
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
                 return None
-            row.status = status.value
-            row.update_time = datetime.now(UTC)
-            await session.flush()
-            return _member(row)
+            row = await session.scalar(
+                select(ImageMemberRow)
+                .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project == project)
+                .execution_options(populate_existing=True)
+            )
+            return _member(row) if row else None
 
     async def remove(self, image_id: str, project: str) -> bool:
         async with self._db.write() as session:
