@@ -1,0 +1,21 @@
+"""Fixtures of the sharing tests that need more than a module's helpers: the
+real `bms-image serve` process of the grpcurl scenario. Everything else is
+in sharing_support.py (import it as `from sharing_support import ...`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sharing_process import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def sharing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One `bms-image serve` process for a module; it must stop cleanly."""
+    running = ServerProcess(tmp_path_factory.mktemp("bms-image-sharing")).start()
+    try:
+        yield running
+        running.stop()
+    finally:
+        running.kill()

@@ -1,0 +1,436 @@
+"""Helpers of the sharing tests: rich-status decoding, image and member
+builders, a verifying downloader and module-scoped service fixtures. Plain
+functions, so import them as `from sharing_support import ...` (never from a
+conftest module). The error decoding is copied from tests/api/api_support.py,
+which is only importable when tests/api is on sys.path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
+from bms_image.api.server import RunningService, start
+from bms_image.config import Settings
+from helpers import make_settings
+
+Metadata = tuple[tuple[str, str], ...]
+ImageStub = image_pb2_grpc.ImageServiceStub
+SharingStub = sharing_pb2_grpc.SharingServiceStub
+Code = grpc.StatusCode
+
+ERROR_DOMAIN = "image.bms.cloud"
+S4_MODEL = "s4-2288h-v5"
+
+PENDING = sharing_pb2.MEMBER_STATUS_PENDING
+ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED
+REJECTED = sharing_pb2.MEMBER_STATUS_REJECTED
+
+ACTIVE = image_pb2.IMAGE_STATUS_ACTIVE
+PRIVATE = image_pb2.IMAGE_TYPE_PRIVATE
+SHARED = image_pb2.IMAGE_TYPE_SHARED
+
+
+# -- projects and services -----------------------------------------------------
+
+
+class Projects:
+    """`projects("alpha")`: call metadata of project `alpha-<suffix>`, the
+    suffix being unique to the test, so tests sharing a service never see each
+    other's images. `.name("alpha")` is the real project name."""
+
+    def __init__(self, service: RunningService) -> None:
+        self._service = service
+        self._suffix = uuid.uuid4().hex[:10]
+
+    def name(self, project: str) -> str:
+        return f"{project}-{self._suffix}"
+
+    def __call__(self, project: str, admin: bool = False) -> Metadata:
+        return token_metadata(self._service, self.name(project), admin)
+
+
+def token_metadata(service: RunningService, project: str, admin: bool = False) -> Metadata:
+    """Call metadata of exactly `project` (no suffix)."""
+    return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
+
+
+def shared_service_fixtures() -> tuple[Any, Any, Any, Any, Any]:
+    """Module-scoped `service` and `channel`, and per-test `projects`,
+    `images` and `sharing` stubs, for modules whose tests use projects of
+    their own and so cannot see each other's images. Such modules must run
+    on the module's event loop:
+    `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
+        running = await start(make_settings(tmp_path_factory.mktemp("sharing-service")))
+        yield running
+        await running.stop(0)
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+        async with grpc.aio.insecure_channel(service.address) as opened:
+            yield opened
+
+    @pytest.fixture
+    def projects(service: RunningService) -> Projects:
+        return Projects(service)
+
+    @pytest.fixture
+    def images(channel: grpc.aio.Channel) -> ImageStub:
+        return ImageStub(channel)
+
+    @pytest.fixture
+    def sharing(channel: grpc.aio.Channel) -> SharingStub:
+        return SharingStub(channel)
+
+    return service, channel, projects, images, sharing
+
+
+@dataclass
+class Serving:
+    """A service started by a test itself, with stubs and projects of its own."""
+
+    service: RunningService
+    images: ImageStub
+    sharing: SharingStub
+    projects: Projects
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Serving]:
+    """Starts a service with `settings` on the running event loop; stops it."""
+    running = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as opened:
+            yield Serving(running, ImageStub(opened), SharingStub(opened), Projects(running))
+    finally:
+        await running.stop(0)
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+@dataclass
+class RichError:
+    """A failed call with its decoded google.rpc.Status details."""
+
+    error: grpc.aio.AioRpcError
+    status: status_pb2.Status
+    info: error_details_pb2.ErrorInfo
+    bad_request: error_details_pb2.BadRequest | None = None
+    quota_failure: error_details_pb2.QuotaFailure | None = None
+    precondition_failure: error_details_pb2.PreconditionFailure | None = None
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+    @property
+    def reason(self) -> str:
+        return self.info.reason
+
+    @property
+    def message(self) -> str:
+        return self.error.details() or ""
+
+    @property
+    def fields(self) -> list[str]:
+        assert self.bad_request is not None
+        return [v.field for v in self.bad_request.field_violations]
+
+    def everything(self) -> str:
+        """All the caller learns from this error, as text: for leak checks."""
+        return "\n".join(
+            [self.message, str(self.status), str(self.error.trailing_metadata() or "")]
+        )
+
+
+def decode(error: grpc.aio.AioRpcError) -> RichError:
+    """Decodes and checks a rich status: exactly one ErrorInfo of our domain,
+    the detail each code promises, and no traceback anywhere."""
+    code = error.code()
+    assert code not in (Code.INTERNAL, Code.UNKNOWN), (
+        f"the service failed with {code.name}: {error.details()}"
+    )
+    assert "Traceback" not in (error.details() or "")
+    assert "Traceback" not in (error.debug_error_string() or "")
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"{code.name} without google.rpc.Status: {error.details()}"
+    assert status.code == code.value[0]
+    assert status.message == error.details()
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, f"expected exactly one ErrorInfo, got {status.details}"
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.domain == ERROR_DOMAIN
+    assert info.reason and info.reason == info.reason.upper()
+    rich = RichError(error=error, status=status, info=info)
+    for packed in status.details:
+        for attribute, message_type in (
+            ("bad_request", error_details_pb2.BadRequest),
+            ("quota_failure", error_details_pb2.QuotaFailure),
+            ("precondition_failure", error_details_pb2.PreconditionFailure),
+        ):
+            if packed.Is(message_type.DESCRIPTOR):
+                message = message_type()
+                packed.Unpack(message)
+                setattr(rich, attribute, message)
+    if code == Code.INVALID_ARGUMENT:
+        assert rich.bad_request is not None, "INVALID_ARGUMENT without google.rpc.BadRequest"
+        assert rich.bad_request.field_violations
+    if code == Code.RESOURCE_EXHAUSTED:
+        assert rich.quota_failure is not None, "RESOURCE_EXHAUSTED without QuotaFailure"
+        assert rich.quota_failure.violations
+    # FAILED_PRECONDITION carries a PreconditionFailure only where the domain
+    # names the violated condition (not every one does; the proto promises
+    # only ErrorInfo): the tests check it where it matters.
+    return rich
+
+
+async def outcome(call: Awaitable[Any]) -> tuple[Any, RichError | None]:
+    """(response, None) or (None, decoded error)."""
+    try:
+        return await call, None
+    except grpc.aio.AioRpcError as error:
+        return None, decode(error)
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str = "") -> RichError:
+    """Awaits a call that must fail with `code` (and `reason`, when given)."""
+    response, rich = await outcome(call)
+    assert rich is not None, f"expected {code.name}, the call succeeded: {response}"
+    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
+    if reason:
+        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
+    return rich
+
+
+async def expect_invalid(call: Awaitable[Any], field: str) -> RichError:
+    rich = await expect_error(call, Code.INVALID_ARGUMENT)
+    assert field in rich.fields, f"expected a violation of {field!r}, got {rich.fields}"
+    return rich
+
+
+# -- images ----------------------------------------------------------------------
+
+
+def random_bytes(size: int) -> bytes:
+    """Random content that is raw for certain (no MBR signature at 510)."""
+    data = bytearray(os.urandom(size))
+    if size >= 512 and data[510:512] == b"\x55\xaa":
+        data[511] = 0
+    return bytes(data)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def private_image(**overrides: Any) -> image_pb2.Image:
+    values: dict[str, Any] = {
+        "display_name": "shared-golden",
+        "os_type": image_pb2.OS_TYPE_LINUX,
+        "os_distro": "centos",
+        "os_version": "7.6",
+        "architecture": image_pb2.ARCHITECTURE_X86_64,
+        "hardware_model": S4_MODEL,
+    }
+    values.update(overrides)
+    return image_pb2.Image(**values)
+
+
+def mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+async def create_queued(images: ImageStub, md: Metadata, **overrides: Any) -> image_pb2.Image:
+    request = image_pb2.CreateImageRequest(image=private_image(**overrides))
+    return await images.CreateImage(request, metadata=md)
+
+
+def upload_requests(
+    name: str, data: bytes, chunk: int = 64 * 1024
+) -> Iterable[image_pb2.UploadImageDataRequest]:
+    yield image_pb2.UploadImageDataRequest(metadata=image_pb2.UploadImageDataMetadata(name=name))
+    for start_at in range(0, len(data), chunk):
+        yield image_pb2.UploadImageDataRequest(chunk=data[start_at : start_at + chunk])
+
+
+async def upload(images: ImageStub, md: Metadata, name: str, data: bytes) -> image_pb2.Image:
+    return await images.UploadImageData(iter(upload_requests(name, data)), metadata=md)
+
+
+@dataclass
+class Uploaded:
+    image: image_pb2.Image
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.data)
+
+
+async def create_active(
+    images: ImageStub, md: Metadata, size: int = 3 * 1024 + 17, **overrides: Any
+) -> Uploaded:
+    """CreateImage then UploadImageData: an ACTIVE private image."""
+    created = await create_queued(images, md, **overrides)
+    data = random_bytes(size)
+    active = await upload(images, md, created.name, data)
+    assert active.status == ACTIVE, active
+    assert active.size_bytes == size
+    assert active.sha256 == sha256_hex(data)
+    return Uploaded(active, data)
+
+
+async def download(images: ImageStub, md: Metadata, name: str) -> tuple[bytes, str, int]:
+    """The bytes of a download, with the SHA-256 and size of its last message,
+    after checking the offsets and that the last message says what arrived."""
+    parts: list[bytes] = []
+    offset = 0
+    last: image_pb2.DownloadImageDataResponse | None = None
+    async for message in images.DownloadImageData(
+        image_pb2.DownloadImageDataRequest(name=name), metadata=md
+    ):
+        assert last is None, "a message after the last one"
+        assert message.offset == offset
+        parts.append(message.chunk)
+        offset += len(message.chunk)
+        if message.last:
+            last = message
+    assert last is not None, "the stream ended without a last message"
+    data = b"".join(parts)
+    assert last.size_bytes == len(data)
+    assert last.sha256 == sha256_hex(data)
+    return data, last.sha256, last.size_bytes
+
+
+async def download_error(images: ImageStub, md: Metadata, name: str) -> RichError | None:
+    """None when the whole image downloads, else the decoded error."""
+    try:
+        await download(images, md, name)
+    except grpc.aio.AioRpcError as error:
+        return decode(error)
+    return None
+
+
+async def list_images(images: ImageStub, md: Metadata, filter_text: str = "") -> list[Any]:
+    """Every image of a listing, following next_page_token to the end."""
+    found: list[image_pb2.Image] = []
+    token = ""
+    for _ in range(1000):
+        response = await images.ListImages(
+            image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text),
+            metadata=md,
+        )
+        found.extend(response.images)
+        token = response.next_page_token
+        if not token:
+            return found
+    raise AssertionError("pagination did not end")
+
+
+async def names_listed(images: ImageStub, md: Metadata, filter_text: str = "") -> list[str]:
+    return [image.name for image in await list_images(images, md, filter_text)]
+
+
+# -- members ---------------------------------------------------------------------
+
+
+def member_name(image_name: str, project: str) -> str:
+    return f"{image_name}/members/{project}"
+
+
+async def share(
+    sharing: SharingStub, md: Metadata, image_name: str, project: str
+) -> sharing_pb2.ImageMember:
+    return await sharing.CreateImageMember(
+        sharing_pb2.CreateImageMemberRequest(
+            parent=image_name, member=sharing_pb2.ImageMember(member_project=project)
+        ),
+        metadata=md,
+    )
+
+
+def answer_request(name: str, status: int) -> sharing_pb2.UpdateImageMemberRequest:
+    return sharing_pb2.UpdateImageMemberRequest(
+        member=sharing_pb2.ImageMember(name=name, status=status),  # type: ignore[arg-type]
+        update_mask=mask("status"),
+    )
+
+
+async def answer(
+    sharing: SharingStub, md: Metadata, image_name: str, project: str, status: int
+) -> sharing_pb2.ImageMember:
+    return await sharing.UpdateImageMember(
+        answer_request(member_name(image_name, project), status), metadata=md
+    )
+
+
+async def unshare(sharing: SharingStub, md: Metadata, image_name: str, project: str) -> None:
+    await sharing.DeleteImageMember(
+        sharing_pb2.DeleteImageMemberRequest(name=member_name(image_name, project)), metadata=md
+    )
+
+
+async def list_members(
+    sharing: SharingStub, md: Metadata, image_name: str, page_size: int = 0
+) -> list[Any]:
+    """Every member of a listing, following next_page_token to the end."""
+    found: list[sharing_pb2.ImageMember] = []
+    token = ""
+    for _ in range(1000):
+        response = await sharing.ListImageMembers(
+            sharing_pb2.ListImageMembersRequest(
+                parent=image_name, page_size=page_size, page_token=token
+            ),
+            metadata=md,
+        )
+        found.extend(response.members)
+        token = response.next_page_token
+        if not token:
+            return found
+    raise AssertionError("pagination did not end")
+
+
+async def replicate(
+    sharing: SharingStub,
+    md: Metadata,
+    image_name: str,
+    display_name: str = "",
+    request_id: str = "",
+) -> image_pb2.Image:
+    return await sharing.ReplicateImage(
+        sharing_pb2.ReplicateImageRequest(
+            name=image_name, display_name=display_name, request_id=request_id
+        ),
+        metadata=md,
+    )
+
+
+async def gather_outcomes(calls: Iterable[Awaitable[Any]]) -> list[tuple[Any, RichError | None]]:
+    """Runs the calls concurrently; the outcome of each, in order."""
+    return list(await asyncio.gather(*(outcome(call) for call in calls)))
+
+
+def status_name(status: int) -> str:
+    return str(sharing_pb2.MemberStatus.Name(status))  # type: ignore[arg-type]
