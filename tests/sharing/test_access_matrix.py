@@ -120,9 +120,12 @@ RPC_WIDTH = max(len(rpc) for rpc in MATRIX)
 
 
 def table_row(rpc: str, cells: tuple[str, ...] | list[str]) -> str:
-    return f"{rpc:<{RPC_WIDTH}} | " + " | ".join(
-        f"{role}={cell:<{CELL_WIDTH}}" for role, cell in zip(ROLES, cells, strict=True)
-    )
+    return (
+        f"{rpc:<{RPC_WIDTH}} | "
+        + " | ".join(
+            f"{role}={cell:<{CELL_WIDTH}}" for role, cell in zip(ROLES, cells, strict=True)
+        )
+    ).rstrip()
 
 
 async def test_the_matrix_covers_every_rpc_of_both_services() -> None:

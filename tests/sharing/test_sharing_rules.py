@@ -167,6 +167,20 @@ async def test_sharing_with_the_owner_or_a_malformed_project_is_invalid(
     assert await list_members(sharing, owner, image.name) == []
 
 
+async def test_a_64_character_project_id_is_valid(
+    images: ImageStub, sharing: SharingStub, projects: Projects
+) -> None:
+    owner = projects("alpha")
+    image = await create_active(images, owner)
+    longest = "p" + "0123456789abcdef" * 3 + "x" * 15
+    assert len(longest) == 64
+
+    member = await share(sharing, owner, image.name, longest)
+
+    assert member.member_project == longest
+    assert member.name == member_name(image.name, longest)
+
+
 async def test_sharing_twice_returns_the_same_member(
     images: ImageStub, sharing: SharingStub, projects: Projects
 ) -> None:
@@ -322,6 +336,8 @@ async def test_the_recipient_lists_shared_images_by_its_answer(
     assert await listed("member_status = rejected") == [shared["rejected"]]
     assert await listed("type = shared AND member_status = pending") == [shared["pending"]]
     assert await listed("member_status != accepted") == [shared["pending"], shared["rejected"]]
+    assert await listed("flavor = physical.s4.large") == [shared["accepted"], own.name]
+    assert await listed(f"owner_project = {projects.name('alpha')}") == [shared["accepted"]]
 
     accepted = [i for i in await list_images(images, member, "type = shared")]
     assert [i.name for i in accepted] == [shared["accepted"]]

@@ -68,9 +68,9 @@ class Sharing:
                 "member.member_project",
                 f"{project[:80]!r} is not a project id (2-64 lower-case letters, digits, - or _)",
             )
+        image = await self._owned(caller, image_id, "share it")
         if project == caller.project:
             raise invalid_field("member.member_project", "an image cannot be shared with its owner")
-        image = await self._owned(caller, image_id, "share it")
         if image.status is not ImageStatus.ACTIVE:
             raise FailedPrecondition(
                 "IMAGE_NOT_ACTIVE",
