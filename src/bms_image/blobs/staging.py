@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,6 +49,34 @@ class StagedUpload:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
+
+
+class PipelinedWriter:
+    """Writes and hashes an upload's chunks in a worker thread of its own
+    (hashlib and file writes release the GIL), so the event loop receives the
+    next chunks meanwhile. At most `depth` chunks are in flight: memory stays
+    bounded whatever the image size. One thread per upload keeps the order."""
+
+    def __init__(self, staged: StagedUpload, depth: int = 4) -> None:
+        self._staged = staged
+        self._depth = depth
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="upload-writer")
+        self._pending: deque[asyncio.Future[None]] = deque()
+
+    async def write(self, chunk: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._staged.write, chunk))
+        if len(self._pending) >= self._depth:
+            await self._pending.popleft()
+
+    async def drain(self) -> None:
+        """Waits for every chunk handed over; afterwards staged.size counts
+        all bytes written. Call it on every path, failures included."""
+        try:
+            while self._pending:
+                await self._pending.popleft()
+        finally:
+            self._executor.shutdown(wait=False)
 
 
 class Staging:

@@ -10,7 +10,13 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..blobs.staging import StagedUpload, Staging, release_image_bytes, sha256_of_file
+from ..blobs.staging import (
+    PipelinedWriter,
+    StagedUpload,
+    Staging,
+    release_image_bytes,
+    sha256_of_file,
+)
 from ..blobs.store import DEFAULT_CHUNK_BYTES, BlobNotFound, BlobStore
 from . import rules
 from .errors import (
@@ -158,21 +164,26 @@ class ImageData:
         limit: int,
         declared: UploadDeclaration,
     ) -> None:
-        checked_at = staged.size
-        async for chunk in chunks:
-            if staged.size - checked_at >= _STATUS_CHECK_BYTES:
-                await self._require_saving(image_id)
-                checked_at = staged.size
-            if len(chunk) > MAX_CHUNK_BYTES:
-                raise invalid_field(
-                    "chunk", f"is {len(chunk)} bytes; send chunks of at most {MAX_CHUNK_BYTES}"
-                )
-            if staged.size + len(chunk) > limit:
-                what = "the declared size" if declared.size_bytes else "the maximum image size"
-                raise invalid_field(
-                    "chunk", f"the upload exceeds {what} of {limit} bytes", "IMAGE_TOO_LARGE"
-                )
-            await asyncio.to_thread(staged.write, chunk)
+        received = checked_at = staged.size
+        writer = PipelinedWriter(staged)
+        try:
+            async for chunk in chunks:
+                if received - checked_at >= _STATUS_CHECK_BYTES:
+                    await self._require_saving(image_id)
+                    checked_at = received
+                if len(chunk) > MAX_CHUNK_BYTES:
+                    raise invalid_field(
+                        "chunk", f"is {len(chunk)} bytes; send chunks of at most {MAX_CHUNK_BYTES}"
+                    )
+                if received + len(chunk) > limit:
+                    what = "the declared size" if declared.size_bytes else "the maximum image size"
+                    raise invalid_field(
+                        "chunk", f"the upload exceeds {what} of {limit} bytes", "IMAGE_TOO_LARGE"
+                    )
+                received += len(chunk)
+                await writer.write(chunk)
+        finally:
+            await writer.drain()  # on failures too: staged.size must count what was written
         await asyncio.to_thread(staged.close)
 
     async def _finish(
