@@ -5,23 +5,30 @@ Format (simple and inspectable with `head -c 4096` and `tar`):
                   {"version": 1, "partitions": [{"name", "mount", "offset", "size"}]}
   each partition  a POSIX tar archive at its offset, padded to 4 KiB.
 The root partition holds /etc/os-release, the plug-in files and bulk data
-that gives the disk a realistic size."""
+that gives the disk a realistic size. Later partitions overlay earlier ones:
+first boot appends a `cloud-init` partition (host name, SSH key, user data).
+
+An EVS volume (quick provisioning) is a small file, b"BMSEVS1\\n" + JSON
+{"base": <path of the image in the EVS pool>, "overlay": <a BMSDISK file>}:
+a copy-on-write clone whose writes go to the overlay, never to the base."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import random
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .domain.model import Plugin, PluginKind
 
 MAGIC = b"BMSDISK1\n"
+EVS_MAGIC = b"BMSEVS1\n"
 HEADER_BYTES = 4096
 ALIGN = 4096
 
@@ -105,3 +112,108 @@ def write_disk(path: Path, spec: DiskSpec) -> None:
         }
         handle.seek(0)
         handle.write(MAGIC + json.dumps(header, sort_keys=True).encode())
+
+
+def _header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        raw = handle.read(HEADER_BYTES)
+    if not raw.startswith(MAGIC):
+        raise ValueError(f"{path.name} is not a BMSDISK1 disk")
+    return dict(json.loads(raw[len(MAGIC) :].rstrip(b"\0")))
+
+
+def _write_tar(handle: BinaryIO, files: Mapping[str, bytes]) -> None:
+    with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in sorted(files.items()):
+            _add(archive, name, io.BytesIO(content), len(content))
+
+
+def append_partition(path: Path, name: str, mount: str, files: Mapping[str, bytes]) -> None:
+    """Adds a tar partition at the end of a disk and records it in the header.
+    Blocking."""
+    header = _header(path)
+    with open(path, "r+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        start = handle.tell()
+        _write_tar(handle, files)
+        end = handle.tell()
+        handle.write(b"\0" * (-(-end // ALIGN) * ALIGN - end))
+        header["partitions"].append(
+            {"name": name, "mount": mount, "offset": start, "size": end - start}
+        )
+        encoded = MAGIC + json.dumps(header, sort_keys=True).encode()
+        if len(encoded) > HEADER_BYTES:
+            raise ValueError("the partition table is full")
+        handle.seek(0)
+        handle.write(encoded.ljust(HEADER_BYTES, b"\0"))
+
+
+def new_overlay(path: Path) -> None:
+    """An empty BMSDISK file: the writable part of an EVS clone."""
+    with open(path, "wb") as handle:
+        header = {"version": 1, "partitions": []}
+        handle.write((MAGIC + json.dumps(header).encode()).ljust(HEADER_BYTES, b"\0"))
+
+
+def write_evs_volume(path: Path, base: Path, overlay: Path) -> None:
+    """A copy-on-write clone of base: constant time whatever its size."""
+    new_overlay(overlay)
+    path.write_bytes(EVS_MAGIC + json.dumps({"base": str(base), "overlay": str(overlay)}).encode())
+
+
+def _layers(path: Path) -> list[Path]:
+    with open(path, "rb") as handle:
+        start = handle.read(len(EVS_MAGIC))
+    if start == EVS_MAGIC:
+        volume = json.loads(path.read_bytes()[len(EVS_MAGIC) :])
+        return [Path(volume["base"]), Path(volume["overlay"])]
+    return [path]
+
+
+def writable_layer(path: Path) -> Path:
+    """Where writes to a disk go: the disk itself, or an EVS clone's overlay."""
+    return _layers(path)[-1]
+
+
+def disk_size(path: Path) -> int:
+    return sum(layer.stat().st_size for layer in _layers(path))
+
+
+def _partitions(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for layer in _layers(path):
+        for partition in _header(layer)["partitions"]:
+            yield layer, partition
+
+
+def _archive_members(layer: Path, offset: int) -> list[tarfile.TarInfo]:
+    with open(layer, "rb") as handle:
+        handle.seek(offset)  # tarfile starts reading where the handle is
+        with tarfile.open(fileobj=handle, mode="r:") as archive:
+            return archive.getmembers()
+
+
+def list_files(path: Path) -> dict[str, int]:
+    """Every file on the disk and its size; later partitions win. Blocking."""
+    files: dict[str, int] = {}
+    for layer, partition in _partitions(path):
+        for member in _archive_members(layer, partition["offset"]):
+            files[member.name] = member.size
+    return files
+
+
+def read_file(path: Path, name: str) -> bytes | None:
+    """A file's content as the running server sees it (later partitions win),
+    or None. Blocking."""
+    found: bytes | None = None
+    for layer, partition in _partitions(path):
+        with open(layer, "rb") as handle:
+            handle.seek(partition["offset"])
+            with tarfile.open(fileobj=handle, mode="r:") as archive:
+                try:
+                    member = archive.getmember(name)
+                except KeyError:
+                    continue
+                extracted = archive.extractfile(member)
+                if extracted is not None:
+                    found = extracted.read()
+    return found

@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 
-from ..domain import model
+from ..domain import model, servers
 from ..domain.errors import invalid_field
 from ..domain.images import ImageChanges, NewImage
 
@@ -25,6 +25,10 @@ _ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
     model.DiskFormat: (image_pb2.DiskFormat, "DISK_FORMAT_"),
     model.PluginKind: (image_pb2.PluginKind, "PLUGIN_KIND_"),
     model.MemberStatus: (sharing_pb2.MemberStatus, "MEMBER_STATUS_"),
+    servers.ServerState: (provisioning_pb2.ServerState, "SERVER_STATE_"),
+    servers.NetworkState: (provisioning_pb2.NetworkState, "NETWORK_STATE_"),
+    servers.BootSource: (provisioning_pb2.BootSource, "BOOT_SOURCE_"),
+    servers.ProvisioningStage: (provisioning_pb2.ProvisioningStage, "PROVISIONING_STAGE_"),
 }
 
 
@@ -195,4 +199,103 @@ def member_to_proto(member: model.Member) -> sharing_pb2.ImageMember:
         status=enum_to_proto(member.status),  # type: ignore[arg-type]
         create_time=_timestamp(member.create_time),
         update_time=_timestamp(member.update_time),
+    )
+
+
+def image_from_proto(message: image_pb2.Image) -> model.Image:
+    """An image as ImageService described it (for the provisioner's rules)."""
+    image_type = enum_from_proto(model.ImageType, message.type, "image.type")
+    return model.Image(
+        id=image_id_from_name(message.name),
+        display_name=message.display_name,
+        description=message.description,
+        visibility=(
+            model.Visibility.PUBLIC
+            if image_type is model.ImageType.PUBLIC
+            else model.Visibility.PRIVATE
+        ),
+        owner_project=message.owner_project or None,
+        os_type=enum_from_proto(model.OsType, message.os_type, "os_type") or model.OsType.LINUX,
+        os_distro=message.os_distro,
+        os_version=message.os_version,
+        architecture=enum_from_proto(model.Architecture, message.architecture, "architecture")
+        or model.Architecture.X86_64,
+        disk_format=enum_from_proto(model.DiskFormat, message.disk_format, "disk_format")
+        or model.DiskFormat.RAW,
+        size_bytes=message.size_bytes,
+        min_disk_gb=message.min_disk_gb,
+        sha256=message.sha256,
+        status=enum_from_proto(model.ImageStatus, message.status, "status")
+        or model.ImageStatus.QUEUED,
+        hardware_model=message.hardware_model,
+        supported_flavors=[f.removeprefix("flavors/") for f in message.supported_flavors],
+        plugins=[
+            model.Plugin(kind, p.version)
+            for p in message.plugins
+            if (kind := enum_from_proto(model.PluginKind, p.kind, "plugins.kind")) is not None
+        ],
+        tags=list(message.tags),
+        protected=message.protected,
+        deprecated=message.deprecated,
+    )
+
+
+def server_id_from_name(name: str, field: str = "name") -> str:
+    raw = _resource_id(name, "servers", field)
+    try:
+        parsed = uuid.UUID(raw)
+    except ValueError:
+        raise invalid_field(field, f"`servers/{{id}}` needs a UUID id, got {raw[:80]!r}") from None
+    if str(parsed) != raw:
+        raise invalid_field(field, f"write the id in canonical lower-case form: {parsed}")
+    return raw
+
+
+def server_to_proto(server: servers.Server) -> provisioning_pb2.Server:
+    return provisioning_pb2.Server(
+        name=f"servers/{server.id}",
+        host_name=server.host_name,
+        project=server.project,
+        flavor=f"flavors/{server.flavor}",
+        hardware_model=server.hardware_model,
+        image=f"images/{server.image_id}",
+        state=enum_to_proto(server.state),  # type: ignore[arg-type]
+        state_reason=server.state_reason,
+        network_state=enum_to_proto(server.network_state),  # type: ignore[arg-type]
+        boot_source=enum_to_proto(server.boot_source),  # type: ignore[arg-type]
+        system_disk_bytes=server.system_disk_bytes,
+        ssh_key_fingerprint=server.ssh_key_fingerprint,
+        create_time=_timestamp(server.create_time),
+        update_time=_timestamp(server.update_time),
+    )
+
+
+def event_to_proto(event: servers.ServerEvent) -> provisioning_pb2.ServerEvent:
+    return provisioning_pb2.ServerEvent(
+        server=f"servers/{event.server_id}",
+        stage=enum_to_proto(event.stage),  # type: ignore[arg-type]
+        bytes_done=event.bytes_done,
+        bytes_total=event.bytes_total,
+        percent=event.percent,
+        boot_source=enum_to_proto(event.boot_source),  # type: ignore[arg-type]
+        state=enum_to_proto(event.state),  # type: ignore[arg-type]
+        error_code=event.error_code,
+        error_reason=event.error_reason,
+        message=event.message,
+        time=_timestamp(event.time),
+    )
+
+
+def deploy_request_from_proto(
+    message: provisioning_pb2.CreateServersRequest,
+) -> servers.DeployRequest:
+    return servers.DeployRequest(
+        flavor=flavor_name_from_resource(message.flavor, "flavor"),
+        image_id=image_id_from_name(message.image, "image"),
+        count=message.count,
+        name_prefix=message.name_prefix,
+        ssh_public_key=message.ssh_public_key,
+        user_data=message.user_data,
+        boot_source=enum_from_proto(servers.BootSource, message.boot_source, "boot_source")
+        or servers.BootSource.UNSPECIFIED,
     )

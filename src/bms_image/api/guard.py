@@ -30,9 +30,10 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authority: TokenAuthority) -> None:
         self._authority = authority
 
-    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Caller, str]:
         metadata = dict(context.invocation_metadata() or ())
-        return self._authority.verify(bearer_token(metadata.get("authorization")))
+        token = bearer_token(metadata.get("authorization"))
+        return self._authority.verify(token), token
 
     async def intercept_service(
         self,
@@ -58,7 +59,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
-                    token = set_caller(self.authenticate(context))
+                    token = set_caller(*self.authenticate(context))
                 except DomainError as error:
                     await abort_with(context, error)
                 try:
@@ -86,7 +87,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def unary(request: Any, context: Any) -> Any:
             try:
-                token = set_caller(self.authenticate(context))
+                token = set_caller(*self.authenticate(context))
             except DomainError as error:
                 await abort_with(context, error)
             try:

@@ -35,11 +35,14 @@ from ..domain.images import ImageCatalog
 from ..domain.paging import PageTokens
 from ..domain.sharing import Sharing
 from ..formats import ContentInspector
+from ..provisioner.fleet import Fleet
+from ..provisioner.images import ImageSource
 from ..store.db import Database
 from ..store.repository import SqlFlavorRepository, SqlImageRepository, SqlMemberRepository
-from .flavors import ProvisioningServicer
+from ..store.servers import SqlServerRepository
 from .guard import CallGuard
 from .images import ImageServicer
+from .provisioning import ProvisioningServicer
 from .sharing import SharingServicer
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,38 @@ async def open_blob_store(settings: Settings, closing: AsyncExitStack) -> BlobSt
     return store
 
 
+async def start_fleet(
+    settings: Settings,
+    database: Database,
+    flavors: FlavorCatalog,
+    page_tokens: PageTokens,
+    port: int,
+    closing: AsyncExitStack,
+) -> Fleet:
+    """The in-process provisioner. It still reaches images only through
+    ImageService, over a loopback gRPC channel to this very server."""
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    closing.push_async_callback(channel.close)
+    fleet = Fleet(
+        SqlServerRepository(database),
+        flavors,
+        ImageSource(channel, settings.data_dir / "fleet" / "image-cache"),
+        page_tokens,
+        settings.data_dir / "fleet",
+    )
+    closing.push_async_callback(fleet.close)
+    interrupted = await fleet.recover()
+    if interrupted:
+        log.info("%d deployments were cut off by the restart and marked failed", interrupted)
+    return fleet
+
+
 async def start(settings: Settings) -> RunningService:
     settings = settings.resolved()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -157,9 +192,6 @@ async def start(settings: Settings) -> RunningService:
         catalog, image_repository, member_repository, blobs, page_tokens, settings.max_image_members
     )
     sharing_pb2_grpc.add_SharingServiceServicer_to_server(SharingServicer(sharing, catalog), server)
-    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
-        ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens)), server
-    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -176,6 +208,10 @@ async def start(settings: Settings) -> RunningService:
         await database.close()
         await closing.aclose()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+    fleet = await start_fleet(settings, database, flavors, page_tokens, port, closing)
+    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
+        ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
+    )
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

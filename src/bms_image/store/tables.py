@@ -141,3 +141,31 @@ class ImageMemberRow(Base):
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_image_members_project_status", "project", "status", "image_id"),)
+
+
+class ServerRow(Base):
+    """A server of the simulated fleet."""
+
+    __tablename__ = "servers"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    project: Mapped[str] = mapped_column(String(64))
+    host_name: Mapped[str] = mapped_column(String(64))
+    flavor: Mapped[str] = mapped_column(String(64))
+    hardware_model: Mapped[str] = mapped_column(String(64))
+    image_id: Mapped[str] = mapped_column(String(36))
+    state: Mapped[str] = mapped_column(String(16))
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    network_state: Mapped[str] = mapped_column(String(16))
+    boot_source: Mapped[str] = mapped_column(String(16))
+    system_disk_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    ssh_key_fingerprint: Mapped[str] = mapped_column(String(128), default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_servers_project_seq", "project", "seq"),
+        Index("ix_servers_state", "state"),
+    )

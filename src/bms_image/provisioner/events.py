@@ -1,0 +1,49 @@
+"""Progress events of the work on each server, kept while it runs (and a
+while after) so that a caller whose stream dropped can follow it again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+from ..domain.servers import ServerEvent
+
+#: How long the events of finished work stay available to WatchServer.
+RETAIN_SECONDS = 600.0
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._history: dict[str, list[ServerEvent]] = {}
+        self._changed = asyncio.Condition()
+
+    def has_history(self, server_id: str) -> bool:
+        return server_id in self._history
+
+    async def publish(self, event: ServerEvent) -> None:
+        self._history.setdefault(event.server_id, []).append(event)
+        if event.final:
+            loop = asyncio.get_running_loop()
+            loop.call_later(RETAIN_SECONDS, self._history.pop, event.server_id, None)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def follow(self, server_ids: Iterable[str]) -> AsyncIterator[ServerEvent]:
+        """Every event of these servers from the first, live, until each has
+        reached ACTIVE or FAILED."""
+        positions = dict.fromkeys(server_ids, 0)
+        open_ids = set(positions)
+        while open_ids:
+            for server_id in list(open_ids):
+                events = self._history.get(server_id, [])
+                while positions[server_id] < len(events):
+                    event = events[positions[server_id]]
+                    positions[server_id] += 1
+                    yield event
+                    if event.final:
+                        open_ids.discard(server_id)
+            if open_ids:
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda: any(len(self._history.get(s, [])) > positions[s] for s in open_ids)
+                    )

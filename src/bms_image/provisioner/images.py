@@ -1,0 +1,111 @@
+"""The provisioner's view of ImageService: describe an image, check the caller
+may use it, and fetch its bytes once into a cache verified by checksum."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from bms.image.v1 import image_pb2, image_pb2_grpc
+
+from ..blobs.staging import PipelinedWriter, StagedUpload
+from ..domain.errors import DataLoss
+from .remote import domain_error
+
+Progress = Callable[[int, int], Awaitable[None]]
+
+
+def _metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class ImageSource:
+    def __init__(self, channel: grpc.aio.Channel, cache_dir: Path) -> None:
+        self._stub = image_pb2_grpc.ImageServiceStub(channel)
+        self._cache = cache_dir
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in cache_dir.glob(".part-*"):
+            leftover.unlink(missing_ok=True)
+        self._inflight: dict[str, asyncio.Task[Path]] = {}
+
+    async def describe(self, image_id: str, token: str) -> image_pb2.Image:
+        try:
+            image: image_pb2.Image = await self._stub.GetImage(
+                image_pb2.GetImageRequest(name=f"images/{image_id}"), metadata=_metadata(token)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error) from None
+        return image
+
+    async def authorize(self, image: image_pb2.Image, token: str) -> str:
+        """Asks DownloadImageData for the bytes after the last one: nothing
+        moves, but the image service checks that the caller may use the image
+        now (visible, active, share accepted) and tells its checksum."""
+        request = image_pb2.DownloadImageDataRequest(name=image.name, offset=image.size_bytes)
+        sha256 = ""
+        try:
+            async for message in self._stub.DownloadImageData(request, metadata=_metadata(token)):
+                if message.last:
+                    sha256 = message.sha256
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error) from None
+        return sha256
+
+    def cached(self, image_id: str, sha256: str) -> Path:
+        return self._cache / f"{image_id}-{sha256}.raw"
+
+    async def fetch(self, image_id: str, sha256: str, token: str, progress: Progress) -> Path:
+        """The verified image file; downloads it once however many deployments
+        ask at the same time."""
+        path = self.cached(image_id, sha256)
+        if path.exists():
+            return path
+        key = path.name
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._download(image_id, sha256, token, progress, path))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _download(
+        self, image_id: str, sha256: str, token: str, progress: Progress, path: Path
+    ) -> Path:
+        temp = self._cache / f".part-{uuid.uuid4().hex}"
+        staged = await asyncio.to_thread(StagedUpload, temp, 0)
+        writer = PipelinedWriter(staged)
+        final = ""
+        total = 0
+        request = image_pb2.DownloadImageDataRequest(name=f"images/{image_id}")
+        try:
+            try:
+                async for message in self._stub.DownloadImageData(
+                    request, metadata=_metadata(token)
+                ):
+                    if message.chunk:
+                        await writer.write(message.chunk)
+                    total = message.size_bytes
+                    await progress(message.offset + len(message.chunk), total)
+                    if message.last:
+                        final = message.sha256
+            except grpc.aio.AioRpcError as error:
+                raise domain_error(error) from None
+            finally:
+                await writer.drain()
+                await asyncio.to_thread(staged.close)
+            got = staged.sha256.hexdigest()
+            if not final or got != final or final != sha256 or staged.size != total:
+                raise DataLoss(
+                    "IMAGE_CHECKSUM_MISMATCH",
+                    f"images/{image_id}: the received bytes have SHA-256 {got}, "
+                    f"the image service says {final or 'nothing'}; not deployed",
+                )
+            await asyncio.to_thread(os.replace, temp, path)
+            return path
+        finally:
+            await asyncio.to_thread(temp.unlink, missing_ok=True)
