@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -131,11 +132,17 @@ def _write_tar(handle: BinaryIO, files: Mapping[str, bytes]) -> None:
 def append_partition(path: Path, name: str, mount: str, files: Mapping[str, bytes]) -> None:
     """Adds a tar partition at the end of a disk and records it in the header.
     Blocking."""
+    archive = io.BytesIO()
+    _write_tar(archive, files)
+    _append_raw(path, name, mount, archive.getvalue())
+
+
+def _append_raw(path: Path, name: str, mount: str, partition: bytes) -> None:
     header = _header(path)
     with open(path, "r+b") as handle:
         handle.seek(0, os.SEEK_END)
         start = handle.tell()
-        _write_tar(handle, files)
+        handle.write(partition)
         end = handle.tell()
         handle.write(b"\0" * (-(-end // ALIGN) * ALIGN - end))
         header["partitions"].append(
@@ -146,6 +153,30 @@ def append_partition(path: Path, name: str, mount: str, files: Mapping[str, byte
             raise ValueError("the partition table is full")
         handle.seek(0)
         handle.write(encoded.ljust(HEADER_BYTES, b"\0"))
+
+
+def flatten(disk: Path, target: Path) -> None:
+    """One plain disk file with everything the server sees: for an EVS clone,
+    its base followed by the overlay's partitions. Blocking."""
+    layers = _layers(disk)
+    shutil.copyfile(layers[0], target)
+    for layer in layers[1:]:
+        for partition in _header(layer)["partitions"]:
+            with open(layer, "rb") as handle:
+                handle.seek(partition["offset"])
+                data = handle.read(partition["size"])
+            _append_raw(target, partition["name"], partition["mount"], data)
+
+
+def os_release(disk: Path) -> dict[str, str]:
+    """The disk's /etc/os-release as a dict (empty if there is none). Blocking."""
+    content = read_file(disk, "etc/os-release") or b""
+    release: dict[str, str] = {}
+    for line in content.decode(errors="replace").splitlines():
+        key, separator, value = line.partition("=")
+        if separator:
+            release[key.strip()] = value.strip().strip('"')
+    return release
 
 
 def new_overlay(path: Path) -> None:

@@ -265,6 +265,8 @@ def server_to_proto(server: servers.Server) -> provisioning_pb2.Server:
         boot_source=enum_to_proto(server.boot_source),  # type: ignore[arg-type]
         system_disk_bytes=server.system_disk_bytes,
         ssh_key_fingerprint=server.ssh_key_fingerprint,
+        data_disks_gb=server.data_disks_gb,
+        task=server.task,
         create_time=_timestamp(server.create_time),
         update_time=_timestamp(server.update_time),
     )
@@ -298,4 +300,5 @@ def deploy_request_from_proto(
         user_data=message.user_data,
         boot_source=enum_from_proto(servers.BootSource, message.boot_source, "boot_source")
         or servers.BootSource.UNSPECIFIED,
+        data_disks_gb=list(message.data_disks_gb),
     )

@@ -14,13 +14,14 @@ from ..domain.errors import invalid_field
 from ..domain.imagedata import ImageData, UploadDeclaration
 from ..domain.images import ImageCatalog
 from ..domain.model import Caller, Image
-from .context import current_caller
+from .context import current_caller, current_token
 from .convert import (
     changes_from_proto,
     enum_from_proto,
     image_id_from_name,
     image_to_proto,
     new_image_from_proto,
+    server_id_from_name,
 )
 
 Context = Any
@@ -58,8 +59,17 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
         self, request: image_pb2.CreateImageRequest, context: Context
     ) -> image_pb2.Image:
         caller = current_caller()
+        source = (
+            server_id_from_name(request.source_server, "source_server")
+            if request.source_server
+            else ""
+        )
         image = await self._catalog.create(
-            caller, new_image_from_proto(request.image), request.request_id
+            caller,
+            new_image_from_proto(request.image),
+            request.request_id,
+            source,
+            current_token(),
         )
         return self._proto(caller, image)
 

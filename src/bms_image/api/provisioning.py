@@ -18,6 +18,7 @@ from .convert import (
     event_to_proto,
     flavor_name_from_resource,
     flavor_to_proto,
+    image_id_from_name,
     server_id_from_name,
     server_to_proto,
 )
@@ -29,6 +30,7 @@ _STAGE_OF_STATE = {
     ServerState.ACTIVE: ProvisioningStage.ACTIVE,
     ServerState.STOPPED: ProvisioningStage.ACTIVE,
     ServerState.ERROR: ProvisioningStage.FAILED,
+    ServerState.REBUILDING: ProvisioningStage.VALIDATING,
 }
 
 
@@ -93,6 +95,21 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
     ) -> empty_pb2.Empty:
         await self._fleet.delete(current_caller(), server_id_from_name(request.name))
         return empty_pb2.Empty()
+
+    async def ReinstallServer(
+        self, request: provisioning_pb2.ReinstallServerRequest, context: Context
+    ) -> AsyncIterator[provisioning_pb2.ServerEvent]:
+        image_id = image_id_from_name(request.image, "image") if request.image else ""
+        server = await self._fleet.reinstall(
+            current_caller(),
+            current_token(),
+            server_id_from_name(request.name),
+            image_id,
+            request.ssh_public_key,
+            request.user_data,
+        )
+        async for event in self._fleet.events.follow([server.id]):
+            yield event_to_proto(event)
 
     async def WatchServer(
         self, request: provisioning_pb2.WatchServerRequest, context: Context

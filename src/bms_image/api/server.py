@@ -209,6 +209,7 @@ async def start(settings: Settings) -> RunningService:
         await closing.aclose()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
     fleet = await start_fleet(settings, database, flavors, page_tokens, port, closing)
+    catalog.attach_captures(fleet)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from . import rules
 from .errors import Aborted, FieldViolation, PermissionDenied, invalid_field
@@ -27,10 +28,11 @@ from .model import (
     Visibility,
 )
 from .paging import PageTokens, page_size_or_default
-from .ports import ImageRepository, MemberRepository
+from .ports import CaptureProvider, ImageRepository, MemberRepository
 from .query import ImageQuery, parse_filter
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=enum.Enum)
 
 DEFAULT_PRIVATE_IMAGE_QUOTA = 50
 #: Without an etag a writer that lost a race re-reads and retries, with jitter.
@@ -71,6 +73,13 @@ class ImageChanges:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
+def _enum_or_none(kind: type[E], value: str) -> E | None:
+    try:
+        return kind(value)
+    except ValueError:
+        return None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -93,6 +102,7 @@ class ImageCatalog:
         self._clock = clock
         self._release_data = release_data
         self._members = members
+        self._captures: CaptureProvider | None = None
 
     @property
     def private_image_quota(self) -> int:
@@ -146,7 +156,18 @@ class ImageCatalog:
         next_token = self._tokens.encode(page[-1].seq, scope) if more else ""
         return page, next_token
 
-    async def create(self, caller: Caller, new: NewImage, request_id: str = "") -> Image:
+    def attach_captures(self, captures: CaptureProvider) -> None:
+        """The fleet, once it exists, for CreateImage with a source server."""
+        self._captures = captures
+
+    async def create(
+        self,
+        caller: Caller,
+        new: NewImage,
+        request_id: str = "",
+        source_server: str = "",
+        token: str = "",
+    ) -> Image:
         if request_id:
             rules.require_request_id(request_id)
             earlier = await self._images.find_by_request_id(caller.project, request_id)
@@ -159,10 +180,48 @@ class ImageCatalog:
             raise PermissionDenied(
                 "ADMIN_REQUIRED", "only a platform admin may create (publish) a public image"
             )
+        if source_server:
+            if image_type is not ImageType.PRIVATE:
+                raise invalid_field("image.type", "a captured image is private")
+            return await self._capture(caller, new, request_id, source_server, token)
         image = self._validated_image(caller, new, image_type, request_id or None)
         if image.visibility is Visibility.PUBLIC:
             return await self._images.create_public(image)
         return await self._images.create_private(image, self._quota)
+
+    async def _capture(
+        self, caller: Caller, new: NewImage, request_id: str, server_id: str, token: str
+    ) -> Image:
+        """A private image of a stopped server's system disk: what it is comes
+        from the disk and the server; the upload runs in the background."""
+        if self._captures is None:
+            raise invalid_field("source_server", "this service runs no fleet to capture from")
+        source = await self._captures.prepare_capture(caller, server_id)
+        try:
+            described = NewImage(
+                display_name=new.display_name,
+                description=new.description,
+                os_type=_enum_or_none(OsType, source.os_type),
+                os_distro=source.os_distro,
+                os_version=source.os_version,
+                architecture=_enum_or_none(Architecture, source.architecture),
+                min_disk_gb=new.min_disk_gb,
+                hardware_model=source.hardware_model,
+                plugins=list(source.plugins),
+                tags=list(new.tags),
+                protected=new.protected,
+            )
+            image = self._validated_image(caller, described, ImageType.PRIVATE, request_id or None)
+            image.source_server = f"servers/{server_id}"
+            created = await self._images.create_private(image, self._quota)
+        except BaseException:
+            await self._captures.release_capture(server_id)
+            raise
+        if created.id != image.id:  # a retry of an earlier capture
+            await self._captures.release_capture(server_id)
+            return created
+        await self._captures.start_capture(token, server_id, created.id)
+        return created
 
     def _validated_image(
         self, caller: Caller, new: NewImage, image_type: ImageType, request_id: str | None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .model import Caller, DiskFormat, Flavor, Image, ImageStatus, Member, MemberStatus
+from .model import Caller, DiskFormat, Flavor, Image, ImageStatus, Member, MemberStatus, Plugin
 from .query import ImageQuery
 
 
@@ -90,3 +90,29 @@ class Inspector(Protocol):
         self, source: Path, disk_format: DiskFormat, target: Path, subject: str
     ) -> None:
         """Writes the raw disk that source (in disk_format) describes."""
+
+
+@dataclass(frozen=True)
+class CaptureSource:
+    """What a server's disk says about the image captured from it."""
+
+    server_id: str
+    hardware_model: str
+    os_type: str
+    os_distro: str
+    os_version: str
+    architecture: str
+    plugins: list[Plugin]
+
+
+class CaptureProvider(Protocol):
+    """The fleet, as the catalog needs it to capture a server into an image."""
+
+    async def prepare_capture(self, caller: Caller, server_id: str) -> CaptureSource:
+        """Checks the server (owned, stopped, plug-ins intact) and holds it."""
+
+    async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
+        """Starts uploading the disk into the image; returns at once."""
+
+    async def release_capture(self, server_id: str) -> None:
+        """Lets go of a server held by prepare_capture that will not be captured."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import FailedPrecondition, FieldViolation, PreconditionViolation
-from .model import Flavor, Image, ImageStatus, PluginKind, Visibility
+from .model import Flavor, Image, ImageStatus, Plugin, PluginKind, Visibility
 from .rules import raise_if_invalid
 
 
@@ -20,6 +20,7 @@ class ServerState(enum.StrEnum):
     BUILDING = "building"
     ACTIVE = "active"
     STOPPED = "stopped"
+    REBUILDING = "rebuilding"
     ERROR = "error"
     DELETED = "deleted"
 
@@ -51,13 +52,19 @@ class ProvisioningStage(enum.StrEnum):
 SERVER_TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     ServerState.BUILDING: frozenset({ServerState.ACTIVE, ServerState.ERROR}),
     ServerState.ACTIVE: frozenset({ServerState.STOPPED, ServerState.DELETED}),
-    ServerState.STOPPED: frozenset({ServerState.ACTIVE, ServerState.DELETED}),
-    ServerState.ERROR: frozenset({ServerState.DELETED}),
+    ServerState.STOPPED: frozenset(
+        {ServerState.ACTIVE, ServerState.REBUILDING, ServerState.DELETED}
+    ),
+    ServerState.REBUILDING: frozenset({ServerState.ACTIVE, ServerState.ERROR}),
+    # A server whose reinstall failed may be reinstalled again.
+    ServerState.ERROR: frozenset({ServerState.REBUILDING, ServerState.DELETED}),
     ServerState.DELETED: frozenset(),
 }
 
 MAX_BATCH = 100
 MAX_USER_DATA_BYTES = 32 * 1024
+MAX_DATA_DISKS = 8
+MAX_DATA_DISK_GB = 65536
 NAME_PREFIX = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?\Z")
 _SSH_KEY = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)) ([A-Za-z0-9+/]+={0,3})(?: [^\n]*)?\Z"
@@ -79,6 +86,10 @@ class Server:
     boot_source: BootSource = BootSource.LOCAL_DISK
     system_disk_bytes: int = 0
     ssh_key_fingerprint: str = ""
+    plugins: list[Plugin] = field(default_factory=list)
+    data_disks_gb: list[int] = field(default_factory=list)
+    task: str = ""
+    last_operation: str = "deploy"
     seq: int = 0
     revision: int = 1
     create_time: datetime | None = None
@@ -115,7 +126,7 @@ class DeployRequest:
     ssh_public_key: str = ""
     user_data: str = ""
     boot_source: BootSource = BootSource.UNSPECIFIED
-    host_names: list[str] = field(default_factory=list)
+    data_disks_gb: list[int] = field(default_factory=list)
 
 
 def validate_deploy_request(request: DeployRequest) -> None:
@@ -132,6 +143,12 @@ def validate_deploy_request(request: DeployRequest) -> None:
         )
     if len(request.user_data.encode()) > MAX_USER_DATA_BYTES:
         violations.append(FieldViolation("user_data", "is larger than 32 KiB"))
+    if len(request.data_disks_gb) > MAX_DATA_DISKS or any(
+        not 1 <= size <= MAX_DATA_DISK_GB for size in request.data_disks_gb
+    ):
+        violations.append(
+            FieldViolation("data_disks_gb", f"at most {MAX_DATA_DISKS} disks of 1 to 65536 GiB")
+        )
     if "\x00" in request.user_data:
         violations.append(FieldViolation("user_data", "must not contain NUL characters"))
     raise_if_invalid(violations, "INVALID_DEPLOYMENT")
@@ -227,7 +244,18 @@ def choose_boot_source(image: Image, flavor: Flavor, requested: BootSource) -> B
 
 
 def require_server_transition(server: Server, target: ServerState) -> None:
-    if target not in SERVER_TRANSITIONS[server.state]:
+    if server.task:
+        raise FailedPrecondition(
+            "SERVER_BUSY",
+            f"servers/{server.id} is busy ({server.task} in progress); wait until it is done",
+            [PreconditionViolation("TASK", f"servers/{server.id}", server.task)],
+        )
+    reinstall_after_failure = (
+        server.state is ServerState.ERROR
+        and target is ServerState.REBUILDING
+        and server.last_operation != "reinstall"
+    )
+    if target not in SERVER_TRANSITIONS[server.state] or reinstall_after_failure:
         raise FailedPrecondition(
             "SERVER_STATE_CONFLICT",
             f"servers/{server.id} is {server.state.value} and cannot become {target.value}",

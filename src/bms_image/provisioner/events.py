@@ -21,12 +21,19 @@ class EventBus:
         return server_id in self._history
 
     async def publish(self, event: ServerEvent) -> None:
-        self._history.setdefault(event.server_id, []).append(event)
+        history = self._history.get(event.server_id)
+        if history is None or history[-1].final:  # a new operation starts a new history
+            history = self._history[event.server_id] = []
+        history.append(event)
         if event.final:
             loop = asyncio.get_running_loop()
-            loop.call_later(RETAIN_SECONDS, self._history.pop, event.server_id, None)
+            loop.call_later(RETAIN_SECONDS, self._expire, event.server_id, history)
         async with self._changed:
             self._changed.notify_all()
+
+    def _expire(self, server_id: str, history: list[ServerEvent]) -> None:
+        if self._history.get(server_id) is history:
+            del self._history[server_id]
 
     async def follow(self, server_ids: Iterable[str]) -> AsyncIterator[ServerEvent]:
         """Every event of these servers from the first, live, until each has

@@ -51,16 +51,20 @@ def first_boot_files(host_name: str, ssh_public_key: str, user_data: str) -> dic
     return files
 
 
-def plugin_states(disk: Path) -> dict[PluginKind, str]:
-    """For each plug-in: "intact", "modified" or "missing". Blocking."""
-    states: dict[PluginKind, str] = {}
+def plugin_states(disk: Path) -> dict[PluginKind, tuple[str, str]]:
+    """For each plug-in: ("intact" | "modified" | "missing", version). Blocking."""
+    states: dict[PluginKind, tuple[str, str]] = {}
     for kind, path in PLUGIN_PATHS.items():
         content = read_file(disk, path)
         if content is None:
-            states[kind] = "missing"
+            states[kind] = ("missing", "")
             continue
         first_line = content.split(b"\n", 1)[0].decode(errors="replace").split()
         version = first_line[2] if len(first_line) == 3 and first_line[1] == kind.value else ""
-        intact = version and content == plugin_content(Plugin(kind, version))
-        states[kind] = "intact" if intact else "modified"
+        intact = bool(version) and content == plugin_content(Plugin(kind, version))
+        states[kind] = ("intact" if intact else "modified", version)
     return states
+
+
+def intact_plugins(states: dict[PluginKind, tuple[str, str]]) -> list[Plugin]:
+    return [Plugin(kind, version) for kind, (state, version) in states.items() if state == "intact"]

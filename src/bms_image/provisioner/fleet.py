@@ -8,16 +8,26 @@ import asyncio
 import logging
 import shutil
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .. import disks
 from ..api.convert import image_from_proto
-from ..domain.errors import DomainError, NotFound
+from ..domain.errors import (
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PreconditionViolation,
+    QuotaExceeded,
+    QuotaViolation,
+)
 from ..domain.flavors import FlavorCatalog
-from ..domain.model import Caller, Image, PluginKind
+from ..domain.model import Caller, Flavor, Image, PluginKind
 from ..domain.paging import PageTokens, page_size_or_default
+from ..domain.ports import CaptureSource
 from ..domain.servers import (
     BootSource,
     DeployRequest,
@@ -35,13 +45,14 @@ from ..domain.servers import (
 )
 from ..store.servers import SqlServerRepository
 from .events import EventBus
-from .firstboot import cloud_config_files, first_boot_files, plugin_states
+from .firstboot import cloud_config_files, first_boot_files, intact_plugins, plugin_states
 from .images import ImageSource
 
 log = logging.getLogger(__name__)
 
 #: Servers of one batch deployed at the same time (disk copies are I/O bound).
 PARALLEL_DEPLOYS = 8
+MAX_CAPTURES_PER_PROJECT = 40
 _STATUS_CODE = {
     "NotFound": "NOT_FOUND",
     "PermissionDenied": "PERMISSION_DENIED",
@@ -118,20 +129,40 @@ class Fleet:
         evs = directory / "system.evs"
         return evs if evs.exists() else directory / "system.disk"
 
-    # -- deployment ---------------------------------------------------------
+    # -- deployment and reinstallation ---------------------------------------
+
+    async def _plan(
+        self,
+        image_id: str,
+        flavor: Flavor,
+        token: str,
+        ssh_public_key: str,
+        user_data: str,
+        boot_source: BootSource,
+    ) -> _Plan:
+        """Everything checked before any byte moves."""
+        cloud_config_files(user_data)  # bad YAML fails now, not at first boot
+        described = await self._images.describe(image_id, token)
+        image = image_from_proto(described)
+        require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
+        require_cloud_init_for_key(image, ssh_public_key)
+        chosen = choose_boot_source(image, flavor, boot_source)
+        sha256 = await self._images.authorize(described, token)
+        return _Plan(image, sha256, chosen, ssh_public_key, user_data, token)
 
     async def create_servers(
         self, caller: Caller, token: str, request: DeployRequest
     ) -> list[Server]:
         validate_deploy_request(request)
-        cloud_config_files(request.user_data)  # bad YAML fails now, not at first boot
         flavor = self._flavors.get(request.flavor)
-        described = await self._images.describe(request.image_id, token)
-        image = image_from_proto(described)
-        require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
-        require_cloud_init_for_key(image, request.ssh_public_key)
-        boot_source = choose_boot_source(image, flavor, request.boot_source)
-        sha256 = await self._images.authorize(described, token)
+        plan = await self._plan(
+            request.image_id,
+            flavor,
+            token,
+            request.ssh_public_key,
+            request.user_data,
+            request.boot_source,
+        )
         now = _now()
         fingerprint = ssh_key_fingerprint(request.ssh_public_key.strip())
         drafts = [
@@ -141,9 +172,10 @@ class Fleet:
                 host_name=f"{request.name_prefix}-{n}",
                 flavor=flavor.name,
                 hardware_model=flavor.hardware_model,
-                image_id=image.id,
-                boot_source=boot_source,
+                image_id=plan.image.id,
+                boot_source=plan.boot_source,
                 ssh_key_fingerprint=fingerprint,
+                data_disks_gb=list(request.data_disks_gb),
                 create_time=now,
                 update_time=now,
             )
@@ -154,11 +186,74 @@ class Fleet:
             await self._event(
                 server, ProvisioningStage.VALIDATING, 2.0, "request and image checked"
             )
-        plan = _Plan(image, sha256, boot_source, request.ssh_public_key, request.user_data, token)
-        task = asyncio.create_task(self._deploy_batch(servers, plan))
+        self._spawn(self._deploy_batch(servers, plan, ServerState.BUILDING))
+        return servers
+
+    async def reinstall(
+        self,
+        caller: Caller,
+        token: str,
+        server_id: str,
+        image_id: str,
+        ssh_public_key: str,
+        user_data: str,
+    ) -> Server:
+        """Rewrites the system disk of a stopped server (or one whose last
+        reinstall failed) from its image or another compatible one; data disks
+        keep their content and Cloud-Init runs again."""
+        validate_deploy_request(
+            DeployRequest("", "", 1, "x", ssh_public_key=ssh_public_key, user_data=user_data)
+        )
+        server = await self.get(caller, server_id)
+        require_server_transition(server, ServerState.REBUILDING)
+        flavor = self._flavors.get(server.flavor)
+        wanted = (
+            server.boot_source if server.boot_source is BootSource.EVS else BootSource.LOCAL_DISK
+        )
+        try:
+            plan = await self._plan(
+                image_id or server.image_id, flavor, token, ssh_public_key, user_data, wanted
+            )
+        except FailedPrecondition as error:
+            if error.reason != "EVS_BOOT_UNAVAILABLE":
+                raise
+            plan = await self._plan(
+                image_id or server.image_id,
+                flavor,
+                token,
+                ssh_public_key,
+                user_data,
+                BootSource.LOCAL_DISK,
+            )
+        claimed = await self._servers.transition(
+            server.id,
+            {server.state},
+            {
+                "state": ServerState.REBUILDING,
+                "state_reason": "",
+                "task": "reinstall",
+                "last_operation": "reinstall",
+                "image_id": plan.image.id,
+                "boot_source": plan.boot_source,
+                "ssh_key_fingerprint": ssh_key_fingerprint(ssh_public_key.strip()),
+            },
+            task="",
+        )
+        if claimed is None:
+            raise FailedPrecondition(
+                "SERVER_STATE_CONFLICT", f"servers/{server.id} changed meanwhile; read it again"
+            )
+        await self._event(
+            claimed, ProvisioningStage.VALIDATING, 2.0, "reinstall checked",
+            state=ServerState.REBUILDING,
+        )  # fmt: skip
+        self._spawn(self._deploy_batch([claimed], plan, ServerState.REBUILDING))
+        return claimed
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return servers
 
     async def _event(
         self,
@@ -167,7 +262,7 @@ class Fleet:
         percent: float,
         message: str,
         *,
-        state: ServerState = ServerState.BUILDING,
+        state: ServerState | None = None,
         bytes_done: int = 0,
         bytes_total: int = 0,
         error: DomainError | None = None,
@@ -176,7 +271,7 @@ class Fleet:
             ServerEvent(
                 server_id=server.id,
                 stage=stage,
-                state=state,
+                state=state or server.state,
                 message=message,
                 time=_now(),
                 bytes_done=bytes_done,
@@ -188,7 +283,7 @@ class Fleet:
             )
         )
 
-    async def _deploy_batch(self, servers: list[Server], plan: _Plan) -> None:
+    async def _deploy_batch(self, servers: list[Server], plan: _Plan, working: ServerState) -> None:
         size = plan.image.size_bytes
         streaming = plan.boot_source is BootSource.LOCAL_DISK
         stage = ProvisioningStage.IMAGE_STREAMING if streaming else ProvisioningStage.EVS_CLONING
@@ -209,14 +304,10 @@ class Fleet:
 
         try:
             cached = await self._images.fetch(plan.image.id, plan.sha256, plan.token, progress)
-        except DomainError as error:
+        except Exception as error:  # never leave servers BUILDING or REBUILDING
+            failure = _as_domain_error(error, f"fetching images/{plan.image.id}")
             for server in servers:
-                await self._fail(server, error)
-            return
-        except Exception as error:  # never leave servers BUILDING
-            log.exception("fetching images/%s failed", plan.image.id)
-            for server in servers:
-                await self._fail(server, DomainError("DEPLOYMENT_FAILED", str(error)))
+                await self._fail(server, failure, working)
             return
         for server in servers:
             await self._event(
@@ -229,16 +320,15 @@ class Fleet:
         async def one(server: Server) -> None:
             async with limit:
                 try:
-                    await self._deploy_one(server, plan, cached)
-                except DomainError as error:
-                    await self._fail(server, error)
+                    await self._deploy_one(server, plan, cached, working)
                 except Exception as error:
-                    log.exception("deploying servers/%s failed", server.id)
-                    await self._fail(server, DomainError("DEPLOYMENT_FAILED", str(error)))
+                    failure = _as_domain_error(error, f"deploying servers/{server.id}")
+                    await self._fail(server, failure, working)
 
         await asyncio.gather(*(one(server) for server in servers))
 
-    async def _deploy_one(self, server: Server, plan: _Plan, cached: Path) -> None:
+    async def _write_system_disk(self, server: Server, plan: _Plan, cached: Path) -> Path:
+        """A new system disk next to the old one, swapped in by rename."""
         directory = self._disks / server.id
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         size = plan.image.size_bytes
@@ -246,42 +336,41 @@ class Fleet:
             base = self._evs_pool / cached.name
             if not base.exists():
                 await asyncio.to_thread(_link_or_copy, cached, base)
-            disk = directory / "system.evs"
-            await asyncio.to_thread(
-                disks.write_evs_volume, disk, base, directory / "system.overlay"
-            )
-            await self._event(
-                server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
-                bytes_done=size, bytes_total=size,
-            )  # fmt: skip
+            staged = directory / "system.evs.new"
+            overlay = directory / f"system.overlay.{uuid.uuid4().hex[:8]}"
+            await asyncio.to_thread(disks.write_evs_volume, staged, base, overlay)
+            message, stage = "EVS volume cloned (copy-on-write)", ProvisioningStage.EVS_CLONING
         else:
-            disk = directory / "system.disk"
-            await asyncio.to_thread(shutil.copyfile, cached, disk)
-            await self._event(
-                server, ProvisioningStage.IMAGE_STREAMING, 80.0, "image written to the local disk",
-                bytes_done=size, bytes_total=size,
-            )  # fmt: skip
-        plugins = await asyncio.to_thread(plugin_states, disk)
-        if (
-            plugins[PluginKind.CLOUD_INIT] == "intact"
-            or plugins[PluginKind.CLOUDBASE_INIT] == "intact"
-        ):
+            staged = directory / "system.disk.new"
+            await asyncio.to_thread(shutil.copyfile, cached, staged)
+            message, stage = "image written to the local disk", ProvisioningStage.IMAGE_STREAMING
+        await self._event(server, stage, 80.0, message, bytes_done=size, bytes_total=size)
+        return staged
+
+    async def _deploy_one(
+        self, server: Server, plan: _Plan, cached: Path, working: ServerState
+    ) -> None:
+        staged = await self._write_system_disk(server, plan, cached)
+        states = await asyncio.to_thread(plugin_states, staged)
+        has_init = any(
+            states[kind][0] == "intact"
+            for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
+        )
+        if has_init:
             files = first_boot_files(server.host_name, plan.ssh_public_key, plan.user_data)
             await asyncio.to_thread(
-                disks.append_partition, disks.writable_layer(disk), "cloud-init", "/", files
+                disks.append_partition, disks.writable_layer(staged), "cloud-init", "/", files
             )
-            await self._event(
-                server, ProvisioningStage.FIRST_BOOT, 90.0,
+            message = (
                 f"Cloud-Init set host name {server.host_name}"
                 + (", SSH key" if plan.ssh_public_key else "")
-                + (" and user data" if plan.user_data else ""),
-            )  # fmt: skip
+                + (" and user data" if plan.user_data else "")
+            )
         else:
-            await self._event(
-                server, ProvisioningStage.FIRST_BOOT, 90.0,
-                "first boot without Cloud-Init: host name, key and user data not applied",
-            )  # fmt: skip
-        if plugins[PluginKind.BMS_NETWORK_CONFIG] == "intact":
+            message = "first boot without Cloud-Init: host name, key and user data not applied"
+        await self._event(server, ProvisioningStage.FIRST_BOOT, 90.0, message)
+        await asyncio.to_thread(self._install_system_disk, server, staged)
+        if states[PluginKind.BMS_NETWORK_CONFIG][0] == "intact":
             network, reason = NetworkState.UP, ""
             await self._event(
                 server, ProvisioningStage.NETWORK_CONFIGURED, 95.0,
@@ -289,42 +378,143 @@ class Fleet:
             )  # fmt: skip
         else:
             network = NetworkState.DOWN
-            reason = f"bms-network-config is {plugins[PluginKind.BMS_NETWORK_CONFIG]}: no network"
-        disk_bytes = await asyncio.to_thread(disks.disk_size, disk)
+            reason = f"bms-network-config is {states[PluginKind.BMS_NETWORK_CONFIG][0]}: no network"
+        disk = self.system_disk(server.id)
         active = await self._servers.transition(
             server.id,
-            {ServerState.BUILDING},
+            {working},
             {
                 "state": ServerState.ACTIVE,
                 "state_reason": reason,
                 "network_state": network,
-                "system_disk_bytes": disk_bytes,
+                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, disk),
+                "plugins": intact_plugins(states),
+                "task": "",
             },
         )
         if active is None:
             raise NotFound("SERVER_NOT_FOUND", f"servers/{server.id} disappeared while built")
-        await self._event(
-            active, ProvisioningStage.ACTIVE, 100.0, "server is active", state=ServerState.ACTIVE
-        )
+        await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
 
-    async def _fail(self, server: Server, error: DomainError) -> None:
-        await asyncio.to_thread(shutil.rmtree, self._disks / server.id, True)
+    def _install_system_disk(self, server: Server, staged: Path) -> None:
+        """Swaps the new system disk in; data disks are never touched. Blocking."""
+        directory = self._disks / server.id
+        for index, size_gb in enumerate(server.data_disks_gb, start=1):
+            data_disk = directory / f"data-{index}.disk"
+            if not data_disk.exists():
+                with open(data_disk, "wb") as handle:
+                    handle.truncate(size_gb * 1024**3)  # sparse
+        if staged.name == "system.evs.new":
+            keep = disks.writable_layer(staged).name
+            staged.replace(directory / "system.evs")
+            (directory / "system.disk").unlink(missing_ok=True)
+            for old in directory.glob("system.overlay.*"):
+                if old.name != keep:
+                    old.unlink()
+        else:
+            staged.replace(directory / "system.disk")
+            (directory / "system.evs").unlink(missing_ok=True)
+            for old in directory.glob("system.overlay.*"):
+                old.unlink()
+
+    async def _fail(self, server: Server, error: DomainError, working: ServerState) -> None:
+        directory = self._disks / server.id
+        if working is ServerState.BUILDING:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        else:  # a failed reinstall keeps the data disks
+            for leftover in ("system.disk.new", "system.evs.new"):
+                await asyncio.to_thread((directory / leftover).unlink, missing_ok=True)
         failed = await self._servers.transition(
             server.id,
-            {ServerState.BUILDING},
-            {"state": ServerState.ERROR, "state_reason": error.message},
+            {working},
+            {"state": ServerState.ERROR, "state_reason": error.message, "task": ""},
         )
         await self._event(
             failed or server, ProvisioningStage.FAILED, 100.0, error.message,
             state=ServerState.ERROR, error=error,
         )  # fmt: skip
 
+    # -- capture ------------------------------------------------------------
+
+    async def prepare_capture(self, caller: Caller, server_id: str) -> CaptureSource:
+        """Checks the server can be captured and holds it for the capture."""
+        server = await self.get(caller, server_id)
+        if server.task:
+            require_server_transition(server, server.state)  # raises SERVER_BUSY
+        if server.state is not ServerState.STOPPED:
+            raise FailedPrecondition(
+                "SERVER_NOT_STOPPED",
+                f"servers/{server.id} is {server.state.value}; stop it before capturing it",
+                [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
+            )
+        running = await self._servers.count_tasks(caller.project, "capture")
+        if running >= MAX_CAPTURES_PER_PROJECT:
+            raise QuotaExceeded(
+                "CAPTURE_LIMIT",
+                f"project {caller.project} already runs {running} captures; wait for one to end",
+                [QuotaViolation(f"projects/{caller.project}", "captures at once: limit 40")],
+            )
+        disk = self.system_disk(server.id)
+        states = await asyncio.to_thread(plugin_states, disk)
+        damaged = [
+            (plugin.kind, states[plugin.kind][0])
+            for plugin in server.plugins
+            if states[plugin.kind][0] != "intact"
+        ]
+        if damaged:
+            names = ", ".join(f"{kind.value} is {state}" for kind, state in damaged)
+            raise FailedPrecondition(
+                "PLUGINS_DAMAGED",
+                f"servers/{server.id} cannot be captured: {names} (plug-ins must be present "
+                "and unmodified)",
+                [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
+            )
+        release = await asyncio.to_thread(disks.os_release, disk)
+        claimed = await self._servers.transition(
+            server.id, {ServerState.STOPPED}, {"task": "capture"}, task=""
+        )
+        if claimed is None:
+            raise FailedPrecondition(
+                "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
+            )
+        return CaptureSource(
+            server_id=server.id,
+            hardware_model=server.hardware_model,
+            os_type=release.get("BMS_OS_TYPE", "linux"),
+            os_distro=release.get("ID", ""),
+            os_version=release.get("VERSION_ID", ""),
+            architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
+            plugins=intact_plugins(states),
+        )
+
+    async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
+        self._spawn(self._capture(token, server_id, image_id))
+
+    async def release_capture(self, server_id: str) -> None:
+        await self._servers.transition(
+            server_id, {ServerState.STOPPED}, {"task": ""}, task="capture"
+        )
+
+    async def _capture(self, token: str, server_id: str, image_id: str) -> None:
+        """Uploads the server's disk into the image through ImageService."""
+        flat = self._root / f".capture-{image_id}.disk"
+        try:
+            await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
+            await self._images.upload(image_id, flat, token)
+        except Exception:
+            log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
+        finally:
+            await asyncio.to_thread(flat.unlink, missing_ok=True)
+            await self.release_capture(server_id)
+
     # -- power and deletion -------------------------------------------------
 
     async def _power(self, caller: Caller, server_id: str, target: ServerState) -> Server:
         server = await self.get(caller, server_id)
         require_server_transition(server, target)
-        changed = await self._servers.transition(server_id, {server.state}, {"state": target})
+        changed = await self._servers.transition(
+            server_id, {server.state}, {"state": target}, task=""
+        )
         if changed is None:
             return await self._power(caller, server_id, target)  # raced: decide again
         return changed
@@ -345,23 +535,28 @@ class Fleet:
         """After a restart nothing stays BUILDING: the work that was cut off
         is marked failed with a reason (the servers can be deleted and built
         again)."""
-        interrupted = await self._servers.in_states({ServerState.BUILDING})
+        interrupted = await self._servers.in_states({ServerState.BUILDING, ServerState.REBUILDING})
         for server in interrupted:
-            await asyncio.to_thread(shutil.rmtree, self._disks / server.id, True)
-            await self._servers.transition(
-                server.id,
-                {ServerState.BUILDING},
-                {
-                    "state": ServerState.ERROR,
-                    "state_reason": "deployment interrupted by a service restart",
-                },
+            failure = DomainError(
+                "INTERRUPTED", f"{server.last_operation} interrupted by a restart"
             )
+            await self._fail(server, failure, server.state)
+        for server in await self._servers.in_states({ServerState.STOPPED}):
+            if server.task == "capture":  # its image stays QUEUED, resumable or deletable
+                await self.release_capture(server.id)
         return len(interrupted)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _as_domain_error(error: Exception, doing: str) -> DomainError:
+    if isinstance(error, DomainError):
+        return error
+    log.error("%s failed", doing, exc_info=error)
+    return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +18,7 @@ from ..domain.errors import DataLoss
 from .remote import domain_error
 
 Progress = Callable[[int, int], Awaitable[None]]
+UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
 def _metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -109,3 +110,25 @@ class ImageSource:
             return path
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
+
+    async def upload(self, image_id: str, path: Path, token: str) -> image_pb2.Image:
+        """Streams a file into a QUEUED image through UploadImageData."""
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+
+        async def messages() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+            yield image_pb2.UploadImageDataRequest(
+                metadata=image_pb2.UploadImageDataMetadata(
+                    name=f"images/{image_id}", size_bytes=size
+                )
+            )
+            with open(path, "rb") as handle:  # noqa: ASYNC230 - reads go to a thread below
+                while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES):
+                    yield image_pb2.UploadImageDataRequest(chunk=chunk)
+
+        try:
+            image: image_pb2.Image = await self._stub.UploadImageData(
+                messages(), metadata=_metadata(token)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error) from None
+        return image

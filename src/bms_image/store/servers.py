@@ -7,8 +7,9 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, true, update
 
+from ..domain.model import Plugin, PluginKind
 from ..domain.servers import BootSource, NetworkState, Server, ServerState
 from .db import Database
 from .tables import ServerRow
@@ -33,10 +34,18 @@ def _server(row: ServerRow) -> Server:
         boot_source=BootSource(row.boot_source),
         system_disk_bytes=row.system_disk_bytes,
         ssh_key_fingerprint=row.ssh_key_fingerprint,
+        plugins=[Plugin(PluginKind(p["kind"]), p["version"]) for p in row.plugins],
+        data_disks_gb=list(row.data_disks_gb),
+        task=row.task,
+        last_operation=row.last_operation,
         revision=row.revision,
         create_time=_utc(row.create_time),
         update_time=_utc(row.update_time),
     )
+
+
+def _plugins(plugins: list[Plugin]) -> list[dict[str, str]]:
+    return [{"kind": p.kind.value, "version": p.version} for p in plugins]
 
 
 class SqlServerRepository:
@@ -59,6 +68,10 @@ class SqlServerRepository:
                     boot_source=s.boot_source.value,
                     system_disk_bytes=s.system_disk_bytes,
                     ssh_key_fingerprint=s.ssh_key_fingerprint,
+                    plugins=_plugins(s.plugins),
+                    data_disks_gb=list(s.data_disks_gb),
+                    task=s.task,
+                    last_operation=s.last_operation,
                     revision=1,
                     create_time=s.create_time,
                     update_time=s.update_time,
@@ -95,11 +108,27 @@ class SqlServerRepository:
             )
             return [_server(row) for row in rows]
 
+    async def count_tasks(self, project: str, task: str) -> int:
+        async with self._db.read() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(ServerRow)
+                .where(ServerRow.project == project, ServerRow.task == task)
+            )
+            return int(count or 0)
+
     async def transition(
-        self, server_id: str, from_states: Collection[ServerState], changes: Mapping[str, Any]
+        self,
+        server_id: str,
+        from_states: Collection[ServerState],
+        changes: Mapping[str, Any],
+        task: str | None = None,
     ) -> Server | None:
-        """Applies changes if the server is in one of from_states; None if not."""
+        """Applies changes if the server is in one of from_states (and, when
+        given, has exactly that task); None if not."""
         values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in changes.items()}
+        if "plugins" in values:
+            values["plugins"] = _plugins(values["plugins"])
         values["update_time"] = datetime.now(UTC)
         async with self._db.write() as session:
             result = await session.execute(
@@ -107,6 +136,7 @@ class SqlServerRepository:
                 .where(
                     ServerRow.id == server_id,
                     ServerRow.state.in_([s.value for s in from_states]),
+                    true() if task is None else ServerRow.task == task,
                 )
                 .values(revision=ServerRow.revision + 1, **values)
                 .execution_options(synchronize_session=False)

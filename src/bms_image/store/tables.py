@@ -161,6 +161,12 @@ class ServerRow(Base):
     boot_source: Mapped[str] = mapped_column(String(16))
     system_disk_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     ssh_key_fingerprint: Mapped[str] = mapped_column(String(128), default="")
+    #: Plug-ins found intact on the disk at deployment: a capture needs them all.
+    plugins: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    data_disks_gb: Mapped[list[int]] = mapped_column(JSON, default=list)
+    #: Work holding the server ("", "capture", "reinstall"); nothing else may change it meanwhile.
+    task: Mapped[str] = mapped_column(String(16), default="")
+    last_operation: Mapped[str] = mapped_column(String(16), default="deploy")
     revision: Mapped[int] = mapped_column(Integer, default=1)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
