@@ -111,6 +111,14 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
         async for event in self._fleet.events.follow([server.id]):
             yield event_to_proto(event)
 
+    async def InjectNetworkFault(
+        self, request: provisioning_pb2.InjectNetworkFaultRequest, context: Context
+    ) -> provisioning_pb2.Server:
+        server = await self._fleet.inject_network_fault(
+            current_caller(), server_id_from_name(request.name)
+        )
+        return server_to_proto(server)
+
     async def WatchServer(
         self, request: provisioning_pb2.WatchServerRequest, context: Context
     ) -> AsyncIterator[provisioning_pb2.ServerEvent]:

@@ -20,6 +20,7 @@ from ..domain.errors import (
     DomainError,
     FailedPrecondition,
     NotFound,
+    PermissionDenied,
     PreconditionViolation,
     QuotaExceeded,
     QuotaViolation,
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 #: Servers of one batch deployed at the same time (disk copies are I/O bound).
 PARALLEL_DEPLOYS = 8
 MAX_CAPTURES_PER_PROJECT = 40
+#: How long bms-network-config takes to notice and repair a broken network.
+NETWORK_RESTORE_SECONDS = 2.0
 _STATUS_CODE = {
     "NotFound": "NOT_FOUND",
     "PermissionDenied": "PERMISSION_DENIED",
@@ -529,6 +532,55 @@ class Fleet:
         await self._power(caller, server_id, ServerState.DELETED)
         await asyncio.to_thread(shutil.rmtree, self._disks / server_id, True)
 
+    # -- network faults -----------------------------------------------------
+
+    async def inject_network_fault(self, caller: Caller, server_id: str) -> Server:
+        if not caller.is_admin:
+            await self.get(caller, server_id)  # strangers learn nothing
+            raise PermissionDenied("ADMIN_REQUIRED", "only a platform admin may inject faults")
+        server = await self._servers.get(server_id)
+        if server is None or server.state is ServerState.DELETED:
+            raise NotFound("SERVER_NOT_FOUND", f"server servers/{server_id} not found")
+        if server.state is not ServerState.ACTIVE:
+            raise FailedPrecondition(
+                "SERVER_NOT_ACTIVE",
+                f"servers/{server_id} is {server.state.value}; only a running server has a network",
+                [PreconditionViolation("STATE", f"servers/{server_id}", server.state.value)],
+            )
+        down = await self._servers.transition(
+            server_id,
+            {ServerState.ACTIVE},
+            {"network_state": NetworkState.DOWN, "state_reason": "network interrupted (fault)"},
+        )
+        if down is None:
+            return await self.inject_network_fault(caller, server_id)
+        self._spawn(self._network_watchdog(server_id))
+        return down
+
+    async def _network_watchdog(self, server_id: str) -> None:
+        """What bms-network-config does on the server: notices the network is
+        down and brings it back — if it is there and intact on the disk."""
+        await asyncio.sleep(NETWORK_RESTORE_SECONDS)
+        states = await asyncio.to_thread(plugin_states, self.system_disk(server_id))
+        if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
+            await self._servers.transition(
+                server_id,
+                {ServerState.ACTIVE},
+                {
+                    "state_reason": "network down: bms-network-config is "
+                    f"{states[PluginKind.BMS_NETWORK_CONFIG][0]}, nothing restores it"
+                },
+            )
+            return
+        await self._servers.transition(
+            server_id,
+            {ServerState.ACTIVE},
+            {
+                "network_state": NetworkState.UP,
+                "state_reason": "network restored by bms-network-config",
+            },
+        )
+
     # -- lifecycle ----------------------------------------------------------
 
     async def recover(self) -> int:
@@ -544,6 +596,9 @@ class Fleet:
         for server in await self._servers.in_states({ServerState.STOPPED}):
             if server.task == "capture":  # its image stays QUEUED, resumable or deletable
                 await self.release_capture(server.id)
+        for server in await self._servers.in_states({ServerState.ACTIVE}):
+            if server.network_state is NetworkState.DOWN:
+                self._spawn(self._network_watchdog(server.id))
         return len(interrupted)
 
     async def close(self) -> None:
