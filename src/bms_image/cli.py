@@ -43,6 +43,10 @@ def serve(
         int | None,
         typer.Option(help="private images per project [env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50]"),
     ] = None,
+    provisioner: Annotated[
+        str | None,
+        typer.Option(help="embedded: also run the fleet; none: it runs as `bms-image provisioner`"),
+    ] = None,
     shutdown_grace_seconds: Annotated[
         float | None,
         typer.Option(help="grace for in-flight calls [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]"),
@@ -56,6 +60,7 @@ def serve(
         data_dir=data_dir,
         database_url=database_url,
         private_image_quota=private_image_quota,
+        provisioner=provisioner,
         shutdown_grace_seconds=shutdown_grace_seconds,
     )
     logging.basicConfig(
@@ -63,6 +68,34 @@ def serve(
     )
     try:
         asyncio.run(run_server(settings))
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def provisioner(
+    image_service: Annotated[
+        str, typer.Option(help="host:port of the ImageService to fetch images from")
+    ],
+    listen: Annotated[
+        str, typer.Option(help="host:port for ProvisioningService")
+    ] = "127.0.0.1:50052",
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Run the simulated fleet (ProvisioningService) as its own process."""
+    from .api.server import serve as run_server
+    from .api.server import start_provisioner
+
+    settings = _settings(
+        listen=listen, data_dir=data_dir, database_url=database_url, image_service=image_service
+    )
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_server(settings, start_provisioner))
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

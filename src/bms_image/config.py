@@ -35,6 +35,11 @@ class Settings:
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_prefix: str = "images/"
+    #: "embedded": this process also runs the fleet (ProvisioningService);
+    #: "none": the fleet runs as its own process (`bms-image provisioner`).
+    provisioner: str = "embedded"
+    #: For `bms-image provisioner`: the ImageService it fetches images from.
+    image_service: str = ""
 
     @classmethod
     def from_env(
@@ -92,4 +97,6 @@ _CASTERS: dict[str, Any] = {
     "s3_access_key": str,
     "s3_secret_key": str,
     "s3_prefix": str,
+    "provisioner": str,
+    "image_service": str,
 }

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from ..blobs.local import LocalBlobStore
 from ..blobs.s3 import S3BlobStore
 from ..blobs.staging import Staging, release_image_bytes
 from ..blobs.store import BlobStore
-from ..catalog.seed import seed
+from ..catalog.seed import seed, seed_flavors
 from ..config import Settings
 from ..domain.flavors import FlavorCatalog, FlavorDirectory
 from ..domain.imagedata import ImageData
@@ -47,11 +48,9 @@ from .sharing import SharingServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
-    provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
-    sharing_pb2.DESCRIPTOR.services_by_name["SharingService"].full_name,
-)
+IMAGE_SERVICE = image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+SHARING_SERVICE = sharing_pb2.DESCRIPTOR.services_by_name["SharingService"].full_name
+PROVISIONING_SERVICE = provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -117,13 +116,13 @@ async def start_fleet(
     database: Database,
     flavors: FlavorCatalog,
     page_tokens: PageTokens,
-    port: int,
+    image_service: str,
     closing: AsyncExitStack,
 ) -> Fleet:
-    """The in-process provisioner. It still reaches images only through
-    ImageService, over a loopback gRPC channel to this very server."""
+    """The provisioner. It reaches images only through ImageService: over a
+    loopback channel to this very server when embedded, or to another process."""
     channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
+        image_service,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -159,7 +158,7 @@ async def start(settings: Settings) -> RunningService:
     image_repository = SqlImageRepository(database)
     member_repository = SqlMemberRepository(database)
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
-    page_tokens = PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
+    page_tokens = _page_tokens(settings)
 
     async def release(image_id: str) -> None:
         await release_image_bytes(blobs, staging, image_id)
@@ -194,35 +193,93 @@ async def start(settings: Settings) -> RunningService:
     sharing_pb2_grpc.add_SharingServiceServicer_to_server(SharingServicer(sharing, catalog), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as error:
         await database.close()
         await closing.aclose()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
-    fleet = await start_fleet(settings, database, flavors, page_tokens, port, closing)
-    catalog.attach_captures(fleet)
-    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
-        ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
-    )
+    services = [IMAGE_SERVICE, SHARING_SERVICE]
+    if settings.provisioner == "embedded":
+        fleet = await start_fleet(
+            settings, database, flavors, page_tokens, f"127.0.0.1:{port}", closing
+        )
+        catalog.attach_captures(fleet)
+        provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
+            ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
+        )
+        services.append(PROVISIONING_SERVICE)
+    elif settings.provisioner != "none":
+        raise RuntimeError(f"provisioner must be embedded or none, not {settings.provisioner!r}")
+    enable_reflection(server, services)
     await server.start()
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("bms-image serving on %s (database %s)", settings.listen, database.engine.url)
     return RunningService(settings, database, server, health_servicer, port, authority, closing)
 
 
-async def serve(settings: Settings) -> None:
+def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """Reflection lists exactly the services this process serves."""
+    reflection.enable_server_reflection(
+        (
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+
+
+def _page_tokens(settings: Settings) -> PageTokens:
+    return PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
+
+
+async def start_provisioner(settings: Settings) -> RunningService:
+    """The fleet as its own process: ProvisioningService on its own port,
+    fetching images from the ImageService at settings.image_service with each
+    caller's token. It shares the database (servers, flavors) and the token
+    secret with the image service."""
+    settings = settings.resolved()
+    if not settings.image_service:
+        raise RuntimeError("the provisioner needs --image-service HOST:PORT")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.database_url)
+    await database.migrate()
+    await seed_flavors(database)
+    closing = AsyncExitStack()
+    flavor_repository = SqlFlavorRepository(database)
+    flavors = FlavorCatalog(await flavor_repository.list_flavors())
+    page_tokens = _page_tokens(settings)
+    authority = TokenAuthority(settings.secret())
+    server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
+    fleet = await start_fleet(
+        settings, database, flavors, page_tokens, settings.image_service, closing
+    )
+    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
+        ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, [PROVISIONING_SERVICE])
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as error:
+        await closing.aclose()
+        await database.close()
+        raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+    await server.start()
+    for name in ("", PROVISIONING_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("provisioner on %s, images from %s", settings.listen, settings.image_service)
+    return RunningService(settings, database, server, health_servicer, port, authority, closing)
+
+
+async def serve(
+    settings: Settings, starter: Callable[[Settings], Awaitable[RunningService]] = start
+) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    service = await start(settings)
+    service = await starter(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -61,6 +61,20 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
     return Catalog(flavors=list(data["flavors"]), images=images)
 
 
+async def seed_flavors(database: Database, catalog: Catalog | None = None) -> int:
+    """Inserts the flavors that are not stored yet; returns how many."""
+    catalog = catalog or load_catalog()
+    added = 0
+    async with database.write() as session:
+        await database.serialize(session, SEED_LOCK)
+        known_flavors = set((await session.scalars(select(FlavorRow.name))).all())
+        for flavor in catalog.flavors:
+            if flavor["name"] not in known_flavors:
+                session.add(FlavorRow(**flavor))
+                added += 1
+    return added
+
+
 def disk_spec(image: Image, bulk_bytes: int) -> DiskSpec:
     """The system disk of a public catalog image: deterministic, so a lost
     blob is rebuilt byte for byte."""
@@ -99,14 +113,7 @@ async def seed(
     rebuilds the bytes of catalog images whose blob went missing. Returns how
     many entries were added or repaired."""
     catalog = catalog or load_catalog()
-    added = 0
-    async with database.write() as session:
-        await database.serialize(session, SEED_LOCK)
-        known_flavors = set((await session.scalars(select(FlavorRow.name))).all())
-        for flavor in catalog.flavors:
-            if flavor["name"] not in known_flavors:
-                session.add(FlavorRow(**flavor))
-                added += 1
+    added = await seed_flavors(database, catalog)
     async with database.read() as session:
         stored = {
             row.id: row

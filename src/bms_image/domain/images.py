@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from . import rules
-from .errors import Aborted, FieldViolation, PermissionDenied, invalid_field
+from .errors import Aborted, FailedPrecondition, FieldViolation, PermissionDenied, invalid_field
 from .flavors import FlavorCatalog
 from .model import (
     Architecture,
@@ -195,7 +195,11 @@ class ImageCatalog:
         """A private image of a stopped server's system disk: what it is comes
         from the disk and the server; the upload runs in the background."""
         if self._captures is None:
-            raise invalid_field("source_server", "this service runs no fleet to capture from")
+            raise FailedPrecondition(
+                "CAPTURE_UNAVAILABLE",
+                "this image service runs without the embedded provisioner, so it cannot capture "
+                "servers; run it with --provisioner embedded",
+            )
         source = await self._captures.prepare_capture(caller, server_id)
         try:
             described = NewImage(
