@@ -57,15 +57,21 @@ def _resource_id(name: str, collection: str, field: str) -> str:
     return name[len(prefix) :]
 
 
-def image_id_from_name(name: str, field: str = "name") -> str:
-    raw = _resource_id(name, "images", field)
+def _uuid_resource_id(name: str, collection: str, field: str) -> str:
+    raw = _resource_id(name, collection, field)
     try:
         parsed = uuid.UUID(raw)
     except ValueError:
-        raise invalid_field(field, f"`images/{{id}}` needs a UUID id, got {raw[:80]!r}") from None
+        raise invalid_field(
+            field, f"`{collection}/{{id}}` needs a UUID id, got {raw[:80]!r}"
+        ) from None
     if str(parsed) != raw:
         raise invalid_field(field, f"write the id in canonical lower-case form: {parsed}")
     return raw
+
+
+def image_id_from_name(name: str, field: str = "name") -> str:
+    return _uuid_resource_id(name, "images", field)
 
 
 def flavor_name_from_resource(name: str, field: str = "name") -> str:
@@ -241,14 +247,7 @@ def image_from_proto(message: image_pb2.Image) -> model.Image:
 
 
 def server_id_from_name(name: str, field: str = "name") -> str:
-    raw = _resource_id(name, "servers", field)
-    try:
-        parsed = uuid.UUID(raw)
-    except ValueError:
-        raise invalid_field(field, f"`servers/{{id}}` needs a UUID id, got {raw[:80]!r}") from None
-    if str(parsed) != raw:
-        raise invalid_field(field, f"write the id in canonical lower-case form: {parsed}")
-    return raw
+    return _uuid_resource_id(name, "servers", field)
 
 
 def server_to_proto(server: servers.Server) -> provisioning_pb2.Server:

@@ -193,12 +193,7 @@ async def start(settings: Settings) -> RunningService:
     sharing_pb2_grpc.add_SharingServiceServicer_to_server(SharingServicer(sharing, catalog), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(settings.listen)
-    except RuntimeError as error:
-        await database.close()
-        await closing.aclose()
-        raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+    port = await _listen(server, settings, database, closing)
     services = [IMAGE_SERVICE, SHARING_SERVICE]
     if settings.provisioner == "embedded":
         fleet = await start_fleet(
@@ -217,6 +212,18 @@ async def start(settings: Settings) -> RunningService:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("bms-image serving on %s (database %s)", settings.listen, database.engine.url)
     return RunningService(settings, database, server, health_servicer, port, authority, closing)
+
+
+async def _listen(
+    server: grpc.aio.Server, settings: Settings, database: Database, closing: AsyncExitStack
+) -> int:
+    """Binds the port; on failure releases what was opened and says why."""
+    try:
+        return int(server.add_insecure_port(settings.listen))
+    except RuntimeError as error:
+        await closing.aclose()
+        await database.close()
+        raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
@@ -262,12 +269,7 @@ async def start_provisioner(settings: Settings) -> RunningService:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [PROVISIONING_SERVICE])
-    try:
-        port = server.add_insecure_port(settings.listen)
-    except RuntimeError as error:
-        await closing.aclose()
-        await database.close()
-        raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+    port = await _listen(server, settings, database, closing)
     await server.start()
     for name in ("", PROVISIONING_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -54,7 +54,7 @@ from .tables import (
 _COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
 
 
-def _utc(value: datetime) -> datetime:
+def utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; they were stored as UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -88,8 +88,8 @@ def to_domain(row: ImageRow) -> Image:
         deprecated=row.deprecated,
         request_id=row.request_id,
         revision=row.revision,
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        create_time=utc(row.create_time),
+        update_time=utc(row.update_time),
     )
 
 
@@ -397,8 +397,8 @@ def _member(row: ImageMemberRow) -> Member:
         image_id=row.image_id,
         project=row.project,
         status=MemberStatus(row.status),
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        create_time=utc(row.create_time),
+        update_time=utc(row.update_time),
     )
 
 

@@ -12,11 +12,8 @@ from sqlalchemy import func, select, true, update
 from ..domain.model import Plugin, PluginKind
 from ..domain.servers import BootSource, NetworkState, Server, ServerState
 from .db import Database
+from .repository import utc
 from .tables import ServerRow
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _server(row: ServerRow) -> Server:
@@ -39,8 +36,8 @@ def _server(row: ServerRow) -> Server:
         task=row.task,
         last_operation=row.last_operation,
         revision=row.revision,
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        create_time=utc(row.create_time),
+        update_time=utc(row.update_time),
     )
 
 
