@@ -123,7 +123,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
         self, request: provisioning_pb2.WatchServerRequest, context: Context
     ) -> AsyncIterator[provisioning_pb2.ServerEvent]:
         server = await self._fleet.get(current_caller(), server_id_from_name(request.name))
-        if self._fleet.events.has_history(server.id):
+        if self._fleet.events.in_progress(server.id):
             async for event in self._fleet.events.follow([server.id]):
                 yield event_to_proto(event)
             return

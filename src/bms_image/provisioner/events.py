@@ -17,8 +17,10 @@ class EventBus:
         self._history: dict[str, list[ServerEvent]] = {}
         self._changed = asyncio.Condition()
 
-    def has_history(self, server_id: str) -> bool:
-        return server_id in self._history
+    def in_progress(self, server_id: str) -> bool:
+        """Whether work on the server is going on (its last event is not final)."""
+        history = self._history.get(server_id)
+        return bool(history) and not history[-1].final  # type: ignore[index]
 
     async def publish(self, event: ServerEvent) -> None:
         history = self._history.get(event.server_id)

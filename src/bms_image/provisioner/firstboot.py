@@ -4,6 +4,7 @@ byte the known-good release it claims to be."""
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import yaml
@@ -31,13 +32,20 @@ def cloud_config_files(user_data: str) -> dict[str, bytes]:
     for index, entry in enumerate(entries if isinstance(entries, list) else []):
         path = entry.get("path") if isinstance(entry, dict) else None
         content = entry.get("content", "") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
+        normal = posixpath.normpath(path) if isinstance(path, str) else ""
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or path.endswith("/")
+            or ".." in path.split("/")
+            or normal in ("/", "//")
+        ):
             raise InvalidArgument(
                 "INVALID_USER_DATA",
-                f"user_data: write_files[{index}] needs an absolute `path`",
-                [FieldViolation(f"user_data.write_files[{index}].path", "must be absolute")],
+                f"user_data: write_files[{index}] needs an absolute `path` naming a file",
+                [FieldViolation(f"user_data.write_files[{index}].path", "must name a file")],
             )
-        files[path.lstrip("/")] = str(content).encode()
+        files[normal.lstrip("/")] = str(content).encode()
     return files
 
 

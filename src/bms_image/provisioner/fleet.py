@@ -287,7 +287,6 @@ class Fleet:
         )
 
     async def _deploy_batch(self, servers: list[Server], plan: _Plan, working: ServerState) -> None:
-        size = plan.image.size_bytes
         streaming = plan.boot_source is BootSource.LOCAL_DISK
         stage = ProvisioningStage.IMAGE_STREAMING if streaming else ProvisioningStage.EVS_CLONING
         reported = -1
@@ -312,12 +311,6 @@ class Fleet:
             for server in servers:
                 await self._fail(server, failure, working)
             return
-        for server in servers:
-            await self._event(
-                server, ProvisioningStage.VERIFYING_CHECKSUM, 66.0,
-                f"image bytes verified (sha256 {plan.sha256[:12]}...)",
-                bytes_done=size, bytes_total=size,
-            )  # fmt: skip
         limit = asyncio.Semaphore(PARALLEL_DEPLOYS)
 
         async def one(server: Server) -> None:
@@ -342,12 +335,23 @@ class Fleet:
             staged = directory / "system.evs.new"
             overlay = directory / f"system.overlay.{uuid.uuid4().hex[:8]}"
             await asyncio.to_thread(disks.write_evs_volume, staged, base, overlay)
-            message, stage = "EVS volume cloned (copy-on-write)", ProvisioningStage.EVS_CLONING
+            await self._event(
+                server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
+                bytes_done=size, bytes_total=size,
+            )  # fmt: skip
         else:
             staged = directory / "system.disk.new"
             await asyncio.to_thread(shutil.copyfile, cached, staged)
-            message, stage = "image written to the local disk", ProvisioningStage.IMAGE_STREAMING
-        await self._event(server, stage, 80.0, message, bytes_done=size, bytes_total=size)
+            await self._event(
+                server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
+                bytes_done=size, bytes_total=size,
+            )  # fmt: skip
+            await self._event(
+                server, ProvisioningStage.VERIFYING_CHECKSUM, 80.0,
+                f"image bytes match sha256 {plan.sha256[:12]}... (verified as they arrived "
+                "into the image cache the disk was copied from)",
+                bytes_done=size, bytes_total=size,
+            )  # fmt: skip
         return staged
 
     async def _deploy_one(
@@ -605,6 +609,7 @@ class Fleet:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._images.close()
 
 
 def _as_domain_error(error: Exception, doing: str) -> DomainError:
@@ -615,9 +620,19 @@ def _as_domain_error(error: Exception, doing: str) -> DomainError:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
+    """Puts the (immutable) cached image into the EVS pool: a hard link, or a
+    copy installed by rename where links are impossible. Servers of a batch
+    may race here; the first one wins and the others find it there."""
+    try:
+        target.hardlink_to(source)
+        return
+    except FileExistsError:
+        return
+    except OSError:
+        pass
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
     try:
-        temp.hardlink_to(source)
-    except OSError:
         shutil.copyfile(source, temp)
-    temp.replace(target)
+        temp.replace(target)
+    finally:
+        temp.unlink(missing_ok=True)

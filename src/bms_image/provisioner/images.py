@@ -34,6 +34,12 @@ class ImageSource:
             leftover.unlink(missing_ok=True)
         self._inflight: dict[str, asyncio.Task[Path]] = {}
 
+    async def close(self) -> None:
+        """Stops downloads still running (on shutdown)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
     async def describe(self, image_id: str, token: str) -> image_pb2.Image:
         try:
             image: image_pb2.Image = await self._stub.GetImage(

@@ -1,0 +1,536 @@
+"""Helpers of the provisioning tests: rich-status decoding, SSH keys, real
+disk images built with bms_image.disks, image upload and sharing, event
+collection and disk inspection. Plain functions, so import them as
+`from provisioning_support import ...` (never from a conftest module). The
+error decoding is copied from tests/sharing/sharing_support.py, which is not
+importable from this folder."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from bms.image.v1 import (
+    image_pb2,
+    image_pb2_grpc,
+    provisioning_pb2,
+    provisioning_pb2_grpc,
+    sharing_pb2,
+    sharing_pb2_grpc,
+)
+from bms_image import disks
+from bms_image.api.server import RunningService, start
+from bms_image.catalog.seed import public_image_id
+from bms_image.config import Settings
+from bms_image.disks import DiskSpec
+from bms_image.domain.model import Plugin, PluginKind
+
+Metadata = tuple[tuple[str, str], ...]
+ImageStub = image_pb2_grpc.ImageServiceStub
+SharingStub = sharing_pb2_grpc.SharingServiceStub
+ProvisioningStub = provisioning_pb2_grpc.ProvisioningServiceStub
+Code = grpc.StatusCode
+pb = provisioning_pb2
+
+ERROR_DOMAIN = "image.bms.cloud"
+
+S4 = "physical.s4.large"  # s4-2288h-v5, evs_boot
+H2 = "physical.h2.large"  # h2-rh2288-v3, no evs_boot
+I7N = "physical.i7n.28xlarge.4"  # i7n-2288h-v6, evs_boot
+KI1 = "physical.ki1.2xlarge"  # Kunpeng, evs_boot
+S4_MODEL = "s4-2288h-v5"
+H2_MODEL = "h2-rh2288-v3"
+
+CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
+UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
+SLES = f"images/{public_image_id('sles-12sp3-x86_64')}"  # no SDI driver
+OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 only
+
+LOCAL = pb.BOOT_SOURCE_LOCAL_DISK
+EVS = pb.BOOT_SOURCE_EVS
+
+VALIDATING = pb.PROVISIONING_STAGE_VALIDATING
+STREAMING = pb.PROVISIONING_STAGE_IMAGE_STREAMING
+VERIFYING = pb.PROVISIONING_STAGE_VERIFYING_CHECKSUM
+CLONING = pb.PROVISIONING_STAGE_EVS_CLONING
+FIRST_BOOT = pb.PROVISIONING_STAGE_FIRST_BOOT
+NETWORK = pb.PROVISIONING_STAGE_NETWORK_CONFIGURED
+STAGE_ACTIVE = pb.PROVISIONING_STAGE_ACTIVE
+FAILED = pb.PROVISIONING_STAGE_FAILED
+
+BUILDING = pb.SERVER_STATE_BUILDING
+ACTIVE = pb.SERVER_STATE_ACTIVE
+STOPPED = pb.SERVER_STATE_STOPPED
+ERROR = pb.SERVER_STATE_ERROR
+
+ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED
+REJECTED = sharing_pb2.MEMBER_STATUS_REJECTED
+
+CLOUD_INIT = Plugin(PluginKind.CLOUD_INIT, "0.7.9")
+NETWORK_CONFIG = Plugin(PluginKind.BMS_NETWORK_CONFIG, "2.1.3")
+SDI_DRIVER = Plugin(PluginKind.SDI_INIC_DRIVER, "1.2.0")
+ALL_PLUGINS = (CLOUD_INIT, NETWORK_CONFIG, SDI_DRIVER)
+
+CENTOS_RELEASE = {"NAME": "centos", "ID": "centos", "VERSION_ID": "7.6"}
+
+
+def stage_name(stage: int) -> str:
+    return str(pb.ProvisioningStage.Name(stage))  # type: ignore[arg-type]
+
+
+def state_name(state: int) -> str:
+    return str(pb.ServerState.Name(state))  # type: ignore[arg-type]
+
+
+# -- services -------------------------------------------------------------------
+
+
+def token_metadata(service: RunningService, project: str, admin: bool = False) -> Metadata:
+    return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
+
+
+@dataclass
+class Serving:
+    """A service started by a test itself, with its stubs."""
+
+    service: RunningService
+    images: ImageStub
+    sharing: SharingStub
+    provisioning: ProvisioningStub
+
+    def project(self, name: str, admin: bool = False) -> Metadata:
+        return token_metadata(self.service, name, admin)
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Serving]:
+    """Starts a service with `settings` on the running event loop; stops it."""
+    running = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as opened:
+            yield Serving(running, ImageStub(opened), SharingStub(opened), ProvisioningStub(opened))
+    finally:
+        await running.stop(0)
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+@dataclass
+class RichError:
+    """A failed call with its decoded google.rpc.Status details."""
+
+    error: grpc.aio.AioRpcError
+    status: status_pb2.Status
+    info: error_details_pb2.ErrorInfo
+    bad_request: error_details_pb2.BadRequest | None = None
+    precondition_failure: error_details_pb2.PreconditionFailure | None = None
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+    @property
+    def reason(self) -> str:
+        return self.info.reason
+
+    @property
+    def message(self) -> str:
+        return self.error.details() or ""
+
+    @property
+    def fields(self) -> list[str]:
+        assert self.bad_request is not None
+        return [v.field for v in self.bad_request.field_violations]
+
+
+def decode(error: grpc.aio.AioRpcError) -> RichError:
+    """Decodes and checks a rich status: exactly one ErrorInfo of our domain,
+    a BadRequest with INVALID_ARGUMENT, and no traceback anywhere."""
+    code = error.code()
+    assert code not in (Code.INTERNAL, Code.UNKNOWN), (
+        f"the service failed with {code.name}: {error.details()}"
+    )
+    assert "Traceback" not in (error.details() or "")
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"{code.name} without google.rpc.Status: {error.details()}"
+    assert status.code == code.value[0]
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, f"expected exactly one ErrorInfo, got {status.details}"
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.domain == ERROR_DOMAIN
+    assert info.reason and info.reason == info.reason.upper()
+    rich = RichError(error=error, status=status, info=info)
+    for packed in status.details:
+        if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            rich.bad_request = error_details_pb2.BadRequest()
+            packed.Unpack(rich.bad_request)
+        if packed.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            rich.precondition_failure = error_details_pb2.PreconditionFailure()
+            packed.Unpack(rich.precondition_failure)
+    if code == Code.INVALID_ARGUMENT:
+        assert rich.bad_request is not None, "INVALID_ARGUMENT without google.rpc.BadRequest"
+        assert rich.bad_request.field_violations
+    return rich
+
+
+async def outcome(call: Awaitable[Any]) -> tuple[Any, RichError | None]:
+    """(response, None) or (None, decoded error)."""
+    try:
+        return await call, None
+    except grpc.aio.AioRpcError as error:
+        return None, decode(error)
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str = "") -> RichError:
+    """Awaits a call that must fail with `code` (and `reason`, when given)."""
+    response, rich = await outcome(call)
+    assert rich is not None, f"expected {code.name}, the call succeeded: {response}"
+    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
+    if reason:
+        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
+    return rich
+
+
+async def expect_invalid(call: Awaitable[Any], field: str) -> RichError:
+    rich = await expect_error(call, Code.INVALID_ARGUMENT)
+    assert field in rich.fields, f"expected a violation of {field!r}, got {rich.fields}"
+    return rich
+
+
+# -- SSH keys --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshKey:
+    line: str
+    fingerprint: str
+
+
+def new_ssh_key(comment: str = "") -> SshKey:
+    """A real Ed25519 key in OpenSSH format, with its OpenSSH SHA256
+    fingerprint computed from the raw key (not from the text line): the
+    SHA-256 of the wire blob string("ssh-ed25519") + string(32 key bytes),
+    base64 without padding."""
+    public = Ed25519PrivateKey.generate().public_key()
+    line = public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    kind = b"ssh-ed25519"
+    blob = struct.pack(">I", len(kind)) + kind + struct.pack(">I", len(raw)) + raw
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return SshKey(line + (f" {comment}" if comment else ""), f"SHA256:{digest}")
+
+
+# -- disks and images --------------------------------------------------------------
+
+
+def build_disk(
+    plugins: Sequence[Plugin] = ALL_PLUGINS,
+    files: Mapping[str, bytes] | None = None,
+    os_release: Mapping[str, str] | None = None,
+    bulk_bytes: int = 64 * 1024,
+    seed: str = "provisioning-test",
+) -> bytes:
+    """The bytes of a real BMSDISK1 system disk."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "golden.disk"
+        disks.write_disk(
+            path,
+            DiskSpec(
+                os_release=dict(os_release or CENTOS_RELEASE),
+                plugins=tuple(plugins),
+                bulk_bytes=bulk_bytes,
+                seed=seed,
+                files=dict(files or {}),
+            ),
+        )
+        return path.read_bytes()
+
+
+def plugin_protos(plugins: Iterable[Plugin]) -> list[image_pb2.Plugin]:
+    kinds = {
+        PluginKind.CLOUD_INIT: image_pb2.PLUGIN_KIND_CLOUD_INIT,
+        PluginKind.CLOUDBASE_INIT: image_pb2.PLUGIN_KIND_CLOUDBASE_INIT,
+        PluginKind.BMS_NETWORK_CONFIG: image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG,
+        PluginKind.SDI_INIC_DRIVER: image_pb2.PLUGIN_KIND_SDI_INIC_DRIVER,
+    }
+    return [image_pb2.Plugin(kind=kinds[p.kind], version=p.version) for p in plugins]
+
+
+def private_image(plugins: Iterable[Plugin] = ALL_PLUGINS, **overrides: Any) -> image_pb2.Image:
+    values: dict[str, Any] = {
+        "display_name": "golden-app",
+        "os_type": image_pb2.OS_TYPE_LINUX,
+        "os_distro": "centos",
+        "os_version": "7.6",
+        "architecture": image_pb2.ARCHITECTURE_X86_64,
+        "hardware_model": S4_MODEL,
+        "plugins": plugin_protos(plugins),
+    }
+    values.update(overrides)
+    return image_pb2.Image(**values)
+
+
+async def create_queued(
+    images: ImageStub, md: Metadata, plugins: Iterable[Plugin] = ALL_PLUGINS, **overrides: Any
+) -> image_pb2.Image:
+    request = image_pb2.CreateImageRequest(image=private_image(plugins, **overrides))
+    created: image_pb2.Image = await images.CreateImage(request, metadata=md)
+    assert created.status == image_pb2.IMAGE_STATUS_QUEUED
+    return created
+
+
+def _upload_requests(
+    name: str, data: bytes, chunk: int = 256 * 1024
+) -> Iterable[image_pb2.UploadImageDataRequest]:
+    yield image_pb2.UploadImageDataRequest(
+        metadata=image_pb2.UploadImageDataMetadata(
+            name=name, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+    )
+    for offset in range(0, len(data), chunk):
+        yield image_pb2.UploadImageDataRequest(chunk=data[offset : offset + chunk])
+
+
+async def upload(images: ImageStub, md: Metadata, name: str, data: bytes) -> image_pb2.Image:
+    image: image_pb2.Image = await images.UploadImageData(
+        iter(_upload_requests(name, data)), metadata=md
+    )
+    return image
+
+
+async def create_disk_image(
+    images: ImageStub,
+    md: Metadata,
+    plugins: Sequence[Plugin] = ALL_PLUGINS,
+    files: Mapping[str, bytes] | None = None,
+    bulk_bytes: int = 64 * 1024,
+    declared: Sequence[Plugin] | None = None,
+    **overrides: Any,
+) -> tuple[image_pb2.Image, bytes]:
+    """An ACTIVE private image whose bytes are a real disk with `plugins`
+    and `files`; the image record declares `declared` (by default `plugins`)."""
+    data = build_disk(plugins, files, bulk_bytes=bulk_bytes)
+    created = await create_queued(
+        images, md, plugins if declared is None else declared, **overrides
+    )
+    active = await upload(images, md, created.name, data)
+    assert active.status == image_pb2.IMAGE_STATUS_ACTIVE, active
+    assert active.sha256 == hashlib.sha256(data).hexdigest()
+    return active, data
+
+
+async def share(sharing: SharingStub, md: Metadata, image_name: str, project: str) -> None:
+    await sharing.CreateImageMember(
+        sharing_pb2.CreateImageMemberRequest(
+            parent=image_name, member=sharing_pb2.ImageMember(member_project=project)
+        ),
+        metadata=md,
+    )
+
+
+async def answer(
+    sharing: SharingStub, md: Metadata, image_name: str, project: str, status: int
+) -> None:
+    await sharing.UpdateImageMember(
+        sharing_pb2.UpdateImageMemberRequest(
+            member=sharing_pb2.ImageMember(
+                name=f"{image_name}/members/{project}",
+                status=status,  # type: ignore[arg-type]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        metadata=md,
+    )
+
+
+# -- deployments --------------------------------------------------------------------
+
+
+def create_request(
+    image: str = CENTOS,
+    flavor: str = S4,
+    count: int = 1,
+    name_prefix: str = "web",
+    ssh_public_key: str = "",
+    user_data: str = "",
+    boot_source: int = pb.BOOT_SOURCE_UNSPECIFIED,
+) -> provisioning_pb2.CreateServersRequest:
+    return pb.CreateServersRequest(
+        flavor=f"flavors/{flavor}" if flavor and "/" not in flavor else flavor,
+        image=image,
+        count=count,
+        name_prefix=name_prefix,
+        ssh_public_key=ssh_public_key,
+        user_data=user_data,
+        boot_source=boot_source,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Deployment:
+    """All events of a CreateServers stream, grouped by server in the order
+    the servers first appeared."""
+
+    events: list[provisioning_pb2.ServerEvent]
+    by_server: dict[str, list[provisioning_pb2.ServerEvent]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for event in self.events:
+            self.by_server.setdefault(event.server, []).append(event)
+
+    @property
+    def servers(self) -> list[str]:
+        return list(self.by_server)
+
+    def stages(self, server: str) -> list[int]:
+        return [e.stage for e in self.by_server[server]]
+
+    def final(self, server: str) -> provisioning_pb2.ServerEvent:
+        return self.by_server[server][-1]
+
+
+async def collect(stream: Any, within: float = 30.0) -> list[provisioning_pb2.ServerEvent]:
+    async def run() -> list[provisioning_pb2.ServerEvent]:
+        return [event async for event in stream]
+
+    return await asyncio.wait_for(run(), within)
+
+
+async def deploy(
+    provisioning: ProvisioningStub, md: Metadata, request: provisioning_pb2.CreateServersRequest
+) -> Deployment:
+    """Runs CreateServers to its end."""
+    return Deployment(await collect(provisioning.CreateServers(request, metadata=md)))
+
+
+async def create_error(
+    provisioning: ProvisioningStub,
+    md: Metadata,
+    request: provisioning_pb2.CreateServersRequest,
+    code: grpc.StatusCode,
+    reason: str = "",
+) -> RichError:
+    """CreateServers must fail before streaming any event."""
+    received: list[provisioning_pb2.ServerEvent] = []
+
+    async def run() -> None:
+        async for event in provisioning.CreateServers(request, metadata=md):
+            received.append(event)
+
+    rich = await expect_error(asyncio.wait_for(run(), 30), code, reason)
+    assert received == [], f"events streamed before the error: {received}"
+    return rich
+
+
+async def list_servers(
+    provisioning: ProvisioningStub, md: Metadata, page_size: int = 0
+) -> list[provisioning_pb2.Server]:
+    """Every server of a listing, following next_page_token to the end."""
+    found: list[provisioning_pb2.Server] = []
+    token = ""
+    for _ in range(1000):
+        response = await provisioning.ListServers(
+            pb.ListServersRequest(page_size=page_size, page_token=token), metadata=md
+        )
+        found.extend(response.servers)
+        token = response.next_page_token
+        if not token:
+            return found
+    raise AssertionError("pagination did not end")
+
+
+async def get_server(
+    provisioning: ProvisioningStub, md: Metadata, name: str
+) -> provisioning_pb2.Server:
+    server: provisioning_pb2.Server = await provisioning.GetServer(
+        pb.GetServerRequest(name=name), metadata=md
+    )
+    return server
+
+
+async def watch(
+    provisioning: ProvisioningStub, md: Metadata, name: str, within: float = 30.0
+) -> list[provisioning_pb2.ServerEvent]:
+    return await collect(
+        provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=md), within
+    )
+
+
+# -- the fleet on disk ------------------------------------------------------------------
+
+
+def server_dir(settings: Settings, server_name: str) -> Path:
+    return Path(settings.data_dir) / "fleet" / "servers" / server_name.removeprefix("servers/")
+
+
+def system_disk(settings: Settings, server_name: str) -> Path:
+    """The disk file of a server: an EVS clone or the local disk."""
+    directory = server_dir(settings, server_name)
+    evs = directory / "system.evs"
+    return evs if evs.exists() else directory / "system.disk"
+
+
+def cache_dir(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "fleet" / "image-cache"
+
+
+def evs_pool(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "fleet" / "evs-pool"
+
+
+def blob_path(settings: Settings, image_name: str) -> Path:
+    return Path(settings.data_dir) / "blobs" / f"{image_name.removeprefix('images/')}.blob"
+
+
+def evs_base(volume: Path) -> Path:
+    """The image file an EVS clone (a BMSEVS1 file) reads through to."""
+    raw = volume.read_bytes()
+    assert raw.startswith(disks.EVS_MAGIC), f"{volume} is not an EVS volume"
+    return Path(json.loads(raw[len(disks.EVS_MAGIC) :])["base"])
+
+
+def read_disk_file(settings: Settings, server_name: str, name: str) -> bytes | None:
+    return disks.read_file(system_disk(settings, server_name), name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corrupt(path: Path, offset: int, garbage: bytes) -> None:
+    """Overwrites bytes of a file in place (its size stays the same)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(garbage)
+
+
+def cloud_config(files: Mapping[str, str]) -> str:
+    """`#cloud-config` user data writing `files` (absolute path -> text)."""
+    lines = ["#cloud-config", "write_files:"]
+    for path, content in files.items():
+        lines.append(f"  - path: {path}")
+        lines.append("    content: |")
+        lines.extend(f"      {line}" for line in content.splitlines())
+    return "\n".join(lines) + "\n"

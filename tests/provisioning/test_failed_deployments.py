@@ -1,0 +1,133 @@
+"""What goes wrong during a deployment: corrupted image bytes fail every
+server of the batch with DATA_LOSS and leave nothing behind; a missing or
+altered bms-network-config leaves the server up without a network."""
+
+from __future__ import annotations
+
+import pytest
+from provisioning_support import (
+    ACTIVE,
+    CLOUD_INIT,
+    ERROR,
+    EVS,
+    FAILED,
+    LOCAL,
+    NETWORK,
+    NETWORK_CONFIG,
+    S4,
+    SDI_DRIVER,
+    STAGE_ACTIVE,
+    blob_path,
+    cache_dir,
+    corrupt,
+    create_disk_image,
+    create_request,
+    deploy,
+    evs_pool,
+    get_server,
+    list_servers,
+    new_ssh_key,
+    read_disk_file,
+    server_dir,
+    stage_name,
+    watch,
+)
+
+from bms.image.v1 import image_pb2, provisioning_pb2
+from bms_image.disks import PLUGIN_PATHS, plugin_content
+from bms_image.domain.model import PluginKind
+
+pb = provisioning_pb2
+
+
+@pytest.mark.parametrize("boot_source", [LOCAL, EVS])
+async def test_corrupted_image_fails_every_server_with_data_loss(
+    provisioning, images, as_project, settings, boot_source
+) -> None:
+    md = as_project("alpha")
+    image, data = await create_disk_image(images, md, bulk_bytes=256 * 1024)
+    blob = blob_path(settings, image.name)
+    assert blob.read_bytes() == data
+    corrupt(blob, len(data) // 2, b"\xde\xad\xbe\xef" * 16)  # rot in the bulk data
+    assert blob.stat().st_size == len(data)
+
+    deployment = await deploy(
+        provisioning,
+        md,
+        create_request(image.name, S4, 3, "rot", new_ssh_key().line, boot_source=boot_source),
+    )
+    assert len(deployment.servers) == 3
+    for server_name in deployment.servers:
+        stages = deployment.stages(server_name)
+        names = [stage_name(s) for s in stages]
+        assert STAGE_ACTIVE not in stages, names
+        assert stages[-1] == FAILED, names
+        final = deployment.final(server_name)
+        assert final.state == ERROR
+        assert final.error_code == "DATA_LOSS"
+        assert final.error_reason == "IMAGE_CHECKSUM_MISMATCH"
+        assert final.message
+        assert [e for e in deployment.by_server[server_name] if e.stage == FAILED] == [final]
+        server = await get_server(provisioning, md, server_name)
+        assert server.state == ERROR
+        assert server.state_reason
+        assert server.network_state != pb.NETWORK_STATE_UP
+        assert not server_dir(settings, server_name).exists()
+        watched = await watch(provisioning, md, server_name)
+        assert watched[-1].stage == FAILED and watched[-1].state == ERROR
+    # nothing unverified was kept for later deployments
+    image_id = image.name.removeprefix("images/")
+    assert [p.name for p in cache_dir(settings).iterdir()] == []
+    assert not [p for p in evs_pool(settings).iterdir() if p.name.startswith(image_id)]
+    states = {s.name: s.state for s in await list_servers(provisioning, md)}
+    assert states == dict.fromkeys(deployment.servers, ERROR)
+
+
+async def test_image_without_network_config_comes_up_without_network(
+    provisioning, images, as_project, settings
+) -> None:
+    md = as_project("alpha")
+    image, _ = await create_disk_image(
+        images, md, plugins=(CLOUD_INIT, SDI_DRIVER), display_name="no-network"
+    )
+    deployment = await deploy(provisioning, md, create_request(image.name, S4, 2, "dark"))
+    for server_name in deployment.servers:
+        stages = deployment.stages(server_name)
+        assert stages[-1] == STAGE_ACTIVE, [stage_name(s) for s in stages]
+        assert NETWORK not in stages, "no network was configured"
+        server = await get_server(provisioning, md, server_name)
+        assert server.state == ACTIVE
+        assert server.network_state == pb.NETWORK_STATE_DOWN
+        assert "bms-network-config" in server.state_reason
+        assert "missing" in server.state_reason
+        # Cloud-Init still ran
+        assert read_disk_file(settings, server_name, "etc/hostname") == (
+            f"{server.host_name}\n".encode()
+        )
+
+
+async def test_altered_network_config_counts_as_broken(
+    provisioning, images, as_project, settings
+) -> None:
+    """The plug-in check reads the disk: a file that claims the right release
+    but is not byte for byte that release does not configure the network."""
+    md = as_project("alpha")
+    genuine = plugin_content(NETWORK_CONFIG)
+    tampered = genuine[:-8] + b"tampered"
+    image, _ = await create_disk_image(
+        images,
+        md,
+        plugins=(CLOUD_INIT, SDI_DRIVER),
+        files={PLUGIN_PATHS[PluginKind.BMS_NETWORK_CONFIG]: tampered},
+        declared=(CLOUD_INIT, NETWORK_CONFIG, SDI_DRIVER),
+        display_name="tampered-network",
+    )
+    # the record claims the plug-in: only the disk tells the truth
+    assert image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG in [p.kind for p in image.plugins]
+    deployment = await deploy(provisioning, md, create_request(image.name, S4, 1, "odd"))
+    (server_name,) = deployment.servers
+    assert NETWORK not in deployment.stages(server_name)
+    server = await get_server(provisioning, md, server_name)
+    assert server.state == ACTIVE
+    assert server.network_state == pb.NETWORK_STATE_DOWN
+    assert "bms-network-config" in server.state_reason and "modified" in server.state_reason
