@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := src/bms/.generated
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto install tools clean help
+.PHONY: run test lint proto install tools clean help bench
 
 help:
 	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
@@ -51,6 +51,10 @@ run: $(STUBS_STAMP) tools
 
 test: $(STUBS_STAMP) node_modules/.installed tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Data-plane benchmark against a bare gRPC baseline; QUICK=1 for the short run.
+bench: $(STUBS_STAMP) tools
+	$(BIN)/python -m bench.dataplane $(if $(QUICK),--quick,)
 
 lint: $(STUBS_STAMP) node_modules/.installed
 	npx buf lint

@@ -15,6 +15,8 @@ from .local import fsync_directory
 from .store import BlobStore
 
 _SUFFIX = ".part"
+#: Uploads are written back to disk in windows of this size as they arrive.
+WRITEBACK_WINDOW_BYTES = 16 * 1024 * 1024
 
 
 class StagedUpload:
@@ -36,11 +38,29 @@ class StagedUpload:
             remaining -= len(block)
         self._handle.seek(offset)
         self.size = offset
+        self._window_start = offset
+        self._previous_window: tuple[int, int] | None = None
 
     def write(self, chunk: bytes) -> None:
         self._handle.write(chunk)
         self.sha256.update(chunk)
         self.size += len(chunk)
+        if self.size - self._window_start >= WRITEBACK_WINDOW_BYTES:
+            self._write_back_window()
+
+    def _write_back_window(self) -> None:
+        """Starts writing the last window to disk and drops the window before
+        it (clean by now) from the page cache. Without this a multi-GiB upload
+        fills the page cache with dirty pages that the final fsync then writes
+        all at once, and filling fresh cache pages is what costs most here."""
+        self._handle.flush()
+        fd = self._handle.fileno()
+        length = self.size - self._window_start
+        os.posix_fadvise(fd, self._window_start, length, os.POSIX_FADV_DONTNEED)
+        if self._previous_window is not None:
+            os.posix_fadvise(fd, *self._previous_window, os.POSIX_FADV_DONTNEED)
+        self._previous_window = (self._window_start, length)
+        self._window_start = self.size
 
     def close(self) -> None:
         """Makes what was written durable (for a later resume) and closes."""

@@ -273,9 +273,7 @@ class ImageData:
 
     # -- download -----------------------------------------------------------
 
-    async def open_download(
-        self, caller: Caller, image_id: str, offset: int
-    ) -> tuple[Image, AsyncIterator[bytes]]:
+    async def _downloadable(self, caller: Caller, image_id: str) -> Image:
         image, membership = await self._catalog.get_with_membership(caller, image_id)
         rules.require_usable(caller, image, membership)
         if image.status is not ImageStatus.ACTIVE:
@@ -284,11 +282,17 @@ class ImageData:
                 f"images/{image_id} is {image.status.value}; only active images can be downloaded",
                 [PreconditionViolation("STATUS", f"images/{image_id}", image.status.value)],
             )
+        return image
+
+    async def open_download(
+        self, caller: Caller, image_id: str, offset: int
+    ) -> tuple[Image, AsyncIterator[bytes]]:
+        image = await self._downloadable(caller, image_id)
         if offset < 0 or offset > image.size_bytes:
             raise invalid_field("offset", f"must be between 0 and the size {image.size_bytes}")
-        return image, self._read(image_id, offset)
+        return image, self._read(caller, image_id, offset)
 
-    async def _read(self, image_id: str, offset: int) -> AsyncIterator[bytes]:
+    async def _read(self, caller: Caller, image_id: str, offset: int) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._blobs.read(image_id, offset, self.chunk_bytes):
                 yield chunk
@@ -296,6 +300,9 @@ class ImageData:
             raise DataLoss(
                 "IMAGE_DATA_MISSING", f"the stored bytes of images/{image_id} are missing"
             ) from None
+        # Checked again at the end: an image deleted, unshared or deactivated
+        # while it streamed must not end in a verified, usable download.
+        await self._downloadable(caller, image_id)
 
     # -- housekeeping -------------------------------------------------------
 

@@ -505,14 +505,24 @@ class Fleet:
     async def _capture(self, token: str, server_id: str, image_id: str) -> None:
         """Uploads the server's disk into the image through ImageService."""
         flat = self._root / f".capture-{image_id}.disk"
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                await self.release_capture(server_id)
+
         try:
             await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
-            await self._images.upload(image_id, flat, token)
+            # The server is let go once every byte is sent, before the image
+            # service can turn the image ACTIVE.
+            await self._images.upload(image_id, flat, token, before_end=release)
         except Exception:
             log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
         finally:
             await asyncio.to_thread(flat.unlink, missing_ok=True)
-            await self.release_capture(server_id)
+            await release()
 
     # -- power and deletion -------------------------------------------------
 

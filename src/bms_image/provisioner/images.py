@@ -117,8 +117,16 @@ class ImageSource:
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
 
-    async def upload(self, image_id: str, path: Path, token: str) -> image_pb2.Image:
-        """Streams a file into a QUEUED image through UploadImageData."""
+    async def upload(
+        self,
+        image_id: str,
+        path: Path,
+        token: str,
+        before_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> image_pb2.Image:
+        """Streams a file into a QUEUED image through UploadImageData;
+        `before_end` runs after the last byte is sent, before the stream ends
+        (and so before the image can become ACTIVE)."""
         size = await asyncio.to_thread(lambda: path.stat().st_size)
 
         async def messages() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
@@ -130,6 +138,8 @@ class ImageSource:
             with open(path, "rb") as handle:  # noqa: ASYNC230 - reads go to a thread below
                 while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES):
                     yield image_pb2.UploadImageDataRequest(chunk=chunk)
+            if before_end is not None:
+                await before_end()
 
         try:
             image: image_pb2.Image = await self._stub.UploadImageData(

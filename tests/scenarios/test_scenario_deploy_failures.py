@@ -1,0 +1,168 @@
+"""Scenario 4a, deployments that go wrong: image bytes that rotted in the
+blob store, an image deleted while it is being streamed, and a client that
+hangs up — which must not stop the work."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from scenario_support import (
+    ACTIVE,
+    ERROR,
+    FAILED,
+    LOCAL,
+    STAGE_ACTIVE,
+    STREAMING,
+    VALIDATING,
+    Code,
+    Events,
+    blob_path,
+    cache_dir,
+    cloud,
+    collect,
+    create_request,
+    disk_spec,
+    expect_error,
+    get_server,
+    image_id,
+    new_ssh_key,
+    overwrite,
+    pb,
+    server_dir,
+    stage_name,
+    upload_disk_image,
+    write_disk_file,
+)
+
+from bms.image.v1 import image_pb2
+
+MIB = 1024 * 1024
+
+
+async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
+    async with cloud(tmp_path) as c:
+        md = c.md("alpha")
+        disk = await asyncio.to_thread(
+            write_disk_file, tmp_path / "golden.disk", disk_spec(bulk_bytes=MIB)
+        )
+        image = await upload_disk_image(c, md, disk)
+        blob = blob_path(c.data_dir, image.name)
+        assert blob.stat().st_size == image.size_bytes
+        overwrite(blob, image.size_bytes // 2, b"\xde\xad\xbe\xef" * 64)  # bit rot
+        assert blob.stat().st_size == image.size_bytes
+
+        events = await collect(
+            c.provisioning.CreateServers(
+                create_request(image.name, 2, "rot", new_ssh_key().line, boot_source=LOCAL),
+                metadata=md,
+            )
+        )
+        assert len(events.servers) == 2
+        for name in events.servers:
+            stages = events.stages(name)
+            assert STAGE_ACTIVE not in stages, events.describe(name)
+            assert all(e.state != ACTIVE for e in events.by_server[name])
+            final = events.final(name)
+            assert final.stage == FAILED, events.describe(name)
+            assert final.state == ERROR
+            assert final.error_code == "DATA_LOSS", final
+            assert final.error_reason == "IMAGE_CHECKSUM_MISMATCH", final
+            assert image.sha256 in final.message or "SHA-256" in final.message, final.message
+            server = await get_server(c, md, name)
+            assert server.state == ERROR, server
+            assert server.state_reason, server
+            assert not (server_dir(c.data_dir, name) / "system.disk").exists()
+        # nothing unverified was kept for a later deployment
+        assert not list(cache_dir(c.data_dir).glob(f"{image_id(image.name)}*")), list(
+            cache_dir(c.data_dir).iterdir()
+        )
+
+
+async def test_image_deleted_while_streaming_fails_the_deployment(tmp_path: Path) -> None:
+    async with cloud(tmp_path) as c:
+        md = c.md("alpha")
+        disk = await asyncio.to_thread(
+            write_disk_file, tmp_path / "big.disk", disk_spec(bulk_bytes=200 * MIB, seed="big")
+        )
+        image = await upload_disk_image(c, md, disk, "big-golden")
+        disk.unlink()
+        assert image.size_bytes > 200 * MIB
+
+        call = c.provisioning.CreateServers(
+            create_request(image.name, 1, "doomed", boot_source=LOCAL), metadata=md
+        )
+        received = []
+        deleted = False
+
+        async def follow() -> None:
+            nonlocal deleted
+            async for event in call:
+                received.append(event)
+                if event.stage == STREAMING and not deleted:
+                    deleted = True
+                    assert event.bytes_done < event.bytes_total, event
+                    await c.images.DeleteImage(
+                        image_pb2.DeleteImageRequest(name=image.name), metadata=md
+                    )
+
+        await asyncio.wait_for(follow(), 60)
+        assert deleted, [stage_name(e.stage) for e in received]
+        events = Events(received)
+        (name,) = events.servers
+        final = events.final(name)
+        assert final.stage == FAILED, (
+            f"images/{image_id(image.name)} was deleted during IMAGE_STREAMING, yet the "
+            f"deployment ended {stage_name(final.stage)} ({final.message!r})"
+        )
+        assert STAGE_ACTIVE not in events.stages(name), events.describe(name)
+        assert final.state == ERROR
+        assert final.error_code in ("NOT_FOUND", "FAILED_PRECONDITION", "DATA_LOSS"), final
+        assert image_id(image.name) in final.message, final.message
+        server = await get_server(c, md, name)
+        assert server.state == ERROR, server
+        assert server.state_reason, server
+        await expect_error(
+            c.images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=md),
+            Code.NOT_FOUND,
+        )
+
+
+async def test_a_client_that_hangs_up_does_not_stop_the_deployment(tmp_path: Path) -> None:
+    async with cloud(tmp_path) as c:
+        md = c.md("alpha")
+        disk = await asyncio.to_thread(
+            write_disk_file, tmp_path / "mid.disk", disk_spec(bulk_bytes=24 * MIB, seed="mid")
+        )
+        image = await upload_disk_image(c, md, disk, "mid-golden")
+
+        call = c.provisioning.CreateServers(
+            create_request(image.name, 2, "orphan", boot_source=LOCAL), metadata=md
+        )
+        first = await asyncio.wait_for(call.read(), 30)
+        assert first.stage == VALIDATING, first
+        assert call.cancel()
+        assert await call.code() == grpc.StatusCode.CANCELLED
+        listing = await c.provisioning.ListServers(pb.ListServersRequest(), metadata=md)
+        mine = list(listing.servers)
+        assert len(mine) == 2
+        building = [s.name for s in mine if s.state == pb.SERVER_STATE_BUILDING]
+        assert building, mine  # the hang-up came while the work was going on
+
+        # WatchServer follows work in progress from its start, to the end
+        watched = await asyncio.gather(
+            *(
+                collect(c.provisioning.WatchServer(pb.WatchServerRequest(name=s.name),
+                                                   metadata=md))
+                for s in mine
+            )
+        )  # fmt: skip
+        for server, events in zip(mine, watched, strict=True):
+            assert events.servers == [server.name]
+            assert events.final(server.name).stage == STAGE_ACTIVE, events.describe(server.name)
+            if server.name in building:
+                assert events.stages(server.name)[0] == VALIDATING, events.describe(server.name)
+            done = await get_server(c, md, server.name)
+            assert done.state == ACTIVE, done
+            assert done.host_name.startswith("orphan-")

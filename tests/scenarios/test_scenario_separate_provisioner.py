@@ -1,0 +1,313 @@
+"""Scenario 5, the provisioner as its own process: `bms-image serve
+--provisioner none` and `bms-image provisioner --image-service ...` run as
+real processes sharing one data directory. Servers are deployed through the
+provisioner's port, which fetches images from the image service with the
+caller's own token; the image service's port has no ProvisioningService.
+Both stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from scenario_support import (
+    ACTIVE,
+    CENTOS,
+    STAGE_ACTIVE,
+    Code,
+    Events,
+    RichError,
+    cache_dir,
+    create_request,
+    decode,
+    disk_spec,
+    image_id,
+    new_ssh_key,
+    pb,
+    server_dir,
+    system_disk,
+    write_disk_file,
+)
+
+from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
+from bms_image import disks
+
+pytestmark = pytest.mark.e2e
+
+BMS_IMAGE = Path(sys.executable).parent / "bms-image"
+READY_LINE = "bms-image listening on "
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+IMAGE_SERVICE = "bms.image.v1.ImageService"
+PROVISIONING_SERVICE = "bms.image.v1.ProvisioningService"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def environ() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BMS_IMAGE_")}
+    env.update(BMS_IMAGE_CATALOG_IMAGE_MIB="1", BMS_IMAGE_SHUTDOWN_GRACE_SECONDS="2")
+    return env
+
+
+class Process:
+    """One bms-image subprocess; its output goes to files in the data dir."""
+
+    def __init__(self, name: str, argv: list[str], address: str, logs: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.address = address
+        self.stdout = logs / f"{name}.stdout"
+        self.stderr = logs / f"{name}.stderr"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return "\n".join(
+            f"--- {path.name} ---\n{path.read_text(errors='replace') if path.exists() else ''}"
+            for path in (self.stdout, self.stderr)
+        )
+
+    def start(self) -> Process:
+        assert BMS_IMAGE.exists(), f"no bms-image next to {sys.executable}"
+        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
+            self.popen = subprocess.Popen(
+                self.argv, env=environ(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while READY_LINE + self.address not in self.stdout.read_text(errors="replace"):
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.popen.returncode}\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{self.name} not ready after {READY_TIMEOUT}s\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def terminate(self) -> int:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT}s\n{self.output()}")
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Whatever a test started is killed at teardown if it is still running."""
+    started: list[Process] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+
+
+def cli_token(data_dir: Path, project: str) -> str:
+    argv = [str(BMS_IMAGE), "token", "--project", project, "--data-dir", str(data_dir)]
+    done = subprocess.run(
+        argv, env=environ(), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+    return done.stdout.strip()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def expect_error(call: Callable[[], Any], code: grpc.StatusCode, reason: str = "") -> RichError:
+    try:
+        response = call()
+    except grpc.RpcError as error:
+        rich = decode(error)
+    else:
+        raise AssertionError(f"expected {code.name}, got {response}")
+    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
+    if reason:
+        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
+    return rich
+
+
+def listed_services(channel: grpc.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names: set[str] = set()
+    for response in responses:
+        names.update(s.name for s in response.list_services_response.service)
+    return names
+
+
+def upload_private_image(images: image_pb2_grpc.ImageServiceStub, md: Any) -> image_pb2.Image:
+    """A small private CentOS image of model s4-2288h-v5, uploaded by `md`."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = write_disk_file(Path(directory) / "beta.disk", disk_spec(seed="beta"))
+        data = path.read_bytes()
+    created = images.CreateImage(
+        image_pb2.CreateImageRequest(
+            image=image_pb2.Image(
+                display_name="beta-golden",
+                os_type=image_pb2.OS_TYPE_LINUX,
+                os_distro="centos",
+                os_version="7.6",
+                architecture=image_pb2.ARCHITECTURE_X86_64,
+                hardware_model="s4-2288h-v5",
+                plugins=[
+                    image_pb2.Plugin(kind=image_pb2.PLUGIN_KIND_CLOUD_INIT, version="0.7.9"),
+                    image_pb2.Plugin(
+                        kind=image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG, version="2.1.3"
+                    ),
+                ],
+            )
+        ),
+        metadata=md,
+        timeout=10,
+    )
+    messages = [
+        image_pb2.UploadImageDataRequest(
+            metadata=image_pb2.UploadImageDataMetadata(
+                name=created.name, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+        ),
+        image_pb2.UploadImageDataRequest(chunk=data),
+    ]
+    active: image_pb2.Image = images.UploadImageData(iter(messages), metadata=md, timeout=30)
+    assert active.status == image_pb2.IMAGE_STATUS_ACTIVE, active
+    return active
+
+
+def test_provisioner_process_deploys_through_the_image_service_process(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    image_address = f"127.0.0.1:{free_port()}"
+    fleet_address = f"127.0.0.1:{free_port()}"
+    serve = Process(
+        "serve",
+        [str(BMS_IMAGE), "serve", "--provisioner", "none",
+         "--listen", image_address, "--data-dir", str(data_dir)],
+        image_address,
+        tmp_path,
+    )  # fmt: skip
+    processes.append(serve)
+    serve.start()
+    provisioner = Process(
+        "provisioner",
+        [str(BMS_IMAGE), "provisioner", "--image-service", image_address,
+         "--listen", fleet_address, "--data-dir", str(data_dir)],
+        fleet_address,
+        tmp_path,
+    )  # fmt: skip
+    processes.append(provisioner)
+    provisioner.start()
+
+    alpha = bearer(cli_token(data_dir, "alpha"))
+    beta = bearer(cli_token(data_dir, "beta"))
+    key = new_ssh_key()
+
+    with (
+        grpc.insecure_channel(image_address) as image_channel,
+        grpc.insecure_channel(fleet_address) as fleet_channel,
+    ):
+        images = image_pb2_grpc.ImageServiceStub(image_channel)
+        fleet = provisioning_pb2_grpc.ProvisioningServiceStub(fleet_channel)
+
+        # each port offers exactly its own service
+        on_image_port = listed_services(image_channel)
+        assert IMAGE_SERVICE in on_image_port, on_image_port
+        assert PROVISIONING_SERVICE not in on_image_port, on_image_port
+        on_fleet_port = listed_services(fleet_channel)
+        assert PROVISIONING_SERVICE in on_fleet_port, on_fleet_port
+        assert IMAGE_SERVICE not in on_fleet_port, on_fleet_port
+        wrong_port = provisioning_pb2_grpc.ProvisioningServiceStub(image_channel)
+        try:
+            wrong_port.ListFlavors(pb.ListFlavorsRequest(), metadata=alpha, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == Code.UNIMPLEMENTED, error
+        else:
+            raise AssertionError("the image service's port answered ProvisioningService")
+
+        # two servers through the provisioner, followed to ACTIVE
+        stream = fleet.CreateServers(
+            create_request(CENTOS, 2, "remote", key.line), metadata=alpha, timeout=60
+        )
+        events = Events(list(stream))
+        assert len(events.servers) == 2, events.servers
+        for name in events.servers:
+            assert events.final(name).stage == STAGE_ACTIVE, events.describe(name)
+            server = fleet.GetServer(pb.GetServerRequest(name=name), metadata=alpha, timeout=10)
+            assert server.state == ACTIVE, server
+            assert server.project == "alpha"
+            assert server.image == CENTOS
+            assert server.ssh_key_fingerprint == key.fingerprint
+            disk = system_disk(data_dir, name)
+            assert server_dir(data_dir, name).is_dir()
+            assert disks.read_file(disk, "etc/hostname") == f"{server.host_name}\n".encode()
+            assert disks.read_file(disk, "root/.ssh/authorized_keys") == key.line.encode() + b"\n"
+        assert sorted(
+            fleet.GetServer(pb.GetServerRequest(name=n), metadata=alpha).host_name
+            for n in events.servers
+        ) == ["remote-1", "remote-2"]
+        assert len(list(cache_dir(data_dir).glob(f"{image_id(CENTOS)}-*.raw"))) == 1
+
+        # a private image of beta's: alpha's token is passed on, so NOT_FOUND
+        private = upload_private_image(images, beta)
+        expect_error(
+            lambda: list(
+                fleet.CreateServers(create_request(private.name, 1, "thief"), metadata=alpha,
+                                    timeout=30)
+            ),
+            Code.NOT_FOUND,
+        )  # fmt: skip
+        expect_error(
+            lambda: images.GetImage(
+                image_pb2.GetImageRequest(name=private.name), metadata=alpha, timeout=10
+            ),
+            Code.NOT_FOUND,
+        )
+        listing = fleet.ListServers(pb.ListServersRequest(), metadata=alpha, timeout=10)
+        assert sorted(s.name for s in listing.servers) == sorted(events.servers)
+        # while beta, its owner, deploys it through the same provisioner
+        owned = Events(
+            list(
+                fleet.CreateServers(
+                    create_request(private.name, 1, "owner"), metadata=beta, timeout=60
+                )
+            )
+        )
+        (beta_server,) = owned.servers
+        final = owned.final(beta_server)
+        assert final.stage == STAGE_ACTIVE, owned.describe(beta_server)
+        expect_error(
+            lambda: fleet.GetServer(pb.GetServerRequest(name=beta_server), metadata=alpha,
+                                    timeout=10),
+            Code.NOT_FOUND,
+        )  # fmt: skip
+
+    assert provisioner.terminate() == 0, provisioner.output()
+    assert serve.terminate() == 0, serve.output()
