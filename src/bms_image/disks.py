@@ -223,6 +223,11 @@ def _archive_members(layer: Path, offset: int) -> list[tarfile.TarInfo]:
             return archive.getmembers()
 
 
+def partition_layout(path: Path) -> list[tuple[str, str, int]]:
+    """(name, mount, size) of every partition, in disk order. Blocking."""
+    return [(p["name"], p["mount"], p["size"]) for _, p in _partitions(path)]
+
+
 def list_files(path: Path) -> dict[str, int]:
     """Every file on the disk and its size; later partitions win. Blocking."""
     files: dict[str, int] = {}

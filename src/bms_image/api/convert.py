@@ -122,6 +122,10 @@ def image_to_proto(
         update_time=_timestamp(image.update_time),
         etag=image.etag,
         uploaded_bytes=image.uploaded_bytes,
+        partitions=[
+            image_pb2.Partition(name=p.name, mount=p.mount, size_bytes=p.size_bytes)
+            for p in image.partitions
+        ],
     )
 
 

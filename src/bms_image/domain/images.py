@@ -217,6 +217,7 @@ class ImageCatalog:
             )
             image = self._validated_image(caller, described, ImageType.PRIVATE, request_id or None)
             image.source_server = f"servers/{server_id}"
+            image.partitions = list(source.partitions)
             created = await self._images.create_private(image, self._quota)
         except BaseException:
             await self._captures.release_capture(server_id)

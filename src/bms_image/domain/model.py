@@ -85,6 +85,15 @@ class Plugin:
 
 
 @dataclass(frozen=True)
+class Partition:
+    """A partition of a system disk (the layout a user chose)."""
+
+    name: str
+    mount: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
 class Flavor:
     """A bare-metal hardware offering and the public images it supports."""
 
@@ -123,6 +132,7 @@ class Image:
     hardware_model: str = ""
     supported_flavors: list[str] = field(default_factory=list)
     plugins: list[Plugin] = field(default_factory=list)
+    partitions: list[Partition] = field(default_factory=list)
     source_server: str = ""
     tags: list[str] = field(default_factory=list)
     protected: bool = False

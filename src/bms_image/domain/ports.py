@@ -7,7 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .model import Caller, DiskFormat, Flavor, Image, ImageStatus, Member, MemberStatus, Plugin
+from .model import (
+    Caller,
+    DiskFormat,
+    Flavor,
+    Image,
+    ImageStatus,
+    Member,
+    MemberStatus,
+    Partition,
+    Plugin,
+)
 from .query import ImageQuery
 
 
@@ -103,6 +113,7 @@ class CaptureSource:
     os_version: str
     architecture: str
     plugins: list[Plugin]
+    partitions: list[Partition]
 
 
 class CaptureProvider(Protocol):

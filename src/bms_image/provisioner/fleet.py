@@ -26,7 +26,7 @@ from ..domain.errors import (
     QuotaViolation,
 )
 from ..domain.flavors import FlavorCatalog
-from ..domain.model import Caller, Flavor, Image, PluginKind
+from ..domain.model import Caller, Flavor, Image, Partition, PluginKind
 from ..domain.paging import PageTokens, page_size_or_default
 from ..domain.ports import CaptureSource
 from ..domain.servers import (
@@ -477,6 +477,7 @@ class Fleet:
                 [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
             )
         release = await asyncio.to_thread(disks.os_release, disk)
+        layout = await asyncio.to_thread(disks.partition_layout, disk)
         claimed = await self._servers.transition(
             server.id, {ServerState.STOPPED}, {"task": "capture"}, task=""
         )
@@ -492,6 +493,7 @@ class Fleet:
             os_version=release.get("VERSION_ID", ""),
             architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
             plugins=intact_plugins(states),
+            partitions=[Partition(name, mount, size) for name, mount, size in layout],
         )
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:

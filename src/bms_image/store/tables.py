@@ -61,6 +61,7 @@ class ImageRow(Base):
     status_reason: Mapped[str] = mapped_column(Text, default="")
     hardware_model: Mapped[str] = mapped_column(String(64), default="")
     plugins: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    partitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     source_server: Mapped[str] = mapped_column(String(80), default="")
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     deprecated: Mapped[bool] = mapped_column(Boolean, default=False)
