@@ -52,9 +52,11 @@ run: $(STUBS_STAMP) tools
 test: $(STUBS_STAMP) node_modules/.installed tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Data-plane benchmark against a bare gRPC baseline; QUICK=1 for the short run.
+# Data-plane benchmark against a bare gRPC baseline, then the deployment
+# benchmark (local disk vs EVS, batch of 50); QUICK=1 for the short runs.
 bench: $(STUBS_STAMP) tools
 	$(BIN)/python -m bench.dataplane $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.deploy $(if $(QUICK),--quick,)
 
 lint: $(STUBS_STAMP) node_modules/.installed
 	npx buf lint

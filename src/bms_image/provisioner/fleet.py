@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import disks
 from ..api.convert import image_from_proto
+from ..blobs.staging import copy_written_back
 from ..domain.errors import (
     DomainError,
     FailedPrecondition,
@@ -341,7 +342,7 @@ class Fleet:
             )  # fmt: skip
         else:
             staged = directory / "system.disk.new"
-            await asyncio.to_thread(shutil.copyfile, cached, staged)
+            await asyncio.to_thread(copy_written_back, cached, staged)
             await self._event(
                 server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
                 bytes_done=size, bytes_total=size,
