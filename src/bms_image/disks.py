@@ -49,10 +49,6 @@ def plugin_content(plugin: Plugin) -> bytes:
     return f"#!bms-plugin {plugin.kind.value} {plugin.version}\n".encode() + body
 
 
-def known_good_sha256(plugin: Plugin) -> str:
-    return hashlib.sha256(plugin_content(plugin)).hexdigest()
-
-
 class _PseudoRandom(io.RawIOBase):
     """Deterministic incompressible bytes, produced as they are read."""
 

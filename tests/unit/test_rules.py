@@ -284,7 +284,6 @@ def test_min_disk_gb_bounds(value: int, ok: bool) -> None:
             ["", "CentOS", "-x", "a b", "x" * 33],
         ),
         (rules.PROJECT_PATTERN, ["alpha", "p-1", "a_b", "ab"], ["a", "Alpha", "-ab", "x" * 65]),
-        (rules.HARDWARE_MODEL_PATTERN, ["s4-2288h-v5", "x"], ["", "S4", "a/b"]),
     ],
     ids=["os_word", "project", "hardware_model"],
 )

@@ -129,6 +129,20 @@ class DeployRequest:
     data_disks_gb: list[int] = field(default_factory=list)
 
 
+def first_boot_violations(ssh_public_key: str, user_data: str) -> list[FieldViolation]:
+    """What is wrong with the key and user data Cloud-Init will apply."""
+    violations: list[FieldViolation] = []
+    if ssh_public_key and not _is_ssh_public_key(ssh_public_key):
+        violations.append(
+            FieldViolation("ssh_public_key", "must be an OpenSSH public key (ssh-ed25519 AAAA...)")
+        )
+    if len(user_data.encode()) > MAX_USER_DATA_BYTES:
+        violations.append(FieldViolation("user_data", "is larger than 32 KiB"))
+    if "\x00" in user_data:
+        violations.append(FieldViolation("user_data", "must not contain NUL characters"))
+    return violations
+
+
 def validate_deploy_request(request: DeployRequest) -> None:
     violations: list[FieldViolation] = []
     if not 1 <= request.count <= MAX_BATCH:
@@ -137,20 +151,13 @@ def validate_deploy_request(request: DeployRequest) -> None:
         violations.append(
             FieldViolation("name_prefix", "must be 1-48 lower-case letters, digits and '-'")
         )
-    if request.ssh_public_key and not _is_ssh_public_key(request.ssh_public_key):
-        violations.append(
-            FieldViolation("ssh_public_key", "must be an OpenSSH public key (ssh-ed25519 AAAA...)")
-        )
-    if len(request.user_data.encode()) > MAX_USER_DATA_BYTES:
-        violations.append(FieldViolation("user_data", "is larger than 32 KiB"))
     if len(request.data_disks_gb) > MAX_DATA_DISKS or any(
         not 1 <= size <= MAX_DATA_DISK_GB for size in request.data_disks_gb
     ):
         violations.append(
             FieldViolation("data_disks_gb", f"at most {MAX_DATA_DISKS} disks of 1 to 65536 GiB")
         )
-    if "\x00" in request.user_data:
-        violations.append(FieldViolation("user_data", "must not contain NUL characters"))
+    violations += first_boot_violations(request.ssh_public_key, request.user_data)
     raise_if_invalid(violations, "INVALID_DEPLOYMENT")
 
 

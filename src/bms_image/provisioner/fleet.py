@@ -30,6 +30,7 @@ from ..domain.flavors import FlavorCatalog
 from ..domain.model import Caller, Flavor, Image, Partition, PluginKind
 from ..domain.paging import PageTokens, page_size_or_default
 from ..domain.ports import CaptureSource
+from ..domain.rules import raise_if_invalid
 from ..domain.servers import (
     BootSource,
     DeployRequest,
@@ -39,6 +40,7 @@ from ..domain.servers import (
     ServerEvent,
     ServerState,
     choose_boot_source,
+    first_boot_violations,
     require_cloud_init_for_key,
     require_deployable,
     require_server_transition,
@@ -205,9 +207,7 @@ class Fleet:
         """Rewrites the system disk of a stopped server (or one whose last
         reinstall failed) from its image or another compatible one; data disks
         keep their content and Cloud-Init runs again."""
-        validate_deploy_request(
-            DeployRequest("", "", 1, "x", ssh_public_key=ssh_public_key, user_data=user_data)
-        )
+        raise_if_invalid(first_boot_violations(ssh_public_key, user_data), "INVALID_REINSTALL")
         server = await self.get(caller, server_id)
         require_server_transition(server, ServerState.REBUILDING)
         flavor = self._flavors.get(server.flavor)
