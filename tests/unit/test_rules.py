@@ -285,7 +285,7 @@ def test_min_disk_gb_bounds(value: int, ok: bool) -> None:
         ),
         (rules.PROJECT_PATTERN, ["alpha", "p-1", "a_b", "ab"], ["a", "Alpha", "-ab", "x" * 65]),
     ],
-    ids=["os_word", "project", "hardware_model"],
+    ids=["os_word", "project"],
 )
 def test_word_patterns(pattern: object, good: list[str], bad: list[str]) -> None:
     for value in good:
