@@ -269,7 +269,11 @@ def cache_files(data_dir: Path, image: str) -> list[Path]:
 
 
 async def run(
-    plan: Plan, workdir: Path, server: ServerProcess, server_pin: set[int] | None
+    plan: Plan,
+    workdir: Path,
+    server: ServerProcess,
+    server_pin: set[int] | None,
+    provisioner: tuple[ServerProcess, set[int] | None] | None = None,
 ) -> dict[str, Any]:
     env = server_env(workdir)
     data_dir = workdir / "data"
@@ -281,14 +285,21 @@ async def run(
         building.cancel()
         raise
     digest, size, build_seconds = await building
+    fleet_address = server.address
+    if provisioner is not None:  # the fleet as its own process, on the client's idle core
+        await wait_listening(provisioner[0], "bms-image listening on", provisioner[1])
+        fleet_address = provisioner[0].address
     print(f"  image file: {size} bytes ({_human(plan.size)} bulk), built and hashed "
           f"in {build_seconds:.1f} s (while the service started)")  # fmt: skip
     token = await issue_token(env, data_dir)
     metadata: Metadata = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(server.address, options=CLIENT_OPTIONS) as channel:
+    async with (
+        grpc.aio.insecure_channel(server.address, options=CLIENT_OPTIONS) as channel,
+        grpc.aio.insecure_channel(fleet_address, options=CLIENT_OPTIONS) as fleet_channel,
+    ):
         client = Client(
             image_pb2_grpc.ImageServiceStub(channel),
-            provisioning_pb2_grpc.ProvisioningServiceStub(channel),
+            provisioning_pb2_grpc.ProvisioningServiceStub(fleet_channel),
             metadata,
             server,
         )
@@ -413,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-pin", action="store_true", help="let the scheduler place client and server"
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="run the fleet as its own process (bms-image provisioner) on the client's core",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     plan = Plan(
@@ -439,12 +455,25 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        server = launch(
-            "ours", [str(BIN / "bms-image"), "serve"], server_env(workdir),
-            workdir / "ours.log", server_pin,
-        )  # fmt: skip
+        serve = [str(BIN / "bms-image"), "serve"] + (
+            ["--provisioner", "none"] if args.split else []
+        )
+        server = launch("ours", serve, server_env(workdir), workdir / "ours.log", server_pin)
         servers.append(server)
-        figures = asyncio.run(run(plan, workdir, server, server_pin))
+        provisioner = None
+        if args.split:
+            fleet_pin = client_cpus if pinning else None
+            # The provisioner needs the image service's address to start.
+            asyncio.run(wait_listening(server, "bms-image listening on", server_pin))
+            fleet = launch(
+                "fleet",
+                [str(BIN / "bms-image"), "provisioner", "--image-service", server.address,
+                 "--listen", "127.0.0.1:0"],
+                server_env(workdir), workdir / "fleet.log", fleet_pin,
+            )  # fmt: skip
+            servers.append(fleet)
+            provisioner = (fleet, fleet_pin)
+        figures = asyncio.run(run(plan, workdir, server, server_pin, provisioner))
     except KeyboardInterrupt:
         print("interrupted: server stopped, work dir removed", file=sys.stderr)
         return 130
@@ -462,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = verdicts(figures)
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mode": plan.mode,
+        "mode": plan.mode + (" split" if args.split else ""),
         "machine": host,
         "plan": {**asdict(plan), "flavor": FLAVOR, "hardware_model": HARDWARE_MODEL,
                  "download_repeats": DOWNLOAD_REPEATS, "mb": "10^6 bytes"},
