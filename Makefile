@@ -60,7 +60,7 @@ bench: $(STUBS_STAMP) tools
 
 lint: $(STUBS_STAMP) node_modules/.installed
 	npx buf lint
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 clean:
