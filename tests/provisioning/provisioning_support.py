@@ -13,7 +13,7 @@ import hashlib
 import json
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,6 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from bms.image.v1 import (
     image_pb2,
@@ -40,6 +38,7 @@ from bms_image.catalog.seed import public_image_id
 from bms_image.config import Settings
 from bms_image.disks import DiskSpec
 from bms_image.domain.model import Plugin, PluginKind
+from helpers import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401 - re-exported for this folder's tests
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -48,7 +47,6 @@ ProvisioningStub = provisioning_pb2_grpc.ProvisioningServiceStub
 Code = grpc.StatusCode
 pb = provisioning_pb2
 
-ERROR_DOMAIN = "image.bms.cloud"
 
 S4 = "physical.s4.large"  # s4-2288h-v5, evs_boot
 H2 = "physical.h2.large"  # h2-rh2288-v3, no evs_boot
@@ -130,89 +128,6 @@ async def serving(settings: Settings) -> AsyncIterator[Serving]:
 
 
 # -- errors ----------------------------------------------------------------------
-
-
-@dataclass
-class RichError:
-    """A failed call with its decoded google.rpc.Status details."""
-
-    error: grpc.aio.AioRpcError
-    status: status_pb2.Status
-    info: error_details_pb2.ErrorInfo
-    bad_request: error_details_pb2.BadRequest | None = None
-    precondition_failure: error_details_pb2.PreconditionFailure | None = None
-
-    @property
-    def code(self) -> grpc.StatusCode:
-        return self.error.code()
-
-    @property
-    def reason(self) -> str:
-        return self.info.reason
-
-    @property
-    def message(self) -> str:
-        return self.error.details() or ""
-
-    @property
-    def fields(self) -> list[str]:
-        assert self.bad_request is not None
-        return [v.field for v in self.bad_request.field_violations]
-
-
-def decode(error: grpc.aio.AioRpcError) -> RichError:
-    """Decodes and checks a rich status: exactly one ErrorInfo of our domain,
-    a BadRequest with INVALID_ARGUMENT, and no traceback anywhere."""
-    code = error.code()
-    assert code not in (Code.INTERNAL, Code.UNKNOWN), (
-        f"the service failed with {code.name}: {error.details()}"
-    )
-    assert "Traceback" not in (error.details() or "")
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"{code.name} without google.rpc.Status: {error.details()}"
-    assert status.code == code.value[0]
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
-    assert len(infos) == 1, f"expected exactly one ErrorInfo, got {status.details}"
-    info = error_details_pb2.ErrorInfo()
-    infos[0].Unpack(info)
-    assert info.domain == ERROR_DOMAIN
-    assert info.reason and info.reason == info.reason.upper()
-    rich = RichError(error=error, status=status, info=info)
-    for packed in status.details:
-        if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            rich.bad_request = error_details_pb2.BadRequest()
-            packed.Unpack(rich.bad_request)
-        if packed.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            rich.precondition_failure = error_details_pb2.PreconditionFailure()
-            packed.Unpack(rich.precondition_failure)
-    if code == Code.INVALID_ARGUMENT:
-        assert rich.bad_request is not None, "INVALID_ARGUMENT without google.rpc.BadRequest"
-        assert rich.bad_request.field_violations
-    return rich
-
-
-async def outcome(call: Awaitable[Any]) -> tuple[Any, RichError | None]:
-    """(response, None) or (None, decoded error)."""
-    try:
-        return await call, None
-    except grpc.aio.AioRpcError as error:
-        return None, decode(error)
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str = "") -> RichError:
-    """Awaits a call that must fail with `code` (and `reason`, when given)."""
-    response, rich = await outcome(call)
-    assert rich is not None, f"expected {code.name}, the call succeeded: {response}"
-    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
-    if reason:
-        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
-    return rich
-
-
-async def expect_invalid(call: Awaitable[Any], field: str) -> RichError:
-    rich = await expect_error(call, Code.INVALID_ARGUMENT)
-    assert field in rich.fields, f"expected a violation of {field!r}, got {rich.fields}"
-    return rich
 
 
 # -- SSH keys --------------------------------------------------------------------

@@ -19,20 +19,17 @@ import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
 from bms_image.api.server import RunningService, start
 from bms_image.config import Settings
-from helpers import make_settings
+from helpers import RichError, decode, expect_error, expect_invalid, make_settings, outcome  # noqa: F401 - re-exported for this folder's tests
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
 SharingStub = sharing_pb2_grpc.SharingServiceStub
 Code = grpc.StatusCode
 
-ERROR_DOMAIN = "image.bms.cloud"
 S4_MODEL = "s4-2288h-v5"
 
 PENDING = sharing_pb2.MEMBER_STATUS_PENDING
@@ -125,105 +122,7 @@ async def serving(settings: Settings) -> AsyncIterator[Serving]:
 # -- errors ----------------------------------------------------------------------
 
 
-@dataclass
-class RichError:
-    """A failed call with its decoded google.rpc.Status details."""
-
-    error: grpc.aio.AioRpcError
-    status: status_pb2.Status
-    info: error_details_pb2.ErrorInfo
-    bad_request: error_details_pb2.BadRequest | None = None
-    quota_failure: error_details_pb2.QuotaFailure | None = None
-    precondition_failure: error_details_pb2.PreconditionFailure | None = None
-
-    @property
-    def code(self) -> grpc.StatusCode:
-        return self.error.code()
-
-    @property
-    def reason(self) -> str:
-        return self.info.reason
-
-    @property
-    def message(self) -> str:
-        return self.error.details() or ""
-
-    @property
-    def fields(self) -> list[str]:
-        assert self.bad_request is not None
-        return [v.field for v in self.bad_request.field_violations]
-
-    def everything(self) -> str:
-        """All the caller learns from this error, as text: for leak checks."""
-        return "\n".join(
-            [self.message, str(self.status), str(self.error.trailing_metadata() or "")]
-        )
-
-
-def decode(error: grpc.aio.AioRpcError) -> RichError:
-    """Decodes and checks a rich status: exactly one ErrorInfo of our domain,
-    the detail each code promises, and no traceback anywhere."""
-    code = error.code()
-    assert code not in (Code.INTERNAL, Code.UNKNOWN), (
-        f"the service failed with {code.name}: {error.details()}"
-    )
-    assert "Traceback" not in (error.details() or "")
-    assert "Traceback" not in (error.debug_error_string() or "")
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"{code.name} without google.rpc.Status: {error.details()}"
-    assert status.code == code.value[0]
-    assert status.message == error.details()
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
-    assert len(infos) == 1, f"expected exactly one ErrorInfo, got {status.details}"
-    info = error_details_pb2.ErrorInfo()
-    infos[0].Unpack(info)
-    assert info.domain == ERROR_DOMAIN
-    assert info.reason and info.reason == info.reason.upper()
-    rich = RichError(error=error, status=status, info=info)
-    for packed in status.details:
-        for attribute, message_type in (
-            ("bad_request", error_details_pb2.BadRequest),
-            ("quota_failure", error_details_pb2.QuotaFailure),
-            ("precondition_failure", error_details_pb2.PreconditionFailure),
-        ):
-            if packed.Is(message_type.DESCRIPTOR):
-                message = message_type()
-                packed.Unpack(message)
-                setattr(rich, attribute, message)
-    if code == Code.INVALID_ARGUMENT:
-        assert rich.bad_request is not None, "INVALID_ARGUMENT without google.rpc.BadRequest"
-        assert rich.bad_request.field_violations
-    if code == Code.RESOURCE_EXHAUSTED:
-        assert rich.quota_failure is not None, "RESOURCE_EXHAUSTED without QuotaFailure"
-        assert rich.quota_failure.violations
-    # FAILED_PRECONDITION carries a PreconditionFailure only where the domain
-    # names the violated condition (not every one does; the proto promises
-    # only ErrorInfo): the tests check it where it matters.
-    return rich
-
-
-async def outcome(call: Awaitable[Any]) -> tuple[Any, RichError | None]:
-    """(response, None) or (None, decoded error)."""
-    try:
-        return await call, None
-    except grpc.aio.AioRpcError as error:
-        return None, decode(error)
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str = "") -> RichError:
-    """Awaits a call that must fail with `code` (and `reason`, when given)."""
-    response, rich = await outcome(call)
-    assert rich is not None, f"expected {code.name}, the call succeeded: {response}"
-    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
-    if reason:
-        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
-    return rich
-
-
-async def expect_invalid(call: Awaitable[Any], field: str) -> RichError:
-    rich = await expect_error(call, Code.INVALID_ARGUMENT)
-    assert field in rich.fields, f"expected a violation of {field!r}, got {rich.fields}"
-    return rich
+# Error decoding lives in helpers (shared by every test folder).
 
 
 # -- images ----------------------------------------------------------------------
