@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import jwt
 
@@ -17,12 +18,15 @@ KNOWN_ROLES = frozenset({"admin"})
 
 
 class TokenAuthority:
-    """Issues and verifies tokens with one shared secret."""
+    """Issues tokens with the current secret and verifies them with it or,
+    during a key rotation, with any of the previous secrets still accepted."""
 
-    def __init__(self, secret: str) -> None:
-        if len(secret) < 32:
-            raise ValueError("the token secret must be at least 32 characters")
+    def __init__(self, secret: str, previous: Sequence[str] = ()) -> None:
+        for candidate in (secret, *previous):
+            if len(candidate) < 32:
+                raise ValueError("every token secret must be at least 32 characters")
         self._secret = secret
+        self._keys = (secret, *(key for key in previous if key != secret))
 
     def issue(
         self, project: str, admin: bool = False, ttl_seconds: int = DEFAULT_TTL_SECONDS
@@ -43,13 +47,7 @@ class TokenAuthority:
 
     def verify(self, token: str) -> Caller:
         try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                issuer=ISSUER,
-                options={"require": ["exp", "iat", "sub", "iss"]},
-            )
+            claims = self._decode(token)
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("TOKEN_EXPIRED", "the token has expired; get a new one") from None
         except jwt.InvalidSignatureError:
@@ -64,6 +62,26 @@ class TokenAuthority:
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthenticated("TOKEN_INVALID", "the token's roles must be a list of strings")
         return Caller(project=project, roles=frozenset(roles) & KNOWN_ROLES)
+
+    def _decode(self, token: str) -> dict[str, object]:
+        """The claims, checked with the first key whose signature matches."""
+        for key in self._keys[:-1]:
+            try:
+                return self._decode_with(token, key)
+            except jwt.InvalidSignatureError:
+                continue
+        return self._decode_with(token, self._keys[-1])
+
+    @staticmethod
+    def _decode_with(token: str, key: str) -> dict[str, object]:
+        claims: dict[str, object] = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
+            options={"require": ["exp", "iat", "sub", "iss"]},
+        )
+        return claims
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -40,6 +40,19 @@ class Settings:
     provisioner: str = "embedded"
     #: For `bms-image provisioner`: the ImageService it fetches images from.
     image_service: str = ""
+    #: Secrets that signed tokens before the current one and are still
+    #: accepted (comma-separated): the window of a token key rotation.
+    token_previous_secrets: str = ""
+    #: TLS for the listening port: PEM certificate chain and private key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Mutual TLS: clients must present a certificate signed by this CA.
+    tls_client_ca_file: str = ""
+    #: The provisioner's channel to the ImageService: the CA that signed its
+    #: certificate (TLS when set) and, for mutual TLS, its own certificate.
+    image_service_ca_file: str = ""
+    image_service_cert_file: str = ""
+    image_service_key_file: str = ""
 
     @classmethod
     def from_env(
@@ -59,6 +72,9 @@ class Settings:
         """Fills derived defaults: the SQLite file and the token secret live in data_dir."""
         database_url = self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'bms-image.db'}"
         return replace(self, database_url=database_url, token_secret=self.secret())
+
+    def previous_token_secrets(self) -> tuple[str, ...]:
+        return tuple(key.strip() for key in self.token_previous_secrets.split(",") if key.strip())
 
     def secret(self) -> str:
         if self.token_secret:
@@ -99,4 +115,11 @@ _CASTERS: dict[str, Any] = {
     "s3_prefix": str,
     "provisioner": str,
     "image_service": str,
+    "token_previous_secrets": str,
+    "tls_cert_file": str,
+    "tls_key_file": str,
+    "tls_client_ca_file": str,
+    "image_service_ca_file": str,
+    "image_service_cert_file": str,
+    "image_service_key_file": str,
 }

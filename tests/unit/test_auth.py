@@ -190,3 +190,40 @@ def test_malformed_authorization(header: str) -> None:
 def test_bearer_token_then_verify() -> None:
     token = AUTHORITY.issue("alpha", admin=True)
     assert AUTHORITY.verify(bearer_token(f"Bearer {token}")).is_admin
+
+
+# -- key rotation --------------------------------------------------------------
+
+NEW_SECRET = "rotated-test-secret-" + "n" * 50
+
+
+def test_during_a_rotation_tokens_of_the_previous_key_stay_valid() -> None:
+    rotating = TokenAuthority(NEW_SECRET, previous=[SECRET])
+    assert rotating.verify(AUTHORITY.issue("alpha")).project == "alpha"
+    assert rotating.verify(rotating.issue("beta")).project == "beta"
+
+
+def test_new_tokens_are_signed_with_the_new_key_only() -> None:
+    token = TokenAuthority(NEW_SECRET, previous=[SECRET]).issue("alpha")
+    assert TokenAuthority(NEW_SECRET).verify(token).project == "alpha"
+    with pytest.raises(Unauthenticated) as caught:
+        AUTHORITY.verify(token)
+    assert caught.value.reason == "TOKEN_INVALID_SIGNATURE"
+
+
+def test_after_the_window_the_previous_key_is_refused() -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        TokenAuthority(NEW_SECRET).verify(AUTHORITY.issue("alpha"))
+    assert caught.value.reason == "TOKEN_INVALID_SIGNATURE"
+
+
+def test_an_expired_token_of_the_previous_key_is_reported_as_expired() -> None:
+    expired = AUTHORITY.issue("alpha", ttl_seconds=-120)
+    with pytest.raises(Unauthenticated) as caught:
+        TokenAuthority(NEW_SECRET, previous=[SECRET]).verify(expired)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+
+
+def test_every_accepted_key_must_be_long_enough() -> None:
+    with pytest.raises(ValueError, match="at least 32"):
+        TokenAuthority(NEW_SECRET, previous=["short"])

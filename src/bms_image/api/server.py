@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shutil
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from .guard import CallGuard
 from .images import ImageServicer
 from .provisioning import ProvisioningServicer
 from .sharing import SharingServicer
+from .tls import image_service_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +120,19 @@ async def start_fleet(
     flavors: FlavorCatalog,
     page_tokens: PageTokens,
     image_service: str,
+    credentials: grpc.ChannelCredentials | None,
     closing: AsyncExitStack,
 ) -> Fleet:
     """The provisioner. It reaches images only through ImageService: over a
-    loopback channel to this very server when embedded, or to another process."""
-    channel = grpc.aio.insecure_channel(
-        image_service,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ],
+    private socket of this very server when embedded, or to another process."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    channel = (
+        grpc.aio.insecure_channel(image_service, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(image_service, credentials, options=options)
     )
     closing.push_async_callback(channel.close)
     fleet = Fleet(
@@ -183,7 +189,7 @@ async def start(settings: Settings) -> RunningService:
     recovered = await data.recover()
     if any(recovered.values()):
         log.info("recovered after restart: %s", recovered)
-    authority = TokenAuthority(settings.secret())
+    authority = _authority(settings)
 
     server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
     image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
@@ -196,9 +202,8 @@ async def start(settings: Settings) -> RunningService:
     port = await _listen(server, settings, database, closing)
     services = [IMAGE_SERVICE, SHARING_SERVICE]
     if settings.provisioner == "embedded":
-        fleet = await start_fleet(
-            settings, database, flavors, page_tokens, f"127.0.0.1:{port}", closing
-        )
+        loopback = _private_socket(server, closing)
+        fleet = await start_fleet(settings, database, flavors, page_tokens, loopback, None, closing)
         catalog.attach_captures(fleet)
         provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
             ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
@@ -217,13 +222,32 @@ async def start(settings: Settings) -> RunningService:
 async def _listen(
     server: grpc.aio.Server, settings: Settings, database: Database, closing: AsyncExitStack
 ) -> int:
-    """Binds the port; on failure releases what was opened and says why."""
+    """Binds the port (TLS when configured); on failure releases what was
+    opened and says why."""
     try:
-        return int(server.add_insecure_port(settings.listen))
+        credentials = server_credentials(settings)
+        if credentials is None:
+            return int(server.add_insecure_port(settings.listen))
+        return int(server.add_secure_port(settings.listen, credentials))
     except RuntimeError as error:
         await closing.aclose()
         await database.close()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+
+
+def _private_socket(server: grpc.aio.Server, closing: AsyncExitStack) -> str:
+    """A Unix socket only this user can reach (a fresh 0700 directory), for
+    the embedded provisioner: it needs no certificate when the public port
+    requires one, and skips TCP. Callers on it still need a valid token."""
+    directory = tempfile.mkdtemp(prefix="bms-image-")
+    closing.callback(shutil.rmtree, directory, ignore_errors=True)
+    target = f"unix:{directory}/image-service.sock"
+    server.add_insecure_port(target)
+    return target
+
+
+def _authority(settings: Settings) -> TokenAuthority:
+    return TokenAuthority(settings.secret(), settings.previous_token_secrets())
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
@@ -258,10 +282,16 @@ async def start_provisioner(settings: Settings) -> RunningService:
     flavor_repository = SqlFlavorRepository(database)
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
     page_tokens = _page_tokens(settings)
-    authority = TokenAuthority(settings.secret())
+    authority = _authority(settings)
     server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
     fleet = await start_fleet(
-        settings, database, flavors, page_tokens, settings.image_service, closing
+        settings,
+        database,
+        flavors,
+        page_tokens,
+        settings.image_service,
+        image_service_credentials(settings),
+        closing,
     )
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
