@@ -40,6 +40,12 @@ class Settings:
     provisioner: str = "embedded"
     #: For `bms-image provisioner`: the ImageService it fetches images from.
     image_service: str = ""
+    #: host:port of the Prometheus endpoint (/metrics); empty: no endpoint.
+    metrics_listen: str = ""
+    #: "text" for people, "json" (one object per line) for log pipelines.
+    log_format: str = "text"
+    #: How often health re-checks the database and blob store.
+    health_check_seconds: float = 5.0
     #: Secrets that signed tokens before the current one and are still
     #: accepted (comma-separated): the window of a token key rotation.
     token_previous_secrets: str = ""
@@ -115,6 +121,9 @@ _CASTERS: dict[str, Any] = {
     "s3_prefix": str,
     "provisioner": str,
     "image_service": str,
+    "metrics_listen": str,
+    "log_format": str,
+    "health_check_seconds": float,
     "token_previous_secrets": str,
     "tls_cert_file": str,
     "tls_key_file": str,

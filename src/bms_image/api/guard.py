@@ -1,11 +1,14 @@
-"""One place for what every call of our services needs: a verified caller,
-domain errors turned into rich statuses, and no traceback ever sent back."""
+"""One place for what every call of our services needs: a request id, a
+verified caller, domain errors turned into rich statuses (no traceback ever
+sent back), and the call counted, timed and logged."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_status import rpc_status
@@ -13,25 +16,40 @@ from grpc_status import rpc_status
 from ..auth import TokenAuthority, bearer_token
 from ..domain.errors import DomainError
 from ..domain.model import Caller
+from ..telemetry.logs import REQUEST_ID_KEY, CallInfo, begin_call, end_call, request_id_from
+from ..telemetry.metrics import ServiceMetrics
 from .context import reset_caller, set_caller
 from .status import to_rpc_status
 
 log = logging.getLogger(__name__)
 
 GUARDED_PREFIX = "/bms.image.v1."
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
+async def abort_with(context: Context, error: DomainError, request_id: str = "") -> None:
     status = rpc_status.to_status(to_rpc_status(error))
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    trailing = tuple(status.trailing_metadata or ())
+    if request_id:
+        trailing += ((REQUEST_ID_KEY, request_id),)
+    await context.abort(status.code, status.details, trailing_metadata=trailing)
+
+
+def _code_name(context: Context, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return "OK" if error is None else "UNKNOWN"
 
 
 class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, authority: TokenAuthority) -> None:
+    def __init__(self, authority: TokenAuthority, metrics: ServiceMetrics | None = None) -> None:
         self._authority = authority
+        self._metrics = metrics or ServiceMetrics()
 
-    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Caller, str]:
-        metadata = dict(context.invocation_metadata() or ())
+    def authenticate(self, metadata: dict[str, Any]) -> tuple[Caller, str]:
         token = bearer_token(metadata.get("authorization"))
         return self._authority.verify(token), token
 
@@ -45,32 +63,78 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         return self._wrap(handler, details.method)
 
-    async def _fail(
-        self, context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception
-    ) -> None:
+    async def _begin(self, context: Context, info: CallInfo) -> tuple[object, object]:
+        """Authenticates the caller; aborts with UNAUTHENTICATED otherwise."""
+        metadata = dict(context.invocation_metadata() or ())
+        info.request_id = request_id_from(metadata.get(REQUEST_ID_KEY))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
+        try:
+            caller, token = self.authenticate(metadata)
+        except DomainError as error:
+            await abort_with(context, error, info.request_id)
+        info.project = caller.project
+        return set_caller(caller, token)
+
+    async def _fail(self, context: Context, info: CallInfo, error: Exception) -> None:
         if isinstance(error, DomainError):
-            await abort_with(context, error)
-        log.exception("unexpected error in %s", method, exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; the service logged it")
+            await abort_with(context, error, info.request_id)
+        log.exception("unexpected error in %s", info.method, exc_info=error)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error; the service logged it under request id {info.request_id}",
+            trailing_metadata=((REQUEST_ID_KEY, info.request_id),),
+        )
+
+    def _finish(
+        self, context: Context, info: CallInfo, started: float, error: BaseException | None
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        code = _code_name(context, error)
+        self._metrics.rpc_finished(info.method, code, elapsed)
+        if code == "OK":
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s OK in %.1f ms", info.method, elapsed * 1000)
+        elif code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
+            log.warning("%s %s in %.1f ms", info.method, code, elapsed * 1000)
+        else:
+            log.info("%s %s in %.1f ms", info.method, code, elapsed * 1000)
+
+    def _count_requests(self, requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+        async def counted() -> AsyncIterator[Any]:
+            async for request in requests:
+                self._metrics.streamed(method, "received", request.ByteSize())
+                yield request
+
+        return counted()
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        count_requests = handler.request_streaming
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
 
-            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                info, call = begin_call("", method)
+                failure: BaseException | None = None
+                caller: tuple[object, object] | None = None
                 try:
-                    token = set_caller(*self.authenticate(context))
-                except DomainError as error:
-                    await abort_with(context, error)
-                try:
+                    caller = await self._begin(context, info)
+                    if count_requests:
+                        request = self._count_requests(request, method)
                     async for response in inner_stream(request, context):
+                        self._metrics.streamed(method, "sent", response.ByteSize())
                         yield response
-                except grpc.aio.AbortError:
+                except (grpc.aio.AbortError, asyncio.CancelledError) as error:
+                    failure = error
                     raise
                 except Exception as error:
-                    await self._fail(context, method, error)
+                    failure = error
+                    await self._fail(context, info, error)
                 finally:
-                    reset_caller(token)
+                    if caller is not None:
+                        reset_caller(caller)
+                    self._finish(context, info, started, failure)
+                    end_call(call)
 
             factory = (
                 grpc.unary_stream_rpc_method_handler
@@ -85,19 +149,27 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         inner_unary = handler.unary_unary or handler.stream_unary
 
-        async def unary(request: Any, context: Any) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            info, call = begin_call("", method)
+            failure: BaseException | None = None
+            caller: tuple[object, object] | None = None
             try:
-                token = set_caller(*self.authenticate(context))
-            except DomainError as error:
-                await abort_with(context, error)
-            try:
+                caller = await self._begin(context, info)
+                if count_requests:
+                    request = self._count_requests(request, method)
                 return await inner_unary(request, context)
-            except grpc.aio.AbortError:
+            except (grpc.aio.AbortError, asyncio.CancelledError) as error:
+                failure = error
                 raise
             except Exception as error:
-                await self._fail(context, method, error)
+                failure = error
+                await self._fail(context, info, error)
             finally:
-                reset_caller(token)
+                if caller is not None:
+                    reset_caller(caller)
+                self._finish(context, info, started, failure)
+                end_call(call)
 
         factory = (
             grpc.unary_unary_rpc_method_handler

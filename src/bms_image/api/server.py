@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +38,7 @@ from ..domain.flavors import FlavorCatalog, FlavorDirectory
 from ..domain.imagedata import ImageData
 from ..domain.images import ImageCatalog
 from ..domain.paging import PageTokens
+from ..domain.servers import ProvisioningStage
 from ..domain.sharing import Sharing
 from ..formats import ContentInspector
 from ..provisioner.fleet import Fleet
@@ -43,6 +46,9 @@ from ..provisioner.images import ImageSource
 from ..store.db import Database
 from ..store.repository import SqlFlavorRepository, SqlImageRepository, SqlMemberRepository
 from ..store.servers import SqlServerRepository
+from ..telemetry.health import Check, HealthMonitor
+from ..telemetry.logs import configure_logging
+from ..telemetry.metrics import Inventory, ServiceMetrics
 from .guard import CallGuard
 from .images import ImageServicer
 from .provisioning import ProvisioningServicer
@@ -80,6 +86,8 @@ class RunningService:
     port: int
     authority: TokenAuthority
     closing: AsyncExitStack
+    metrics: ServiceMetrics
+    monitor: HealthMonitor
 
     @property
     def address(self) -> str:
@@ -89,6 +97,7 @@ class RunningService:
     async def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING first so balancers drain us, then in-flight
         calls get `grace` seconds to finish; new calls are refused meanwhile."""
+        await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.database.close()
@@ -121,6 +130,7 @@ async def start_fleet(
     page_tokens: PageTokens,
     image_service: str,
     credentials: grpc.ChannelCredentials | None,
+    metrics: ServiceMetrics,
     closing: AsyncExitStack,
 ) -> Fleet:
     """The provisioner. It reaches images only through ImageService: over a
@@ -141,6 +151,11 @@ async def start_fleet(
         ImageSource(channel, settings.data_dir / "fleet" / "image-cache"),
         page_tokens,
         settings.data_dir / "fleet",
+        on_finished=lambda event, seconds: metrics.deployment_finished(
+            "active" if event.stage is ProvisioningStage.ACTIVE else "failed",
+            event.boot_source.name.lower(),
+            seconds,
+        ),
     )
     closing.push_async_callback(fleet.close)
     interrupted = await fleet.recover()
@@ -190,8 +205,16 @@ async def start(settings: Settings) -> RunningService:
     if any(recovered.values()):
         log.info("recovered after restart: %s", recovered)
     authority = _authority(settings)
+    metrics = ServiceMetrics()
 
-    server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
+    async def inventory() -> Inventory:
+        images, quota_used = await image_repository.inventory()
+        return Inventory(images, quota_used, settings.private_image_quota)
+
+    metrics.watch_inventory(asyncio.get_running_loop(), inventory)
+    server = grpc.aio.server(
+        interceptors=[CallGuard(authority, metrics)], options=server_options(settings)
+    )
     image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
     sharing = Sharing(
         catalog, image_repository, member_repository, blobs, page_tokens, settings.max_image_members
@@ -203,7 +226,9 @@ async def start(settings: Settings) -> RunningService:
     services = [IMAGE_SERVICE, SHARING_SERVICE]
     if settings.provisioner == "embedded":
         loopback = _private_socket(server, closing)
-        fleet = await start_fleet(settings, database, flavors, page_tokens, loopback, None, closing)
+        fleet = await start_fleet(
+            settings, database, flavors, page_tokens, loopback, None, metrics, closing
+        )
         catalog.attach_captures(fleet)
         provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
             ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
@@ -212,11 +237,53 @@ async def start(settings: Settings) -> RunningService:
     elif settings.provisioner != "none":
         raise RuntimeError(f"provisioner must be embedded or none, not {settings.provisioner!r}")
     enable_reflection(server, services)
+    checks: dict[str, Check] = {"database": database.ping, "blob store": blobs.ping}
+    needs = {IMAGE_SERVICE: ["database", "blob store"], SHARING_SERVICE: ["database", "blob store"]}
+    if PROVISIONING_SERVICE in services:
+        checks["fleet disks"] = _writable(settings.data_dir / "fleet")
+        needs[PROVISIONING_SERVICE] = ["database", "fleet disks"]
+    return await _serving(
+        settings, database, server, health_servicer, port, authority, closing, metrics,
+        HealthMonitor(health_servicer, checks, needs, settings.health_check_seconds),
+    )  # fmt: skip
+
+
+async def _serving(
+    settings: Settings,
+    database: Database,
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    port: int,
+    authority: TokenAuthority,
+    closing: AsyncExitStack,
+    metrics: ServiceMetrics,
+    monitor: HealthMonitor,
+) -> RunningService:
+    """Starts serving: metrics endpoint, the port, then health from the first check."""
+    if settings.metrics_listen:
+        try:
+            closing.callback(metrics.serve(settings.metrics_listen))
+        except (OSError, ValueError) as error:
+            await closing.aclose()
+            await database.close()
+            raise RuntimeError(
+                f"cannot serve metrics on {settings.metrics_listen}: {error}"
+            ) from None
     await server.start()
-    for name in ("", *services):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("bms-image serving on %s (database %s)", settings.listen, database.engine.url)
-    return RunningService(settings, database, server, health_servicer, port, authority, closing)
+    await monitor.check_once()
+    monitor.start()
+    log.info("serving on %s (database %s)", settings.listen, database.engine.url)
+    return RunningService(
+        settings, database, server, health_servicer, port, authority, closing, metrics, monitor
+    )
+
+
+def _writable(directory: Path) -> Check:
+    async def check() -> None:
+        if not await asyncio.to_thread(os.access, directory, os.W_OK):
+            raise OSError(f"{directory} is not writable")
+
+    return check
 
 
 async def _listen(
@@ -283,7 +350,10 @@ async def start_provisioner(settings: Settings) -> RunningService:
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
     page_tokens = _page_tokens(settings)
     authority = _authority(settings)
-    server = grpc.aio.server(interceptors=[CallGuard(authority)], options=server_options(settings))
+    metrics = ServiceMetrics()
+    server = grpc.aio.server(
+        interceptors=[CallGuard(authority, metrics)], options=server_options(settings)
+    )
     fleet = await start_fleet(
         settings,
         database,
@@ -291,6 +361,7 @@ async def start_provisioner(settings: Settings) -> RunningService:
         page_tokens,
         settings.image_service,
         image_service_credentials(settings),
+        metrics,
         closing,
     )
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
@@ -300,17 +371,25 @@ async def start_provisioner(settings: Settings) -> RunningService:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [PROVISIONING_SERVICE])
     port = await _listen(server, settings, database, closing)
-    await server.start()
-    for name in ("", PROVISIONING_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("provisioner on %s, images from %s", settings.listen, settings.image_service)
-    return RunningService(settings, database, server, health_servicer, port, authority, closing)
+    log.info("provisioner fetching images from %s", settings.image_service)
+    checks: dict[str, Check] = {
+        "database": database.ping,
+        "fleet disks": _writable(settings.data_dir / "fleet"),
+    }
+    return await _serving(
+        settings, database, server, health_servicer, port, authority, closing, metrics,
+        HealthMonitor(
+            health_servicer, checks, {PROVISIONING_SERVICE: list(checks)},
+            settings.health_check_seconds,
+        ),
+    )  # fmt: skip
 
 
 async def serve(
     settings: Settings, starter: Callable[[Settings], Awaitable[RunningService]] = start
 ) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    configure_logging(settings.log_level, settings.log_format)
     service = await starter(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ while after) so that a caller whose stream dropped can follow it again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from ..domain.servers import ServerEvent
 
@@ -12,10 +12,15 @@ from ..domain.servers import ServerEvent
 RETAIN_SECONDS = 600.0
 
 
+#: Told of each finished operation: its final event and how long it took.
+FinishedHook = Callable[[ServerEvent, float], None]
+
+
 class EventBus:
-    def __init__(self) -> None:
+    def __init__(self, on_finished: FinishedHook | None = None) -> None:
         self._history: dict[str, list[ServerEvent]] = {}
         self._changed = asyncio.Condition()
+        self._on_finished = on_finished
 
     def in_progress(self, server_id: str) -> bool:
         """Whether work on the server is going on (its last event is not final)."""
@@ -28,6 +33,8 @@ class EventBus:
             history = self._history[event.server_id] = []
         history.append(event)
         if event.final:
+            if self._on_finished is not None:
+                self._on_finished(event, (event.time - history[0].time).total_seconds())
             loop = asyncio.get_running_loop()
             loop.call_later(RETAIN_SECONDS, self._expire, event.server_id, history)
         async with self._changed:

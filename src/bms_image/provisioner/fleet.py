@@ -48,7 +48,7 @@ from ..domain.servers import (
     validate_deploy_request,
 )
 from ..store.servers import SqlServerRepository
-from .events import EventBus
+from .events import EventBus, FinishedHook
 from .firstboot import cloud_config_files, first_boot_files, intact_plugins, plugin_states
 from .images import ImageSource
 
@@ -95,6 +95,7 @@ class Fleet:
         images: ImageSource,
         page_tokens: PageTokens,
         root: Path,
+        on_finished: FinishedHook | None = None,
     ) -> None:
         self._servers = servers
         self._flavors = flavors
@@ -105,7 +106,7 @@ class Fleet:
         self._evs_pool = root / "evs-pool"
         self._disks.mkdir(parents=True, exist_ok=True)
         self._evs_pool.mkdir(parents=True, exist_ok=True)
-        self.events = EventBus()
+        self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- reading ------------------------------------------------------------

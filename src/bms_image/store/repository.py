@@ -271,6 +271,28 @@ class SqlImageRepository:
         async with self._db.read() as session:
             return await self._count_quota_used(session, project)
 
+    async def inventory(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """Images by (status, visibility), and quota usage by project: what
+        operators watch (two GROUP BY queries, for the metrics endpoint)."""
+        async with self._db.read() as session:
+            by_status = await session.execute(
+                select(ImageRow.status, ImageRow.visibility, func.count()).group_by(
+                    ImageRow.status, ImageRow.visibility
+                )
+            )
+            by_project = await session.execute(
+                select(ImageRow.owner_project, func.count())
+                .where(
+                    ImageRow.visibility == Visibility.PRIVATE.value,
+                    ImageRow.status.in_(_COUNTED),
+                )
+                .group_by(ImageRow.owner_project)
+            )
+            return (
+                {(status, visibility): int(n) for status, visibility, n in by_status},
+                {str(project): int(n) for project, n in by_project if project},
+            )
+
     async def create_private(self, image: Image, quota_limit: int) -> Image:
         assert image.owner_project is not None
         project = image.owner_project

@@ -1,0 +1,154 @@
+"""Prometheus metrics of one service process, in a registry of its own (so
+that several services in one process, as in tests, never mix their counts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+#: Seconds: from a cached metadata read to a long image stream.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+)  # fmt: skip
+DEPLOYMENT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: How long a scrape waits for the database before answering without inventory.
+INVENTORY_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What is stored, counted by the database at scrape time."""
+
+    #: (status, visibility) -> number of images
+    images: dict[tuple[str, str], int]
+    #: project -> private images counted against its quota
+    quota_used: dict[str, int]
+    quota_limit: int
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpcs = Counter(
+            "bms_image_rpcs",
+            "RPCs handled, by service, method and status code",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "bms_image_rpc_duration_seconds",
+            "RPC latency, from the call's arrival to its status (streams: their whole life)",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_bytes = Counter(
+            "bms_image_stream_bytes",
+            "Bytes of messages streamed, by method and direction (received, sent)",
+            ["service", "method", "direction"],
+            registry=self.registry,
+        )
+        self.deployments = Counter(
+            "bms_image_deployments",
+            "Deployments and reinstalls finished, by outcome (active, failed) and boot source",
+            ["outcome", "boot_source"],
+            registry=self.registry,
+        )
+        self.deployment_seconds = Histogram(
+            "bms_image_deployment_duration_seconds",
+            "Time from a server's first progress event to ACTIVE or FAILED",
+            ["outcome", "boot_source"],
+            buckets=DEPLOYMENT_BUCKETS,
+            registry=self.registry,
+        )
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        service, name = split_method(method)
+        self.rpcs.labels(service, name, code).inc()
+        self.rpc_seconds.labels(service, name).observe(seconds)
+
+    def streamed(self, method: str, direction: str, size: int) -> None:
+        service, name = split_method(method)
+        self.stream_bytes.labels(service, name, direction).inc(size)
+
+    def deployment_finished(self, outcome: str, boot_source: str, seconds: float) -> None:
+        self.deployments.labels(outcome, boot_source).inc()
+        self.deployment_seconds.labels(outcome, boot_source).observe(seconds)
+
+    def watch_inventory(
+        self, loop: asyncio.AbstractEventLoop, count: Callable[[], Awaitable[Inventory]]
+    ) -> None:
+        """Images by status and quota usage, counted by the database on the
+        service's event loop whenever Prometheus scrapes."""
+        self.registry.register(_InventoryCollector(loop, count))
+
+    def serve(self, listen: str) -> Callable[[], None]:
+        """Starts the HTTP endpoint (/metrics); returns its stop function."""
+        host, _, port = listen.rpartition(":")
+        server, thread = start_http_server(int(port), host or "0.0.0.0", registry=self.registry)
+        self.port = int(server.server_port)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return stop
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """'/bms.image.v1.ImageService/GetImage' -> ('bms.image.v1.ImageService', 'GetImage')."""
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class _InventoryCollector(Collector):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, count: Callable[[], Awaitable[Inventory]]
+    ) -> None:
+        self._loop = loop
+        self._count = count
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # computed at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterable[Metric]:
+        future = asyncio.run_coroutine_threadsafe(_call(self._count), self._loop)
+        try:
+            inventory = future.result(INVENTORY_TIMEOUT_SECONDS)
+        except Exception as error:  # a scrape must still answer: RPC metrics go on
+            future.cancel()
+            log.warning("metrics: cannot count the inventory: %s", error)
+            return []
+        images = GaugeMetricFamily(
+            "bms_image_images",
+            "Images stored, by status and visibility",
+            labels=["status", "visibility"],
+        )
+        for (status, visibility), number in sorted(inventory.images.items()):
+            images.add_metric([status, visibility], number)
+        used = GaugeMetricFamily(
+            "bms_image_quota_used_images",
+            "Private images counted against each project's quota",
+            labels=["project"],
+        )
+        for project, number in sorted(inventory.quota_used.items()):
+            used.add_metric([project], number)
+        limit = GaugeMetricFamily(
+            "bms_image_quota_limit_images",
+            "Private images a project may have",
+            inventory.quota_limit,
+        )
+        return [images, used, limit]
+
+
+async def _call(count: Callable[[], Awaitable[Inventory]]) -> Inventory:
+    return await count()

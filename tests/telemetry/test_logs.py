@@ -1,0 +1,119 @@
+"""Structured logs: one JSON object per line carrying the call's request id
+(the caller's, or a generated one sent back in trailing metadata) and
+project; never a token or the user's data."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms_image.api.server import RunningService
+from bms_image.catalog.seed import public_image_id
+from bms_image.telemetry.logs import configure_logging, request_id_from
+
+CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
+MISSING = "images/00000000-0000-0000-0000-000000000000"
+SECRET_USER_DATA = "#cloud-config\nchpasswd: {list: 'root:hunter2-do-not-log'}\n"
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The root logger writing JSON at DEBUG into a buffer; restored after."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    buffer = io.StringIO()
+    configure_logging("DEBUG", "json", buffer)
+    yield buffer
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def records(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+def trailing(call_error: grpc.aio.AioRpcError) -> dict[str, str]:
+    return {key: value for key, value in call_error.trailing_metadata() or ()}
+
+
+async def test_a_failed_call_is_logged_with_the_callers_request_id_and_project(
+    service: RunningService, json_log: io.StringIO
+) -> None:
+    token = service.authority.issue("alpha")
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await image_pb2_grpc.ImageServiceStub(channel).GetImage(
+                image_pb2.GetImageRequest(name=MISSING),
+                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "req-4242")),
+            )
+    assert trailing(caught.value)["x-request-id"] == "req-4242"
+    mine = [r for r in records(json_log) if r.get("request_id") == "req-4242"]
+    assert mine, json_log.getvalue()
+    line = mine[-1]
+    assert line["project"] == "alpha"
+    assert line["rpc"] == "/bms.image.v1.ImageService/GetImage"
+    assert line["level"] == "INFO" and "NOT_FOUND" in line["message"]
+    assert {"time", "name", "message"} <= line.keys()
+
+
+async def test_without_a_request_id_one_is_generated_and_returned(
+    service: RunningService, json_log: io.StringIO
+) -> None:
+    token = service.authority.issue("alpha")
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        call = image_pb2_grpc.ImageServiceStub(channel).GetImage(
+            image_pb2.GetImageRequest(name=CENTOS),
+            metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "bad id <script>")),
+        )
+        await call
+        returned = {key: value for key, value in await call.trailing_metadata()}
+    generated = returned["x-request-id"]
+    assert generated != "bad id <script>" and len(generated) == 32
+    assert any(r.get("request_id") == generated for r in records(json_log))
+
+
+async def test_tokens_and_user_data_never_reach_the_log(
+    service: RunningService, json_log: io.StringIO
+) -> None:
+    token = service.authority.issue("alpha")
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stream = provisioning_pb2_grpc.ProvisioningServiceStub(channel).CreateServers(
+            provisioning_pb2.CreateServersRequest(
+                flavor="flavors/physical.s4.large",
+                image=CENTOS,
+                count=1,
+                name_prefix="quiet",
+                user_data=SECRET_USER_DATA,
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+        stages = [event.stage async for event in stream]
+        with pytest.raises(grpc.aio.AioRpcError):  # a refused token is not echoed either
+            await image_pb2_grpc.ImageServiceStub(channel).ListImages(
+                image_pb2.ListImagesRequest(),
+                metadata=(("authorization", f"Bearer {token}tampered"),),
+            )
+    assert stages[-1] == provisioning_pb2.PROVISIONING_STAGE_ACTIVE
+    text = json_log.getvalue()
+    assert "CreateServers OK" in text, "the call was logged"
+    assert token not in text and token.split(".")[1] not in text
+    assert "hunter2" not in text
+
+
+def test_request_ids_are_taken_only_when_sane() -> None:
+    assert request_id_from("abc-123_4.5:6") == "abc-123_4.5:6"
+    for hostile in ("", "x" * 129, "a b", "id\nforged-line", None):
+        generated = request_id_from(hostile)
+        assert generated != hostile and len(generated) == 32
+
+
+def test_an_unknown_log_format_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="text or json"):
+        configure_logging("INFO", "yaml")
