@@ -8,13 +8,14 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := src/bms/.generated
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto install tools clean help bench
+.PHONY: run test lint proto install tools clean help bench docs
 
 help:
 	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
 	@echo "make test   - install, generate stubs, run the whole test suite"
-	@echo "make lint   - buf lint (protos), ruff and mypy (Python)"
+	@echo "make lint   - buf lint and buf breaking (protos), ruff and mypy (Python)"
 	@echo "make proto  - regenerate the Python stubs from protos/"
+	@echo "make docs   - regenerate docs/api.md (the API reference) from protos/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +61,14 @@ bench: $(STUBS_STAMP) tools
 
 lint: $(STUBS_STAMP) node_modules/.installed
 	npx buf lint
-	$(BIN)/ruff check src tests bench
+	npx buf breaking protos --against api/bms-image-v1.binpb
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
+
+# The API reference, generated from the protos' comments and the error
+# reasons raised in src/bms_image (tests/test_api_reference.py keeps it current).
+docs: $(VENV)/.installed
+	$(BIN)/python scripts/api_reference.py --output docs/api.md
 
 clean:
 	rm -rf $(VENV) node_modules src/bms .pytest_cache .mypy_cache

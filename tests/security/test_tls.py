@@ -4,6 +4,8 @@ and for the provisioner, embedded or as its own process."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,13 @@ import grpc
 import pytest
 from certificates import Authority, Issued, authority, issue
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.testing import CliRunner, Result
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.api.server import RunningService, start, start_provisioner
 from bms_image.api.tls import image_service_credentials, server_credentials
 from bms_image.catalog.seed import public_image_id
+from bms_image.cli import app
 from bms_image.config import Settings
 from helpers import make_settings
 
@@ -213,3 +217,26 @@ async def test_a_bad_tls_setting_stops_the_start_and_frees_the_database(
     # The failed start closed what it opened: a new start on the same data works.
     running = await start(make_settings(tmp_path))
     await running.stop(0)
+
+
+async def test_the_cli_speaks_mutual_tls_with_its_certificate_flags(
+    mtls_service: RunningService, pki: Pki
+) -> None:
+    environment = {
+        "BMS_IMAGE_ADDRESS": mtls_service.address,
+        "BMS_IMAGE_TOKEN": mtls_service.authority.issue("alpha"),
+        "BMS_IMAGE_CA_CERT": str(pki.ca.cert),
+        "NO_COLOR": "1",
+    }
+
+    def run(*extra: str) -> Result:
+        return CliRunner().invoke(app, ["images", *extra, "list", "--json"], env=environment)
+
+    accepted = await asyncio.to_thread(
+        run, "--client-cert", str(pki.client.cert), "--client-key", str(pki.client.key)
+    )
+    assert accepted.exit_code == 0, accepted.stderr
+    assert json.loads(accepted.stdout)["images"]
+    refused = await asyncio.to_thread(run)  # TLS, but no client certificate
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: UNAVAILABLE")

@@ -1,32 +1,28 @@
-"""The `bms-image` command."""
+"""The service's own commands: serve, provisioner, migrate, token."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .config import Settings
-
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="bms-image: the BMS image service"
-)
+from ..config import Settings
 
 ListenOpt = Annotated[
-    str | None, typer.Option(help="host:port to listen on [env BMS_IMAGE_LISTEN, 127.0.0.1:50051]")
+    str | None, typer.Option(help="host:port to listen on (env BMS_IMAGE_LISTEN, 127.0.0.1:50051)")
 ]
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(
-        help="directory for the SQLite file and token secret [env BMS_IMAGE_DATA_DIR, ./data]"
+        help="directory for the SQLite file and token secret (env BMS_IMAGE_DATA_DIR, ./data)"
     ),
 ]
 DatabaseOpt = Annotated[
     str | None,
-    typer.Option(help="SQLAlchemy URL, e.g. postgresql+asyncpg://... [env BMS_IMAGE_DATABASE_URL]"),
+    typer.Option(help="SQLAlchemy URL, e.g. postgresql+asyncpg://... (env BMS_IMAGE_DATABASE_URL)"),
 ]
 
 
@@ -34,14 +30,13 @@ def _settings(**overrides: object) -> Settings:
     return Settings.from_env(overrides)
 
 
-@app.command()
 def serve(
     listen: ListenOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DatabaseOpt = None,
     private_image_quota: Annotated[
         int | None,
-        typer.Option(help="private images per project [env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50]"),
+        typer.Option(help="private images per project (env BMS_IMAGE_PRIVATE_IMAGE_QUOTA, 50)"),
     ] = None,
     provisioner: Annotated[
         str | None,
@@ -49,11 +44,11 @@ def serve(
     ] = None,
     shutdown_grace_seconds: Annotated[
         float | None,
-        typer.Option(help="grace for in-flight calls [env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10]"),
+        typer.Option(help="grace for in-flight calls (env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10)"),
     ] = None,
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""
-    from .api.server import serve as run_server
+    from ..api.server import serve as run_server
 
     settings = _settings(
         listen=listen,
@@ -63,9 +58,6 @@ def serve(
         provisioner=provisioner,
         shutdown_grace_seconds=shutdown_grace_seconds,
     )
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         asyncio.run(run_server(settings))
     except RuntimeError as error:
@@ -73,7 +65,6 @@ def serve(
         raise typer.Exit(1) from None
 
 
-@app.command()
 def provisioner(
     image_service: Annotated[
         str, typer.Option(help="host:port of the ImageService to fetch images from")
@@ -85,14 +76,11 @@ def provisioner(
     database_url: DatabaseOpt = None,
 ) -> None:
     """Run the simulated fleet (ProvisioningService) as its own process."""
-    from .api.server import serve as run_server
-    from .api.server import start_provisioner
+    from ..api.server import serve as run_server
+    from ..api.server import start_provisioner
 
     settings = _settings(
         listen=listen, data_dir=data_dir, database_url=database_url, image_service=image_service
-    )
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         asyncio.run(run_server(settings, start_provisioner))
@@ -101,10 +89,9 @@ def provisioner(
         raise typer.Exit(1) from None
 
 
-@app.command()
 def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
     """Apply the database migrations, then exit (`serve` also does this on start)."""
-    from .store.db import Database
+    from ..store.db import Database
 
     settings = _settings(data_dir=data_dir, database_url=database_url).resolved()
 
@@ -120,7 +107,6 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
     asyncio.run(run())
 
 
-@app.command()
 def token(
     project: Annotated[str, typer.Option(help="project the token acts for")],
     admin: Annotated[bool, typer.Option(help="grant the platform admin role")] = False,
@@ -128,7 +114,7 @@ def token(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Print a bearer token signed with the service's secret."""
-    from .auth import TokenAuthority
+    from ..auth import TokenAuthority
 
     settings = _settings(data_dir=data_dir)
     try:
@@ -138,5 +124,4 @@ def token(
         raise typer.Exit(2) from None
 
 
-def main() -> None:
-    app()
+COMMANDS: list[Callable[..., None]] = [serve, provisioner, migrate, token]

@@ -1,0 +1,146 @@
+"""Real `bms-image serve` processes for tests that need one (end-to-end
+clients, SIGTERM and SIGKILL): import them as `from processes import ...`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BMS_IMAGE = Path(sys.executable).parent / "bms-image"
+
+READY_TIMEOUT = 20.0
+# The service drains in-flight calls for BMS_IMAGE_SHUTDOWN_GRACE_SECONDS
+# (10 s by default); with nothing in flight it must be gone well before that.
+GRACE_SECONDS = 10.0
+READY_LINE = "bms-image listening on "
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """The caller's environment without any BMS_IMAGE_* left over from it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BMS_IMAGE_")}
+    env.update(extra)
+    return env
+
+
+def cli_token(data_dir: Path, project: str, admin: bool = False) -> str:
+    """`bms-image token --project <project> --data-dir <data_dir> [--admin]`."""
+    argv = [str(BMS_IMAGE), "token", "--project", project, "--data-dir", str(data_dir)]
+    if admin:
+        argv.append("--admin")
+    done = subprocess.run(
+        argv, env=clean_environ(), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, f"{argv} failed: {done.stderr}"
+    return done.stdout.strip()
+
+
+class ServerProcess:
+    """One `bms-image` service subprocess with its own port and data directory."""
+
+    def __init__(self, data_dir: Path, *command: str, **settings: str) -> None:
+        """`command`: the bms-image arguments (`serve` by default; e.g.
+        `provisioner --image-service HOST:PORT`); `settings`: BMS_IMAGE_*
+        variables by lower-case name."""
+        self.data_dir = data_dir
+        self.command = list(command) or ["serve"]
+        self.settings = {"shutdown_grace_seconds": str(GRACE_SECONDS), **settings}
+        self.grace_seconds = float(self.settings["shutdown_grace_seconds"])
+        self.address = f"127.0.0.1:{free_port()}"
+        self.stdout_path = data_dir / "serve.stdout"
+        self.stderr_path = data_dir / "serve.stderr"
+        self.process: subprocess.Popen[bytes] | None = None
+        # Set once a failure of this process has failed a test already.
+        self.reported = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return clean_environ(
+            BMS_IMAGE_LISTEN=self.address,
+            BMS_IMAGE_DATA_DIR=str(self.data_dir),
+            **{f"BMS_IMAGE_{name.upper()}": value for name, value in self.settings.items()},
+        )
+
+    def output(self) -> str:
+        parts = []
+        for path in (self.stdout_path, self.stderr_path):
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {path.name} ---\n{text}")
+        return "\n".join(parts)
+
+    def start(self) -> ServerProcess:
+        assert BMS_IMAGE.exists(), f"no bms-image console script next to {sys.executable}"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [str(BMS_IMAGE), *self.command],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while READY_LINE + self.address not in self.stdout_path.read_text(errors="replace"):
+            if self.process.poll() is not None:
+                self.reported = True
+                pytest.fail(
+                    f"bms-image {self.command[0]} exited with {self.process.returncode} "
+                    f"before it was ready\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                self.reported = True
+                pytest.fail(
+                    f"bms-image {self.command[0]} not ready after {READY_TIMEOUT}s\n{self.output()}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def token(self, project: str, admin: bool = False) -> str:
+        """A bearer token from the real CLI, signed with this server's secret."""
+        return cli_token(self.data_dir, project, admin)
+
+    def terminate(self) -> tuple[int, float]:
+        """SIGTERM, then wait for the exit: (exit code, seconds it took).
+        Fails the test, after a SIGKILL, if the process outlives its grace + 2 s."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace_seconds + 2.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.reported = True
+            pytest.fail(
+                f"bms-image {self.command[0]} ignored SIGTERM for {self.grace_seconds + 2}s "
+                f"and was killed\n{self.output()}"
+            )
+        self.reported = True  # the caller checks the exit code
+        return code, time.monotonic() - started
+
+    def stop(self) -> None:
+        """Graceful stop that must end with exit code 0."""
+        if self.process is None or self.reported:
+            return
+        if self.process.poll() is None:
+            code, _ = self.terminate()
+        else:
+            code = self.process.returncode
+        self.reported = True
+        assert code == 0, f"bms-image {self.command[0]} exited with {code}\n{self.output()}"
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
