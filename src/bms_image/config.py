@@ -40,6 +40,12 @@ class Settings:
     provisioner: str = "embedded"
     #: For `bms-image provisioner`: the ImageService it fetches images from.
     image_service: str = ""
+    #: With provisioner "none": where `bms-image provisioner` listens, so that
+    #: CreateImage can capture its servers; with its TLS, as for image_service.
+    provisioner_address: str = ""
+    provisioner_ca_file: str = ""
+    provisioner_cert_file: str = ""
+    provisioner_key_file: str = ""
     #: host:port of the Prometheus endpoint (/metrics); empty: no endpoint.
     metrics_listen: str = ""
     #: "text" for people, "json" (one object per line) for log pipelines.
@@ -121,6 +127,10 @@ _CASTERS: dict[str, Any] = {
     "s3_prefix": str,
     "provisioner": str,
     "image_service": str,
+    "provisioner_address": str,
+    "provisioner_ca_file": str,
+    "provisioner_cert_file": str,
+    "provisioner_key_file": str,
     "metrics_listen": str,
     "log_format": str,
     "health_check_seconds": float,

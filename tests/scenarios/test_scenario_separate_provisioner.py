@@ -209,8 +209,8 @@ def test_provisioner_process_deploys_through_the_image_service_process(
     fleet_address = f"127.0.0.1:{free_port()}"
     serve = Process(
         "serve",
-        [str(BMS_IMAGE), "serve", "--provisioner", "none",
-         "--listen", image_address, "--data-dir", str(data_dir)],
+        [str(BMS_IMAGE), "serve", "--provisioner", "none", "--provisioner-address",
+         fleet_address, "--listen", image_address, "--data-dir", str(data_dir)],
         image_address,
         tmp_path,
     )  # fmt: skip
@@ -309,5 +309,54 @@ def test_provisioner_process_deploys_through_the_image_service_process(
             Code.NOT_FOUND,
         )  # fmt: skip
 
+        capture_through_the_provisioner(images, fleet, alpha, events.servers[0])
+
     assert provisioner.terminate() == 0, provisioner.output()
     assert serve.terminate() == 0, serve.output()
+
+
+def capture_through_the_provisioner(
+    images: image_pb2_grpc.ImageServiceStub,
+    fleet: provisioning_pb2_grpc.ProvisioningServiceStub,
+    md: Any,
+    server_name: str,
+) -> None:
+    """CreateImage on the image service's port captures a server of the
+    provisioner process (ServerCaptureService, with the caller's token);
+    its refusals keep their code and reason; the image deploys."""
+    running = expect_error(
+        lambda: images.CreateImage(
+            image_pb2.CreateImageRequest(
+                image=image_pb2.Image(display_name="too-early"), source_server=server_name
+            ),
+            metadata=md,
+            timeout=30,
+        ),
+        Code.FAILED_PRECONDITION,
+    )
+    assert running.reason == "SERVER_NOT_STOPPED", running.message
+    fleet.StopServer(pb.StopServerRequest(name=server_name), metadata=md, timeout=10)
+    created = images.CreateImage(
+        image_pb2.CreateImageRequest(
+            image=image_pb2.Image(display_name="remote-capture"), source_server=server_name
+        ),
+        metadata=md,
+        timeout=30,
+    )
+    assert created.source_server == server_name
+    assert created.hardware_model == "s4-2288h-v5" and created.os_distro == "centos"
+    assert created.partitions, "the layout came from the provisioner's disk"
+    deadline = time.monotonic() + 60
+    image = created
+    while image.status != image_pb2.IMAGE_STATUS_ACTIVE:
+        assert image.status in (image_pb2.IMAGE_STATUS_QUEUED, image_pb2.IMAGE_STATUS_SAVING), image
+        assert time.monotonic() < deadline, f"capture did not finish: {image}"
+        time.sleep(0.1)
+        image = images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=md)
+    released = fleet.StartServer(pb.StartServerRequest(name=server_name), metadata=md, timeout=10)
+    assert released.state == ACTIVE, "the server is let go once the capture ends"
+    clone = Events(
+        list(fleet.CreateServers(create_request(image.name, 1, "clone"), metadata=md, timeout=60))
+    )
+    (clone_name,) = clone.servers
+    assert clone.final(clone_name).stage == STAGE_ACTIVE, clone.describe(clone_name)

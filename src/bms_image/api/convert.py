@@ -9,11 +9,12 @@ from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
-from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
+from bms.image.v1 import capture_pb2, image_pb2, provisioning_pb2, sharing_pb2
 
 from ..domain import model, servers
 from ..domain.errors import invalid_field
 from ..domain.images import ImageChanges, NewImage
+from ..domain.ports import CaptureSource
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -304,4 +305,58 @@ def deploy_request_from_proto(
         boot_source=enum_from_proto(servers.BootSource, message.boot_source, "boot_source")
         or servers.BootSource.UNSPECIFIED,
         data_disks_gb=list(message.data_disks_gb),
+    )
+
+
+def _enum_from_text(kind: type[E], text: str) -> int:
+    """A disk's free-text value (e.g. os-release `linux`) as a proto enum;
+    UNSPECIFIED when the API has no such value."""
+    try:
+        return enum_to_proto(kind(text))
+    except ValueError:
+        return 0
+
+
+def _text_from_enum(kind: type[E], number: int) -> str:
+    wrapper, prefix = _ENUM_PREFIXES[kind]
+    try:
+        return str(wrapper.Name(number)).removeprefix(prefix).lower() if number else ""
+    except ValueError:
+        return ""
+
+
+def capture_source_to_proto(source: CaptureSource) -> capture_pb2.PrepareServerCaptureResponse:
+    return capture_pb2.PrepareServerCaptureResponse(
+        hardware_model=source.hardware_model,
+        os_type=_enum_from_text(model.OsType, source.os_type),  # type: ignore[arg-type]
+        os_distro=source.os_distro,
+        os_version=source.os_version,
+        architecture=_enum_from_text(model.Architecture, source.architecture),  # type: ignore[arg-type]
+        plugins=[
+            image_pb2.Plugin(kind=enum_to_proto(p.kind), version=p.version)  # type: ignore[arg-type]
+            for p in source.plugins
+        ],
+        partitions=[
+            image_pb2.Partition(name=p.name, mount=p.mount, size_bytes=p.size_bytes)
+            for p in source.partitions
+        ],
+    )
+
+
+def capture_source_from_proto(
+    server_id: str, message: capture_pb2.PrepareServerCaptureResponse
+) -> CaptureSource:
+    return CaptureSource(
+        server_id=server_id,
+        hardware_model=message.hardware_model,
+        os_type=_text_from_enum(model.OsType, message.os_type),
+        os_distro=message.os_distro,
+        os_version=message.os_version,
+        architecture=_text_from_enum(model.Architecture, message.architecture),
+        plugins=[
+            model.Plugin(kind, p.version)
+            for p in message.plugins
+            if (kind := enum_from_proto(model.PluginKind, p.kind, "plugins.kind")) is not None
+        ],
+        partitions=[model.Partition(p.name, p.mount, p.size_bytes) for p in message.partitions],
     )

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bms.image.v1 import (
+    capture_pb2,
+    capture_pb2_grpc,
     image_pb2,
     image_pb2_grpc,
     provisioning_pb2,
@@ -41,6 +43,7 @@ from ..domain.paging import PageTokens
 from ..domain.servers import ProvisioningStage
 from ..domain.sharing import Sharing
 from ..formats import ContentInspector
+from ..provisioner.capture_client import RemoteCaptures
 from ..provisioner.fleet import Fleet
 from ..provisioner.images import ImageSource
 from ..store.db import Database
@@ -49,17 +52,19 @@ from ..store.servers import SqlServerRepository
 from ..telemetry.health import Check, HealthMonitor
 from ..telemetry.logs import configure_logging
 from ..telemetry.metrics import Inventory, ServiceMetrics
+from .capture import CaptureServicer
 from .guard import CallGuard
 from .images import ImageServicer
 from .provisioning import ProvisioningServicer
 from .sharing import SharingServicer
-from .tls import image_service_credentials, server_credentials
+from .tls import image_service_credentials, provisioner_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
 IMAGE_SERVICE = image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 SHARING_SERVICE = sharing_pb2.DESCRIPTOR.services_by_name["SharingService"].full_name
 PROVISIONING_SERVICE = provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name
+CAPTURE_SERVICE = capture_pb2.DESCRIPTOR.services_by_name["ServerCaptureService"].full_name
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -135,16 +140,7 @@ async def start_fleet(
 ) -> Fleet:
     """The provisioner. It reaches images only through ImageService: over a
     private socket of this very server when embedded, or to another process."""
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-    ]
-    channel = (
-        grpc.aio.insecure_channel(image_service, options=options)
-        if credentials is None
-        else grpc.aio.secure_channel(image_service, credentials, options=options)
-    )
-    closing.push_async_callback(channel.close)
+    channel = _client_channel(settings, image_service, credentials, closing)
     fleet = Fleet(
         SqlServerRepository(database),
         flavors,
@@ -236,6 +232,10 @@ async def start(settings: Settings) -> RunningService:
         services.append(PROVISIONING_SERVICE)
     elif settings.provisioner != "none":
         raise RuntimeError(f"provisioner must be embedded or none, not {settings.provisioner!r}")
+    elif settings.provisioner_address:
+        credentials = provisioner_credentials(settings)
+        channel = _client_channel(settings, settings.provisioner_address, credentials, closing)
+        catalog.attach_captures(RemoteCaptures(channel))
     enable_reflection(server, services)
     checks: dict[str, Check] = {"database": database.ping, "blob store": blobs.ping}
     needs = {IMAGE_SERVICE: ["database", "blob store"], SHARING_SERVICE: ["database", "blob store"]}
@@ -300,6 +300,27 @@ async def _listen(
         await closing.aclose()
         await database.close()
         raise RuntimeError(f"cannot listen on {settings.listen}: {error}") from None
+
+
+def _client_channel(
+    settings: Settings,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    closing: AsyncExitStack,
+) -> grpc.aio.Channel:
+    """A channel to our other service (closed with this one), plaintext
+    or TLS, with the same message limits as our own port."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    channel = (
+        grpc.aio.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=options)
+    )
+    closing.push_async_callback(channel.close)
+    return channel
 
 
 def _private_socket(server: grpc.aio.Server, closing: AsyncExitStack) -> str:
@@ -367,9 +388,10 @@ async def start_provisioner(settings: Settings) -> RunningService:
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server
     )
+    capture_pb2_grpc.add_ServerCaptureServiceServicer_to_server(CaptureServicer(fleet), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, [PROVISIONING_SERVICE])
+    enable_reflection(server, [PROVISIONING_SERVICE, CAPTURE_SERVICE])
     port = await _listen(server, settings, database, closing)
     log.info("provisioner fetching images from %s", settings.image_service)
     checks: dict[str, Check] = {
@@ -379,7 +401,8 @@ async def start_provisioner(settings: Settings) -> RunningService:
     return await _serving(
         settings, database, server, health_servicer, port, authority, closing, metrics,
         HealthMonitor(
-            health_servicer, checks, {PROVISIONING_SERVICE: list(checks)},
+            health_servicer, checks,
+            {PROVISIONING_SERVICE: list(checks), CAPTURE_SERVICE: list(checks)},
             settings.health_check_seconds,
         ),
     )  # fmt: skip

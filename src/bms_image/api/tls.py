@@ -45,22 +45,36 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def image_service_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
     """How the provisioner reaches a separate ImageService: plaintext unless
     image_service_ca_file is set; with a client certificate for mutual TLS."""
-    if not settings.image_service_ca_file:
-        if settings.image_service_cert_file or settings.image_service_key_file:
-            raise RuntimeError("a client certificate for the image service needs its CA too")
+    return _client_credentials(
+        "image_service",
+        settings.image_service_ca_file,
+        settings.image_service_cert_file,
+        settings.image_service_key_file,
+    )
+
+
+def provisioner_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """How an image service without the embedded fleet reaches the separate
+    provisioner for captures, in the same way."""
+    return _client_credentials(
+        "provisioner",
+        settings.provisioner_ca_file,
+        settings.provisioner_cert_file,
+        settings.provisioner_key_file,
+    )
+
+
+def _client_credentials(
+    peer: str, ca_file: str, cert_file: str, key_file: str
+) -> grpc.ChannelCredentials | None:
+    if not ca_file:
+        if cert_file or key_file:
+            raise RuntimeError(f"a client certificate for the {peer} needs its CA too")
         return None
-    if bool(settings.image_service_cert_file) != bool(settings.image_service_key_file):
-        raise RuntimeError("image_service_cert_file and image_service_key_file go together")
+    if bool(cert_file) != bool(key_file):
+        raise RuntimeError(f"{peer}_cert_file and {peer}_key_file go together")
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.image_service_ca_file, "image_service_ca_file"),
-        private_key=(
-            _read(settings.image_service_key_file, "image_service_key_file")
-            if settings.image_service_key_file
-            else None
-        ),
-        certificate_chain=(
-            _read(settings.image_service_cert_file, "image_service_cert_file")
-            if settings.image_service_cert_file
-            else None
-        ),
+        root_certificates=_read(ca_file, f"{peer}_ca_file"),
+        private_key=_read(key_file, f"{peer}_key_file") if key_file else None,
+        certificate_chain=_read(cert_file, f"{peer}_cert_file") if cert_file else None,
     )

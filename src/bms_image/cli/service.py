@@ -46,6 +46,13 @@ def serve(
         float | None,
         typer.Option(help="grace for in-flight calls (env BMS_IMAGE_SHUTDOWN_GRACE_SECONDS, 10)"),
     ] = None,
+    provisioner_address: Annotated[
+        str | None,
+        typer.Option(
+            help="with --provisioner none: host:port of `bms-image provisioner`, for captures "
+            "(env BMS_IMAGE_PROVISIONER_ADDRESS)"
+        ),
+    ] = None,
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""
     from ..api.server import serve as run_server
@@ -57,6 +64,7 @@ def serve(
         private_image_quota=private_image_quota,
         provisioner=provisioner,
         shutdown_grace_seconds=shutdown_grace_seconds,
+        provisioner_address=provisioner_address,
     )
     try:
         asyncio.run(run_server(settings))

@@ -197,10 +197,10 @@ class ImageCatalog:
         if self._captures is None:
             raise FailedPrecondition(
                 "CAPTURE_UNAVAILABLE",
-                "this image service runs without the embedded provisioner, so it cannot capture "
-                "servers; run it with --provisioner embedded",
+                "this image service runs without the embedded provisioner and knows no "
+                "provisioner to ask (BMS_IMAGE_PROVISIONER_ADDRESS), so it cannot capture servers",
             )
-        source = await self._captures.prepare_capture(caller, server_id)
+        source = await self._captures.prepare_capture(caller, token, server_id)
         try:
             described = NewImage(
                 display_name=new.display_name,
@@ -220,10 +220,10 @@ class ImageCatalog:
             image.partitions = list(source.partitions)
             created = await self._images.create_private(image, self._quota)
         except BaseException:
-            await self._captures.release_capture(server_id)
+            await self._captures.release_capture(token, server_id)
             raise
         if created.id != image.id:  # a retry of an earlier capture
-            await self._captures.release_capture(server_id)
+            await self._captures.release_capture(token, server_id)
             return created
         await self._captures.start_capture(token, server_id, created.id)
         return created

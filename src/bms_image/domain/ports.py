@@ -119,11 +119,12 @@ class CaptureSource:
 class CaptureProvider(Protocol):
     """The fleet, as the catalog needs it to capture a server into an image."""
 
-    async def prepare_capture(self, caller: Caller, server_id: str) -> CaptureSource:
-        """Checks the server (owned, stopped, plug-ins intact) and holds it."""
+    async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
+        """Checks the server (owned, stopped, plug-ins intact) and holds it.
+        `token` is the caller's, for a fleet that runs in another process."""
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
         """Starts uploading the disk into the image; returns at once."""
 
-    async def release_capture(self, server_id: str) -> None:
+    async def release_capture(self, token: str, server_id: str) -> None:
         """Lets go of a server held by prepare_capture that will not be captured."""

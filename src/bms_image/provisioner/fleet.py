@@ -445,7 +445,7 @@ class Fleet:
 
     # -- capture ------------------------------------------------------------
 
-    async def prepare_capture(self, caller: Caller, server_id: str) -> CaptureSource:
+    async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
         """Checks the server can be captured and holds it for the capture."""
         server = await self.get(caller, server_id)
         if server.task:
@@ -501,7 +501,20 @@ class Fleet:
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
         self._spawn(self._capture(token, server_id, image_id))
 
-    async def release_capture(self, server_id: str) -> None:
+    async def release_capture(self, token: str, server_id: str) -> None:
+        await self._release(server_id)
+
+    async def require_held(self, caller: Caller, server_id: str) -> None:
+        """For captures asked for over the network: the server must be the
+        caller's and held by prepare_capture."""
+        server = await self.get(caller, server_id)
+        if server.task != "capture":
+            raise FailedPrecondition(
+                "SERVER_NOT_HELD",
+                f"servers/{server.id} is not being captured; PrepareServerCapture holds it first",
+            )
+
+    async def _release(self, server_id: str) -> None:
         await self._servers.transition(
             server_id, {ServerState.STOPPED}, {"task": ""}, task="capture"
         )
@@ -515,7 +528,7 @@ class Fleet:
             nonlocal released
             if not released:
                 released = True
-                await self.release_capture(server_id)
+                await self._release(server_id)
 
         try:
             await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
@@ -613,7 +626,7 @@ class Fleet:
             await self._fail(server, failure, server.state)
         for server in await self._servers.in_states({ServerState.STOPPED}):
             if server.task == "capture":  # its image stays QUEUED, resumable or deletable
-                await self.release_capture(server.id)
+                await self._release(server.id)
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:
                 self._spawn(self._network_watchdog(server.id))

@@ -1,39 +1,88 @@
-"""Errors of calls to ImageService, turned back into domain errors so that
-the provisioner's callers see the image service's code and reason."""
+"""Errors of calls to our other services (ImageService for the provisioner,
+ServerCaptureService for the image service), turned back into domain errors
+so that the original caller sees the code, reason and details of the service
+that refused."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ..domain import errors
 
+M = TypeVar(
+    "M",
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.QuotaFailure,
+)
+
 _CLASSES: dict[grpc.StatusCode, type[errors.DomainError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceeded,
     grpc.StatusCode.ABORTED: errors.Aborted,
     grpc.StatusCode.DATA_LOSS: errors.DataLoss,
 }
 
 
-def domain_error(error: grpc.aio.AioRpcError) -> errors.DomainError:
-    reason = error.code().name
+def domain_error(error: grpc.aio.AioRpcError, peer: str = "image service") -> errors.DomainError:
+    details: list[any_pb2.Any] = []
     try:
         status = rpc_status.from_call(error)
     except ValueError:
         status = None
     if status is not None:
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                reason = info.reason
-    cls = _CLASSES.get(error.code())
-    message = f"image service: {error.details() or error.code().name}"
+        details = list(status.details)
+    info = _unpacked(details, error_details_pb2.ErrorInfo)
+    reason = info.reason if info is not None else error.code().name
+    message = f"{peer}: {error.details() or error.code().name}"
+    code = error.code()
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        bad = _unpacked(details, error_details_pb2.BadRequest)
+        return errors.InvalidArgument(
+            reason,
+            message,
+            [errors.FieldViolation(v.field, v.description) for v in bad.field_violations]
+            if bad
+            else (),
+        )
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        failure = _unpacked(details, error_details_pb2.PreconditionFailure)
+        return errors.FailedPrecondition(
+            reason,
+            message,
+            [
+                errors.PreconditionViolation(v.type, v.subject, v.description)
+                for v in failure.violations
+            ]
+            if failure
+            else (),
+        )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        quota = _unpacked(details, error_details_pb2.QuotaFailure)
+        return errors.QuotaExceeded(
+            reason,
+            message,
+            [errors.QuotaViolation(v.subject, v.description) for v in quota.violations]
+            if quota
+            else (),
+        )
+    cls = _CLASSES.get(code)
     if cls is None:
-        return errors.FailedPrecondition("IMAGE_SERVICE_UNAVAILABLE", message)
+        unavailable = peer.upper().replace(" ", "_") + "_UNAVAILABLE"
+        return errors.FailedPrecondition(unavailable, message)
     return cls(reason, message)
+
+
+def _unpacked(details: list[any_pb2.Any], kind: type[M]) -> M | None:
+    for detail in details:
+        message = kind()
+        if detail.Unpack(message):
+            return message
+    return None
