@@ -227,3 +227,31 @@ def test_an_expired_token_of_the_previous_key_is_reported_as_expired() -> None:
 def test_every_accepted_key_must_be_long_enough() -> None:
     with pytest.raises(ValueError, match="at least 32"):
         TokenAuthority(NEW_SECRET, previous=["short"])
+
+
+# -- remembered verifications ---------------------------------------------------
+
+
+def test_a_remembered_token_still_expires() -> None:
+    authority = TokenAuthority(SECRET)
+    token = authority.issue("alpha", ttl_seconds=1)
+    assert authority.verify(token).project == "alpha"
+    assert authority.verify(token).project == "alpha"  # answered from memory
+    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+    time.sleep(max(0.0, expires - time.time()) + 0.05)  # at most about a second
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+
+
+def test_refused_tokens_are_not_remembered_and_memory_is_bounded() -> None:
+    from bms_image import auth
+
+    authority = TokenAuthority(SECRET)
+    forged = TokenAuthority(OTHER_SECRET).issue("alpha")
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            authority.verify(forged)
+    for n in range(auth.VERIFIED_CACHE_SIZE + 10):
+        authority.verify(authority.issue(f"p{n}"))
+    assert len(authority._verified) == auth.VERIFIED_CACHE_SIZE
