@@ -111,12 +111,19 @@ def write_disk(path: Path, spec: DiskSpec) -> None:
         handle.write(MAGIC + json.dumps(header, sort_keys=True).encode())
 
 
+class NotASystemDisk(ValueError):
+    """The bytes do not start with a BMSDISK1 partition table: nothing boots."""
+
+
 def _header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
         raw = handle.read(HEADER_BYTES)
     if not raw.startswith(MAGIC):
-        raise ValueError(f"{path.name} is not a BMSDISK1 disk")
-    return dict(json.loads(raw[len(MAGIC) :].rstrip(b"\0")))
+        raise NotASystemDisk(f"{path.name} is not a BMSDISK1 disk")
+    try:
+        return dict(json.loads(raw[len(MAGIC) :].rstrip(b"\0")))
+    except ValueError:
+        raise NotASystemDisk(f"{path.name} has a damaged partition table") from None
 
 
 def _write_tar(handle: BinaryIO, files: Mapping[str, bytes]) -> None:

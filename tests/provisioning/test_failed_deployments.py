@@ -1,9 +1,11 @@
 """What goes wrong during a deployment: corrupted image bytes fail every
-server of the batch with DATA_LOSS and leave nothing behind; a missing or
-altered bms-network-config leaves the server up without a network."""
+server of the batch with DATA_LOSS and leave nothing behind; bytes that hold
+no system disk fail clearly; a missing or altered bms-network-config leaves
+the server up without a network."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from provisioning_support import (
     ACTIVE,
@@ -21,7 +23,9 @@ from provisioning_support import (
     cache_dir,
     corrupt,
     create_disk_image,
+    create_queued,
     create_request,
+    decode,
     deploy,
     evs_pool,
     get_server,
@@ -30,6 +34,8 @@ from provisioning_support import (
     read_disk_file,
     server_dir,
     stage_name,
+    system_disk,
+    upload,
     watch,
 )
 
@@ -131,3 +137,49 @@ async def test_altered_network_config_counts_as_broken(
     assert server.state == ACTIVE
     assert server.network_state == pb.NETWORK_STATE_DOWN
     assert "bms-network-config" in server.state_reason and "modified" in server.state_reason
+
+
+@pytest.mark.parametrize("boot_source", [LOCAL, EVS])
+async def test_an_image_that_is_no_system_disk_fails_clearly(
+    provisioning, images, as_project, settings, boot_source
+) -> None:
+    """Bytes anyone can upload (here random ones) verify fine but boot
+    nothing: the deployment fails FAILED_PRECONDITION IMAGE_NOT_BOOTABLE."""
+    md = as_project("alpha")
+    queued = await create_queued(images, md, display_name="not-a-disk")
+    active = await upload(images, md, queued.name, bytes(range(256)) * 1024)
+    assert active.status == image_pb2.IMAGE_STATUS_ACTIVE
+    deployment = await deploy(
+        provisioning, md, create_request(active.name, S4, 1, "junk", boot_source=boot_source)
+    )
+    (server_name,) = deployment.servers
+    final = deployment.final(server_name)
+    assert final.stage == FAILED and final.state == ERROR
+    assert (final.error_code, final.error_reason) == ("FAILED_PRECONDITION", "IMAGE_NOT_BOOTABLE")
+    assert active.name in final.message
+    assert not server_dir(settings, server_name).exists()
+
+
+async def test_a_server_whose_disk_is_unreadable_cannot_be_captured(
+    provisioning, images, as_project, settings
+) -> None:
+    md = as_project("alpha")
+    deployment = await deploy(provisioning, md, create_request(boot_source=LOCAL))
+    (server_name,) = deployment.servers
+    await provisioning.StopServer(pb.StopServerRequest(name=server_name), metadata=md)
+    corrupt(system_disk(settings, server_name), 0, b"garbage!")  # the partition table
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await images.CreateImage(
+            image_pb2.CreateImageRequest(
+                image=image_pb2.Image(display_name="from-a-broken-disk"),
+                source_server=server_name,
+            ),
+            metadata=md,
+        )
+    rich = decode(refused.value)
+    assert (rich.code, rich.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SERVER_DISK_UNREADABLE",
+    )
+    server = await get_server(provisioning, md, server_name)
+    assert server.task == "", "the refused capture does not hold the server"

@@ -257,7 +257,17 @@ class ImageData:
         await asyncio.to_thread(self._staging.discard, image_id)
 
     async def _interrupt(self, image_id: str, staged: StagedUpload) -> None:
-        """The stream broke off: keep what arrived so the client can resume."""
+        """The stream broke off: keep what arrived so the client can resume
+        (a capture cannot be resumed: its provisioner gave up, so it fails)."""
+        image = await self._images.get(image_id)
+        if image is not None and not rules.bytes_come_from_a_client(image):
+            await self._kill(
+                image_id,
+                staged,
+                f"the capture of {image.source_server} broke off after {staged.size} bytes; "
+                "capture the server again",
+            )
+            return
         await asyncio.to_thread(staged.close)
         await self._images.transition(
             image_id,
@@ -312,10 +322,33 @@ class ImageData:
 
     async def recover(self) -> dict[str, int]:
         """After a restart: uploads that were in flight become resumable
-        (SAVING -> QUEUED with the bytes staged so far), and blobs or staged
-        files that no image owns any more are removed."""
-        report = {"resumable": 0, "orphans": 0}
-        for image in await self._images.in_statuses({ImageStatus.SAVING}):
+        (SAVING -> QUEUED with the bytes staged so far); captures and
+        replicas that were cut off fail, since nothing would finish them;
+        blobs or staged files that no image owns any more are removed."""
+        report = {"resumable": 0, "failed": 0, "orphans": 0}
+        unfinished = await self._images.in_statuses({ImageStatus.SAVING, ImageStatus.QUEUED})
+        for image in unfinished:
+            if not rules.bytes_come_from_a_client(image):
+                what = (
+                    f"the capture of {image.source_server}"
+                    if image.source_server
+                    else "the replication"
+                )
+                await self._images.transition(
+                    image.id,
+                    {ImageStatus.SAVING, ImageStatus.QUEUED},
+                    {
+                        "status": ImageStatus.KILLED,
+                        "uploaded_bytes": 0,
+                        "status_reason": f"{what} was cut off by a service restart; start it again",
+                        # The call never answered: a retry with its request_id starts over.
+                        "request_id": None,
+                    },
+                )
+                report["failed"] += 1
+                continue
+            if image.status is not ImageStatus.SAVING:
+                continue
             staged = self._staging.size(image.id)
             await self._images.transition(
                 image.id,

@@ -44,6 +44,22 @@ ALLOWED_TRANSITIONS: dict[ImageStatus, frozenset[ImageStatus]] = {
 }
 
 
+#: The status_reason of a replica whose bytes are being copied: it names the
+#: source, and tells recovery after a crash that no client will resume it.
+REPLICATING = "replicating images/"
+
+
+def replicating_reason(source_id: str) -> str:
+    return REPLICATING + source_id
+
+
+def bytes_come_from_a_client(image: Image) -> bool:
+    """Whether an unfinished image waits for a client that can resume its
+    upload; captures and replicas are written by the service itself, so
+    when their writer is cut off nothing will ever finish them."""
+    return not image.source_server and not image.status_reason.startswith(REPLICATING)
+
+
 def can_transition(current: ImageStatus, target: ImageStatus) -> bool:
     return target in ALLOWED_TRANSITIONS[current]
 

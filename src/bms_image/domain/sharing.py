@@ -162,7 +162,7 @@ class Sharing:
             creator_project=caller.project,
             request_id=request_id or None,
             status=ImageStatus.SAVING,
-            status_reason=f"replicating images/{image_id}",
+            status_reason=rules.replicating_reason(image_id),
             protected=False,
             source_server="",
             revision=1,

@@ -360,7 +360,14 @@ class Fleet:
         self, server: Server, plan: _Plan, cached: Path, working: ServerState
     ) -> None:
         staged = await self._write_system_disk(server, plan, cached)
-        states = await asyncio.to_thread(plugin_states, staged)
+        try:
+            states = await asyncio.to_thread(plugin_states, staged)
+        except disks.NotASystemDisk:
+            raise FailedPrecondition(
+                "IMAGE_NOT_BOOTABLE",
+                f"images/{plan.image.id} holds no system disk a server can boot (no BMSDISK1 "
+                "partition table at its start); deploy an image made for BMS",
+            ) from None
         has_init = any(
             states[kind][0] == "intact"
             for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
@@ -431,8 +438,7 @@ class Fleet:
         if working is ServerState.BUILDING:
             await asyncio.to_thread(shutil.rmtree, directory, True)
         else:  # a failed reinstall keeps the data disks
-            for leftover in ("system.disk.new", "system.evs.new"):
-                await asyncio.to_thread((directory / leftover).unlink, missing_ok=True)
+            await asyncio.to_thread(_discard_new_system_disk, directory)
         failed = await self._servers.transition(
             server.id,
             {working},
@@ -464,7 +470,14 @@ class Fleet:
                 [QuotaViolation(f"projects/{caller.project}", "captures at once: limit 40")],
             )
         disk = self.system_disk(server.id)
-        states = await asyncio.to_thread(plugin_states, disk)
+        try:
+            states = await asyncio.to_thread(plugin_states, disk)
+        except disks.NotASystemDisk:
+            raise FailedPrecondition(
+                "SERVER_DISK_UNREADABLE",
+                f"servers/{server.id} has no readable system disk (its partition table is "
+                "damaged); reinstall it before capturing it",
+            ) from None
         damaged = [
             (plugin.kind, states[plugin.kind][0])
             for plugin in server.plugins
@@ -625,12 +638,22 @@ class Fleet:
             )
             await self._fail(server, failure, server.state)
         for server in await self._servers.in_states({ServerState.STOPPED}):
-            if server.task == "capture":  # its image stays QUEUED, resumable or deletable
+            if server.task == "capture":  # the image service fails its image
                 await self._release(server.id)
+        await asyncio.to_thread(self._remove_scratch)
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:
                 self._spawn(self._network_watchdog(server.id))
         return len(interrupted)
+
+    def _remove_scratch(self) -> None:
+        """Flattened disks of captures and partial image downloads that a
+        crash left behind (their work was failed above). Blocking."""
+        for leftover in (
+            *self._root.glob(".capture-*.disk"),
+            *self._images.partial_downloads(),
+        ):
+            leftover.unlink(missing_ok=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -644,6 +667,18 @@ def _as_domain_error(error: Exception, doing: str) -> DomainError:
         return error
     log.error("%s failed", doing, exc_info=error)
     return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
+
+
+def _discard_new_system_disk(directory: Path) -> None:
+    """What a failed reinstall wrote: the new disk or EVS volume and its
+    overlay; the system disk in use and its own overlay stay. Blocking."""
+    current = directory / "system.evs"
+    keep = disks.writable_layer(current).name if current.exists() else ""
+    for leftover in ("system.disk.new", "system.evs.new"):
+        (directory / leftover).unlink(missing_ok=True)
+    for overlay in directory.glob("system.overlay.*"):
+        if overlay.name != keep:
+            overlay.unlink()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -63,6 +63,10 @@ class ImageSource:
             raise domain_error(error) from None
         return sha256
 
+    def partial_downloads(self) -> list[Path]:
+        """Downloads a crash cut off (none while this process fetches)."""
+        return list(self._cache.glob(".part-*"))
+
     def cached(self, image_id: str, sha256: str) -> Path:
         return self._cache / f"{image_id}-{sha256}.raw"
 
