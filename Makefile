@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := src/bms/.generated
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto install tools clean help bench docs
+.PHONY: run test lint proto install tools clean help bench bench-tools docs
 
 help:
 	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
@@ -53,10 +53,17 @@ run: $(STUBS_STAMP) tools
 test: $(STUBS_STAMP) node_modules/.installed tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Data-plane benchmark against a bare gRPC baseline, then the deployment
-# benchmark (local disk vs EVS, batch of 50); QUICK=1 for the short runs.
-bench: $(STUBS_STAMP) tools
+# h2load (Debian's nghttp2-client) drives the metadata benchmark's GetImage load.
+bench-tools:
+	@command -v h2load >/dev/null || { echo "installing nghttp2-client (h2load)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client >/dev/null; }
+
+# Data-plane benchmark against a bare gRPC baseline, the metadata benchmark
+# (GetImage, ListImages at 1k/100k images, create/delete, 1,000 streams), then
+# the deployment benchmark (local disk vs EVS, batch of 50); QUICK=1 for the short runs.
+bench: $(STUBS_STAMP) tools bench-tools
 	$(BIN)/python -m bench.dataplane $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.metadata $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.deploy $(if $(QUICK),--quick,)
 
 lint: $(STUBS_STAMP) node_modules/.installed

@@ -1,5 +1,5 @@
-"""The bare baseline of the data-plane benchmark: a minimal grpc.aio server
-with the service's own transport options that moves bytes and nothing else.
+"""The bare baseline of the benchmarks: a minimal grpc.aio server with the
+service's own transport options that moves bytes and messages and nothing else.
 
 It answers UploadImageData (counts the bytes: no hashing, no disk) and
 DownloadImageData (streams a deterministic payload from memory) under the
@@ -14,6 +14,15 @@ A download asks for `bare/<size>`; every size must be given with --sizes so
 that the SHA-256 of its payload is computed before the server listens (the
 real service keeps its digests in the database, so neither hashes while
 streaming).
+
+For `bench.metadata` it also answers the unary GetImage, CreateImage and
+DeleteImage: they parse the request and echo a prebuilt Image, read from the
+files given with --get-image and --create-image (serialized Images that the
+real service returned, so the replies are byte for byte the same size), or
+an Empty. No authentication, no database. It counts the calls it answered
+and tells them through `/bench.bare.Stats/Counts` (JSON, no protobuf):
+
+    python -m bench.bare --get-image get.bin --create-image create.bin
 """
 
 from __future__ import annotations
@@ -22,13 +31,17 @@ import argparse
 import asyncio
 import ctypes
 import hashlib
+import json
 import random
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2
 from bms_image.api.server import server_options
@@ -40,6 +53,8 @@ BLOCK_BYTES = 64 * 1024 * 1024
 SEED = 0x0B5_1AE6E
 SERVICE = image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 NAME_PREFIX = "bare/"
+#: The bare server's own method: JSON counts of the metadata calls answered.
+STATS_METHOD = "/bench.bare.Stats/Counts"
 
 
 def tune_malloc() -> bool:
@@ -135,6 +150,43 @@ class BareDataPlane:
         yield Response(offset=offset, size_bytes=size, sha256=digest, last=True)
 
 
+class BareMetadata:
+    """GetImage, CreateImage and DeleteImage with nothing behind them: each
+    parses its request (the transport's work) and echoes a prebuilt reply."""
+
+    def __init__(self, get_reply: bytes, create_reply: bytes) -> None:
+        self._get_reply = image_pb2.Image.FromString(get_reply)
+        self._create_reply = image_pb2.Image.FromString(create_reply)
+        self.counts: Counter[str] = Counter()
+
+    async def get(
+        self, request: image_pb2.GetImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> image_pb2.Image:
+        if request.name != self._get_reply.name:  # proves the request arrived whole
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"only {self._get_reply.name}")
+        self.counts["GetImage"] += 1
+        return self._get_reply
+
+    async def create(
+        self, request: image_pb2.CreateImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> image_pb2.Image:
+        if not request.image.display_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image.display_name")
+        self.counts["CreateImage"] += 1
+        return self._create_reply
+
+    async def delete(
+        self, request: image_pb2.DeleteImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name")
+        self.counts["DeleteImage"] += 1
+        return empty_pb2.Empty()
+
+    async def stats(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return json.dumps(self.counts).encode()
+
+
 def generic_handler(plane: BareDataPlane) -> grpc.GenericRpcHandler:
     """The bare methods under the real service's method paths."""
     return grpc.method_handlers_generic_handler(
@@ -154,14 +206,45 @@ def generic_handler(plane: BareDataPlane) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(listen: str, sizes: list[int]) -> None:
+def metadata_handlers(metadata: BareMetadata) -> tuple[grpc.GenericRpcHandler, ...]:
+    """The unary metadata methods under the real paths, and the stats method."""
+    unary = grpc.unary_unary_rpc_method_handler
+    service, stats_method = STATS_METHOD.strip("/").split("/")
+    return (
+        grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GetImage": unary(
+                    metadata.get,
+                    request_deserializer=image_pb2.GetImageRequest.FromString,
+                    response_serializer=image_pb2.Image.SerializeToString,
+                ),
+                "CreateImage": unary(
+                    metadata.create,
+                    request_deserializer=image_pb2.CreateImageRequest.FromString,
+                    response_serializer=image_pb2.Image.SerializeToString,
+                ),
+                "DeleteImage": unary(
+                    metadata.delete,
+                    request_deserializer=image_pb2.DeleteImageRequest.FromString,
+                    response_serializer=empty_pb2.Empty.SerializeToString,
+                ),
+            },
+        ),
+        grpc.method_handlers_generic_handler(service, {stats_method: unary(metadata.stats)}),
+    )
+
+
+async def serve(listen: str, sizes: list[int], metadata: BareMetadata | None = None) -> None:
     """Serves until SIGTERM or SIGINT; prints `bare listening on <host:port>`."""
     settings = Settings()
-    block = payload_block()
+    block = payload_block() if sizes else b""  # no downloads: no 64 MiB block
     digests = {size: payload_sha256(block, size) for size in sizes}
     server = grpc.aio.server(options=server_options(settings))
     plane = BareDataPlane(block, settings.chunk_bytes, digests)
     server.add_generic_rpc_handlers((generic_handler(plane),))
+    if metadata is not None:
+        server.add_generic_rpc_handlers(metadata_handlers(metadata))
     port = server.add_insecure_port(listen)
     await server.start()
     stop = asyncio.Event()
@@ -182,11 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default trimming (slower)"
     )
+    parser.add_argument("--get-image", type=Path, help="serialized Image that GetImage echoes")
+    parser.add_argument(
+        "--create-image", type=Path, help="serialized Image that CreateImage echoes"
+    )
     args = parser.parse_args(argv)
     if not args.default_malloc:
         tune_malloc()
     sizes = [int(size) for size in args.sizes.split(",") if size]
-    asyncio.run(serve(args.listen, sizes))
+    metadata = None
+    if args.get_image or args.create_image:
+        if not (args.get_image and args.create_image):
+            parser.error("--get-image and --create-image go together")
+        metadata = BareMetadata(args.get_image.read_bytes(), args.create_image.read_bytes())
+    asyncio.run(serve(args.listen, sizes, metadata))
     return 0
 
 
