@@ -5,6 +5,7 @@ caller's stream dropped, malformed names and missing tokens."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import grpc
@@ -34,6 +35,8 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import provisioning_pb2
+from bms_image.domain.servers import ServerState
+from bms_image.provisioner import fleet as fleet_module
 from bms_image.provisioner.images import ImageSource
 
 pb = provisioning_pb2
@@ -345,3 +348,24 @@ async def test_every_call_needs_a_token(provisioning, as_project, metadata) -> N
     server = await get_server(provisioning, as_project("alpha"), name)
     assert server.state == ACTIVE
     assert len(await list_servers(provisioning, as_project("alpha"))) == 1
+
+
+async def test_watch_attaching_as_the_work_ends_tells_it_in_full(
+    provisioning, as_project, monkeypatch
+) -> None:
+    """The server is read while BUILDING and its deployment ends before the
+    events are looked at: the watcher still gets every event up to ACTIVE,
+    not a stale BUILDING snapshot."""
+    md = as_project("alpha")
+    deployment = await deploy(provisioning, md, create_request())
+    (server_name,) = deployment.servers
+    read = fleet_module.Fleet.get
+
+    async def read_just_before_the_end(self, caller, server_id):  # type: ignore[no-untyped-def]
+        server = await read(self, caller, server_id)
+        return dataclasses.replace(server, state=ServerState.BUILDING)
+
+    monkeypatch.setattr(fleet_module.Fleet, "get", read_just_before_the_end)
+    watched = await watch(provisioning, md, server_name)
+    assert [e.stage for e in watched] == deployment.stages(server_name)
+    assert watched[-1].stage == STAGE_ACTIVE

@@ -10,7 +10,6 @@ from google.protobuf import empty_pb2
 from bms.image.v1 import provisioning_pb2, provisioning_pb2_grpc
 
 from ..domain.flavors import FlavorDirectory
-from ..domain.servers import ProvisioningStage, ServerEvent, ServerState
 from ..provisioner.fleet import Fleet
 from .context import current_caller, current_token
 from .convert import (
@@ -25,13 +24,6 @@ from .convert import (
 
 Context = Any
 
-_STAGE_OF_STATE = {
-    ServerState.BUILDING: ProvisioningStage.VALIDATING,
-    ServerState.ACTIVE: ProvisioningStage.ACTIVE,
-    ServerState.STOPPED: ProvisioningStage.ACTIVE,
-    ServerState.ERROR: ProvisioningStage.FAILED,
-    ServerState.REBUILDING: ProvisioningStage.VALIDATING,
-}
 
 
 class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  # type: ignore[misc]
@@ -122,20 +114,6 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
     async def WatchServer(
         self, request: provisioning_pb2.WatchServerRequest, context: Context
     ) -> AsyncIterator[provisioning_pb2.ServerEvent]:
-        server = await self._fleet.get(current_caller(), server_id_from_name(request.name))
-        if self._fleet.events.in_progress(server.id):
-            async for event in self._fleet.events.follow([server.id]):
-                yield event_to_proto(event)
-            return
-        stage = _STAGE_OF_STATE.get(server.state, ProvisioningStage.FAILED)
-        yield event_to_proto(
-            ServerEvent(
-                server_id=server.id,
-                stage=stage,
-                state=server.state,
-                message=server.state_reason or f"server is {server.state.value}",
-                time=server.update_time or server.create_time,  # type: ignore[arg-type]
-                percent=100.0,
-                boot_source=server.boot_source,
-            )
-        )
+        server_id = server_id_from_name(request.name)
+        async for event in self._fleet.watch(current_caller(), server_id):
+            yield event_to_proto(event)

@@ -19,8 +19,14 @@ FinishedHook = Callable[[ServerEvent, float], None]
 class EventBus:
     def __init__(self, on_finished: FinishedHook | None = None) -> None:
         self._history: dict[str, list[ServerEvent]] = {}
-        self._changed = asyncio.Condition()
+        #: Per server, the wake-ups of those following it: an event wakes only
+        #: the streams that follow its server (not all of them).
+        self._followers: dict[str, set[asyncio.Event]] = {}
         self._on_finished = on_finished
+
+    def knows(self, server_id: str) -> bool:
+        """Whether events of the server's latest work are kept."""
+        return server_id in self._history
 
     def in_progress(self, server_id: str) -> bool:
         """Whether work on the server is going on (its last event is not final)."""
@@ -37,8 +43,8 @@ class EventBus:
                 self._on_finished(event, (event.time - history[0].time).total_seconds())
             loop = asyncio.get_running_loop()
             loop.call_later(RETAIN_SECONDS, self._expire, event.server_id, history)
-        async with self._changed:
-            self._changed.notify_all()
+        for wake in self._followers.get(event.server_id, ()):
+            wake.set()
 
     def _expire(self, server_id: str, history: list[ServerEvent]) -> None:
         if self._history.get(server_id) is history:
@@ -49,17 +55,26 @@ class EventBus:
         reached ACTIVE or FAILED."""
         positions = dict.fromkeys(server_ids, 0)
         open_ids = set(positions)
-        while open_ids:
-            for server_id in list(open_ids):
-                events = self._history.get(server_id, [])
-                while positions[server_id] < len(events):
-                    event = events[positions[server_id]]
-                    positions[server_id] += 1
-                    yield event
-                    if event.final:
-                        open_ids.discard(server_id)
-            if open_ids:
-                async with self._changed:
-                    await self._changed.wait_for(
-                        lambda: any(len(self._history.get(s, [])) > positions[s] for s in open_ids)
-                    )
+        wake = asyncio.Event()
+        for server_id in open_ids:
+            self._followers.setdefault(server_id, set()).add(wake)
+        try:
+            while open_ids:
+                wake.clear()  # before reading: a publish from here on wakes us
+                for server_id in list(open_ids):
+                    events = self._history.get(server_id, [])
+                    while positions[server_id] < len(events):
+                        event = events[positions[server_id]]
+                        positions[server_id] += 1
+                        yield event
+                        if event.final:
+                            open_ids.discard(server_id)
+                if open_ids:
+                    await wake.wait()
+        finally:
+            for server_id in positions:
+                followers = self._followers.get(server_id)
+                if followers is not None:
+                    followers.discard(wake)
+                    if not followers:
+                        del self._followers[server_id]

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import shutil
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +87,16 @@ class _Plan:
     token: str
 
 
+#: What WatchServer says of a server with no work going on.
+_STAGE_OF_STATE = {
+    ServerState.BUILDING: ProvisioningStage.VALIDATING,
+    ServerState.ACTIVE: ProvisioningStage.ACTIVE,
+    ServerState.STOPPED: ProvisioningStage.ACTIVE,
+    ServerState.ERROR: ProvisioningStage.FAILED,
+    ServerState.REBUILDING: ProvisioningStage.VALIDATING,
+}
+
+
 class Fleet:
     def __init__(
         self,
@@ -130,6 +140,29 @@ class Fleet:
         rows = await self._servers.list_for_project(caller.project, after, limit + 1)
         page = rows[:limit]
         return page, self._tokens.encode(page[-1].seq, scope) if len(rows) > limit else ""
+
+    async def watch(self, caller: Caller, server_id: str) -> AsyncIterator[ServerEvent]:
+        """The server's work, from its first event to ACTIVE or FAILED, when
+        some is going on or has just ended; otherwise one event of its state.
+        Events are read after the server, so work that ends between the two
+        reads is still told in full, never as a stale snapshot."""
+        server = await self.get(caller, server_id)
+        working = server.state in (ServerState.BUILDING, ServerState.REBUILDING)
+        if self.events.in_progress(server.id) or (working and self.events.knows(server.id)):
+            async for event in self.events.follow([server.id]):
+                yield event
+            return
+        if working:  # no events at all: read again rather than guess
+            server = await self.get(caller, server_id)
+        yield ServerEvent(
+            server_id=server.id,
+            stage=_STAGE_OF_STATE.get(server.state, ProvisioningStage.FAILED),
+            state=server.state,
+            message=server.state_reason or f"server is {server.state.value}",
+            time=server.update_time or server.create_time or _now(),
+            percent=100.0,
+            boot_source=server.boot_source,
+        )
 
     def system_disk(self, server_id: str) -> Path:
         directory = self._disks / server_id
