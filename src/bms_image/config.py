@@ -50,6 +50,10 @@ class Settings:
     metrics_listen: str = ""
     #: "text" for people, "json" (one object per line) for log pipelines.
     log_format: str = "text"
+    #: GetImage may answer from images read this many seconds ago; changes
+    #: made through this process show at once, other replicas' within it.
+    #: 0 reads the database every time.
+    metadata_cache_seconds: float = 1.0
     #: How often health re-checks the database and blob store.
     health_check_seconds: float = 5.0
     #: Secrets that signed tokens before the current one and are still
@@ -134,6 +138,7 @@ _CASTERS: dict[str, Any] = {
     "metrics_listen": str,
     "log_format": str,
     "health_check_seconds": float,
+    "metadata_cache_seconds": float,
     "token_previous_secrets": str,
     "tls_cert_file": str,
     "tls_key_file": str,

@@ -141,6 +141,9 @@ class InMemoryImages:
         image = self.rows.get(image_id)
         return copy.deepcopy(image) if image is not None else None
 
+    async def get_recent(self, image_id: str) -> Image | None:
+        return await self.get(image_id)
+
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
     ) -> list[Image]:

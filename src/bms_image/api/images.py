@@ -52,7 +52,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
         self, request: image_pb2.GetImageRequest, context: Context
     ) -> image_pb2.Image:
         caller = current_caller()
-        image = await self._catalog.get(caller, image_id_from_name(request.name))
+        image = await self._catalog.describe(caller, image_id_from_name(request.name))
         return self._proto(caller, image)
 
     async def CreateImage(

@@ -172,7 +172,7 @@ async def start(settings: Settings) -> RunningService:
     if added:
         log.info("seeded %d catalog entries", added)
     flavor_repository = SqlFlavorRepository(database)
-    image_repository = SqlImageRepository(database)
+    image_repository = SqlImageRepository(database, settings.metadata_cache_seconds)
     member_repository = SqlMemberRepository(database)
     flavors = FlavorCatalog(await flavor_repository.list_flavors())
     page_tokens = _page_tokens(settings)

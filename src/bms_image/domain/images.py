@@ -117,6 +117,17 @@ class ImageCatalog:
         image, _ = await self.get_with_membership(caller, image_id)
         return image
 
+    async def describe(self, caller: Caller, image_id: str) -> Image:
+        """GetImage: like get, but public and own images may come from the
+        repository's memory of recent reads (read-only use: the answer is not
+        the basis of any change, and this process's own changes show at once)."""
+        image = await self._images.get_recent(image_id)
+        if image is not None and (
+            image.visibility is Visibility.PUBLIC or image.owner_project == caller.project
+        ):
+            return rules.require_visible(caller, image, image_id, None)
+        return await self.get(caller, image_id)
+
     async def get_with_membership(
         self, caller: Caller, image_id: str
     ) -> tuple[Image, MemberStatus | None]:

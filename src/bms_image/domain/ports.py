@@ -25,6 +25,10 @@ class ImageRepository(Protocol):
     async def get(self, image_id: str) -> Image | None:
         """The stored image, deleted ones included; None if it never existed."""
 
+    async def get_recent(self, image_id: str) -> Image | None:
+        """Like get, but may answer from memory: current for this process's
+        own changes, a little behind (seconds) for another process's."""
+
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
     ) -> list[Image]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import time
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -164,17 +166,18 @@ def _condition_clause(
     elif name == "flavor":
         assert query.flavor is not None
         flavor_name, hardware_model = query.flavor
+        # `visibility || ''` keeps the OR from being run as a multi-index OR
+        # plus a sort of every match (SQLite's choice without statistics):
+        # walking seq in order finds a page of a dense listing at once.
+        visibility = ImageRow.visibility.concat("")
         clause = or_(
             and_(
-                ImageRow.visibility == Visibility.PUBLIC.value,
+                visibility == Visibility.PUBLIC.value,
                 exists().where(
                     ImageFlavorRow.image_id == ImageRow.id, ImageFlavorRow.flavor == flavor_name
                 ),
             ),
-            and_(
-                ImageRow.visibility == Visibility.PRIVATE.value,
-                ImageRow.hardware_model == hardware_model,
-            ),
+            and_(visibility == Visibility.PRIVATE.value, ImageRow.hardware_model == hardware_model),
         )
     else:  # parse_filter admits only the fields above
         raise AssertionError(f"unhandled filter field {name}")
@@ -182,13 +185,47 @@ def _condition_clause(
 
 
 class SqlImageRepository:
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, recent_seconds: float = 0.0, recent_limit: int = 10_000
+    ) -> None:
         self._db = database
+        #: Images read lately, for get_recent: (image, monotonic expiry). This
+        #: process's own writes drop an entry at once; another process's are
+        #: seen once it expires.
+        self._recent: OrderedDict[str, tuple[Image, float]] = OrderedDict()
+        self._recent_seconds = recent_seconds
+        self._recent_limit = recent_limit
+        #: Writes of this process so far: a read that saw a write happen while
+        #: it ran does not remember its (maybe older) result.
+        self._writes = 0
 
     async def get(self, image_id: str) -> Image | None:
         async with self._db.read() as session:
             row = await session.scalar(select(ImageRow).where(ImageRow.id == image_id))
             return to_domain(row) if row else None
+
+    async def get_recent(self, image_id: str) -> Image | None:
+        """Like get, but may answer from memory: at most recent_seconds old
+        when another process changed the image, current for this process's
+        own changes. The result is shared: never modify it."""
+        if self._recent_seconds <= 0:
+            return await self.get(image_id)
+        remembered = self._recent.get(image_id)
+        if remembered is not None and remembered[1] > time.monotonic():
+            self._recent.move_to_end(image_id)
+            return remembered[0]
+        writes = self._writes
+        image = await self.get(image_id)
+        if image is not None and writes == self._writes:
+            self._recent[image_id] = (image, time.monotonic() + self._recent_seconds)
+            self._recent.move_to_end(image_id)
+            if len(self._recent) > self._recent_limit:
+                self._recent.popitem(last=False)
+        return image
+
+    def _wrote(self, image_id: str) -> None:
+        self._writes += 1
+        self._recent.pop(image_id, None)
 
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
@@ -260,8 +297,10 @@ class SqlImageRepository:
             select(func.count())
             .select_from(ImageRow)
             .where(
+                # Only private images have an owner: no visibility term, which
+                # would steer SQLite (without statistics) to scan every private
+                # image instead of using ix_images_owner_status.
                 ImageRow.owner_project == project,
-                ImageRow.visibility == Visibility.PRIVATE.value,
                 ImageRow.status.in_(_COUNTED),
             )
         )
@@ -360,6 +399,18 @@ class SqlImageRepository:
     ) -> Image | None:
         values = {k: v for k, v in changes.items() if k != "tags"}
         values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
+        try:
+            return await self._update_row(image_id, condition, values, changes)
+        finally:
+            self._wrote(image_id)
+
+    async def _update_row(
+        self,
+        image_id: str,
+        condition: ColumnElement[bool],
+        values: Mapping[str, Any],
+        changes: Mapping[str, Any],
+    ) -> Image | None:
         async with self._db.write() as session:
             result = await session.execute(
                 update(ImageRow)

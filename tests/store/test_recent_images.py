@@ -1,0 +1,108 @@
+"""get_recent, the memory behind GetImage: this process's own changes show
+at once; another process's (a direct write here) once the entry expires; a
+read that overlaps a write does not remember what it read. Both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import update
+
+from bms_image.domain.model import (
+    Architecture,
+    DiskFormat,
+    Image,
+    ImageStatus,
+    OsType,
+    Visibility,
+)
+from bms_image.store.db import Database
+from bms_image.store.repository import SqlImageRepository
+from bms_image.store.tables import ImageRow
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = Database(database_url)
+    await db.migrate()
+    yield db
+    await db.close()
+
+
+def new_image(name: str) -> Image:
+    now = datetime.now(UTC)
+    return Image(
+        id=f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}",
+        display_name=name,
+        visibility=Visibility.PRIVATE,
+        owner_project="alpha",
+        creator_project="alpha",
+        os_type=OsType.LINUX,
+        os_distro="centos",
+        os_version="7.6",
+        architecture=Architecture.X86_64,
+        disk_format=DiskFormat.RAW,
+        min_disk_gb=40,
+        status=ImageStatus.QUEUED,
+        hardware_model="s4-2288h-v5",
+        create_time=now,
+        update_time=now,
+    )
+
+
+async def write_elsewhere(database: Database, image_id: str, name: str) -> None:
+    """A change made by another process: straight to the table."""
+    async with database.write() as session:
+        await session.execute(
+            update(ImageRow).where(ImageRow.id == image_id).values(display_name=name)
+        )
+
+
+async def test_own_changes_show_at_once_others_after_expiry(database: Database) -> None:
+    repository = SqlImageRepository(database, recent_seconds=0.3)
+    image = await repository.create_private(new_image("first"), 50)
+    assert (await repository.get_recent(image.id)).display_name == "first"  # type: ignore[union-attr]
+
+    await write_elsewhere(database, image.id, "elsewhere")
+    remembered = await repository.get_recent(image.id)
+    assert remembered is not None and remembered.display_name == "first", "from memory"
+    assert (await repository.get(image.id)).display_name == "elsewhere"  # type: ignore[union-attr]
+
+    await asyncio.sleep(0.35)  # the entry expires (a bound, not a timing assertion)
+    assert (await repository.get_recent(image.id)).display_name == "elsewhere"  # type: ignore[union-attr]
+
+    current = await repository.get_recent(image.id)
+    assert current is not None
+    await repository.update(image.id, current.revision, {"display_name": "own"})
+    assert (await repository.get_recent(image.id)).display_name == "own"  # type: ignore[union-attr]
+    await repository.transition(image.id, {ImageStatus.QUEUED}, {"status": ImageStatus.DELETED})
+    gone = await repository.get_recent(image.id)
+    assert gone is not None and gone.status is ImageStatus.DELETED
+
+
+async def test_a_read_overlapping_a_write_is_not_remembered(database: Database) -> None:
+    repository = SqlImageRepository(database, recent_seconds=60)
+    image = await repository.create_private(new_image("racy"), 50)
+    read = repository.get
+
+    async def read_then_let_a_write_happen(image_id: str) -> Image | None:
+        found = await read(image_id)
+        await repository.update(image.id, image.revision, {"display_name": "newer"})
+        return found
+
+    repository.get = read_then_let_a_write_happen  # type: ignore[method-assign]
+    overlapped = await repository.get_recent(image.id)
+    assert overlapped is not None and overlapped.display_name == "racy"
+    repository.get = read  # type: ignore[method-assign]
+    assert (await repository.get_recent(image.id)).display_name == "newer"  # type: ignore[union-attr]
+
+
+async def test_without_a_window_every_read_goes_to_the_database(database: Database) -> None:
+    repository = SqlImageRepository(database)
+    image = await repository.create_private(new_image("plain"), 50)
+    await repository.get_recent(image.id)
+    await write_elsewhere(database, image.id, "changed")
+    assert (await repository.get_recent(image.id)).display_name == "changed"  # type: ignore[union-attr]
