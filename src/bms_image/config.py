@@ -50,6 +50,10 @@ class Settings:
     metrics_listen: str = ""
     #: "text" for people, "json" (one object per line) for log pipelines.
     log_format: str = "text"
+    #: SQLite durability: NORMAL (acknowledged writes survive any crash of the
+    #: process; a power loss may drop the last ones, never corrupting) or FULL
+    #: (an fsync per commit).
+    sqlite_synchronous: str = "FULL"
     #: GetImage may answer from images read this many seconds ago; changes
     #: made through this process show at once, other replicas' within it.
     #: 0 reads the database every time.
@@ -139,6 +143,7 @@ _CASTERS: dict[str, Any] = {
     "log_format": str,
     "health_check_seconds": float,
     "metadata_cache_seconds": float,
+    "sqlite_synchronous": str,
     "token_previous_secrets": str,
     "tls_cert_file": str,
     "tls_key_file": str,

@@ -163,7 +163,7 @@ async def start_fleet(
 async def start(settings: Settings) -> RunningService:
     settings = settings.resolved()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     await database.migrate()
     closing = AsyncExitStack()
     blobs = await open_blob_store(settings, closing)
@@ -363,7 +363,7 @@ async def start_provisioner(settings: Settings) -> RunningService:
     if not settings.image_service:
         raise RuntimeError("the provisioner needs --image-service HOST:PORT")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     await database.migrate()
     await seed_flavors(database)
     closing = AsyncExitStack()

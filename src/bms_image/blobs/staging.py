@@ -123,9 +123,12 @@ class Staging:
         return self.root / f"{key}.{suffix}"
 
     def discard(self, key: str) -> None:
+        removed = False
         for path in self.root.glob(f"{key}.*"):
             path.unlink(missing_ok=True)
-        fsync_directory(self.root)
+            removed = True
+        if removed:  # nothing to make durable otherwise (most deletes)
+            fsync_directory(self.root)
 
     def discard_scratch(self, key: str) -> None:
         """Removes the upload's scratch files but keeps its staged bytes."""

@@ -105,7 +105,7 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
 
     async def run() -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        database = Database(settings.database_url)
+        database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         try:
             await database.migrate()
         finally:
