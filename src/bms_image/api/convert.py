@@ -15,6 +15,7 @@ from ..domain import model, servers
 from ..domain.errors import invalid_field
 from ..domain.images import ImageChanges, NewImage
 from ..domain.ports import CaptureSource
+from ..domain.rules import PROJECT_PATTERN
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -199,7 +200,14 @@ def member_from_name(name: str, field: str = "name") -> tuple[str, str]:
         raise invalid_field(
             field, f"must be `images/{{id}}/members/{{project}}`, got {name[:80]!r}"
         )
-    return image_id_from_name(image_part, field), project
+    image_id = image_id_from_name(image_part, field)
+    if not PROJECT_PATTERN.match(project):
+        raise invalid_field(
+            field,
+            f"names no valid project ({project[:80]!r}): 2-64 lower-case letters, digits, "
+            "'-' or '_'",
+        )
+    return image_id, project
 
 
 def member_to_proto(member: model.Member) -> sharing_pb2.ImageMember:

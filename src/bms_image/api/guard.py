@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from ..auth import TokenAuthority, bearer_token
-from ..domain.errors import DomainError
+from ..domain.errors import DomainError, InvalidArgument
 from ..domain.model import Caller
 from ..telemetry.logs import REQUEST_ID_KEY, CallInfo, begin_call, end_call, request_id_from
 from ..telemetry.metrics import ServiceMetrics
@@ -33,6 +34,43 @@ async def abort_with(context: Context, error: DomainError, request_id: str = "")
     if request_id:
         trailing += ((REQUEST_ID_KEY, request_id),)
     await context.abort(status.code, status.details, trailing_metadata=trailing)
+
+
+class _Undecodable:
+    """A request body that is not a valid message, kept until the caller is
+    authenticated: a stranger learns UNAUTHENTICATED, a caller which message
+    to fix (INVALID_ARGUMENT), never a parser's UNKNOWN."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            "INVALID_REQUEST",
+            f"the request body is not a valid {self.type_name} message; "
+            "send one serialized from the bms.image.v1 protos",
+        )
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(message_class, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error()
+    return request
 
 
 def _code_name(context: Context, error: BaseException | None) -> str:
@@ -102,6 +140,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _count_requests(self, requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
         async def counted() -> AsyncIterator[Any]:
             async for request in requests:
+                request = _checked(request)
                 self._metrics.streamed(method, "received", request.ByteSize())
                 yield request
 
@@ -121,6 +160,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     caller = await self._begin(context, info)
                     if count_requests:
                         request = self._count_requests(request, method)
+                    else:
+                        request = _checked(request)
                     async for response in inner_stream(request, context):
                         self._metrics.streamed(method, "sent", response.ByteSize())
                         yield response
@@ -143,7 +184,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             return factory(
                 streaming,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
@@ -158,6 +199,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 caller = await self._begin(context, info)
                 if count_requests:
                     request = self._count_requests(request, method)
+                else:
+                    request = _checked(request)
                 return await inner_unary(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError) as error:
                 failure = error
@@ -178,6 +221,6 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         return factory(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -9,6 +9,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from ..domain import errors
 
 ERROR_DOMAIN = "image.bms.cloud"
+#: A status travels in HTTP/2 trailers, which clients cap (16 KiB by default
+#: in grpcio): messages that quote a huge request value are cut, so the
+#: caller still gets its real code and details, not "metadata too large".
+MESSAGE_LIMIT = 1024
+DETAIL_LIMIT = 256
+MAX_VIOLATIONS = 20
+
+
+def bounded(text: str, limit: int = DETAIL_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -50,9 +61,9 @@ def to_rpc_status(error: errors.DomainError) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=bounded(v.field), description=bounded(v.description)
                         )
-                        for v in error.violations
+                        for v in error.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -63,9 +74,11 @@ def to_rpc_status(error: errors.DomainError) -> status_pb2.Status:
                 error_details_pb2.PreconditionFailure(
                     violations=[
                         error_details_pb2.PreconditionFailure.Violation(
-                            type=v.type, subject=v.subject, description=v.description
+                            type=bounded(v.type),
+                            subject=bounded(v.subject),
+                            description=bounded(v.description),
                         )
-                        for v in error.violations
+                        for v in error.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -76,13 +89,15 @@ def to_rpc_status(error: errors.DomainError) -> status_pb2.Status:
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=v.subject, description=v.description
+                            subject=bounded(v.subject), description=bounded(v.description)
                         )
-                        for v in error.violations
+                        for v in error.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
         )
     return status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=details
+        code=getattr(code_pb2, code.name),
+        message=bounded(error.message, MESSAGE_LIMIT),
+        details=details,
     )

@@ -21,10 +21,11 @@ def cloud_config_files(user_data: str) -> dict[str, bytes]:
         return {}
     try:
         config = yaml.safe_load(user_data)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, RecursionError) as error:  # RecursionError: nested too deep
+        problem = "is nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise InvalidArgument(
             "INVALID_USER_DATA",
-            f"user_data: #cloud-config is not valid YAML: {error}",
+            f"user_data: #cloud-config is not valid YAML: {problem[:300]}",
             [FieldViolation("user_data", "is not valid YAML")],
         ) from None
     entries = (config or {}).get("write_files", []) if isinstance(config, dict) else []
