@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,16 +27,33 @@ from .convert import (
 
 Context = Any
 
+#: Rendered images kept for reuse (GetImage and list pages repeat them).
+RENDERED_LIMIT = 4096
+
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
     def __init__(self, catalog: ImageCatalog, data: ImageData) -> None:
         self._catalog = catalog
         self._data = data
+        self._rendered: OrderedDict[tuple[str, int, model.ImageType], image_pb2.Image] = (
+            OrderedDict()
+        )
 
     def _proto(self, caller: Caller, image: Image) -> image_pb2.Image:
-        return image_to_proto(
-            image, rules.image_type_for(caller, image), self._catalog.supported_flavors(image)
-        )
+        """The image as the caller sees it. Every change of an image bumps its
+        revision, so (id, revision, type for the caller) names one rendering;
+        gRPC only serializes what a handler returns, so one can be shared."""
+        image_type = rules.image_type_for(caller, image)
+        key = (image.id, image.revision, image_type)
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            rendered = image_to_proto(image, image_type, self._catalog.supported_flavors(image))
+            self._rendered[key] = rendered
+            if len(self._rendered) > RENDERED_LIMIT:
+                self._rendered.popitem(last=False)
+        else:
+            self._rendered.move_to_end(key)
+        return rendered
 
     async def ListImages(
         self, request: image_pb2.ListImagesRequest, context: Context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -60,6 +61,9 @@ from .sharing import SharingServicer
 from .tls import image_service_credentials, provisioner_credentials, server_credentials
 
 log = logging.getLogger(__name__)
+
+#: Allocations between young-generation collections (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
 
 IMAGE_SERVICE = image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 SHARING_SERVICE = sharing_pb2.DESCRIPTOR.services_by_name["SharingService"].full_name
@@ -414,6 +418,14 @@ async def serve(
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     configure_logging(settings.log_level, settings.log_format)
     service = await starter(settings)
+    # What start-up allocated (modules, ORM mappings, the catalog) lives as
+    # long as the process: keep the collector from walking it on every full
+    # collection, which showed as 100 ms spikes in list latencies; and
+    # collect the young generation less often (a page of images alone
+    # allocates thousands of short-lived objects).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

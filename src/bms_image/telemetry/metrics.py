@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -69,15 +70,30 @@ class ServiceMetrics:
             buckets=DEPLOYMENT_BUCKETS,
             registry=self.registry,
         )
+        #: Labelled children by (method, code or direction; "" for latency):
+        #: looking them up in prometheus_client on every call costs more.
+        self._children: dict[tuple[str, str], Any] = {}
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
-        service, name = split_method(method)
-        self.rpcs.labels(service, name, code).inc()
-        self.rpc_seconds.labels(service, name).observe(seconds)
+        counter = self._children.get((method, code))
+        if counter is None:
+            service, name = split_method(method)
+            counter = self._children[method, code] = self.rpcs.labels(service, name, code)
+        histogram = self._children.get((method, ""))
+        if histogram is None:
+            service, name = split_method(method)
+            histogram = self._children[method, ""] = self.rpc_seconds.labels(service, name)
+        counter.inc()
+        histogram.observe(seconds)
 
     def streamed(self, method: str, direction: str, size: int) -> None:
-        service, name = split_method(method)
-        self.stream_bytes.labels(service, name, direction).inc(size)
+        child = self._children.get((method, direction))
+        if child is None:
+            service, name = split_method(method)
+            child = self._children[method, direction] = self.stream_bytes.labels(
+                service, name, direction
+            )
+        child.inc(size)
 
     def deployment_finished(self, outcome: str, boot_source: str, seconds: float) -> None:
         self.deployments.labels(outcome, boot_source).inc()
