@@ -25,7 +25,6 @@ from .convert import (
 Context = Any
 
 
-
 class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  # type: ignore[misc]
     def __init__(self, flavors: FlavorDirectory, fleet: Fleet) -> None:
         self._flavors = flavors
