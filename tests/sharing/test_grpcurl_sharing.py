@@ -15,7 +15,8 @@ import subprocess
 from typing import Any
 
 import pytest
-from sharing_process import GRPCURL, ServerProcess
+
+from processes import GRPCURL, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
