@@ -61,8 +61,9 @@ class ServerProcess:
         self.settings = {"shutdown_grace_seconds": str(GRACE_SECONDS), **settings}
         self.grace_seconds = float(self.settings["shutdown_grace_seconds"])
         self.address = f"127.0.0.1:{free_port()}"
-        self.stdout_path = data_dir / "serve.stdout"
-        self.stderr_path = data_dir / "serve.stderr"
+        # Named after the command: serve and provisioner may share a data dir.
+        self.stdout_path = data_dir / f"{self.command[0]}.stdout"
+        self.stderr_path = data_dir / f"{self.command[0]}.stderr"
         self.process: subprocess.Popen[bytes] | None = None
         # Set once a failure of this process has failed a test already.
         self.reported = False

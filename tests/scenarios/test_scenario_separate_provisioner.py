@@ -2,17 +2,13 @@
 --provisioner none` and `bms-image provisioner --image-service ...` run as
 real processes sharing one data directory. Servers are deployed through the
 provisioner's port, which fetches images from the image service with the
-caller's own token; the image service's port has no ProvisioningService.
-Both stop cleanly on SIGTERM."""
+caller's own token; the image service's port has no ProvisioningService;
+CreateImage on the image service captures a server of the provisioner
+through its ServerCaptureService. Both stop cleanly on SIGTERM."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,95 +39,24 @@ from scenario_support import (
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
 from bms_image import disks
+from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
-BMS_IMAGE = Path(sys.executable).parent / "bms-image"
-READY_LINE = "bms-image listening on "
-READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 IMAGE_SERVICE = "bms.image.v1.ImageService"
 PROVISIONING_SERVICE = "bms.image.v1.ProvisioningService"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def environ() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BMS_IMAGE_")}
-    env.update(BMS_IMAGE_CATALOG_IMAGE_MIB="1", BMS_IMAGE_SHUTDOWN_GRACE_SECONDS="2")
-    return env
-
-
-class Process:
-    """One bms-image subprocess; its output goes to files in the data dir."""
-
-    def __init__(self, name: str, argv: list[str], address: str, logs: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.address = address
-        self.stdout = logs / f"{name}.stdout"
-        self.stderr = logs / f"{name}.stderr"
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def output(self) -> str:
-        return "\n".join(
-            f"--- {path.name} ---\n{path.read_text(errors='replace') if path.exists() else ''}"
-            for path in (self.stdout, self.stderr)
-        )
-
-    def start(self) -> Process:
-        assert BMS_IMAGE.exists(), f"no bms-image next to {sys.executable}"
-        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
-            self.popen = subprocess.Popen(
-                self.argv, env=environ(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while READY_LINE + self.address not in self.stdout.read_text(errors="replace"):
-            if self.popen.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.popen.returncode}\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"{self.name} not ready after {READY_TIMEOUT}s\n{self.output()}")
-            time.sleep(0.05)
-        return self
-
-    def terminate(self) -> int:
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT}s\n{self.output()}")
-
-    def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
+SETTINGS = {"catalog_image_mib": "1", "shutdown_grace_seconds": "2"}
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Process]]:
+def processes() -> Iterator[list[ServerProcess]]:
     """Whatever a test started is killed at teardown if it is still running."""
-    started: list[Process] = []
+    started: list[ServerProcess] = []
     try:
         yield started
     finally:
         for process in started:
             process.kill()
-
-
-def cli_token(data_dir: Path, project: str) -> str:
-    argv = [str(BMS_IMAGE), "token", "--project", project, "--data-dir", str(data_dir)]
-    done = subprocess.run(
-        argv, env=environ(), capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, f"{argv}: {done.stderr}"
-    return done.stdout.strip()
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -201,33 +126,24 @@ def upload_private_image(images: image_pb2_grpc.ImageServiceStub, md: Any) -> im
 
 
 def test_provisioner_process_deploys_through_the_image_service_process(
-    tmp_path: Path, processes: list[Process]
+    tmp_path: Path, processes: list[ServerProcess]
 ) -> None:
     data_dir = tmp_path / "shared"
     data_dir.mkdir()
-    image_address = f"127.0.0.1:{free_port()}"
-    fleet_address = f"127.0.0.1:{free_port()}"
-    serve = Process(
-        "serve",
-        [str(BMS_IMAGE), "serve", "--provisioner", "none", "--provisioner-address",
-         fleet_address, "--listen", image_address, "--data-dir", str(data_dir)],
-        image_address,
-        tmp_path,
+    provisioner = ServerProcess(data_dir, "provisioner", **SETTINGS)
+    fleet_address = provisioner.address
+    serve = ServerProcess(
+        data_dir, "serve", "--provisioner", "none", "--provisioner-address", fleet_address,
+        **SETTINGS,
     )  # fmt: skip
-    processes.append(serve)
+    image_address = serve.address
+    provisioner.command += ["--image-service", image_address]
+    processes += [serve, provisioner]
     serve.start()
-    provisioner = Process(
-        "provisioner",
-        [str(BMS_IMAGE), "provisioner", "--image-service", image_address,
-         "--listen", fleet_address, "--data-dir", str(data_dir)],
-        fleet_address,
-        tmp_path,
-    )  # fmt: skip
-    processes.append(provisioner)
     provisioner.start()
 
-    alpha = bearer(cli_token(data_dir, "alpha"))
-    beta = bearer(cli_token(data_dir, "beta"))
+    alpha = bearer(serve.token("alpha"))
+    beta = bearer(serve.token("beta"))
     key = new_ssh_key()
 
     with (
@@ -311,8 +227,8 @@ def test_provisioner_process_deploys_through_the_image_service_process(
 
         capture_through_the_provisioner(images, fleet, alpha, events.servers[0])
 
-    assert provisioner.terminate() == 0, provisioner.output()
-    assert serve.terminate() == 0, serve.output()
+    assert provisioner.terminate()[0] == 0, provisioner.output()
+    assert serve.terminate()[0] == 0, serve.output()
 
 
 def capture_through_the_provisioner(

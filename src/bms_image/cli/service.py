@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,10 @@ DatabaseOpt = Annotated[
     str | None,
     typer.Option(help="SQLAlchemy URL, e.g. postgresql+asyncpg://... (env BMS_IMAGE_DATABASE_URL)"),
 ]
+
+
+#: Where `bms-image provisioner` listens unless told (serve takes 50051).
+PROVISIONER_LISTEN = "127.0.0.1:50052"
 
 
 def _settings(**overrides: object) -> Settings:
@@ -75,11 +80,17 @@ def serve(
 
 def provisioner(
     image_service: Annotated[
-        str, typer.Option(help="host:port of the ImageService to fetch images from")
-    ],
+        str | None,
+        typer.Option(
+            help="host:port of the ImageService to fetch images from (env BMS_IMAGE_IMAGE_SERVICE)"
+        ),
+    ] = None,
     listen: Annotated[
-        str, typer.Option(help="host:port for ProvisioningService")
-    ] = "127.0.0.1:50052",
+        str | None,
+        typer.Option(
+            help=f"host:port for ProvisioningService (env BMS_IMAGE_LISTEN, {PROVISIONER_LISTEN})"
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -88,7 +99,10 @@ def provisioner(
     from ..api.server import start_provisioner
 
     settings = _settings(
-        listen=listen, data_dir=data_dir, database_url=database_url, image_service=image_service
+        listen=listen or (None if os.environ.get("BMS_IMAGE_LISTEN") else PROVISIONER_LISTEN),
+        data_dir=data_dir,
+        database_url=database_url,
+        image_service=image_service,
     )
     try:
         asyncio.run(run_server(settings, start_provisioner))
