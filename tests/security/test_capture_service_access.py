@@ -5,6 +5,7 @@ PrepareServerCapture can be started or released."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from bms.image.v1 import capture_pb2, capture_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.api.server import RunningService, start, start_provisioner
 from bms_image.catalog.seed import public_image_id
+from bms_image.provisioner import fleet as fleet_module
 from helpers import decode, make_settings
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
@@ -95,3 +97,31 @@ async def test_capture_calls_are_checked_like_public_ones(fleet: RunningService)
         again = await capture.PrepareServerCapture(prepare, metadata=alpha)
         assert again.partitions, "released, so it can be held again"
         await capture.ReleaseServerCapture(release, metadata=alpha)
+
+
+async def test_a_hold_whose_capture_never_starts_lapses(
+    fleet: RunningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image service may die between PrepareServerCapture and
+    StartServerCapture: the provisioner lets the server go by itself."""
+    monkeypatch.setattr(fleet_module, "CAPTURE_START_SECONDS", 0.05)
+    async with grpc.aio.insecure_channel(fleet.address) as channel:
+        alpha = md(fleet, "alpha")
+        server = await stopped_server(channel, alpha)
+        capture = capture_pb2_grpc.ServerCaptureServiceStub(channel)
+        servers = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+        await capture.PrepareServerCapture(
+            capture_pb2.PrepareServerCaptureRequest(server=server), metadata=alpha
+        )
+        for _ in range(200):  # bounded wait for the lapse, not a timing assertion
+            held = await servers.GetServer(
+                provisioning_pb2.GetServerRequest(name=server), metadata=alpha
+            )
+            if not held.task:
+                break
+            await asyncio.sleep(0.05)
+        assert held.task == "", "the hold lapsed"
+        started = await servers.StartServer(
+            provisioning_pb2.StartServerRequest(name=server), metadata=alpha
+        )
+        assert started.state == provisioning_pb2.SERVER_STATE_ACTIVE

@@ -87,6 +87,9 @@ class _Plan:
     token: str
 
 
+#: How long a server held for a capture waits for the capture to start.
+CAPTURE_START_SECONDS = 60.0
+
 #: What WatchServer says of a server with no work going on.
 _STAGE_OF_STATE = {
     ServerState.BUILDING: ProvisioningStage.VALIDATING,
@@ -118,6 +121,8 @@ class Fleet:
         self._evs_pool.mkdir(parents=True, exist_ok=True)
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Servers held by prepare_capture whose capture has not started yet.
+        self._holds: dict[str, str] = {}
 
     # -- reading ------------------------------------------------------------
 
@@ -533,6 +538,8 @@ class Fleet:
             raise FailedPrecondition(
                 "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
             )
+        hold = self._holds[server.id] = uuid.uuid4().hex
+        self._spawn(self._release_if_never_started(server.id, hold))
         return CaptureSource(
             server_id=server.id,
             hardware_model=server.hardware_model,
@@ -545,10 +552,22 @@ class Fleet:
         )
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
+        self._holds.pop(server_id, None)
         self._spawn(self._capture(token, server_id, image_id))
 
     async def release_capture(self, token: str, server_id: str) -> None:
+        self._holds.pop(server_id, None)
         await self._release(server_id)
+
+    async def _release_if_never_started(self, server_id: str, hold: str) -> None:
+        """An image service in another process may die between holding a
+        server and starting its capture: the hold then lapses, or the server
+        would stay busy until this process restarts."""
+        await asyncio.sleep(CAPTURE_START_SECONDS)
+        if self._holds.get(server_id) == hold:
+            del self._holds[server_id]
+            log.warning("servers/%s was held for a capture that never started", server_id)
+            await self._release(server_id)
 
     async def require_held(self, caller: Caller, server_id: str) -> None:
         """For captures asked for over the network: the server must be the
