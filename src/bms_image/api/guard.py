@@ -5,6 +5,7 @@ sent back), and the call counted, timed and logged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -172,10 +173,13 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     failure = error
                     await self._fail(context, info, error)
                 finally:
-                    if caller is not None:
-                        reset_caller(caller)
                     self._finish(context, info, started, failure)
-                    end_call(call)
+                    # A stream abandoned at shutdown is closed later by the
+                    # garbage collector, in another context: nothing to reset.
+                    with contextlib.suppress(ValueError):
+                        if caller is not None:
+                            reset_caller(caller)
+                        end_call(call)
 
             factory = (
                 grpc.unary_stream_rpc_method_handler
