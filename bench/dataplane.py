@@ -725,6 +725,29 @@ def machine() -> dict[str, Any]:
     }
 
 
+def publish(output: Path, results: dict[str, Any], table_text: str, notes: str = "") -> None:
+    """What every part of `make bench` ends with: the JSON results file, the
+    table, `notes` (if any), the missed targets, and a word on the load."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table_text)
+    print()
+    if notes:
+        print(notes)
+    if results["missed"]:
+        print("MISSED: " + ", ".join(results["missed"]) + " (see the table above)")
+    else:
+        print("all targets met")
+    load = results["load_average"]
+    if max(load["before"][0], load["after"][0]) > 1.5:
+        print(
+            f"note: load average {load['before'][0]:.1f} -> {load['after'][0]:.1f} on "
+            f"{os.cpu_count()} cpus: other processes competed, figures are noisy"
+        )
+    print(f"results: {output} ({results['elapsed_seconds']} s)")
+
+
 def _interruptible(servers: list[ServerProcess]) -> Callable[[], None]:
     """Ctrl-C and SIGTERM (e.g. make being killed) kill the servers at once,
     which fails any call in flight, and unwind as KeyboardInterrupt. (asyncio's
@@ -826,21 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "missed": [name for name, check in checks.items() if not check["ok"]],
     }  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(table(plan, figures, checks))
-    print()
-    if results["missed"]:
-        print("MISSED: " + ", ".join(results["missed"]) + " (see the table above)")
-    else:
-        print("all targets met")
-    if max(load_before[0], results["load_average"]["after"][0]) > 1.5:
-        print(
-            f"note: load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
-            f"{os.cpu_count()} cpus: other processes competed, figures are noisy"
-        )
-    print(f"results: {args.output} ({results['elapsed_seconds']} s)")
+    publish(args.output, results, table(plan, figures, checks))
     return 0
 
 

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import datetime
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -71,6 +70,7 @@ from .dataplane import (
     launch,
     machine,
     pin_process,
+    publish,
     server_env,
     wait_listening,
 )
@@ -503,21 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "missed": [name for name, check in checks.items() if not check["ok"]],
     }  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(table(plan, figures, checks))
-    print()
-    if results["missed"]:
-        print("MISSED: " + ", ".join(results["missed"]) + " (see the table above)")
-    else:
-        print("all targets met")
-    if max(load_before[0], results["load_average"]["after"][0]) > 1.5:
-        print(
-            f"note: load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
-            f"{os.cpu_count()} cpus: other processes competed, figures are noisy"
-        )
-    print(f"results: {args.output} ({results['elapsed_seconds']} s)")
+    publish(args.output, results, table(plan, figures, checks))
     return 0
 
 

@@ -116,6 +116,7 @@ from .dataplane import (
     machine,
     own_cpu_seconds,
     pin_process,
+    publish,
     read_status,
     server_env,
     wait_listening,
@@ -1234,26 +1235,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def report(plan: Plan, results: dict[str, Any], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(table(plan, results, results["checks"]))
-    print()
     streams = results["streams"]
+    notes = ""
     if streams["errors"] or streams["servers_failed"] or streams["ended_short_of_active"]:
-        print(f"streams: errors {streams['errors']}, FAILED deployments "
-              f"{streams['servers_failed']} {streams['failed_reasons']}, watch streams that "
-              f"ended OK short of ACTIVE {streams['ended_short_of_active']}; "
-              f"first error: {streams['first_error'] or '-'}")  # fmt: skip
-    if results["missed"]:
-        print("MISSED: " + ", ".join(results["missed"]) + " (see the table above)")
-    else:
-        print("all targets met")
-    load = results["load_average"]
-    if max(load["before"][0], load["after"][0]) > 1.5:
-        print(f"note: load average {load['before'][0]:.1f} -> {load['after'][0]:.1f} on "
-              f"{os.cpu_count()} cpus: other processes competed, figures are noisy")  # fmt: skip
-    print(f"results: {output} ({results['elapsed_seconds']} s)")
+        notes = (f"streams: errors {streams['errors']}, FAILED deployments "
+                 f"{streams['servers_failed']} {streams['failed_reasons']}, watch streams that "
+                 f"ended OK short of ACTIVE {streams['ended_short_of_active']}; "
+                 f"first error: {streams['first_error'] or '-'}")  # fmt: skip
+    publish(output, results, table(plan, results, results["checks"]), notes)
 
 
 def main(argv: list[str] | None = None) -> int:
