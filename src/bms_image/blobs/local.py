@@ -90,10 +90,12 @@ class LocalBlobStore:
         await asyncio.to_thread(self._copy, source_key, target_key)
 
     async def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        # Off the event loop: freeing the extents of a large file takes a while.
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
 
     async def keys(self) -> list[str]:
-        return sorted(p.name.removesuffix(_SUFFIX) for p in self.root.glob("*" + _SUFFIX))
+        names = await asyncio.to_thread(lambda: list(self.root.glob("*" + _SUFFIX)))
+        return sorted(p.name.removesuffix(_SUFFIX) for p in names)
 
     async def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
