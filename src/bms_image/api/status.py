@@ -9,16 +9,22 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from ..domain import errors
 
 ERROR_DOMAIN = "image.bms.cloud"
-#: A status travels in HTTP/2 trailers, which clients cap (16 KiB by default
-#: in grpcio): messages that quote a huge request value are cut, so the
-#: caller still gets its real code and details, not "metadata too large".
-MESSAGE_LIMIT = 1024
-DETAIL_LIMIT = 256
-MAX_VIOLATIONS = 20
+#: A status travels in HTTP/2 trailers, which clients cap (grpcio: 8 KiB
+#: soft, 16 KiB hard): texts that quote a huge request value are cut, so the
+#: caller still gets its real code and details. Limits are in UTF-8 bytes
+#: (grpc-message percent-encodes every non-ASCII byte, tripling it), and the
+#: worst case, all of them full, stays under 8 KiB.
+MESSAGE_LIMIT = 512
+DETAIL_LIMIT = 128
+MAX_VIOLATIONS = 10
 
 
 def bounded(text: str, limit: int = DETAIL_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """`text` cut to at most `limit` UTF-8 bytes, never inside a character."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
 
 
 _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
@@ -51,7 +57,9 @@ def to_rpc_status(error: errors.DomainError) -> status_pb2.Status:
     details = [
         _packed(
             error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+                reason=error.reason,
+                domain=ERROR_DOMAIN,
+                metadata={bounded(k): bounded(v) for k, v in error.metadata.items()},
             )
         )
     ]
