@@ -16,6 +16,7 @@ import pytest
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.api.server import RunningService
 from bms_image.catalog.seed import public_image_id
+from bms_image.domain.images import ImageCatalog
 from bms_image.telemetry.logs import configure_logging, request_id_from
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
@@ -117,3 +118,25 @@ def test_request_ids_are_taken_only_when_sane() -> None:
 def test_an_unknown_log_format_is_refused() -> None:
     with pytest.raises(RuntimeError, match="text or json"):
         configure_logging("INFO", "yaml")
+
+
+async def test_an_internal_error_names_its_request_id_to_the_caller_and_in_the_log(
+    service: RunningService, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: ImageCatalog, caller: object, image_id: str) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ImageCatalog, "describe", broken)
+    token = service.authority.issue("alpha")
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await image_pb2_grpc.ImageServiceStub(channel).GetImage(
+                image_pb2.GetImageRequest(name=CENTOS),
+                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "req-boom")),
+            )
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-boom" in (caught.value.details() or "")
+    assert "disk on fire" not in (caught.value.details() or ""), "no internals to the caller"
+    assert trailing(caught.value)["x-request-id"] == "req-boom"
+    logged = [r for r in records(json_log) if r.get("request_id") == "req-boom"]
+    assert any(r["level"] == "ERROR" and "GetImage" in r["message"] for r in logged), logged
