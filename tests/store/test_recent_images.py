@@ -85,7 +85,8 @@ async def test_own_changes_show_at_once_others_after_expiry(database: Database) 
 
 async def test_a_read_overlapping_a_write_is_not_remembered(database: Database) -> None:
     repository = SqlImageRepository(database, recent_seconds=60)
-    image = await repository.create_private(new_image("racy"), 50)
+    # Created by another process: this one has it from no write of its own.
+    image = await SqlImageRepository(database).create_private(new_image("racy"), 50)
     read = repository.get
 
     async def read_then_let_a_write_happen(image_id: str) -> Image | None:
@@ -98,6 +99,26 @@ async def test_a_read_overlapping_a_write_is_not_remembered(database: Database) 
     assert overlapped is not None and overlapped.display_name == "racy"
     repository.get = read  # type: ignore[method-assign]
     assert (await repository.get_recent(image.id)).display_name == "newer"  # type: ignore[union-attr]
+
+
+async def test_what_this_process_writes_is_remembered_as_written(database: Database) -> None:
+    repository = SqlImageRepository(database, recent_seconds=60)
+    created = await repository.create_private(new_image("written"), 50)
+    reads = 0
+    read = repository.get
+
+    async def counted(image_id: str) -> Image | None:
+        nonlocal reads
+        reads += 1
+        return await read(image_id)
+
+    repository.get = counted  # type: ignore[method-assign]
+    assert await repository.get_recent(created.id) == created
+    updated = await repository.update(created.id, created.revision, {"tags": ["b", "a"]})
+    assert updated is not None and updated.tags == ["b", "a"] and updated.revision == 2
+    assert await repository.get_recent(created.id) == updated
+    assert reads == 0, "both answers came from what the writes returned"
+    assert await read(created.id) == updated, "and they are what the database holds"
 
 
 async def test_without_a_window_every_read_goes_to_the_database(database: Database) -> None:

@@ -373,9 +373,15 @@ class ImageCatalog:
     ) -> Image:
         """Read, check, and write conditionally on the revision read, so that
         two concurrent writers never lose an update. Without an etag a writer
-        that lost the race re-reads and retries; with one it gets ABORTED."""
+        that lost the race re-reads and retries; with one it gets ABORTED.
+        Without an etag the first read may come from recent reads: if another
+        process changed the image since, the write finds another revision and
+        the retry reads afresh (an etag is always checked against a fresh read)."""
         for attempt in range(UPDATE_RETRIES):
-            image = await self.get(caller, image_id)
+            if attempt == 0 and not etag:
+                image = await self.describe(caller, image_id)
+            else:
+                image = await self.get(caller, image_id)
             rules.require_can_modify(caller, image)
             rules.require_etag(image, etag)
             values = compute(image)

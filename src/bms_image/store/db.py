@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
@@ -24,6 +24,13 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "bms_write"
 MIGRATION_LOCK = 7405011
 SEED_LOCK = 7405012
+#: Threads that run read units of work on SQLite (writes have one of their own).
+SQLITE_READ_THREADS = 4
+
+T = TypeVar("T")
+#: A unit of work: plain SQLAlchemy Core statements on one connection, in one
+#: transaction that commits when it returns and rolls back when it raises.
+Work = Callable[[Connection], T]
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -44,7 +51,7 @@ def _enable_wal(cursor: Any) -> None:
             time.sleep(0.05)
 
 
-def _configure_sqlite(engine: AsyncEngine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     """WAL for concurrent readers; every write transaction starts with BEGIN
     IMMEDIATE, so a read-check-write (the quota check) holds the write lock
     from its first statement and concurrent writers queue instead of racing.
@@ -52,7 +59,7 @@ def _configure_sqlite(engine: AsyncEngine, synchronous: str) -> None:
     ones may be lost, never corrupted, on a power loss) or FULL (an fsync per
     commit: they survive a power loss too, at ~10 ms a commit on this VM)."""
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
         cursor = dbapi_connection.cursor()
@@ -62,10 +69,60 @@ def _configure_sqlite(engine: AsyncEngine, synchronous: str) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         write = connection.get_execution_options().get(_WRITE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class _SqliteThreads:
+    """SQLite units of work run whole in a thread, on the standard sqlite3
+    driver: one hand-over from the event loop per transaction instead of one
+    per statement, fetch and cursor close (aiosqlite's). Writes have a single
+    thread of their own, so this process's writers queue in order instead of
+    sleep-polling in SQLite's busy handler."""
+
+    def __init__(self, url: str, echo: bool, synchronous: str) -> None:
+        sync_url = make_url(url).set(drivername="sqlite")
+        if sync_url.database in (None, "", ":memory:"):
+            raise RuntimeError(
+                f"the SQLite database must be a file (every connection of an in-memory "
+                f"database sees a different one): {url!r}"
+            )
+        self.engine = create_engine(
+            sync_url,
+            echo=echo,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=SQLITE_READ_THREADS + 1,
+            max_overflow=0,
+        )
+        _configure_sqlite(self.engine, synchronous)
+        self._writer = self.engine.execution_options(**{_WRITE: True})
+        self._reads = ThreadPoolExecutor(SQLITE_READ_THREADS, thread_name_prefix="sqlite-read")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+
+    async def run(self, work: Work[T], write: bool) -> T:
+        engine = self._writer if write else self.engine
+
+        def transaction() -> T:
+            with engine.begin() as connection:
+                return work(connection)
+
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self._writes if write else self._reads, transaction)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped mid-transaction: the caller learns
+            # it was cancelled only once the outcome is settled, so nothing it
+            # does next (a cache, a retry) races the commit.
+            await asyncio.wait([done])
+            raise
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=True)
+        self._writes.shutdown(wait=True)
+        self.engine.dispose()
 
 
 class Database:
@@ -75,17 +132,20 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         options: dict[str, Any] = {"echo": echo}
+        synchronous = sqlite_synchronous.upper()
         if self.is_sqlite:
+            if synchronous not in ("NORMAL", "FULL"):
+                raise RuntimeError(
+                    f"sqlite_synchronous must be NORMAL or FULL, not {sqlite_synchronous!r}"
+                )
             options["connect_args"] = {"timeout": 30}
         else:
             options.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         self.engine = create_async_engine(url, **options)
+        self._sqlite_threads: _SqliteThreads | None = None
         if self.is_sqlite:
-            if sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
-                raise RuntimeError(
-                    f"sqlite_synchronous must be NORMAL or FULL, not {sqlite_synchronous!r}"
-                )
-            _configure_sqlite(self.engine, sqlite_synchronous.upper())
+            _configure_sqlite(self.engine.sync_engine, synchronous)
+            self._sqlite_threads = _SqliteThreads(url, echo, synchronous)
         self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
         self._writer = async_sessionmaker(
             self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
@@ -93,6 +153,16 @@ class Database:
         #: SQLite admits one writer: this process's writers queue here, in
         #: order, instead of sleep-polling in SQLite's busy handler.
         self._write_turn = asyncio.Lock() if self.is_sqlite else None
+
+    async def run(self, work: Work[T], write: bool = False) -> T:
+        """Runs a unit of work as one transaction (BEGIN IMMEDIATE on SQLite
+        when `write`): in a database thread on SQLite, through the async
+        driver on PostgreSQL. The hot paths of the catalog use this; the rest
+        still uses ORM sessions (read/write below)."""
+        if self._sqlite_threads is not None:
+            return await self._sqlite_threads.run(work, write)
+        async with self.engine.begin() as connection:
+            return await connection.run_sync(work)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -127,6 +197,8 @@ class Database:
             await connection.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._sqlite_threads is not None:
+            await asyncio.to_thread(self._sqlite_threads.close)
         await self.engine.dispose()
 
 

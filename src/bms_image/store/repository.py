@@ -6,25 +6,33 @@ import enum
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
+    RowMapping,
+    Select,
+    Table,
     and_,
+    bindparam,
     delete,
     exists,
     false,
     func,
+    insert,
+    literal,
     not_,
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..domain.errors import NotFound, QuotaExceeded, QuotaViolation
 from ..domain.model import (
@@ -44,7 +52,7 @@ from ..domain.model import (
 )
 from ..domain.query import Condition, ImageQuery
 from ..domain.rules import QUOTA_COUNTED_STATUSES
-from .db import Database
+from .db import Database, Work
 from .tables import (
     FlavorRow,
     ImageFlavorRow,
@@ -60,41 +68,6 @@ _COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
 def utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; they were stored as UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def to_domain(row: ImageRow) -> Image:
-    return Image(
-        id=row.id,
-        seq=row.seq,
-        display_name=row.display_name,
-        description=row.description,
-        visibility=Visibility(row.visibility),
-        owner_project=row.owner_project,
-        os_type=OsType(row.os_type),
-        os_distro=row.os_distro,
-        os_version=row.os_version,
-        architecture=Architecture(row.architecture),
-        disk_format=DiskFormat(row.disk_format),
-        size_bytes=row.size_bytes,
-        min_disk_gb=row.min_disk_gb,
-        sha256=row.sha256,
-        uploaded_bytes=row.uploaded_bytes,
-        creator_project=row.creator_project,
-        status=ImageStatus(row.status),
-        status_reason=row.status_reason,
-        hardware_model=row.hardware_model,
-        supported_flavors=[f.flavor for f in row.flavors],
-        plugins=[Plugin(PluginKind(p["kind"]), p["version"]) for p in row.plugins],
-        partitions=[Partition(p["name"], p["mount"], p["size_bytes"]) for p in row.partitions],
-        source_server=row.source_server,
-        tags=[t.tag for t in row.tags],
-        protected=row.protected,
-        deprecated=row.deprecated,
-        request_id=row.request_id,
-        revision=row.revision,
-        create_time=utc(row.create_time),
-        update_time=utc(row.update_time),
-    )
 
 
 def to_row(image: Image) -> ImageRow:
@@ -132,52 +105,232 @@ def to_row(image: Image) -> ImageRow:
     )
 
 
+IMAGES: Table = ImageRow.__table__  # type: ignore[assignment]
+TAGS: Table = ImageTagRow.__table__  # type: ignore[assignment]
+FLAVORS: Table = ImageFlavorRow.__table__  # type: ignore[assignment]
+MEMBERS: Table = ImageMemberRow.__table__  # type: ignore[assignment]
+PROJECTS: Table = ProjectRow.__table__  # type: ignore[assignment]
+
+#: The tags and supported flavors of a set of images, in one statement.
+_LISTS_OF = union_all(
+    select(
+        TAGS.c.image_id,
+        literal(0).label("kind"),
+        TAGS.c.tag.label("value"),
+        TAGS.c.position.label("position"),
+    ).where(TAGS.c.image_id.in_(bindparam("ids", expanding=True))),
+    select(FLAVORS.c.image_id, literal(1), FLAVORS.c.flavor, literal(0)).where(
+        FLAVORS.c.image_id.in_(bindparam("ids", expanding=True))
+    ),
+)
+_IMAGE_BY_ID = select(IMAGES).where(IMAGES.c.id == bindparam("id"))
+_IMAGE_BY_REQUEST = select(IMAGES).where(
+    IMAGES.c.creator_project == bindparam("project"),
+    IMAGES.c.request_id == bindparam("request_id"),
+)
+#: Only private images have an owner: no visibility term, which would steer
+#: SQLite (without statistics) to scan every private image instead of using
+#: ix_images_owner_status.
+_QUOTA_USED = (
+    select(func.count())
+    .select_from(IMAGES)
+    .where(IMAGES.c.owner_project == bindparam("project"), IMAGES.c.status.in_(_COUNTED))
+)
+_LOCK_PROJECT = select(PROJECTS.c.id).where(PROJECTS.c.id == bindparam("id")).with_for_update()
+
+
+def _image_from(row: RowMapping, tags: Sequence[str], flavors: Sequence[str]) -> Image:
+    return Image(
+        id=row["id"],
+        seq=row["seq"],
+        display_name=row["display_name"],
+        description=row["description"],
+        visibility=Visibility(row["visibility"]),
+        owner_project=row["owner_project"],
+        os_type=OsType(row["os_type"]),
+        os_distro=row["os_distro"],
+        os_version=row["os_version"],
+        architecture=Architecture(row["architecture"]),
+        disk_format=DiskFormat(row["disk_format"]),
+        size_bytes=row["size_bytes"],
+        min_disk_gb=row["min_disk_gb"],
+        sha256=row["sha256"],
+        uploaded_bytes=row["uploaded_bytes"],
+        creator_project=row["creator_project"],
+        status=ImageStatus(row["status"]),
+        status_reason=row["status_reason"],
+        hardware_model=row["hardware_model"],
+        supported_flavors=list(flavors),
+        plugins=[Plugin(PluginKind(p["kind"]), p["version"]) for p in row["plugins"]],
+        partitions=[Partition(p["name"], p["mount"], p["size_bytes"]) for p in row["partitions"]],
+        source_server=row["source_server"],
+        tags=list(tags),
+        protected=row["protected"],
+        deprecated=row["deprecated"],
+        request_id=row["request_id"],
+        revision=row["revision"],
+        create_time=utc(row["create_time"]),
+        update_time=utc(row["update_time"]),
+    )
+
+
+def _images_from(connection: Connection, rows: Sequence[RowMapping]) -> list[Image]:
+    """Images of rows of the images table, with their tags and flavors."""
+    if not rows:
+        return []
+    tags: dict[str, list[tuple[int, str]]] = {}
+    flavors: dict[str, list[str]] = {}
+    for image_id, kind, value, position in connection.execute(
+        _LISTS_OF, {"ids": [row["id"] for row in rows]}
+    ):
+        if kind == 0:
+            tags.setdefault(image_id, []).append((position, value))
+        else:
+            flavors.setdefault(image_id, []).append(value)
+    return [
+        _image_from(
+            row,
+            [tag for _, tag in sorted(tags.get(row["id"], ()))],
+            sorted(flavors.get(row["id"], ())),
+        )
+        for row in rows
+    ]
+
+
+def _image_or_none(connection: Connection, row: RowMapping | None) -> Image | None:
+    return _images_from(connection, [row])[0] if row is not None else None
+
+
+def _image_values(image: Image) -> dict[str, Any]:
+    """The images-table columns of a new image (seq comes from the database)."""
+    assert image.create_time is not None and image.update_time is not None
+    return {
+        "id": image.id,
+        "display_name": image.display_name,
+        "description": image.description,
+        "visibility": image.visibility.value,
+        "owner_project": image.owner_project,
+        "os_type": image.os_type.value,
+        "os_distro": image.os_distro,
+        "os_version": image.os_version,
+        "architecture": image.architecture.value,
+        "disk_format": image.disk_format.value,
+        "size_bytes": image.size_bytes,
+        "min_disk_gb": image.min_disk_gb,
+        "sha256": image.sha256,
+        "uploaded_bytes": image.uploaded_bytes,
+        "creator_project": image.creator_project,
+        "status": image.status.value,
+        "status_reason": image.status_reason,
+        "hardware_model": image.hardware_model,
+        "plugins": [{"kind": p.kind.value, "version": p.version} for p in image.plugins],
+        "partitions": [vars(p) for p in image.partitions],
+        "source_server": image.source_server,
+        "protected": image.protected,
+        "deprecated": image.deprecated,
+        "request_id": image.request_id,
+        "revision": image.revision,
+        "create_time": image.create_time,
+        "update_time": image.update_time,
+    }
+
+
+def _by_request_id(connection: Connection, project: str, request_id: str) -> Image | None:
+    row = (
+        connection.execute(_IMAGE_BY_REQUEST, {"project": project, "request_id": request_id})
+        .mappings()
+        .first()
+    )
+    return _image_or_none(connection, row)
+
+
+def _lock_project(connection: Connection, project: str) -> None:
+    """Creates the project row if needed and locks it until commit; on
+    SQLite the BEGIN IMMEDIATE of the write already serialises."""
+    values = {"id": project, "create_time": datetime.now(UTC)}
+    if connection.dialect.name == "sqlite":
+        connection.execute(sqlite_insert(PROJECTS).values(values).on_conflict_do_nothing())
+        return
+    connection.execute(pg_insert(PROJECTS).values(values).on_conflict_do_nothing())
+    connection.execute(_LOCK_PROJECT, {"id": project})
+
+
+def _quota_used(connection: Connection, project: str) -> int:
+    return int(connection.execute(_QUOTA_USED, {"project": project}).scalar_one())
+
+
+def _insert_tags(connection: Connection, image_id: str, tags: Sequence[str]) -> None:
+    if tags:
+        connection.execute(
+            insert(TAGS),
+            [{"image_id": image_id, "tag": tag, "position": i} for i, tag in enumerate(tags)],
+        )
+
+
+def _images_selected(connection: Connection, statement: Select[Any]) -> list[Image]:
+    return _images_from(connection, connection.execute(statement).mappings().all())
+
+
+def _insert_image(connection: Connection, image: Image) -> Image:
+    seq = connection.execute(
+        insert(IMAGES).values(_image_values(image)).returning(IMAGES.c.seq)
+    ).scalar_one()
+    _insert_tags(connection, image.id, image.tags)
+    if image.supported_flavors:
+        connection.execute(
+            insert(FLAVORS),
+            [{"image_id": image.id, "flavor": name} for name in image.supported_flavors],
+        )
+    return replace(
+        image, seq=seq, tags=list(image.tags), supported_flavors=list(image.supported_flavors)
+    )
+
+
 def _condition_clause(
     caller: Caller, condition: Condition, query: ImageQuery
 ) -> ColumnElement[bool]:
     name, value = condition.field, condition.value
+    image = IMAGES.c
     clause: ColumnElement[bool]
     if name == "type":
         clause = {
-            "public": ImageRow.visibility == Visibility.PUBLIC.value,
+            "public": image.visibility == Visibility.PUBLIC.value,
             "private": and_(
-                ImageRow.visibility == Visibility.PRIVATE.value,
-                ImageRow.owner_project == caller.project,
+                image.visibility == Visibility.PRIVATE.value,
+                image.owner_project == caller.project,
             ),
             "shared": and_(
-                ImageRow.visibility == Visibility.PRIVATE.value,
-                ImageRow.owner_project != caller.project,
+                image.visibility == Visibility.PRIVATE.value,
+                image.owner_project != caller.project,
             ),
         }[value]
     elif name == "member_status":  # applied by the visibility clause
         return true()
     elif name in ("os_type", "os_distro", "os_version", "architecture", "status", "owner_project"):
-        clause = getattr(ImageRow, name) == value
+        clause = image[name] == value
     elif name == "name":
         if value.endswith("*"):  # case-sensitive on both databases, unlike SQLite's LIKE
             prefix = value[:-1]
-            clause = func.substr(ImageRow.display_name, 1, len(prefix)) == prefix
+            clause = func.substr(image.display_name, 1, len(prefix)) == prefix
         else:
-            clause = ImageRow.display_name == value
+            clause = image.display_name == value
     elif name == "tag":
-        clause = exists().where(ImageTagRow.image_id == ImageRow.id, ImageTagRow.tag == value)
+        clause = exists().where(TAGS.c.image_id == image.id, TAGS.c.tag == value)
     elif name in ("protected", "deprecated"):
-        clause = getattr(ImageRow, name) == (value == "true")
+        clause = image[name] == (value == "true")
     elif name == "flavor":
         assert query.flavor is not None
         flavor_name, hardware_model = query.flavor
         # `visibility || ''` keeps the OR from being run as a multi-index OR
         # plus a sort of every match (SQLite's choice without statistics):
         # walking seq in order finds a page of a dense listing at once.
-        visibility = ImageRow.visibility.concat("")
+        visibility = image.visibility.concat("")
         clause = or_(
             and_(
                 visibility == Visibility.PUBLIC.value,
-                exists().where(
-                    ImageFlavorRow.image_id == ImageRow.id, ImageFlavorRow.flavor == flavor_name
-                ),
+                exists().where(FLAVORS.c.image_id == image.id, FLAVORS.c.flavor == flavor_name),
             ),
-            and_(visibility == Visibility.PRIVATE.value, ImageRow.hardware_model == hardware_model),
+            and_(visibility == Visibility.PRIVATE.value, image.hardware_model == hardware_model),
         )
     else:  # parse_filter admits only the fields above
         raise AssertionError(f"unhandled filter field {name}")
@@ -185,13 +338,16 @@ def _condition_clause(
 
 
 class SqlImageRepository:
+    """Images on SQLAlchemy Core: each method is one unit of work that the
+    database runs whole (on SQLite in one hand-over to its thread)."""
+
     def __init__(
         self, database: Database, recent_seconds: float = 0.0, recent_limit: int = 10_000
     ) -> None:
         self._db = database
-        #: Images read lately, for get_recent: (image, monotonic expiry). This
-        #: process's own writes drop an entry at once; another process's are
-        #: seen once it expires.
+        #: Images read or written lately, for get_recent: (image, monotonic
+        #: expiry). This process's own writes replace an entry at once;
+        #: another process's are seen once it expires.
         self._recent: OrderedDict[str, tuple[Image, float]] = OrderedDict()
         self._recent_seconds = recent_seconds
         self._recent_limit = recent_limit
@@ -200,9 +356,11 @@ class SqlImageRepository:
         self._writes = 0
 
     async def get(self, image_id: str) -> Image | None:
-        async with self._db.read() as session:
-            row = await session.scalar(select(ImageRow).where(ImageRow.id == image_id))
-            return to_domain(row) if row else None
+        def work(connection: Connection) -> Image | None:
+            row = connection.execute(_IMAGE_BY_ID, {"id": image_id}).mappings().first()
+            return _image_or_none(connection, row)
+
+        return await self._db.run(work)
 
     async def get_recent(self, image_id: str) -> Image | None:
         """Like get, but may answer from memory: at most recent_seconds old
@@ -217,24 +375,32 @@ class SqlImageRepository:
         writes = self._writes
         image = await self.get(image_id)
         if image is not None and writes == self._writes:
-            self._recent[image_id] = (image, time.monotonic() + self._recent_seconds)
-            self._recent.move_to_end(image_id)
-            if len(self._recent) > self._recent_limit:
-                self._recent.popitem(last=False)
+            self._remember(image)
         return image
 
-    def _wrote(self, image_id: str) -> None:
+    def _remember(self, image: Image) -> None:
+        self._recent[image.id] = (image, time.monotonic() + self._recent_seconds)
+        self._recent.move_to_end(image.id)
+        if len(self._recent) > self._recent_limit:
+            self._recent.popitem(last=False)
+
+    def _wrote(self, image_id: str, result: Image | None) -> None:
+        """After a write of this process: reads that overlapped it forget what
+        they read, and the image as written (when known) is remembered."""
         self._writes += 1
         self._recent.pop(image_id, None)
+        if result is not None and self._recent_seconds > 0:
+            self._remember(result)
 
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
     ) -> list[Image]:
+        image = IMAGES.c
         member_statuses = query.member_statuses()
         shared_with_caller = exists().where(
-            ImageMemberRow.image_id == ImageRow.id,
-            ImageMemberRow.project == caller.project,
-            ImageMemberRow.status.in_(
+            MEMBERS.c.image_id == image.id,
+            MEMBERS.c.project == caller.project,
+            MEMBERS.c.status.in_(
                 [
                     s.value
                     for s in (
@@ -247,103 +413,68 @@ class SqlImageRepository:
             shared_with_caller
             if member_statuses is not None
             else or_(
-                ImageRow.visibility == Visibility.PUBLIC.value,
-                ImageRow.owner_project == caller.project,
+                image.visibility == Visibility.PUBLIC.value,
+                image.owner_project == caller.project,
                 shared_with_caller,
             )
         )
         clauses: list[ColumnElement[bool]] = [
-            ImageRow.seq > after_seq,
-            ImageRow.status != ImageStatus.DELETED.value,
+            image.seq > after_seq,
+            image.status != ImageStatus.DELETED.value,
             visible,
         ]
         if not query.asks_deprecated:
-            clauses.append(ImageRow.deprecated == false())
+            clauses.append(image.deprecated == false())
         clauses += [_condition_clause(caller, c, query) for c in query.conditions]
-        statement = select(ImageRow).where(*clauses).order_by(ImageRow.seq).limit(limit)
-        async with self._db.read() as session:
-            rows = (await session.scalars(statement)).all()
-            return [to_domain(row) for row in rows]
+        statement = select(IMAGES).where(*clauses).order_by(image.seq).limit(limit)
+
+        return await self._db.run(lambda connection: _images_selected(connection, statement))
 
     async def find_by_request_id(self, project: str, request_id: str) -> Image | None:
-        async with self._db.read() as session:
-            return await self._by_request_id(session, project, request_id)
-
-    async def _by_request_id(
-        self, session: AsyncSession, project: str, request_id: str
-    ) -> Image | None:
-        row = await session.scalar(
-            select(ImageRow).where(
-                ImageRow.creator_project == project, ImageRow.request_id == request_id
-            )
-        )
-        return to_domain(row) if row else None
-
-    async def _lock_project(self, session: AsyncSession, project: str) -> None:
-        """Creates the project row if needed and locks it until commit; on
-        SQLite the BEGIN IMMEDIATE of the write unit already serialises."""
-        insert = pg_insert if not self._db.is_sqlite else sqlite_insert
-        await session.execute(
-            insert(ProjectRow)
-            .values(id=project, create_time=datetime.now(UTC))
-            .on_conflict_do_nothing(index_elements=["id"])
-        )
-        await session.execute(
-            select(ProjectRow.id).where(ProjectRow.id == project).with_for_update()
-        )
-
-    async def _count_quota_used(self, session: AsyncSession, project: str) -> int:
-        count = await session.scalar(
-            select(func.count())
-            .select_from(ImageRow)
-            .where(
-                # Only private images have an owner: no visibility term, which
-                # would steer SQLite (without statistics) to scan every private
-                # image instead of using ix_images_owner_status.
-                ImageRow.owner_project == project,
-                ImageRow.status.in_(_COUNTED),
-            )
-        )
-        return int(count or 0)
+        return await self._db.run(lambda c: _by_request_id(c, project, request_id))
 
     async def count_quota_used(self, project: str) -> int:
-        async with self._db.read() as session:
-            return await self._count_quota_used(session, project)
+        return await self._db.run(lambda connection: _quota_used(connection, project))
 
     async def inventory(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         """Images by (status, visibility), and quota usage by project: what
         operators watch (two GROUP BY queries, for the metrics endpoint)."""
-        async with self._db.read() as session:
-            by_status = await session.execute(
-                select(ImageRow.status, ImageRow.visibility, func.count()).group_by(
-                    ImageRow.status, ImageRow.visibility
+        image = IMAGES.c
+
+        def work(
+            connection: Connection,
+        ) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+            by_status = connection.execute(
+                select(image.status, image.visibility, func.count()).group_by(
+                    image.status, image.visibility
                 )
             )
-            by_project = await session.execute(
-                select(ImageRow.owner_project, func.count())
+            by_project = connection.execute(
+                select(image.owner_project, func.count())
                 .where(
-                    ImageRow.visibility == Visibility.PRIVATE.value,
-                    ImageRow.status.in_(_COUNTED),
+                    image.visibility == Visibility.PRIVATE.value,
+                    image.status.in_(_COUNTED),
                 )
-                .group_by(ImageRow.owner_project)
+                .group_by(image.owner_project)
             )
             return (
                 {(status, visibility): int(n) for status, visibility, n in by_status},
                 {str(project): int(n) for project, n in by_project if project},
             )
 
+        return await self._db.run(work)
+
     async def create_private(self, image: Image, quota_limit: int) -> Image:
         assert image.owner_project is not None
         project = image.owner_project
-        async with self._db.write() as session:
-            await self._lock_project(session, project)
+
+        def work(connection: Connection) -> Image:
+            _lock_project(connection, project)
             if image.request_id:
-                earlier = await self._by_request_id(
-                    session, image.creator_project, image.request_id
-                )
+                earlier = _by_request_id(connection, image.creator_project, image.request_id)
                 if earlier is not None:
                     return earlier
-            used = await self._count_quota_used(session, project)
+            used = _quota_used(connection, project)
             if used >= quota_limit:
                 raise QuotaExceeded(
                     "IMAGE_QUOTA_EXCEEDED",
@@ -352,85 +483,85 @@ class SqlImageRepository:
                     [QuotaViolation(f"projects/{project}", f"private images: limit {quota_limit}")],
                     {"limit": str(quota_limit), "used": str(used)},
                 )
-            row = to_row(image)
-            session.add(row)
-            await session.flush()
-            return to_domain(row)
+            return _insert_image(connection, image)
+
+        return await self._create(image.id, work)
 
     async def create_public(self, image: Image) -> Image:
-        async with self._db.write() as session:
-            await self._lock_project(session, image.creator_project)
+        def work(connection: Connection) -> Image:
+            _lock_project(connection, image.creator_project)
             if image.request_id:
-                earlier = await self._by_request_id(
-                    session, image.creator_project, image.request_id
-                )
+                earlier = _by_request_id(connection, image.creator_project, image.request_id)
                 if earlier is not None:
                     return earlier
-            row = to_row(image)
-            session.add(row)
-            await session.flush()
-            return to_domain(row)
+            return _insert_image(connection, image)
+
+        return await self._create(image.id, work)
+
+    async def _create(self, image_id: str, work: Work[Image]) -> Image:
+        created: Image | None = None
+        try:
+            created = await self._db.run(work, write=True)
+            return created
+        finally:
+            # An earlier call's image (same request_id) was not written now.
+            self._wrote(image_id, created if created and created.id == image_id else None)
 
     async def update(
         self, image_id: str, expected_revision: int, changes: Mapping[str, Any]
     ) -> Image | None:
         return await self._conditional_update(
-            image_id, ImageRow.revision == expected_revision, changes
+            image_id, IMAGES.c.revision == expected_revision, changes
         )
 
     async def transition(
         self, image_id: str, from_statuses: Collection[ImageStatus], changes: Mapping[str, Any]
     ) -> Image | None:
         return await self._conditional_update(
-            image_id, ImageRow.status.in_([s.value for s in from_statuses]), changes
+            image_id, IMAGES.c.status.in_([s.value for s in from_statuses]), changes
         )
 
     async def in_statuses(self, statuses: Collection[ImageStatus]) -> list[Image]:
-        async with self._db.read() as session:
-            rows = await session.scalars(
-                select(ImageRow)
-                .where(ImageRow.status.in_([s.value for s in statuses]))
-                .order_by(ImageRow.seq)
-            )
-            return [to_domain(row) for row in rows]
+        statement = (
+            select(IMAGES)
+            .where(IMAGES.c.status.in_([s.value for s in statuses]))
+            .order_by(IMAGES.c.seq)
+        )
+        return await self._db.run(lambda connection: _images_selected(connection, statement))
 
     async def _conditional_update(
         self, image_id: str, condition: ColumnElement[bool], changes: Mapping[str, Any]
     ) -> Image | None:
-        values = {k: v for k, v in changes.items() if k != "tags"}
-        values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
-        try:
-            return await self._update_row(image_id, condition, values, changes)
-        finally:
-            self._wrote(image_id)
+        """One UPDATE ... RETURNING, conditional: None when the condition no
+        longer holds (or there is no such image)."""
+        values = {
+            k: (v.value if isinstance(v, enum.Enum) else v)
+            for k, v in changes.items()
+            if k != "tags"
+        }
+        tags: Sequence[str] | None = changes.get("tags")
+        statement = (
+            update(IMAGES)
+            .where(IMAGES.c.id == image_id, condition)
+            .values(revision=IMAGES.c.revision + 1, **values)
+            .returning(*IMAGES.c)
+        )
 
-    async def _update_row(
-        self,
-        image_id: str,
-        condition: ColumnElement[bool],
-        values: Mapping[str, Any],
-        changes: Mapping[str, Any],
-    ) -> Image | None:
-        async with self._db.write() as session:
-            result = await session.execute(
-                update(ImageRow)
-                .where(ImageRow.id == image_id, condition)
-                .values(revision=ImageRow.revision + 1, **values)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+        def work(connection: Connection) -> Image | None:
+            row = connection.execute(statement).mappings().first()
+            if row is None:
                 return None
-            row = await session.scalar(
-                select(ImageRow)
-                .where(ImageRow.id == image_id)
-                .execution_options(populate_existing=True)
-            )
-            assert row is not None
-            if "tags" in changes:
-                tags: Sequence[str] = changes["tags"]
-                row.tags = [ImageTagRow(tag=tag, position=i) for i, tag in enumerate(tags)]
-                await session.flush()
-            return to_domain(row)
+            if tags is not None:
+                connection.execute(delete(TAGS).where(TAGS.c.image_id == image_id))
+                _insert_tags(connection, image_id, tags)
+            return _image_or_none(connection, row)
+
+        updated: Image | None = None
+        try:
+            updated = await self._db.run(work, write=True)
+            return updated
+        finally:
+            self._wrote(image_id, updated)
 
 
 class SqlFlavorRepository:
