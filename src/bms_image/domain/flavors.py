@@ -13,6 +13,7 @@ from .ports import FlavorRepository
 class FlavorCatalog:
     def __init__(self, flavors: Iterable[Flavor]) -> None:
         self._by_name = {flavor.name: flavor for flavor in sorted(flavors, key=lambda f: f.name)}
+        self._models = sorted({flavor.hardware_model for flavor in self._by_name.values()})
 
     def all(self) -> list[Flavor]:
         return list(self._by_name.values())
@@ -30,7 +31,7 @@ class FlavorCatalog:
         return flavor
 
     def hardware_models(self) -> list[str]:
-        return sorted({flavor.hardware_model for flavor in self._by_name.values()})
+        return list(self._models)
 
     def names_for_model(self, hardware_model: str) -> list[str]:
         return [f.name for f in self._by_name.values() if f.hardware_model == hardware_model]

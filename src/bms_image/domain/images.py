@@ -179,11 +179,11 @@ class ImageCatalog:
         source_server: str = "",
         token: str = "",
     ) -> Image:
+        """A retry with the same request_id returns the image of the first
+        call: the repository checks for it in the transaction that inserts
+        (a capture checks first, so as not to hold the server again)."""
         if request_id:
             rules.require_request_id(request_id)
-            earlier = await self._images.find_by_request_id(caller.project, request_id)
-            if earlier is not None:
-                return earlier
         image_type = new.type or ImageType.PRIVATE
         if image_type is ImageType.SHARED:
             raise invalid_field("image.type", "cannot create a SHARED image; share a private one")
@@ -211,6 +211,10 @@ class ImageCatalog:
                 "this image service runs without the embedded provisioner and knows no "
                 "provisioner to ask (BMS_IMAGE_PROVISIONER_ADDRESS), so it cannot capture servers",
             )
+        if request_id:
+            earlier = await self._images.find_by_request_id(caller.project, request_id)
+            if earlier is not None:
+                return earlier
         source = await self._captures.prepare_capture(caller, token, server_id)
         try:
             described = NewImage(

@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from .group_commit import GroupCommitWriter
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "bms_write"
 MIGRATION_LOCK = 7405011
@@ -79,8 +81,9 @@ class _SqliteThreads:
     """SQLite units of work run whole in a thread, on the standard sqlite3
     driver: one hand-over from the event loop per transaction instead of one
     per statement, fetch and cursor close (aiosqlite's). Writes have a single
-    thread of their own, so this process's writers queue in order instead of
-    sleep-polling in SQLite's busy handler."""
+    thread of their own that commits those waiting together (group_commit),
+    so this process's writers queue in order instead of sleep-polling in
+    SQLite's busy handler, and share a commit's fsync."""
 
     def __init__(self, url: str, echo: bool, synchronous: str) -> None:
         sync_url = make_url(url).set(drivername="sqlite")
@@ -97,19 +100,18 @@ class _SqliteThreads:
             max_overflow=0,
         )
         _configure_sqlite(self.engine, synchronous)
-        self._writer = self.engine.execution_options(**{_WRITE: True})
         self._reads = ThreadPoolExecutor(SQLITE_READ_THREADS, thread_name_prefix="sqlite-read")
-        self._writes = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._writes = GroupCommitWriter(self.engine.execution_options(**{_WRITE: True}))
+
+    def _read(self, work: Work[T]) -> T:
+        with self.engine.begin() as connection:
+            return work(connection)
 
     async def run(self, work: Work[T], write: bool) -> T:
-        engine = self._writer if write else self.engine
-
-        def transaction() -> T:
-            with engine.begin() as connection:
-                return work(connection)
-
-        loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._writes if write else self._reads, transaction)
+        if write:
+            done = asyncio.wrap_future(self._writes.submit(work))
+        else:
+            done = asyncio.get_running_loop().run_in_executor(self._reads, self._read, work)
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -121,7 +123,7 @@ class _SqliteThreads:
 
     def close(self) -> None:
         self._reads.shutdown(wait=True)
-        self._writes.shutdown(wait=True)
+        self._writes.close()
         self.engine.dispose()
 
 

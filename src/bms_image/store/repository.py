@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
@@ -16,6 +17,7 @@ from sqlalchemy import (
     RowMapping,
     Select,
     Table,
+    Update,
     and_,
     bindparam,
     delete,
@@ -137,6 +139,16 @@ _QUOTA_USED = (
     .where(IMAGES.c.owner_project == bindparam("project"), IMAGES.c.status.in_(_COUNTED))
 )
 _LOCK_PROJECT = select(PROJECTS.c.id).where(PROJECTS.c.id == bindparam("id")).with_for_update()
+_ADD_PROJECT = {
+    "sqlite": sqlite_insert(PROJECTS).on_conflict_do_nothing(),
+    "postgresql": pg_insert(PROJECTS).on_conflict_do_nothing(),
+}
+#: Statements built once and bound at execution: building one costs more than
+#: running it on SQLite.
+_INSERT_IMAGE = insert(IMAGES).returning(IMAGES.c.seq)
+_INSERT_TAG = insert(TAGS)
+_INSERT_FLAVOR = insert(FLAVORS)
+_DELETE_TAGS = delete(TAGS).where(TAGS.c.image_id == bindparam("image_id"))
 
 
 def _image_from(row: RowMapping, tags: Sequence[str], flavors: Sequence[str]) -> Image:
@@ -247,12 +259,10 @@ def _by_request_id(connection: Connection, project: str, request_id: str) -> Ima
 def _lock_project(connection: Connection, project: str) -> None:
     """Creates the project row if needed and locks it until commit; on
     SQLite the BEGIN IMMEDIATE of the write already serialises."""
-    values = {"id": project, "create_time": datetime.now(UTC)}
-    if connection.dialect.name == "sqlite":
-        connection.execute(sqlite_insert(PROJECTS).values(values).on_conflict_do_nothing())
-        return
-    connection.execute(pg_insert(PROJECTS).values(values).on_conflict_do_nothing())
-    connection.execute(_LOCK_PROJECT, {"id": project})
+    dialect = connection.dialect.name
+    connection.execute(_ADD_PROJECT[dialect], {"id": project, "create_time": datetime.now(UTC)})
+    if dialect != "sqlite":
+        connection.execute(_LOCK_PROJECT, {"id": project})
 
 
 def _quota_used(connection: Connection, project: str) -> int:
@@ -262,7 +272,7 @@ def _quota_used(connection: Connection, project: str) -> int:
 def _insert_tags(connection: Connection, image_id: str, tags: Sequence[str]) -> None:
     if tags:
         connection.execute(
-            insert(TAGS),
+            _INSERT_TAG,
             [{"image_id": image_id, "tag": tag, "position": i} for i, tag in enumerate(tags)],
         )
 
@@ -272,17 +282,38 @@ def _images_selected(connection: Connection, statement: Select[Any]) -> list[Ima
 
 
 def _insert_image(connection: Connection, image: Image) -> Image:
-    seq = connection.execute(
-        insert(IMAGES).values(_image_values(image)).returning(IMAGES.c.seq)
-    ).scalar_one()
+    seq = connection.execute(_INSERT_IMAGE, _image_values(image)).scalar_one()
     _insert_tags(connection, image.id, image.tags)
     if image.supported_flavors:
         connection.execute(
-            insert(FLAVORS),
+            _INSERT_FLAVOR,
             [{"image_id": image.id, "flavor": name} for name in image.supported_flavors],
         )
     return replace(
         image, seq=seq, tags=list(image.tags), supported_flavors=list(image.supported_flavors)
+    )
+
+
+#: What a conditional update requires of the row, besides its id.
+_UPDATE_CONDITIONS: dict[str, ColumnElement[bool]] = {
+    "revision": IMAGES.c.revision == bindparam("expected_revision"),
+    "statuses": IMAGES.c.status.in_(bindparam("from_statuses", expanding=True)),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _update_statement(condition: str, columns: tuple[str, ...]) -> Update:
+    """UPDATE ... RETURNING of these columns under a condition, built once
+    (the callers change a handful of column sets): the values are bound at
+    execution as new_<column>."""
+    return (
+        update(IMAGES)
+        .where(IMAGES.c.id == bindparam("image_id"), _UPDATE_CONDITIONS[condition])
+        .values(
+            revision=IMAGES.c.revision + 1,
+            **{c: bindparam(f"new_{c}", type_=IMAGES.c[c].type) for c in columns},
+        )
+        .returning(*IMAGES.c)
     )
 
 
@@ -511,14 +542,14 @@ class SqlImageRepository:
         self, image_id: str, expected_revision: int, changes: Mapping[str, Any]
     ) -> Image | None:
         return await self._conditional_update(
-            image_id, IMAGES.c.revision == expected_revision, changes
+            image_id, "revision", {"expected_revision": expected_revision}, changes
         )
 
     async def transition(
         self, image_id: str, from_statuses: Collection[ImageStatus], changes: Mapping[str, Any]
     ) -> Image | None:
         return await self._conditional_update(
-            image_id, IMAGES.c.status.in_([s.value for s in from_statuses]), changes
+            image_id, "statuses", {"from_statuses": [s.value for s in from_statuses]}, changes
         )
 
     async def in_statuses(self, statuses: Collection[ImageStatus]) -> list[Image]:
@@ -530,29 +561,30 @@ class SqlImageRepository:
         return await self._db.run(lambda connection: _images_selected(connection, statement))
 
     async def _conditional_update(
-        self, image_id: str, condition: ColumnElement[bool], changes: Mapping[str, Any]
+        self,
+        image_id: str,
+        condition: str,
+        condition_values: Mapping[str, Any],
+        changes: Mapping[str, Any],
     ) -> Image | None:
         """One UPDATE ... RETURNING, conditional: None when the condition no
         longer holds (or there is no such image)."""
         values = {
-            k: (v.value if isinstance(v, enum.Enum) else v)
+            f"new_{k}": (v.value if isinstance(v, enum.Enum) else v)
             for k, v in changes.items()
             if k != "tags"
         }
         tags: Sequence[str] | None = changes.get("tags")
-        statement = (
-            update(IMAGES)
-            .where(IMAGES.c.id == image_id, condition)
-            .values(revision=IMAGES.c.revision + 1, **values)
-            .returning(*IMAGES.c)
-        )
+        columns = tuple(sorted(k for k in changes if k != "tags"))
+        statement = _update_statement(condition, columns)
+        parameters = {"image_id": image_id, **condition_values, **values}
 
         def work(connection: Connection) -> Image | None:
-            row = connection.execute(statement).mappings().first()
+            row = connection.execute(statement, parameters).mappings().first()
             if row is None:
                 return None
             if tags is not None:
-                connection.execute(delete(TAGS).where(TAGS.c.image_id == image_id))
+                connection.execute(_DELETE_TAGS, {"image_id": image_id})
                 _insert_tags(connection, image_id, tags)
             return _image_or_none(connection, row)
 

@@ -6,8 +6,8 @@ never logged."""
 from __future__ import annotations
 
 import logging
+import random
 import re
-import uuid
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TextIO
@@ -34,7 +34,8 @@ def request_id_from(value: str | bytes | None) -> str:
     """The caller's request id when it is a sane token, else a fresh one."""
     if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    # An id to correlate logs, not a secret: no system entropy per call.
+    return f"{random.getrandbits(128):032x}"
 
 
 def begin_call(request_id: str, method: str) -> tuple[CallInfo, Token[CallInfo | None]]:
