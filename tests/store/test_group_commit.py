@@ -72,6 +72,10 @@ def blocked_writer(engine: Engine) -> tuple[GroupCommitWriter, threading.Event]:
 
 
 def test_writes_that_wait_together_share_one_commit(engine: Engine, commits: list[int]) -> None:
+    statements: list[str] = []
+    event.listen(
+        engine, "before_cursor_execute", lambda *args: statements.append(args[2].split()[0])
+    )
     writer, release = blocked_writer(engine)
     futures = [writer.submit(add(n)) for n in range(1, 11)]
     assert not any(f.done() for f in futures), "nobody hears of a write before its commit"
@@ -79,6 +83,7 @@ def test_writes_that_wait_together_share_one_commit(engine: Engine, commits: lis
     assert [f.result(10) for f in futures] == list(range(1, 11))
     writer.close()
     assert len(commits) == 2, "the first unit's commit, then one for the ten that waited"
+    assert "SAVEPOINT" not in statements, "units that all succeed need no savepoints"
     assert stored(engine) == list(range(1, 11))
 
 
@@ -101,6 +106,16 @@ def test_a_failing_unit_is_rolled_back_alone(engine: Engine) -> None:
         duplicate.result(10)
     writer.close()
     assert stored(engine) == [1, 2], "the failed units left nothing, the others all they wrote"
+
+
+def test_a_cancelled_write_is_not_run(engine: Engine) -> None:
+    writer, release = blocked_writer(engine)
+    cancelled, kept = writer.submit(add(1)), writer.submit(add(2))
+    assert cancelled.cancel(), "a write still waiting can be cancelled"
+    release.set()
+    assert kept.result(10) == 2
+    writer.close()
+    assert stored(engine) == [2]
 
 
 def test_a_failed_commit_fails_its_whole_batch_and_the_writer_goes_on(engine: Engine) -> None:

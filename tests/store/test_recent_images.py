@@ -121,6 +121,22 @@ async def test_what_this_process_writes_is_remembered_as_written(database: Datab
     assert await read(created.id) == updated, "and they are what the database holds"
 
 
+async def test_an_update_after_another_process_changed_the_tags_returns_theirs(
+    database: Database,
+) -> None:
+    """What an update returns reuses remembered tags only when it found the
+    image at the remembered revision."""
+    repository = SqlImageRepository(database, recent_seconds=60)
+    elsewhere = SqlImageRepository(database)
+    created = await repository.create_private(new_image("tagged"), 50)
+    assert await elsewhere.update(created.id, created.revision, {"tags": ["theirs"]})
+    moved = await repository.transition(
+        created.id, {ImageStatus.QUEUED}, {"status": ImageStatus.DELETED}
+    )
+    assert moved is not None and moved.tags == ["theirs"] and moved.revision == 3
+    assert moved == await repository.get(created.id)
+
+
 async def test_without_a_window_every_read_goes_to_the_database(database: Database) -> None:
     repository = SqlImageRepository(database)
     image = await repository.create_private(new_image("plain"), 50)

@@ -87,6 +87,9 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authority: TokenAuthority, metrics: ServiceMetrics | None = None) -> None:
         self._authority = authority
         self._metrics = metrics or ServiceMetrics()
+        #: Guarded handlers by method, with the handler each wraps: built once,
+        #: not on every call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def authenticate(self, metadata: dict[str, Any]) -> tuple[Caller, str]:
         token = bearer_token(metadata.get("authorization"))
@@ -100,7 +103,12 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or not details.method.startswith(GUARDED_PREFIX):
             return handler
-        return self._wrap(handler, details.method)
+        known = self._guarded.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._wrap(handler, details.method)
+        self._guarded[details.method] = (handler, guarded)
+        return guarded
 
     async def _begin(self, context: Context, info: CallInfo) -> tuple[object, object]:
         """Authenticates the caller; aborts with UNAUTHENTICATED otherwise."""

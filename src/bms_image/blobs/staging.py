@@ -122,9 +122,16 @@ class Staging:
         """A second file for the same upload (e.g. its conversion to raw)."""
         return self.root / f"{key}.{suffix}"
 
+    def _files_of(self, key: str) -> list[Path]:
+        """The staged bytes and scratch files of a key (a prefix test, not a
+        glob: the key would make a new pattern to compile on every call)."""
+        prefix = key + "."
+        with os.scandir(self.root) as entries:
+            return [Path(e.path) for e in entries if e.name.startswith(prefix)]
+
     def discard(self, key: str) -> None:
         removed = False
-        for path in self.root.glob(f"{key}.*"):
+        for path in self._files_of(key):
             path.unlink(missing_ok=True)
             removed = True
         if removed:  # nothing to make durable otherwise (most deletes)
@@ -132,7 +139,7 @@ class Staging:
 
     def discard_scratch(self, key: str) -> None:
         """Removes the upload's scratch files but keeps its staged bytes."""
-        for path in self.root.glob(f"{key}.*"):
+        for path in self._files_of(key):
             if path.name != self.path(key).name:
                 path.unlink(missing_ok=True)
 

@@ -31,7 +31,9 @@ SQLITE_READ_THREADS = 4
 
 T = TypeVar("T")
 #: A unit of work: plain SQLAlchemy Core statements on one connection, in one
-#: transaction that commits when it returns and rolls back when it raises.
+#: transaction that commits when it returns and rolls back when it raises. It
+#: may be run again after a rollback (group_commit), so it touches nothing but
+#: the connection.
 Work = Callable[[Connection], T]
 
 

@@ -34,7 +34,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..domain.errors import NotFound, QuotaExceeded, QuotaViolation
 from ..domain.model import (
@@ -139,10 +138,7 @@ _QUOTA_USED = (
     .where(IMAGES.c.owner_project == bindparam("project"), IMAGES.c.status.in_(_COUNTED))
 )
 _LOCK_PROJECT = select(PROJECTS.c.id).where(PROJECTS.c.id == bindparam("id")).with_for_update()
-_ADD_PROJECT = {
-    "sqlite": sqlite_insert(PROJECTS).on_conflict_do_nothing(),
-    "postgresql": pg_insert(PROJECTS).on_conflict_do_nothing(),
-}
+_ADD_PROJECT = pg_insert(PROJECTS).on_conflict_do_nothing()
 #: Statements built once and bound at execution: building one costs more than
 #: running it on SQLite.
 _INSERT_IMAGE = insert(IMAGES).returning(IMAGES.c.seq)
@@ -257,12 +253,13 @@ def _by_request_id(connection: Connection, project: str, request_id: str) -> Ima
 
 
 def _lock_project(connection: Connection, project: str) -> None:
-    """Creates the project row if needed and locks it until commit; on
-    SQLite the BEGIN IMMEDIATE of the write already serialises."""
-    dialect = connection.dialect.name
-    connection.execute(_ADD_PROJECT[dialect], {"id": project, "create_time": datetime.now(UTC)})
-    if dialect != "sqlite":
-        connection.execute(_LOCK_PROJECT, {"id": project})
+    """Creates the project row if needed and locks it until commit, so that
+    a project's creates check its quota one at a time. Nothing to do on
+    SQLite: the BEGIN IMMEDIATE of every write already serialises them."""
+    if connection.dialect.name == "sqlite":
+        return
+    connection.execute(_ADD_PROJECT, {"id": project, "create_time": datetime.now(UTC)})
+    connection.execute(_LOCK_PROJECT, {"id": project})
 
 
 def _quota_used(connection: Connection, project: str) -> int:
@@ -579,6 +576,12 @@ class SqlImageRepository:
         statement = _update_statement(condition, columns)
         parameters = {"image_id": image_id, **condition_values, **values}
 
+        # The image as this process last knew it: if the update finds it at
+        # that revision, its flavors (never changed) and tags (changed only
+        # with a new revision) are known without reading them again.
+        remembered = self._recent.get(image_id)
+        known = remembered[0] if remembered is not None else None
+
         def work(connection: Connection) -> Image | None:
             row = connection.execute(statement, parameters).mappings().first()
             if row is None:
@@ -586,6 +589,10 @@ class SqlImageRepository:
             if tags is not None:
                 connection.execute(_DELETE_TAGS, {"image_id": image_id})
                 _insert_tags(connection, image_id, tags)
+            if known is not None and known.revision == row["revision"] - 1:
+                return _image_from(
+                    row, tags if tags is not None else known.tags, known.supported_flavors
+                )
             return _image_or_none(connection, row)
 
         updated: Image | None = None
