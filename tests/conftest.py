@@ -71,7 +71,7 @@ async def postgres_url() -> AsyncIterator[str]:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Runs a test once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'bms-image.db'}"
+        return f"sqlite:///{tmp_path / 'bms-image.db'}"
     return str(request.getfixturevalue("postgres_url"))
 
 

@@ -90,7 +90,7 @@ class Settings:
 
     def resolved(self) -> Settings:
         """Fills derived defaults: the SQLite file and the token secret live in data_dir."""
-        database_url = self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'bms-image.db'}"
+        database_url = self.database_url or f"sqlite:///{self.data_dir / 'bms-image.db'}"
         return replace(self, database_url=database_url, token_secret=self.secret())
 
     def previous_token_secrets(self) -> tuple[str, ...]:

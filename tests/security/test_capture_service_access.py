@@ -24,7 +24,7 @@ Metadata = tuple[tuple[str, str], ...]
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[RunningService]:
-    database_url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    database_url = f"sqlite:///{tmp_path / 'shared.db'}"
     images = await start(
         make_settings(tmp_path / "images", provisioner="none", database_url=database_url)
     )

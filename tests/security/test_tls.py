@@ -160,7 +160,7 @@ async def test_embedded_provisioner_deploys_behind_mutual_tls(
 async def test_separate_provisioner_fetches_images_over_mutual_tls(
     tmp_path: Path, pki: Pki
 ) -> None:
-    database_url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    database_url = f"sqlite:///{tmp_path / 'shared.db'}"
     images = await start(
         tls_settings(
             tmp_path / "images", pki, mutual=True, provisioner="none", database_url=database_url

@@ -29,7 +29,7 @@ from sharing_support import (
     share,
     unshare,
 )
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bms.image.v1 import image_pb2, sharing_pb2
@@ -233,7 +233,12 @@ async def test_an_answer_while_an_unshare_commits_is_not_found(
     await share(sharing, owner, image.name, beta)
     image_id = image.name.removeprefix("images/")
 
-    engine = create_async_engine(database_url)
+    # Another client's connection: through aiosqlite on SQLite (a test-only
+    # dependency; the service itself runs SQLite on the sqlite3 driver).
+    url = make_url(database_url)
+    if url.drivername == "sqlite":
+        url = url.set(drivername="sqlite+aiosqlite")
+    engine = create_async_engine(url)
     try:
         async with engine.connect() as unsharing:
             # SqlMemberRepository.remove's statement, its transaction still open.

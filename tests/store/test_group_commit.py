@@ -142,3 +142,11 @@ def test_close_runs_what_was_submitted_before(engine: Engine) -> None:
     writer.close()
     assert all(f.done() and f.exception() is None for f in futures)
     assert stored(engine) == [1, 2, 3]
+
+
+def test_a_write_after_close_is_refused_not_left_waiting(engine: Engine) -> None:
+    writer = GroupCommitWriter(engine)
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(add(1))
+    writer.close()  # closing twice is harmless

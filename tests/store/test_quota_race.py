@@ -30,17 +30,20 @@ RACERS = 20
 
 async def _stored_private_images(service: Service, project: str) -> int:
     """Non-deleted private images of the project, counted in the database itself."""
-    async with service.running.database.read() as session:
-        count = await session.scalar(
-            select(func.count())
-            .select_from(ImageRow)
-            .where(
-                ImageRow.owner_project == project,
-                ImageRow.visibility == "private",
-                ImageRow.status != "deleted",
-            )
+    statement = (
+        select(func.count())
+        .select_from(ImageRow)
+        .where(
+            ImageRow.owner_project == project,
+            ImageRow.visibility == "private",
+            ImageRow.status != "deleted",
         )
-    return int(count or 0)
+    )
+    return int(
+        await service.running.database.run(
+            lambda connection: connection.execute(statement).scalar_one()
+        )
+    )
 
 
 async def _attempt(call: object) -> image_pb2.Image | grpc.aio.AioRpcError:

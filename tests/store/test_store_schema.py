@@ -15,7 +15,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, func, inspect, select, text
+from sqlalchemy import MetaData, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection
 
 from bms_image.blobs.local import LocalBlobStore
@@ -79,8 +79,8 @@ def _tables(connection: Connection) -> set[str]:
 
 
 async def _count(db: Database, model: type[Any]) -> int:
-    async with db.read() as session:
-        return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+    statement = select(func.count()).select_from(model)
+    return int(await db.run(lambda connection: connection.execute(statement).scalar_one()))
 
 
 async def _seed(db: Database, root: Path) -> int:
@@ -116,17 +116,15 @@ async def test_migrate_twice_is_idempotent(database_url: str) -> None:
     db = Database(database_url)
     try:
         await db.migrate()
-        async with db.engine.connect() as connection:
-            first_tables = await connection.run_sync(_tables)
-            assert await connection.run_sync(_current_revision) == _head()
-        async with db.write() as session:
-            session.add(ProjectRow(id="alpha", create_time=datetime.now(UTC)))
+        first_tables = await db.run(_tables)
+        assert await db.run(_current_revision) == _head()
+        project = {"id": "alpha", "create_time": datetime.now(UTC)}
+        await db.run(lambda c: c.execute(insert(ProjectRow), project), write=True)
 
         await db.migrate()
-        async with db.engine.connect() as connection:
-            assert await connection.run_sync(_tables) == first_tables
-            assert await connection.run_sync(_current_revision) == _head()
-            versions = (await connection.execute(text("SELECT * FROM alembic_version"))).all()
+        assert await db.run(_tables) == first_tables
+        assert await db.run(_current_revision) == _head()
+        versions = await db.run(lambda c: c.execute(text("SELECT * FROM alembic_version")).all())
         assert len(versions) == 1
         assert await _count(db, ProjectRow) == 1  # data survives a second migrate
         assert {"images", "image_tags", "image_flavors", "flavors", "projects"} <= first_tables
@@ -139,9 +137,8 @@ async def test_replicas_migrating_together_both_succeed(database_url: str) -> No
     replicas = [Database(database_url) for _ in range(3)]
     try:
         await asyncio.gather(*(db.migrate() for db in replicas))
-        async with replicas[0].engine.connect() as connection:
-            assert await connection.run_sync(_current_revision) == _head()
-            assert await connection.run_sync(_schema_diff) == []
+        assert await replicas[0].run(_current_revision) == _head()
+        assert await replicas[0].run(_schema_diff) == []
     finally:
         for db in replicas:
             await db.close()
@@ -151,11 +148,10 @@ async def test_schema_after_migrations_matches_the_tables(database: Database) ->
     """Alembic autogenerate finds nothing to do: the migrations build exactly
     the schema tables.py declares (columns, types, nullability, indexes,
     unique constraints and foreign keys)."""
-    async with database.engine.connect() as connection:
-        diff = await connection.run_sync(_schema_diff)
-        # The comparison does see this database: against no tables at all it
-        # would drop every table the migrations made.
-        removed = await connection.run_sync(_tables_dropped_for_empty_metadata)
+    diff = await database.run(_schema_diff)
+    # The comparison does see this database: against no tables at all it
+    # would drop every table the migrations made.
+    removed = await database.run(_tables_dropped_for_empty_metadata)
     assert diff == []
     assert removed == set(Base.metadata.tables)
 
@@ -180,14 +176,14 @@ async def test_seed_twice_adds_rows_once(database: Database, tmp_path: Path) -> 
 async def test_seed_keeps_what_operators_changed(database: Database, tmp_path: Path) -> None:
     await _seed(database, tmp_path)
     image_id = load_catalog().images[0].id
-    async with database.write() as session:
-        row = await session.scalar(select(ImageRow).where(ImageRow.id == image_id))
-        assert row is not None
-        row.description = "changed by an operator"
+    change = (
+        update(ImageRow).where(ImageRow.id == image_id).values(description="changed by an operator")
+    )
+    await database.run(lambda connection: connection.execute(change).rowcount, write=True)
     assert await _seed(database, tmp_path) == 0
-    async with database.read() as session:
-        row = await session.scalar(select(ImageRow).where(ImageRow.id == image_id))
-        assert row is not None and row.description == "changed by an operator"
+    description = select(ImageRow.description).where(ImageRow.id == image_id)
+    stored = await database.run(lambda connection: connection.execute(description).scalar_one())
+    assert stored == "changed by an operator"
 
 
 async def test_replicas_seeding_together_add_rows_once(
@@ -218,12 +214,14 @@ async def test_replicas_seeding_together_add_rows_once(
 
 async def _share(db: Database, image_id: str, project: str, status: str) -> None:
     now = datetime.now(UTC)
-    async with db.write() as session:
-        session.add(
-            ImageMemberRow(
-                image_id=image_id, project=project, status=status, create_time=now, update_time=now
-            )
-        )
+    member = {
+        "image_id": image_id,
+        "project": project,
+        "status": status,
+        "create_time": now,
+        "update_time": now,
+    }
+    await db.run(lambda connection: connection.execute(insert(ImageMemberRow), member), write=True)
 
 
 async def _all_pages(

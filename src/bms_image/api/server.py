@@ -109,8 +109,8 @@ class RunningService:
         await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.closing.aclose()  # the fleet and the rest may still write as they stop
         await self.database.close()
-        await self.closing.aclose()
 
 
 async def open_blob_store(settings: Settings, closing: AsyncExitStack) -> BlobStore:
@@ -276,7 +276,7 @@ async def _serving(
     await server.start()
     await monitor.check_once()
     monitor.start()
-    log.info("serving on %s (database %s)", settings.listen, database.engine.url)
+    log.info("serving on %s (database %s)", settings.listen, database.description)
     return RunningService(
         settings, database, server, health_servicer, port, authority, closing, metrics, monitor
     )

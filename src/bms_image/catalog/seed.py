@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import tomllib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, insert, select, update
 
 from ..blobs.staging import Staging, sha256_of_file
 from ..blobs.store import BlobStore
 from ..disks import DiskSpec, write_disk
 from ..domain.model import Architecture, Image, ImageStatus, OsType, Plugin, PluginKind, Visibility
-from ..store.db import SEED_LOCK, Database
-from ..store.repository import to_row
-from ..store.tables import FlavorRow, ImageRow
+from ..store.db import SEED_LOCK, Database, serialize
+from ..store.repository import FLAVOR_ROWS, IMAGES, insert_image
 
 CATALOG_FILE = Path(__file__).with_name("public.toml")
 #: Bulk data per public image: "tens of MiB" makes streaming realistic.
@@ -64,15 +64,16 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
 async def seed_flavors(database: Database, catalog: Catalog | None = None) -> int:
     """Inserts the flavors that are not stored yet; returns how many."""
     catalog = catalog or load_catalog()
-    added = 0
-    async with database.write() as session:
-        await database.serialize(session, SEED_LOCK)
-        known_flavors = set((await session.scalars(select(FlavorRow.name))).all())
-        for flavor in catalog.flavors:
-            if flavor["name"] not in known_flavors:
-                session.add(FlavorRow(**flavor))
-                added += 1
-    return added
+
+    def work(connection: Connection) -> int:
+        serialize(connection, SEED_LOCK)
+        known = set(connection.execute(select(FLAVOR_ROWS.c.name)).scalars())
+        missing = [flavor for flavor in catalog.flavors if flavor["name"] not in known]
+        if missing:
+            connection.execute(insert(FLAVOR_ROWS), missing)
+        return len(missing)
+
+    return await database.run(work, write=True)
 
 
 def disk_spec(image: Image, bulk_bytes: int) -> DiskSpec:
@@ -114,31 +115,36 @@ async def seed(
     many entries were added or repaired."""
     catalog = catalog or load_catalog()
     added = await seed_flavors(database, catalog)
-    async with database.read() as session:
-        stored = {
-            row.id: row
-            for row in await session.scalars(
-                select(ImageRow).where(ImageRow.id.in_([i.id for i in catalog.images]))
-            )
-        }
+    statuses = select(IMAGES.c.id, IMAGES.c.status).where(
+        IMAGES.c.id.in_([i.id for i in catalog.images])
+    )
+    stored: dict[str, str] = dict(
+        await database.run(lambda connection: connection.execute(statuses).all())
+    )
     present = set(await blobs.keys())
     for image in catalog.images:
-        row = stored.get(image.id)
-        if row is not None and (row.status != ImageStatus.ACTIVE.value or image.id in present):
+        status = stored.get(image.id)
+        if status is not None and (status != ImageStatus.ACTIVE.value or image.id in present):
             continue
         await _build_bytes(image, blobs, staging, bulk_bytes)
-        async with database.write() as session:
-            await database.serialize(session, SEED_LOCK)
-            if row is None:
-                if await session.scalar(select(ImageRow.id).where(ImageRow.id == image.id)):
-                    continue  # another replica seeded it meanwhile
-                image.create_time = image.update_time = datetime.now(UTC)
-                session.add(to_row(image))
-            else:
-                await session.execute(
-                    update(ImageRow)
-                    .where(ImageRow.id == image.id)
-                    .values(size_bytes=image.size_bytes, sha256=image.sha256)
-                )
-        added += 1
+        if await database.run(partial(_store_seeded, image, status is None), write=True):
+            added += 1
     return added
+
+
+def _store_seeded(image: Image, new: bool, connection: Connection) -> bool:
+    """Inserts a catalog image, or repairs the size and digest of one whose
+    bytes were rebuilt; False if another replica seeded it meanwhile."""
+    serialize(connection, SEED_LOCK)
+    if not new:
+        connection.execute(
+            update(IMAGES)
+            .where(IMAGES.c.id == image.id)
+            .values(size_bytes=image.size_bytes, sha256=image.sha256)
+        )
+        return True
+    if connection.execute(select(IMAGES.c.id).where(IMAGES.c.id == image.id)).first():
+        return False
+    now = datetime.now(UTC)
+    insert_image(connection, replace(image, create_time=now, update_time=now))
+    return True

@@ -124,7 +124,7 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
             await database.migrate()
         finally:
             await database.close()
-        typer.echo(f"database {database.engine.url!r} is at the newest schema")
+        typer.echo(f"database {database.description} is at the newest schema")
 
     asyncio.run(run())
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,11 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import (
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .group_commit import GroupCommitWriter
 
@@ -82,10 +77,11 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 class _SqliteThreads:
     """SQLite units of work run whole in a thread, on the standard sqlite3
     driver: one hand-over from the event loop per transaction instead of one
-    per statement, fetch and cursor close (aiosqlite's). Writes have a single
-    thread of their own that commits those waiting together (group_commit),
-    so this process's writers queue in order instead of sleep-polling in
-    SQLite's busy handler, and share a commit's fsync."""
+    per statement, fetch and cursor close (what an asyncio bridge such as
+    aiosqlite costs). Writes have a single thread of their own that commits
+    those waiting together (group_commit), so this process's writers queue in
+    order instead of sleep-polling in SQLite's busy handler, and share a
+    commit's fsync."""
 
     def __init__(self, url: str, echo: bool, synchronous: str) -> None:
         sync_url = make_url(url).set(drivername="sqlite")
@@ -130,80 +126,70 @@ class _SqliteThreads:
 
 
 class Database:
-    """The engine plus read and write units of work."""
+    """Where the service keeps its records: every access is a unit of work
+    (see Work) that `run` executes as one transaction; on SQLite in threads
+    on the standard sqlite3 driver (writes grouped, see _SqliteThreads), on
+    PostgreSQL through asyncpg."""
 
     def __init__(self, url: str, echo: bool = False, sqlite_synchronous: str = "FULL") -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        options: dict[str, Any] = {"echo": echo}
-        synchronous = sqlite_synchronous.upper()
+        self._sqlite: _SqliteThreads | None = None
+        self._engine: AsyncEngine | None = None
         if self.is_sqlite:
+            synchronous = sqlite_synchronous.upper()
             if synchronous not in ("NORMAL", "FULL"):
                 raise RuntimeError(
                     f"sqlite_synchronous must be NORMAL or FULL, not {sqlite_synchronous!r}"
                 )
-            options["connect_args"] = {"timeout": 30}
+            self._sqlite = _SqliteThreads(url, echo, synchronous)
         else:
-            options.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
-        self.engine = create_async_engine(url, **options)
-        self._sqlite_threads: _SqliteThreads | None = None
-        if self.is_sqlite:
-            _configure_sqlite(self.engine.sync_engine, synchronous)
-            self._sqlite_threads = _SqliteThreads(url, echo, synchronous)
-        self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = async_sessionmaker(
-            self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
-        )
-        #: SQLite admits one writer: this process's writers queue here, in
-        #: order, instead of sleep-polling in SQLite's busy handler.
-        self._write_turn = asyncio.Lock() if self.is_sqlite else None
+            self._engine = create_async_engine(
+                url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True
+            )
+
+    @property
+    def description(self) -> str:
+        """The URL, without its password (for logs and messages)."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     async def run(self, work: Work[T], write: bool = False) -> T:
-        """Runs a unit of work as one transaction (BEGIN IMMEDIATE on SQLite
-        when `write`): in a database thread on SQLite, through the async
-        driver on PostgreSQL. The hot paths of the catalog use this; the rest
-        still uses ORM sessions (read/write below)."""
-        if self._sqlite_threads is not None:
-            return await self._sqlite_threads.run(work, write)
-        async with self.engine.begin() as connection:
+        """Runs a unit of work as one transaction: BEGIN IMMEDIATE on SQLite
+        when `write` (every write of the process goes through one thread and
+        may share its commit with others waiting), a plain transaction on
+        PostgreSQL (where writes lock rows or use serialize)."""
+        if self._sqlite is not None:
+            return await self._sqlite.run(work, write)
+        assert self._engine is not None
+        async with self._engine.begin() as connection:
             return await connection.run_sync(work)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self._reader() as session, session.begin():
-            yield session
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncSession]:
-        if self._write_turn is None:
-            async with self._writer() as session, session.begin():
-                yield session
-            return
-        async with self._write_turn, self._writer() as session, session.begin():
-            yield session
-
-    async def serialize(self, session: AsyncSession, key: int) -> None:
-        """Queues write transactions of several processes (replicas) that use
-        the same key until commit. SQLite's BEGIN IMMEDIATE already does."""
-        if not self.is_sqlite:
-            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     async def migrate(self) -> None:
         """Brings the schema to the newest migration. On PostgreSQL an advisory
         lock keeps replicas that start together from migrating twice."""
-        async with self.engine.execution_options(**{_WRITE: True}).begin() as connection:
-            if not self.is_sqlite:
-                await connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-            await connection.run_sync(_upgrade)
+
+        def upgrade(connection: Connection) -> None:
+            serialize(connection, MIGRATION_LOCK)
+            command.upgrade(alembic_config(connection), "head")
+
+        await self.run(upgrade, write=True)
 
     async def ping(self) -> None:
-        async with self.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        await self.run(lambda connection: connection.execute(text("SELECT 1")).scalar_one())
 
     async def close(self) -> None:
-        if self._sqlite_threads is not None:
-            await asyncio.to_thread(self._sqlite_threads.close)
-        await self.engine.dispose()
+        if self._sqlite is not None:
+            await asyncio.to_thread(self._sqlite.close)
+        if self._engine is not None:
+            await self._engine.dispose()
+
+
+def serialize(connection: Connection, key: int) -> None:
+    """Within a unit of work: queues the transactions of every process
+    (replica) that use the same key, until commit. On SQLite a write's BEGIN
+    IMMEDIATE already does."""
+    if connection.dialect.name != "sqlite":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -211,7 +197,3 @@ def alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
     return config
-
-
-def _upgrade(connection: Connection) -> None:
-    command.upgrade(alembic_config(connection), "head")

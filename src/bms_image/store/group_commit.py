@@ -35,17 +35,26 @@ class GroupCommitWriter:
     def __init__(self, engine: Engine, name: str = "sqlite-write") -> None:
         self._engine = engine
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()  # no write slips in behind the stop
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, work: Callable[[Connection], Any]) -> Future[Any]:
         future: Future[Any] = Future()
-        self._queue.put((work, future))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the database is closed: no more writes")
+            self._queue.put((work, future))
         return future
 
     def close(self) -> None:
         """Runs what was submitted before, then stops the thread."""
-        self._queue.put(None)
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def _loop(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Row,
     RowMapping,
     Select,
     Table,
@@ -71,45 +72,11 @@ def utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def to_row(image: Image) -> ImageRow:
-    assert image.create_time is not None and image.update_time is not None
-    return ImageRow(
-        id=image.id,
-        display_name=image.display_name,
-        description=image.description,
-        visibility=image.visibility.value,
-        owner_project=image.owner_project,
-        os_type=image.os_type.value,
-        os_distro=image.os_distro,
-        os_version=image.os_version,
-        architecture=image.architecture.value,
-        disk_format=image.disk_format.value,
-        size_bytes=image.size_bytes,
-        min_disk_gb=image.min_disk_gb,
-        sha256=image.sha256,
-        uploaded_bytes=image.uploaded_bytes,
-        creator_project=image.creator_project,
-        status=image.status.value,
-        status_reason=image.status_reason,
-        hardware_model=image.hardware_model,
-        plugins=[{"kind": p.kind.value, "version": p.version} for p in image.plugins],
-        partitions=[vars(p) for p in image.partitions],
-        source_server=image.source_server,
-        protected=image.protected,
-        deprecated=image.deprecated,
-        request_id=image.request_id,
-        revision=image.revision,
-        create_time=image.create_time,
-        update_time=image.update_time,
-        tags=[ImageTagRow(tag=tag, position=i) for i, tag in enumerate(image.tags)],
-        flavors=[ImageFlavorRow(flavor=name) for name in image.supported_flavors],
-    )
-
-
 IMAGES: Table = ImageRow.__table__  # type: ignore[assignment]
 TAGS: Table = ImageTagRow.__table__  # type: ignore[assignment]
 FLAVORS: Table = ImageFlavorRow.__table__  # type: ignore[assignment]
 MEMBERS: Table = ImageMemberRow.__table__  # type: ignore[assignment]
+FLAVOR_ROWS: Table = FlavorRow.__table__  # type: ignore[assignment]
 PROJECTS: Table = ProjectRow.__table__  # type: ignore[assignment]
 
 #: The tags and supported flavors of a set of images, in one statement.
@@ -278,7 +245,7 @@ def _images_selected(connection: Connection, statement: Select[Any]) -> list[Ima
     return _images_from(connection, connection.execute(statement).mappings().all())
 
 
-def _insert_image(connection: Connection, image: Image) -> Image:
+def insert_image(connection: Connection, image: Image) -> Image:
     seq = connection.execute(_INSERT_IMAGE, _image_values(image)).scalar_one()
     _insert_tags(connection, image.id, image.tags)
     if image.supported_flavors:
@@ -511,7 +478,7 @@ class SqlImageRepository:
                     [QuotaViolation(f"projects/{project}", f"private images: limit {quota_limit}")],
                     {"limit": str(quota_limit), "used": str(used)},
                 )
-            return _insert_image(connection, image)
+            return insert_image(connection, image)
 
         return await self._create(image.id, work)
 
@@ -522,7 +489,7 @@ class SqlImageRepository:
                 earlier = _by_request_id(connection, image.creator_project, image.request_id)
                 if earlier is not None:
                     return earlier
-            return _insert_image(connection, image)
+            return insert_image(connection, image)
 
         return await self._create(image.id, work)
 
@@ -608,37 +575,37 @@ class SqlFlavorRepository:
         self._db = database
 
     async def list_flavors(self) -> list[Flavor]:
-        async with self._db.read() as session:
-            flavors = (await session.scalars(select(FlavorRow).order_by(FlavorRow.name))).all()
-            links = (
-                await session.execute(
-                    select(ImageFlavorRow.flavor, ImageFlavorRow.image_id)
-                    .join(ImageRow, ImageRow.id == ImageFlavorRow.image_id)
-                    .where(ImageRow.status != ImageStatus.DELETED.value)
-                    .order_by(ImageRow.seq)
-                )
-            ).all()
-        by_flavor: dict[str, list[str]] = {}
-        for flavor_name, image_id in links:
-            by_flavor.setdefault(flavor_name, []).append(image_id)
-        return [
-            Flavor(
-                name=row.name,
-                hardware_model=row.hardware_model,
-                cpu_cores=row.cpu_cores,
-                cpu_model=row.cpu_model,
-                memory_gib=row.memory_gib,
-                local_disks=row.local_disks,
-                local_disk_gb=row.local_disk_gb,
-                evs_boot=row.evs_boot,
-                description=row.description,
-                public_image_ids=tuple(by_flavor.get(row.name, [])),
+        def work(connection: Connection) -> list[Flavor]:
+            flavors = connection.execute(select(FLAVOR_ROWS).order_by(FLAVOR_ROWS.c.name))
+            links = connection.execute(
+                select(FLAVORS.c.flavor, FLAVORS.c.image_id)
+                .join(IMAGES, IMAGES.c.id == FLAVORS.c.image_id)
+                .where(IMAGES.c.status != ImageStatus.DELETED.value)
+                .order_by(IMAGES.c.seq)
             )
-            for row in flavors
-        ]
+            by_flavor: dict[str, list[str]] = {}
+            for flavor_name, image_id in links:
+                by_flavor.setdefault(flavor_name, []).append(image_id)
+            return [
+                Flavor(
+                    name=row.name,
+                    hardware_model=row.hardware_model,
+                    cpu_cores=row.cpu_cores,
+                    cpu_model=row.cpu_model,
+                    memory_gib=row.memory_gib,
+                    local_disks=row.local_disks,
+                    local_disk_gb=row.local_disk_gb,
+                    evs_boot=row.evs_boot,
+                    description=row.description,
+                    public_image_ids=tuple(by_flavor.get(row.name, [])),
+                )
+                for row in flavors
+            ]
+
+        return await self._db.run(work)
 
 
-def _member(row: ImageMemberRow) -> Member:
+def _member(row: Row[Any]) -> Member:
     return Member(
         image_id=row.image_id,
         project=row.project,
@@ -648,47 +615,54 @@ def _member(row: ImageMemberRow) -> Member:
     )
 
 
+_MEMBER = select(MEMBERS).where(
+    MEMBERS.c.image_id == bindparam("image_id"), MEMBERS.c.project == bindparam("project")
+)
+
+
+def _member_of(connection: Connection, image_id: str, project: str) -> Member | None:
+    row = connection.execute(_MEMBER, {"image_id": image_id, "project": project}).first()
+    return _member(row) if row else None
+
+
 class SqlMemberRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
     async def get(self, image_id: str, project: str) -> Member | None:
-        async with self._db.read() as session:
-            row = await session.get(ImageMemberRow, (image_id, project))
-            return _member(row) if row else None
+        return await self._db.run(lambda connection: _member_of(connection, image_id, project))
 
     async def list(
         self, image_id: str, after_project: str, limit: int, only_project: str | None = None
     ) -> list[Member]:
         statement = (
-            select(ImageMemberRow)
-            .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project > after_project)
-            .order_by(ImageMemberRow.project)
+            select(MEMBERS)
+            .where(MEMBERS.c.image_id == image_id, MEMBERS.c.project > after_project)
+            .order_by(MEMBERS.c.project)
             .limit(limit)
         )
         if only_project is not None:
-            statement = statement.where(ImageMemberRow.project == only_project)
-        async with self._db.read() as session:
-            return [_member(row) for row in await session.scalars(statement)]
+            statement = statement.where(MEMBERS.c.project == only_project)
+        return await self._db.run(
+            lambda connection: [_member(row) for row in connection.execute(statement)]
+        )
 
     async def add(self, image_id: str, project: str, limit: int) -> Member:
-        async with self._db.write() as session:
+        def work(connection: Connection) -> Member:
             # Lock the image row: concurrent shares of one image queue here, so
             # the member count and the duplicate check cannot race.
-            locked = await session.scalar(
-                select(ImageRow.id).where(ImageRow.id == image_id).with_for_update()
-            )
+            locked = connection.execute(
+                select(IMAGES.c.id).where(IMAGES.c.id == image_id).with_for_update()
+            ).first()
             if locked is None:
                 raise NotFound("IMAGE_NOT_FOUND", f"image images/{image_id} not found")
-            existing = await session.get(ImageMemberRow, (image_id, project))
+            existing = _member_of(connection, image_id, project)
             if existing is not None:
-                return _member(existing)
-            count = await session.scalar(
-                select(func.count())
-                .select_from(ImageMemberRow)
-                .where(ImageMemberRow.image_id == image_id)
-            )
-            if (count or 0) >= limit:
+                return existing
+            count = connection.execute(
+                select(func.count()).select_from(MEMBERS).where(MEMBERS.c.image_id == image_id)
+            ).scalar_one()
+            if count >= limit:
                 raise QuotaExceeded(
                     "IMAGE_MEMBER_QUOTA_EXCEEDED",
                     f"images/{image_id} is already shared with {count} projects, the limit; "
@@ -697,41 +671,41 @@ class SqlMemberRepository:
                     {"limit": str(limit)},
                 )
             now = datetime.now(UTC)
-            row = ImageMemberRow(
-                image_id=image_id,
-                project=project,
-                status=MemberStatus.PENDING.value,
-                create_time=now,
-                update_time=now,
+            member = Member(image_id, project, MemberStatus.PENDING, now, now)
+            connection.execute(
+                insert(MEMBERS),
+                {
+                    "image_id": image_id,
+                    "project": project,
+                    "status": member.status.value,
+                    "create_time": now,
+                    "update_time": now,
+                },
             )
-            session.add(row)
-            await session.flush()
-            return _member(row)
+            return member
+
+        return await self._db.run(work, write=True)
 
     async def set_status(self, image_id: str, project: str, status: MemberStatus) -> Member | None:
-        async with self._db.write() as session:
-            # One UPDATE, not read-modify-write: a member removed concurrently
-            # is simply not found, never a stale-row error.
-            result = await session.execute(
-                update(ImageMemberRow)
-                .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project == project)
-                .values(status=status.value, update_time=datetime.now(UTC))
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            row = await session.scalar(
-                select(ImageMemberRow)
-                .where(ImageMemberRow.image_id == image_id, ImageMemberRow.project == project)
-                .execution_options(populate_existing=True)
-            )
+        # One UPDATE, not read-modify-write: a member removed concurrently is
+        # simply not found, never a stale-row error.
+        statement = (
+            update(MEMBERS)
+            .where(MEMBERS.c.image_id == image_id, MEMBERS.c.project == project)
+            .values(status=status.value, update_time=datetime.now(UTC))
+            .returning(*MEMBERS.c)
+        )
+
+        def work(connection: Connection) -> Member | None:
+            row = connection.execute(statement).first()
             return _member(row) if row else None
 
+        return await self._db.run(work, write=True)
+
     async def remove(self, image_id: str, project: str) -> bool:
-        async with self._db.write() as session:
-            result = await session.execute(
-                delete(ImageMemberRow).where(
-                    ImageMemberRow.image_id == image_id, ImageMemberRow.project == project
-                )
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        statement = delete(MEMBERS).where(
+            MEMBERS.c.image_id == image_id, MEMBERS.c.project == project
+        )
+        return await self._db.run(
+            lambda connection: connection.execute(statement).rowcount == 1, write=True
+        )

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, true, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
 
 from ..domain.model import Plugin, PluginKind
 from ..domain.servers import BootSource, NetworkState, Server, ServerState
@@ -15,8 +27,12 @@ from .db import Database
 from .repository import utc
 from .tables import ServerRow
 
+SERVERS: Table = ServerRow.__table__  # type: ignore[assignment]
+_SERVER_BY_ID = select(SERVERS).where(SERVERS.c.id == bindparam("id"))
+_INSERT_SERVER = insert(SERVERS).returning(SERVERS.c.seq, sort_by_parameter_order=True)
 
-def _server(row: ServerRow) -> Server:
+
+def _server(row: Row[Any]) -> Server:
     return Server(
         id=row.id,
         seq=row.seq,
@@ -45,74 +61,81 @@ def _plugins(plugins: list[Plugin]) -> list[dict[str, str]]:
     return [{"kind": p.kind.value, "version": p.version} for p in plugins]
 
 
+def _values(server: Server) -> dict[str, Any]:
+    return {
+        "id": server.id,
+        "project": server.project,
+        "host_name": server.host_name,
+        "flavor": server.flavor,
+        "hardware_model": server.hardware_model,
+        "image_id": server.image_id,
+        "state": server.state.value,
+        "state_reason": server.state_reason,
+        "network_state": server.network_state.value,
+        "boot_source": server.boot_source.value,
+        "system_disk_bytes": server.system_disk_bytes,
+        "ssh_key_fingerprint": server.ssh_key_fingerprint,
+        "plugins": _plugins(server.plugins),
+        "data_disks_gb": list(server.data_disks_gb),
+        "task": server.task,
+        "last_operation": server.last_operation,
+        "revision": 1,
+        "create_time": server.create_time,
+        "update_time": server.update_time,
+    }
+
+
+def _servers(connection: Connection, statement: Select[Any]) -> list[Server]:
+    return [_server(row) for row in connection.execute(statement)]
+
+
 class SqlServerRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
     async def add_all(self, servers: list[Server]) -> list[Server]:
-        async with self._db.write() as session:
-            rows = [
-                ServerRow(
-                    id=s.id,
-                    project=s.project,
-                    host_name=s.host_name,
-                    flavor=s.flavor,
-                    hardware_model=s.hardware_model,
-                    image_id=s.image_id,
-                    state=s.state.value,
-                    state_reason=s.state_reason,
-                    network_state=s.network_state.value,
-                    boot_source=s.boot_source.value,
-                    system_disk_bytes=s.system_disk_bytes,
-                    ssh_key_fingerprint=s.ssh_key_fingerprint,
-                    plugins=_plugins(s.plugins),
-                    data_disks_gb=list(s.data_disks_gb),
-                    task=s.task,
-                    last_operation=s.last_operation,
-                    revision=1,
-                    create_time=s.create_time,
-                    update_time=s.update_time,
-                )
-                for s in servers
-            ]
-            session.add_all(rows)
-            await session.flush()
-            return [_server(row) for row in rows]
+        if not servers:
+            return []
+
+        def work(connection: Connection) -> list[Server]:
+            seqs = connection.execute(_INSERT_SERVER, [_values(s) for s in servers]).scalars()
+            return [replace(s, seq=seq, revision=1) for s, seq in zip(servers, seqs, strict=True)]
+
+        return await self._db.run(work, write=True)
 
     async def get(self, server_id: str) -> Server | None:
-        async with self._db.read() as session:
-            row = await session.scalar(select(ServerRow).where(ServerRow.id == server_id))
+        def work(connection: Connection) -> Server | None:
+            row = connection.execute(_SERVER_BY_ID, {"id": server_id}).first()
             return _server(row) if row else None
 
+        return await self._db.run(work)
+
     async def list_for_project(self, project: str, after_seq: int, limit: int) -> list[Server]:
-        async with self._db.read() as session:
-            rows = await session.scalars(
-                select(ServerRow)
-                .where(
-                    ServerRow.project == project,
-                    ServerRow.seq > after_seq,
-                    ServerRow.state != ServerState.DELETED.value,
-                )
-                .order_by(ServerRow.seq)
-                .limit(limit)
+        statement = (
+            select(SERVERS)
+            .where(
+                SERVERS.c.project == project,
+                SERVERS.c.seq > after_seq,
+                SERVERS.c.state != ServerState.DELETED.value,
             )
-            return [_server(row) for row in rows]
+            .order_by(SERVERS.c.seq)
+            .limit(limit)
+        )
+        return await self._db.run(lambda connection: _servers(connection, statement))
 
     async def in_states(self, states: Collection[ServerState]) -> list[Server]:
-        async with self._db.read() as session:
-            rows = await session.scalars(
-                select(ServerRow).where(ServerRow.state.in_([s.value for s in states]))
-            )
-            return [_server(row) for row in rows]
+        statement = select(SERVERS).where(SERVERS.c.state.in_([s.value for s in states]))
+        return await self._db.run(lambda connection: _servers(connection, statement))
 
     async def count_tasks(self, project: str, task: str) -> int:
-        async with self._db.read() as session:
-            count = await session.scalar(
-                select(func.count())
-                .select_from(ServerRow)
-                .where(ServerRow.project == project, ServerRow.task == task)
-            )
-            return int(count or 0)
+        statement = (
+            select(func.count())
+            .select_from(SERVERS)
+            .where(SERVERS.c.project == project, SERVERS.c.task == task)
+        )
+        return await self._db.run(
+            lambda connection: int(connection.execute(statement).scalar_one())
+        )
 
     async def transition(
         self,
@@ -127,22 +150,19 @@ class SqlServerRepository:
         if "plugins" in values:
             values["plugins"] = _plugins(values["plugins"])
         values["update_time"] = datetime.now(UTC)
-        async with self._db.write() as session:
-            result = await session.execute(
-                update(ServerRow)
-                .where(
-                    ServerRow.id == server_id,
-                    ServerRow.state.in_([s.value for s in from_states]),
-                    true() if task is None else ServerRow.task == task,
-                )
-                .values(revision=ServerRow.revision + 1, **values)
-                .execution_options(synchronize_session=False)
+        statement = (
+            update(SERVERS)
+            .where(
+                SERVERS.c.id == server_id,
+                SERVERS.c.state.in_([s.value for s in from_states]),
+                true() if task is None else SERVERS.c.task == task,
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            row = await session.scalar(
-                select(ServerRow)
-                .where(ServerRow.id == server_id)
-                .execution_options(populate_existing=True)
-            )
+            .values(revision=SERVERS.c.revision + 1, **values)
+            .returning(*SERVERS.c)
+        )
+
+        def work(connection: Connection) -> Server | None:
+            row = connection.execute(statement).first()
             return _server(row) if row else None
+
+        return await self._db.run(work, write=True)
