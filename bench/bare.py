@@ -46,6 +46,7 @@ from google.protobuf import empty_pb2
 from bms.image.v1 import image_pb2
 from bms_image.api.server import server_options
 from bms_image.config import Settings
+from bms_image.eventloop import run_with
 
 #: The payload is this many pseudo-random bytes, repeated.
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -278,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.get_image and args.create_image):
             parser.error("--get-image and --create-image go together")
         metadata = BareMetadata(args.get_image.read_bytes(), args.create_image.read_bytes())
-    asyncio.run(serve(args.listen, sizes, metadata))
+    # The service's event loop (BMS_IMAGE_EVENT_LOOP), so that only what the
+    # service does on top of moving messages differs.
+    run_with(Settings.from_env().event_loop, lambda: serve(args.listen, sizes, metadata))
     return 0
 
 

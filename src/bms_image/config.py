@@ -60,6 +60,8 @@ class Settings:
     metadata_cache_seconds: float = 1.0
     #: How often health re-checks the database and blob store.
     health_check_seconds: float = 5.0
+    #: "uvloop" (libuv: less CPU per call) or "asyncio" (the standard loop).
+    event_loop: str = "uvloop"
     #: Secrets that signed tokens before the current one and are still
     #: accepted (comma-separated): the window of a token key rotation.
     token_previous_secrets: str = ""
@@ -142,6 +144,7 @@ _CASTERS: dict[str, Any] = {
     "metrics_listen": str,
     "log_format": str,
     "health_check_seconds": float,
+    "event_loop": str,
     "metadata_cache_seconds": float,
     "sqlite_synchronous": str,
     "token_previous_secrets": str,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..config import Settings
+from ..eventloop import run_with
 
 ListenOpt = Annotated[
     str | None, typer.Option(help="host:port to listen on (env BMS_IMAGE_LISTEN, 127.0.0.1:50051)")
@@ -72,7 +73,7 @@ def serve(
         provisioner_address=provisioner_address,
     )
     try:
-        asyncio.run(run_server(settings))
+        run_with(settings.event_loop, lambda: run_server(settings))
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
@@ -105,7 +106,7 @@ def provisioner(
         image_service=image_service,
     )
     try:
-        asyncio.run(run_server(settings, start_provisioner))
+        run_with(settings.event_loop, lambda: run_server(settings, start_provisioner))
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
