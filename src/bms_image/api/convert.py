@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import functools
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -19,6 +21,8 @@ from ..domain.rules import PROJECT_PATTERN
 
 E = TypeVar("E", bound=enum.Enum)
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
     model.ImageType: (image_pb2.ImageType, "IMAGE_TYPE_"),
     model.ImageStatus: (image_pb2.ImageStatus, "IMAGE_STATUS_"),
@@ -34,6 +38,7 @@ _ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
 }
 
 
+@functools.cache
 def enum_to_proto(value: enum.Enum) -> int:
     wrapper, prefix = _ENUM_PREFIXES[type(value)]
     return int(wrapper.Value(prefix + str(value.value).upper()))
@@ -61,6 +66,8 @@ def _resource_id(name: str, collection: str, field: str) -> str:
 
 def _uuid_resource_id(name: str, collection: str, field: str) -> str:
     raw = _resource_id(name, collection, field)
+    if _CANONICAL_UUID.fullmatch(raw):
+        return raw
     try:
         parsed = uuid.UUID(raw)
     except ValueError:
@@ -84,11 +91,14 @@ def flavor_name_from_resource(name: str, field: str = "name") -> str:
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """Timestamp.FromDatetime, in integer arithmetic (it is on every image
+    rendered); a naive datetime is taken as UTC, as FromDatetime does."""
     if value is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    since = (value if value.tzinfo else value.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def image_to_proto(
