@@ -38,10 +38,15 @@ _ENUM_PREFIXES: dict[type[enum.Enum], tuple[Any, str]] = {
 }
 
 
-@functools.cache
 def enum_to_proto(value: enum.Enum) -> int:
-    wrapper, prefix = _ENUM_PREFIXES[type(value)]
-    return int(wrapper.Value(prefix + str(value.value).upper()))
+    # Keyed by type too: members of two StrEnums with the same text are equal.
+    return _enum_number(type(value), value.value)
+
+
+@functools.cache
+def _enum_number(kind: type[enum.Enum], value: Any) -> int:
+    wrapper, prefix = _ENUM_PREFIXES[kind]
+    return int(wrapper.Value(prefix + str(value).upper()))
 
 
 def enum_from_proto(domain_type: type[E], number: int, field: str) -> E | None:
