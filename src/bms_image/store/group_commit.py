@@ -1,13 +1,13 @@
 """Group commit for SQLite: one thread runs this process's write units of
-work, as many as are waiting in one transaction, each inside a savepoint.
+work, as many as are waiting in one transaction.
 
 SQLite has one writer at a time and, with synchronous=FULL, an fsync per
 commit; writers that queue behind each other would each pay the whole
 BEGIN IMMEDIATE ... COMMIT (and the fsync) in turn. Here the writes that
 arrived while the previous transaction was committing share the next one:
-each is still atomic on its own (a unit of work that raises is rolled back to
-its savepoint and only its caller gets the error), and each caller hears of
-its outcome only after the commit that made it durable.
+each is still atomic on its own (a unit of work that raises is rolled back
+alone and only its caller gets the error), and each caller hears of its
+outcome only after the commit that made it durable.
 
 The batch first runs without savepoints (they cost two statements a unit);
 if any unit raises, it is rolled back whole and run again unit by unit in
@@ -78,7 +78,7 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list[_Item]) -> None:
         live = [(work, future) for work, future in batch if future.set_running_or_notify_cancel()]
-        if len(live) > 1 and self._commit_together(live):
+        if not live or (len(live) > 1 and self._commit_together(live)):
             return
         self._commit_in_savepoints(live)
 
