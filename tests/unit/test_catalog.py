@@ -731,3 +731,21 @@ async def test_list_by_flavor(catalog: ImageCatalog) -> None:
     assert (await list_all(catalog, ALPHA, "flavor = physical.s4.large"))[0] == [public.id, s4.id]
     assert (await list_all(catalog, ALPHA, "flavor = flavors/physical.s4.xlarge"))[0] == [s4.id]
     assert (await list_all(catalog, ALPHA, "flavor = physical.h2.large"))[0] == [h2.id]
+
+
+async def test_a_refusal_is_never_given_on_a_memory_that_may_be_behind(
+    catalog: ImageCatalog, repo: InMemoryImages
+) -> None:
+    """GetImage's memory may still say "protected" for a second after another
+    replica cleared it: a delete judged on that memory is judged again on a
+    fresh read before anyone is refused."""
+    image = await catalog.create(ALPHA, new_image(protected=True))
+    remembered = await repo.get(image.id)
+    await catalog.update(ALPHA, image.id, ImageChanges(protected=False))  # "another replica"
+
+    async def behind(image_id: str) -> Image | None:
+        return remembered
+
+    repo.get_recent = behind  # type: ignore[method-assign]
+    await catalog.delete(ALPHA, image.id)
+    assert (await repo.get(image.id)).status is ImageStatus.DELETED  # type: ignore[union-attr]

@@ -13,7 +13,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from . import rules
-from .errors import Aborted, FailedPrecondition, FieldViolation, PermissionDenied, invalid_field
+from .errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    PermissionDenied,
+    invalid_field,
+)
 from .flavors import FlavorCatalog
 from .model import (
     Architecture,
@@ -378,17 +385,24 @@ class ImageCatalog:
         """Read, check, and write conditionally on the revision read, so that
         two concurrent writers never lose an update. Without an etag a writer
         that lost the race re-reads and retries; with one it gets ABORTED.
-        Without an etag the first read may come from recent reads: if another
-        process changed the image since, the write finds another revision and
-        the retry reads afresh (an etag is always checked against a fresh read)."""
+        Without an etag the first read may come from recent reads, which may
+        be behind another process's change: a write then finds another
+        revision, and a refusal is never given on that memory; both are
+        judged again on a fresh read (an etag always is)."""
         for attempt in range(UPDATE_RETRIES):
-            if attempt == 0 and not etag:
-                image = await self.describe(caller, image_id)
-            else:
-                image = await self.get(caller, image_id)
-            rules.require_can_modify(caller, image)
-            rules.require_etag(image, etag)
-            values = compute(image)
+            from_memory = attempt == 0 and not etag
+            try:
+                if from_memory:
+                    image = await self.describe(caller, image_id)
+                else:
+                    image = await self.get(caller, image_id)
+                rules.require_can_modify(caller, image)
+                rules.require_etag(image, etag)
+                values = compute(image)
+            except DomainError:
+                if from_memory:
+                    continue
+                raise
             values["update_time"] = self._clock()
             updated = await self._images.update(image.id, image.revision, values)
             if updated is not None:
