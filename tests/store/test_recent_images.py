@@ -5,10 +5,8 @@ read that overlaps a write does not remember what it read. Both databases."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy import update
 
 from bms_image.domain.model import (
@@ -22,14 +20,6 @@ from bms_image.domain.model import (
 from bms_image.store.db import Database
 from bms_image.store.repository import SqlImageRepository
 from bms_image.store.tables import ImageRow
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    db = Database(database_url)
-    await db.migrate()
-    yield db
-    await db.close()
 
 
 def new_image(name: str) -> Image:

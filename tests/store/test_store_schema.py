@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -41,15 +39,6 @@ from bms_image.store.tables import (
     ImageTagRow,
     ProjectRow,
 )
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    """A migrated, empty database."""
-    db = Database(database_url)
-    await db.migrate()
-    yield db
-    await db.close()
 
 
 def _head() -> str:
