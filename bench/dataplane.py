@@ -98,6 +98,39 @@ def _cores() -> tuple[set[int], set[int]]:
     return {available[0]}, set(available[1:])
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the client (this process) and the servers run."""
+
+    client_cpus: set[int]
+    server_cpus: set[int]
+    #: Disjoint cores: this process is pinned to client_cpus, servers go to server_cpus.
+    pinning: bool
+
+    @property
+    def server_pin(self) -> set[int] | None:
+        return self.server_cpus if self.pinning else None
+
+    def as_json(self) -> dict[str, Any]:
+        pin = self.server_pin
+        return {
+            "client_cpus": sorted(self.client_cpus),
+            "server_cpus": sorted(pin) if pin else None,
+        }
+
+
+def place(no_pin: bool) -> Placement:
+    """Pins this process (the client) to its own cores when the machine has
+    two or more, unless no_pin: then everything shares every core."""
+    client_cpus, server_cpus = _cores()
+    if no_pin:
+        client_cpus = server_cpus = set(os.sched_getaffinity(0))
+    pinning = client_cpus.isdisjoint(server_cpus)
+    if pinning:
+        pin_process(os.getpid(), client_cpus)
+    return Placement(client_cpus, server_cpus, pinning)
+
+
 def pin_process(pid: int, cpus: set[int]) -> None:
     """Pins every thread of `pid` (sched_setaffinity on a pid moves only
     its main thread; threads started later inherit from their creator)."""
@@ -800,13 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     client_malloc_tuned = tune_malloc()  # the client's own heap: same rule as bare's
     load_before = os.getloadavg()
     host = machine()  # before we pin ourselves
-    client_cpus, server_cpus = _cores()
-    if args.no_pin:
-        client_cpus = server_cpus = set(os.sched_getaffinity(0))
-    pinning = client_cpus.isdisjoint(server_cpus)
-    if pinning:
-        pin_process(os.getpid(), client_cpus)
-    server_pin = server_cpus if pinning else None
+    placement = place(args.no_pin)
+    client_cpus, server_cpus = placement.client_cpus, placement.server_cpus
+    server_pin = placement.server_pin
     servers: list[ServerProcess] = []
     restore = _interruptible(servers)
     workdir = Path(tempfile.mkdtemp(prefix="bms-image-bench-", dir="/tmp"))

@@ -62,14 +62,13 @@ from .dataplane import (
     Metadata,
     ServerProcess,
     Target,
-    _cores,
     _human,
     _interruptible,
     download,
     issue_token,
     launch,
     machine,
-    pin_process,
+    place,
     publish,
     server_env,
     wait_listening,
@@ -438,13 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     load_before = os.getloadavg()
     host = machine()
-    client_cpus, server_cpus = _cores()
-    if args.no_pin:
-        client_cpus = server_cpus = set(os.sched_getaffinity(0))
-    pinning = client_cpus.isdisjoint(server_cpus)
-    if pinning:
-        pin_process(os.getpid(), client_cpus)
-    server_pin = server_cpus if pinning else None
+    placement = place(args.no_pin)
+    client_cpus, server_cpus = placement.client_cpus, placement.server_cpus
+    server_pin = placement.server_pin
     servers: list[ServerProcess] = []
     restore = _interruptible(servers)
     workdir = Path(tempfile.mkdtemp(prefix="bms-image-deploy-", dir="/tmp"))
@@ -462,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(server)
         provisioner = None
         if args.split:
-            fleet_pin = client_cpus if pinning else None
+            fleet_pin = client_cpus if placement.pinning else None
             # The provisioner needs the image service's address to start.
             asyncio.run(wait_listening(server, "bms-image listening on", server_pin))
             fleet = launch(
@@ -495,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": host,
         "plan": {**asdict(plan), "flavor": FLAVOR, "hardware_model": HARDWARE_MODEL,
                  "download_repeats": DOWNLOAD_REPEATS, "mb": "10^6 bytes"},
-        "pinning": {"client_cpus": sorted(client_cpus),
-                    "server_cpus": sorted(server_pin) if server_pin else None},
+        "pinning": placement.as_json(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "elapsed_seconds": round(time.monotonic() - started, 1),
         **figures,

@@ -108,14 +108,13 @@ from .dataplane import (
     Metadata,
     RssSampler,
     ServerProcess,
-    _cores,
     _interruptible,
     cpu_seconds,
     issue_token,
     launch,
     machine,
     own_cpu_seconds,
-    pin_process,
+    place,
     publish,
     read_status,
     server_env,
@@ -1250,13 +1249,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     load_before = os.getloadavg()
     host = machine()  # before we pin ourselves
-    client_cpus, server_cpus = _cores()
-    if args.no_pin:
-        client_cpus = server_cpus = set(os.sched_getaffinity(0))
-    pinning = client_cpus.isdisjoint(server_cpus)
-    if pinning:
-        pin_process(os.getpid(), client_cpus)
-    server_pin = server_cpus if pinning else None
+    placement = place(args.no_pin)
+    client_cpus, server_cpus = placement.client_cpus, placement.server_cpus
+    server_pin = placement.server_pin
     servers: list[ServerProcess] = []
     restore = _interruptible(servers)
     workdir = Path(tempfile.mkdtemp(prefix="bms-image-metadata-", dir="/tmp"))
@@ -1297,8 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "caller_own_images": OWN_IMAGES, "tenants": TENANTS},
                  "list_client": "grpc.aio, one call at a time, first page, client-side time",
                  "get_client": "h2load, times from --log-file"},
-        "pinning": {"client_cpus": sorted(client_cpus),
-                    "server_cpus": sorted(server_pin) if server_pin else None},
+        "pinning": placement.as_json(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "elapsed_seconds": round(time.monotonic() - started, 1),
         **figures,
