@@ -442,20 +442,8 @@ def message_strategy(
     def build(values: dict[str, Any]) -> Message:
         message = cls()
         for name, value in values.items():
-            if value is None:
-                continue
-            field = descriptor.fields_by_name[name]
-            if field.is_repeated:
-                target = getattr(message, name)
-                if field.type == FieldDescriptor.TYPE_MESSAGE:
-                    for item in value:
-                        target.add().CopyFrom(item)
-                else:
-                    target.extend(value)
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                getattr(message, name).CopyFrom(value)
-            else:
-                setattr(message, name, value)
+            if value is not None:
+                _set(message, descriptor.fields_by_name[name], value)
         return message
 
     return st.fixed_dictionaries(fields).map(build)
