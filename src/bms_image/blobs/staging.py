@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,7 @@ class StagedUpload:
         self.size = offset
         self._window_start = offset
         self._previous_window: tuple[int, int] | None = None
+        self._closing = threading.Lock()
 
     def write(self, chunk: bytes) -> None:
         self._handle.write(chunk)
@@ -63,12 +65,16 @@ class StagedUpload:
         self._window_start = self.size
 
     def close(self) -> None:
-        """Makes what was written durable (for a later resume) and closes."""
-        if self._handle.closed:
-            return
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        """Makes what was written durable (for a later resume) and closes.
+        Safe to call again and from two threads at once (a cancelled upload
+        may close while its own close still runs in a thread): a second call
+        returns once the first has made the bytes durable."""
+        with self._closing:
+            if self._handle.closed:
+                return
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
 
 
 class PipelinedWriter:
