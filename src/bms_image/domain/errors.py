@@ -106,6 +106,11 @@ class Aborted(DomainError):
     """A concurrent change won (stale etag); read again and retry."""
 
 
+class Unavailable(DomainError):
+    """A dependency (database, blob store, another of our services) cannot be
+    reached now; the same call may succeed when retried later."""
+
+
 def invalid_field(field: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
     """The common case of one bad field."""
     return InvalidArgument(reason, f"{field}: {description}", [FieldViolation(field, description)])

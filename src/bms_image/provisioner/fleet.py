@@ -68,6 +68,7 @@ _STATUS_CODE = {
     "Aborted": "ABORTED",
     "DataLoss": "DATA_LOSS",
     "Unauthenticated": "UNAUTHENTICATED",
+    "Unavailable": "UNAVAILABLE",
 }
 
 

@@ -73,9 +73,11 @@ def domain_error(error: grpc.aio.AioRpcError, peer: str = "image service") -> er
             if quota
             else (),
         )
+    unavailable = peer.upper().replace(" ", "_") + "_UNAVAILABLE"
+    if code is grpc.StatusCode.UNAVAILABLE:  # retryable: the caller may try again
+        return errors.Unavailable(info.reason if info is not None else unavailable, message)
     cls = _CLASSES.get(code)
     if cls is None:
-        unavailable = peer.upper().replace(" ", "_") + "_UNAVAILABLE"
         return errors.FailedPrecondition(unavailable, message)
     return cls(reason, message)
 
