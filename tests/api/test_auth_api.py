@@ -34,6 +34,7 @@ def _claims(**overrides: object) -> dict[str, object]:
     now = int(time.time())
     claims: dict[str, object] = {
         "iss": "bms-image",
+        "aud": "bms-image",
         "sub": "alpha",
         "roles": ["admin"],
         "iat": now,

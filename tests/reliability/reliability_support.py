@@ -117,6 +117,7 @@ def forge_token(secret: str, project: str, *, admin: bool = False, expires_in: i
     now = int(time.time())
     claims = {
         "iss": "bms-image",
+        "aud": "bms-image",
         "sub": project,
         "roles": ["admin"] if admin else [],
         "iat": now - max(0, -expires_in) - 60,

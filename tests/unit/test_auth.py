@@ -8,7 +8,21 @@ from typing import Any
 import jwt
 import pytest
 
-from bms_image.auth import ALGORITHM, ISSUER, TokenAuthority, bearer_token
+from bms_image import auth
+from bms_image.auth import (
+    ALGORITHM,
+    AUDIENCE,
+    ISSUER,
+    LEEWAY_SECONDS,
+    MAX_TTL_SECONDS,
+    SERVICE_AUDIENCE,
+    SERVICE_METADATA_KEY,
+    ServiceCredential,
+    TokenAuthority,
+    bearer_token,
+    service_credential,
+    service_key,
+)
 from bms_image.domain.errors import Unauthenticated
 from bms_image.domain.model import Caller
 
@@ -21,6 +35,7 @@ def claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     values: dict[str, Any] = {
         "iss": ISSUER,
+        "aud": AUDIENCE,
         "sub": "alpha",
         "roles": [],
         "iat": now,
@@ -60,9 +75,14 @@ def test_another_authority_with_the_same_secret_accepts_the_token() -> None:
 def test_issued_token_carries_the_documented_claims() -> None:
     before = int(time.time())
     decoded = jwt.decode(
-        AUTHORITY.issue("alpha", ttl_seconds=600), SECRET, algorithms=[ALGORITHM], issuer=ISSUER
+        AUTHORITY.issue("alpha", ttl_seconds=600),
+        SECRET,
+        algorithms=[ALGORITHM],
+        issuer=ISSUER,
+        audience=AUDIENCE,
     )
     assert decoded["sub"] == "alpha" and decoded["iss"] == ISSUER and decoded["roles"] == []
+    assert decoded["aud"] == "bms-image"
     assert before <= decoded["iat"] <= int(time.time())
     assert decoded["exp"] - decoded["iat"] == 600
 
@@ -79,13 +99,13 @@ def test_issue_refuses_invalid_projects(project: str) -> None:
         AUTHORITY.issue(project)
 
 
-@pytest.mark.parametrize("ttl", [-1, -3600])
+@pytest.mark.parametrize("ttl", [-LEEWAY_SECONDS - 5, -3600])
 def test_expired_token(ttl: int) -> None:
     rejected(AUTHORITY.issue("alpha", ttl_seconds=ttl), "TOKEN_EXPIRED")
 
 
 def test_expired_admin_token_grants_nothing() -> None:
-    rejected(AUTHORITY.issue("ops", admin=True, ttl_seconds=-10), "TOKEN_EXPIRED")
+    rejected(AUTHORITY.issue("ops", admin=True, ttl_seconds=-LEEWAY_SECONDS - 10), "TOKEN_EXPIRED")
 
 
 def test_token_of_another_secret() -> None:
@@ -234,10 +254,11 @@ def test_every_accepted_key_must_be_long_enough() -> None:
 
 def test_a_remembered_token_still_expires() -> None:
     authority = TokenAuthority(SECRET)
-    token = authority.issue("alpha", ttl_seconds=1)
+    # expired a moment ago, but within the leeway: accepted for about a second
+    token = authority.issue("alpha", ttl_seconds=1 - LEEWAY_SECONDS)
     assert authority.verify(token).project == "alpha"
     assert authority.verify(token).project == "alpha"  # answered from memory
-    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+    expires = jwt.decode(token, options={"verify_signature": False})["exp"] + LEEWAY_SECONDS
     time.sleep(max(0.0, expires - time.time()) + 0.05)  # at most about a second
     with pytest.raises(Unauthenticated) as caught:
         authority.verify(token)
@@ -245,8 +266,6 @@ def test_a_remembered_token_still_expires() -> None:
 
 
 def test_refused_tokens_are_not_remembered_and_memory_is_bounded() -> None:
-    from bms_image import auth
-
     authority = TokenAuthority(SECRET)
     forged = TokenAuthority(OTHER_SECRET).issue("alpha")
     for _ in range(2):
@@ -254,4 +273,132 @@ def test_refused_tokens_are_not_remembered_and_memory_is_bounded() -> None:
             authority.verify(forged)
     for n in range(auth.VERIFIED_CACHE_SIZE + 10):
         authority.verify(authority.issue(f"p{n}"))
-    assert len(authority._verified) == auth.VERIFIED_CACHE_SIZE
+    assert len(authority._users._verified) == auth.VERIFIED_CACHE_SIZE
+
+
+# -- audience, leeway, lifetime ------------------------------------------------
+
+
+def test_a_token_minted_before_audiences_is_refused_with_what_to_do() -> None:
+    """Tokens without `aud` (minted before audiences existed, 24 h at most by
+    default) are refused rather than grandfathered."""
+    error = rejected(signed(aud=None), "TOKEN_INVALID")
+    assert "bms-image token" in error.message and "audience" in error.message
+
+
+@pytest.mark.parametrize("audience", ["someone-else", SERVICE_AUDIENCE, ["other"]])
+def test_a_token_for_another_audience_is_refused(audience: object) -> None:
+    error = rejected(signed(aud=audience), "TOKEN_INVALID")
+    assert "audience" in error.message
+
+
+def test_a_token_listing_our_audience_among_others_is_accepted() -> None:
+    assert AUTHORITY.verify(signed(aud=["other", AUDIENCE])).project == "alpha"
+
+
+def test_clock_skew_within_the_leeway_is_tolerated() -> None:
+    now = int(time.time())
+    skew = LEEWAY_SECONDS - 10
+    assert AUTHORITY.verify(signed(exp=now - skew)).project == "alpha"
+    assert AUTHORITY.verify(signed(iat=now + skew)).project == "alpha"
+    assert AUTHORITY.verify(signed(nbf=now + skew)).project == "alpha"
+
+
+def test_clock_skew_beyond_the_leeway_is_refused() -> None:
+    now = int(time.time())
+    skew = LEEWAY_SECONDS + 10
+    rejected(signed(exp=now - skew), "TOKEN_EXPIRED")
+    rejected(signed(iat=now + skew), "TOKEN_INVALID")
+    rejected(signed(nbf=now + skew), "TOKEN_INVALID")
+
+
+def test_the_lifetime_is_capped_at_seven_days() -> None:
+    assert MAX_TTL_SECONDS == 7 * 24 * 3600
+    token = AUTHORITY.issue("alpha", ttl_seconds=MAX_TTL_SECONDS)
+    assert AUTHORITY.verify(token).project == "alpha"
+    with pytest.raises(ValueError, match="at most 604800 seconds"):
+        AUTHORITY.issue("alpha", ttl_seconds=MAX_TTL_SECONDS + 1)
+
+
+# -- service credentials ---------------------------------------------------------
+
+
+def test_a_service_credential_names_its_service() -> None:
+    assert AUTHORITY.verify_service(AUTHORITY.issue_service("provisioner")) == "provisioner"
+    assert AUTHORITY.verify_service(AUTHORITY.issue_service("image-service")) == "image-service"
+    decoded = jwt.decode(
+        AUTHORITY.issue_service("provisioner"),
+        service_key(SECRET),
+        algorithms=[ALGORITHM],
+        audience=SERVICE_AUDIENCE,
+    )
+    assert decoded["aud"] == "bms-image-internal" and decoded["sub"] == "provisioner"
+
+
+def test_only_known_services_get_a_credential() -> None:
+    with pytest.raises(ValueError, match="unknown service"):
+        AUTHORITY.issue_service("alpha")
+
+
+def test_the_service_key_is_derived_and_differs_from_the_secret() -> None:
+    assert service_key(SECRET) != SECRET and len(service_key(SECRET)) == 64
+    assert service_key(SECRET) != service_key(OTHER_SECRET)
+
+
+def service_rejected(credential: str, authority: TokenAuthority = AUTHORITY) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify_service(credential)
+    assert caught.value.reason == "SERVICE_IDENTITY_INVALID", caught.value.message
+
+
+def test_a_user_token_is_never_a_service_credential() -> None:
+    service_rejected(AUTHORITY.issue("alpha", admin=True))
+
+
+def test_a_user_token_minted_with_the_service_audience_is_refused_both_ways() -> None:
+    """Signed with the user-token key: the service key does not verify it,
+    and its audience is not the API's."""
+    forged = signed(aud=SERVICE_AUDIENCE, sub="provisioner")
+    service_rejected(forged)
+    rejected(forged, "TOKEN_INVALID")
+
+
+def test_a_service_credential_is_never_a_user_token() -> None:
+    rejected(AUTHORITY.issue_service("provisioner"), "TOKEN_INVALID_SIGNATURE")
+
+
+def test_a_service_credential_of_another_secret_or_unknown_service_is_refused() -> None:
+    service_rejected(TokenAuthority(OTHER_SECRET).issue_service("provisioner"))
+    unknown = jwt.encode(
+        claims(aud=SERVICE_AUDIENCE, sub="intruder"), service_key(SECRET), algorithm=ALGORITHM
+    )
+    service_rejected(unknown)
+    expired = AUTHORITY.issue_service("provisioner", ttl_seconds=-LEEWAY_SECONDS - 5)
+    service_rejected(expired)
+
+
+def test_service_credentials_follow_a_key_rotation() -> None:
+    rotating = TokenAuthority(NEW_SECRET, previous=[SECRET])
+    assert rotating.verify_service(AUTHORITY.issue_service("provisioner")) == "provisioner"
+    service_rejected(rotating.issue_service("provisioner"))  # AUTHORITY knows no NEW_SECRET
+
+
+def test_a_holder_renews_its_credential_before_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    holder = ServiceCredential(AUTHORITY, "provisioner")
+    key, value = holder.metadata()
+    assert key == SERVICE_METADATA_KEY and value.startswith("Bearer ")
+    assert holder.metadata() == (key, value)  # reused while fresh
+    later = time.time() + auth.SERVICE_TTL_SECONDS
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    renewed = holder.metadata()[1]
+    decoded = jwt.decode(service_credential(renewed), options={"verify_signature": False})
+    assert decoded["exp"] == int(later) + auth.SERVICE_TTL_SECONDS
+
+
+@pytest.mark.parametrize("value", ["", "Bearer", "Basic abc", "token"])
+def test_malformed_service_metadata(value: str) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        service_credential(value)
+    assert caught.value.reason == "SERVICE_IDENTITY_INVALID"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +16,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from ..auth import TokenAuthority, bearer_token
-from ..domain.errors import DomainError, InvalidArgument
-from ..domain.model import Caller
+from ..auth import SERVICE_METADATA_KEY, TokenAuthority, bearer_token, service_credential
+from ..domain.errors import DomainError, InvalidArgument, PermissionDenied
+from ..domain.model import IMAGE_SERVICE_IDENTITY, Caller
 from ..telemetry.logs import REQUEST_ID_KEY, CallInfo, begin_call, end_call, request_id_from
 from ..telemetry.metrics import ServiceMetrics
 from .context import reset_caller, set_caller
@@ -26,6 +27,9 @@ from .status import to_rpc_status
 log = logging.getLogger(__name__)
 
 GUARDED_PREFIX = "/bms.image.v1."
+#: Internal services, by method prefix, and the only service identity that
+#: may call them (always together with the user token it acts for).
+INTERNAL_SERVICES = {"/bms.image.v1.ServerCaptureService/": IMAGE_SERVICE_IDENTITY}
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
@@ -35,6 +39,13 @@ async def abort_with(context: Context, error: DomainError, request_id: str = "")
     if request_id:
         trailing += ((REQUEST_ID_KEY, request_id),)
     await context.abort(status.code, status.details, trailing_metadata=trailing)
+
+
+def _required_service(method: str) -> str:
+    for prefix, service in INTERNAL_SERVICES.items():
+        if method.startswith(prefix):
+            return service
+    return ""
 
 
 class _Undecodable:
@@ -91,9 +102,26 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         #: not on every call.
         self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def authenticate(self, metadata: dict[str, Any]) -> tuple[Caller, str]:
+    def authenticate(self, metadata: dict[str, Any], method: str = "") -> tuple[Caller, str]:
+        """The caller (its user token, and the service identity that carried
+        it, if any) and its token. UNAUTHENTICATED for a missing or bad user
+        token or service credential; PERMISSION_DENIED for an internal
+        method called without the service identity it needs."""
         token = bearer_token(metadata.get("authorization"))
-        return self._authority.verify(token), token
+        caller = self._authority.verify(token)
+        carried = metadata.get(SERVICE_METADATA_KEY)
+        if carried is not None:
+            service = self._authority.verify_service(service_credential(carried))
+            caller = dataclasses.replace(caller, service=service)
+        required = _required_service(method)
+        if required and caller.service != required:
+            raise PermissionDenied(
+                "SERVICE_IDENTITY_REQUIRED",
+                f"{method} is internal: only the {required} calls it, with its service "
+                f"credential in `{SERVICE_METADATA_KEY}` metadata; capture a server with "
+                "ImageService.CreateImage and a source_server instead",
+            )
+        return caller, token
 
     async def intercept_service(
         self,
@@ -116,7 +144,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         info.request_id = request_id_from(metadata.get(REQUEST_ID_KEY))
         context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
         try:
-            caller, token = self.authenticate(metadata)
+            caller, token = self.authenticate(metadata, info.method)
         except DomainError as error:
             await abort_with(context, error, info.request_id)
         info.project = caller.project

@@ -30,7 +30,7 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 
-from ..auth import TokenAuthority
+from ..auth import ServiceCredential, TokenAuthority
 from ..blobs.local import LocalBlobStore
 from ..blobs.s3 import S3BlobStore
 from ..blobs.staging import Staging, release_image_bytes
@@ -40,6 +40,7 @@ from ..config import Settings
 from ..domain.flavors import FlavorCatalog, FlavorDirectory
 from ..domain.imagedata import ImageData
 from ..domain.images import ImageCatalog
+from ..domain.model import IMAGE_SERVICE_IDENTITY, PROVISIONER_IDENTITY
 from ..domain.paging import PageTokens
 from ..domain.servers import ProvisioningStage
 from ..domain.sharing import Sharing
@@ -141,14 +142,21 @@ async def start_fleet(
     credentials: grpc.ChannelCredentials | None,
     metrics: ServiceMetrics,
     closing: AsyncExitStack,
+    authority: TokenAuthority,
 ) -> Fleet:
     """The provisioner. It reaches images only through ImageService: over a
-    private socket of this very server when embedded, or to another process."""
+    private socket of this very server when embedded, or to another process;
+    either way with the caller's token and, for captures, its own service
+    identity."""
     channel = _client_channel(settings, image_service, credentials, closing)
     fleet = Fleet(
         SqlServerRepository(database),
         flavors,
-        ImageSource(channel, settings.data_dir / "fleet" / "image-cache"),
+        ImageSource(
+            channel,
+            settings.data_dir / "fleet" / "image-cache",
+            ServiceCredential(authority, PROVISIONER_IDENTITY),
+        ),
         page_tokens,
         settings.data_dir / "fleet",
         on_finished=lambda event, seconds: metrics.deployment_finished(
@@ -227,7 +235,7 @@ async def start(settings: Settings) -> RunningService:
     if settings.provisioner == "embedded":
         loopback = _private_socket(server, closing)
         fleet = await start_fleet(
-            settings, database, flavors, page_tokens, loopback, None, metrics, closing
+            settings, database, flavors, page_tokens, loopback, None, metrics, closing, authority
         )
         catalog.attach_captures(fleet)
         provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
@@ -239,7 +247,8 @@ async def start(settings: Settings) -> RunningService:
     elif settings.provisioner_address:
         credentials = provisioner_credentials(settings)
         channel = _client_channel(settings, settings.provisioner_address, credentials, closing)
-        catalog.attach_captures(RemoteCaptures(channel))
+        identity = ServiceCredential(authority, IMAGE_SERVICE_IDENTITY)
+        catalog.attach_captures(RemoteCaptures(channel, identity))
     enable_reflection(server, services)
     checks: dict[str, Check] = {"database": database.ping, "blob store": blobs.ping}
     needs = {IMAGE_SERVICE: ["database", "blob store"], SHARING_SERVICE: ["database", "blob store"]}
@@ -388,6 +397,7 @@ async def start_provisioner(settings: Settings) -> RunningService:
         image_service_credentials(settings),
         metrics,
         closing,
+        authority,
     )
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(FlavorDirectory(flavor_repository, page_tokens), fleet), server

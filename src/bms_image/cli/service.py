@@ -133,10 +133,19 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
 def token(
     project: Annotated[str, typer.Option(help="project the token acts for")],
     admin: Annotated[bool, typer.Option(help="grant the platform admin role")] = False,
-    ttl_seconds: Annotated[int, typer.Option(help="lifetime in seconds")] = 24 * 3600,
+    ttl_seconds: Annotated[
+        int,
+        typer.Option(
+            help="lifetime in seconds, at most 604800 (7 days): a bearer token cannot be "
+            "revoked short of rotating the secret, so mint a new one instead",
+            min=1,
+            max=7 * 24 * 3600,
+        ),
+    ] = 24 * 3600,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Print a bearer token signed with the service's secret."""
+    """Print a user bearer token signed with the service's secret (never a
+    service credential: those the services mint for themselves)."""
     from ..auth import TokenAuthority
 
     settings = _settings(data_dir=data_dir)

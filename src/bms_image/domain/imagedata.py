@@ -101,6 +101,7 @@ class ImageData:
         _validate(declared, self.max_image_bytes)
         image = await self._catalog.get(caller, image_id)
         rules.require_can_modify(caller, image)
+        rules.require_bytes_writer(caller, image)
         if image.status is not ImageStatus.QUEUED:
             busy = " (another upload is in progress)" if image.status is ImageStatus.SAVING else ""
             raise FailedPrecondition(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -247,7 +248,23 @@ class ImageCatalog:
         if created.id != image.id:  # a retry of an earlier capture
             await self._captures.release_capture(token, server_id)
             return created
-        await self._captures.start_capture(token, server_id, created.id)
+        try:
+            await self._captures.start_capture(token, server_id, created.id)
+        except BaseException as error:
+            # Nothing will ever send this image's bytes: it fails, with the
+            # reason, rather than stay QUEUED; the server is let go.
+            why = error.message if isinstance(error, DomainError) else type(error).__name__
+            await self._images.transition(
+                created.id,
+                {ImageStatus.QUEUED},
+                {
+                    "status": ImageStatus.KILLED,
+                    "status_reason": f"the capture of servers/{server_id} could not start: {why}",
+                },
+            )
+            with contextlib.suppress(DomainError):
+                await self._captures.release_capture(token, server_id)
+            raise
         return created
 
     def _validated_image(

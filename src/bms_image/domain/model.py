@@ -66,12 +66,20 @@ class PluginKind(enum.StrEnum):
     SDI_INIC_DRIVER = "sdi_inic_driver"
 
 
+#: The service identities our processes present to each other (auth.py).
+IMAGE_SERVICE_IDENTITY = "image-service"
+PROVISIONER_IDENTITY = "provisioner"
+
+
 @dataclass(frozen=True)
 class Caller:
-    """The verified identity behind a request."""
+    """The verified identity behind a request: the project (and roles) of
+    the user token, and, when one of our own services carried the call for
+    that user, the service its service credential names (else empty)."""
 
     project: str
     roles: frozenset[str] = frozenset()
+    service: str = ""
 
     @property
     def is_admin(self) -> bool:

@@ -16,7 +16,15 @@ from .errors import (
     PermissionDenied,
     PreconditionViolation,
 )
-from .model import Caller, Image, ImageStatus, ImageType, MemberStatus, Visibility
+from .model import (
+    PROVISIONER_IDENTITY,
+    Caller,
+    Image,
+    ImageStatus,
+    ImageType,
+    MemberStatus,
+    Visibility,
+)
 
 DISPLAY_NAME_MAX = 128
 DESCRIPTION_MAX = 1024
@@ -58,6 +66,21 @@ def bytes_come_from_a_client(image: Image) -> bool:
     upload; captures and replicas are written by the service itself, so
     when their writer is cut off nothing will ever finish them."""
     return not image.source_server and not image.status_reason.startswith(REPLICATING)
+
+
+def require_bytes_writer(caller: Caller, image: Image) -> None:
+    """A capture image's bytes are its server's disk, and only the
+    provisioner sends them (with its service identity, for the owner): an
+    owner's own upload would make an image that claims to be a server's
+    disk, and its plug-ins, out of anything."""
+    if image.source_server and caller.service != PROVISIONER_IDENTITY:
+        raise FailedPrecondition(
+            "IMAGE_BYTES_FROM_CAPTURE",
+            f"images/{image.id} is the capture of {image.source_server}: its bytes come from "
+            "the server's disk, sent by the provisioner, never from an upload; upload into an "
+            "image created without source_server",
+            [PreconditionViolation("SOURCE", f"images/{image.id}", image.source_server)],
+        )
 
 
 def can_transition(current: ImageStatus, target: ImageStatus) -> bool:

@@ -1,5 +1,7 @@
 """Captures by a provisioner in another process: the image service's
-CaptureProvider over ServerCaptureService, acting with the caller's token."""
+CaptureProvider over ServerCaptureService, acting with the caller's token
+and presenting the image service's own service credential (the provisioner
+refuses ServerCaptureService calls without it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import grpc
 from bms.image.v1 import capture_pb2, capture_pb2_grpc
 
 from ..api.convert import capture_source_from_proto
+from ..auth import ServiceCredential
 from ..domain.model import Caller
 from ..domain.ports import CaptureSource
 from .remote import domain_error
@@ -19,8 +22,9 @@ CALL_TIMEOUT_SECONDS = 60.0
 
 
 class RemoteCaptures:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, credential: ServiceCredential) -> None:
         self._stub = capture_pb2_grpc.ServerCaptureServiceStub(channel)
+        self._credential = credential
 
     async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
         request = capture_pb2.PrepareServerCaptureRequest(server=f"servers/{server_id}")
@@ -37,12 +41,11 @@ class RemoteCaptures:
         request = capture_pb2.ReleaseServerCaptureRequest(server=f"servers/{server_id}")
         await self._call(self._stub.ReleaseServerCapture, request, token)
 
-    @staticmethod
-    async def _call(method: Any, request: object, token: str) -> Any:
+    async def _call(self, method: Any, request: object, token: str) -> Any:
         try:
             return await method(
                 request,
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=(("authorization", f"Bearer {token}"), self._credential.metadata()),
                 timeout=CALL_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as error:

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bms.image.v1 import image_pb2
+
 from .. import disks
 from ..api.convert import image_from_proto
 from ..blobs.staging import copy_written_back
@@ -57,6 +59,11 @@ log = logging.getLogger(__name__)
 #: Servers of one batch deployed at the same time (disk copies are I/O bound).
 PARALLEL_DEPLOYS = 8
 MAX_CAPTURES_PER_PROJECT = 40
+#: servers.task of a server held for a capture that has not started, and of
+#: one whose capture runs (the public name of the task, see Server.task).
+CAPTURE_HOLD = "capture-hold"
+CAPTURE_RUNNING = "capture"
+CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
 #: How long bms-network-config takes to notice and repair a broken network.
 NETWORK_RESTORE_SECONDS = 2.0
 _STATUS_CODE = {
@@ -489,6 +496,13 @@ class Fleet:
         )  # fmt: skip
 
     # -- capture ------------------------------------------------------------
+    #
+    # A capture holds its server in two steps, each a conditional write of
+    # servers.task: prepare_capture claims an idle STOPPED server as
+    # CAPTURE_HOLD (counted against the project's limit in the same
+    # statement), start_capture turns the hold into CAPTURE_RUNNING once,
+    # for the image created as this server's capture, and the capture's end
+    # lets it go. Release takes back a hold only, never a running capture.
 
     async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
         """Checks the server can be captured and holds it for the capture."""
@@ -500,13 +514,6 @@ class Fleet:
                 "SERVER_NOT_STOPPED",
                 f"servers/{server.id} is {server.state.value}; stop it before capturing it",
                 [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
-            )
-        running = await self._servers.count_tasks(caller.project, "capture")
-        if running >= MAX_CAPTURES_PER_PROJECT:
-            raise QuotaExceeded(
-                "CAPTURE_LIMIT",
-                f"project {caller.project} already runs {running} captures; wait for one to end",
-                [QuotaViolation(f"projects/{caller.project}", "captures at once: limit 40")],
             )
         disk = self.system_disk(server.id)
         try:
@@ -532,9 +539,24 @@ class Fleet:
             )
         release = await asyncio.to_thread(disks.os_release, disk)
         layout = await asyncio.to_thread(disks.partition_layout, disk)
-        claimed = await self._servers.transition(
-            server.id, {ServerState.STOPPED}, {"task": "capture"}, task=""
+        claimed, running = await self._servers.claim_task_within_limit(
+            server.id,
+            ServerState.STOPPED,
+            CAPTURE_HOLD,
+            counted=CAPTURE_TASKS,
+            limit=MAX_CAPTURES_PER_PROJECT,
         )
+        if claimed is None and running >= MAX_CAPTURES_PER_PROJECT:
+            raise QuotaExceeded(
+                "CAPTURE_LIMIT",
+                f"project {caller.project} already runs {running} captures; wait for one to end",
+                [
+                    QuotaViolation(
+                        f"projects/{caller.project}",
+                        f"captures at once: limit {MAX_CAPTURES_PER_PROJECT}",
+                    )
+                ],
+            )
         if claimed is None:
             raise FailedPrecondition(
                 "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
@@ -553,12 +575,63 @@ class Fleet:
         )
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
+        """Starts the capture of a held server into the image created as its
+        capture (asked of the image service with the caller's token), once:
+        the hold turns into a running capture in one conditional write."""
+        subject = f"servers/{server_id}"
+        await self._require_not_started(server_id)
+        image = await self._images.describe(image_id, token)
+        if (
+            image.source_server != subject
+            or image.status != image_pb2.IMAGE_STATUS_QUEUED
+            or image.uploaded_bytes
+        ):
+            raise FailedPrecondition(
+                "CAPTURE_IMAGE_MISMATCH",
+                f"images/{image_id} is not a queued, empty capture of {subject} (it is "
+                f"{image_pb2.ImageStatus.Name(image.status)}, captured from "
+                f"{image.source_server or 'no server'}); a capture starts once, into the image "
+                "CreateImage made for it",
+                [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
+            )
+        started = await self._servers.transition(
+            server_id, {ServerState.STOPPED}, {"task": CAPTURE_RUNNING}, task=CAPTURE_HOLD
+        )
+        if started is None:
+            await self._require_not_started(server_id)
+            raise FailedPrecondition(
+                "SERVER_NOT_HELD",
+                f"{subject} is not held for a capture; PrepareServerCapture holds it first",
+            )
         self._holds.pop(server_id, None)
+        log.info("capturing %s into images/%s", subject, image_id)
         self._spawn(self._capture(token, server_id, image_id))
 
+    async def _require_not_started(self, server_id: str) -> None:
+        server = await self._servers.get(server_id)
+        if server is not None and server.task == CAPTURE_RUNNING:
+            raise FailedPrecondition(
+                "CAPTURE_ALREADY_STARTED",
+                f"the capture of servers/{server_id} has started already; it starts once",
+                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
+            )
+
     async def release_capture(self, token: str, server_id: str) -> None:
-        self._holds.pop(server_id, None)
-        await self._release(server_id)
+        """Lets go of a hold whose capture will not start; a running capture
+        is never released (it lets go when it ends)."""
+        released = await self._servers.transition(
+            server_id, {ServerState.STOPPED}, {"task": ""}, task=CAPTURE_HOLD
+        )
+        if released is not None:
+            self._holds.pop(server_id, None)
+            return
+        server = await self._servers.get(server_id)
+        if server is not None and server.task == CAPTURE_RUNNING:
+            raise FailedPrecondition(
+                "CAPTURE_RUNNING",
+                f"servers/{server_id} is being captured; it is let go when the capture ends",
+                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
+            )
 
     async def _release_if_never_started(self, server_id: str, hold: str) -> None:
         """An image service in another process may die between holding a
@@ -568,25 +641,26 @@ class Fleet:
         if self._holds.get(server_id) == hold:
             del self._holds[server_id]
             log.warning("servers/%s was held for a capture that never started", server_id)
-            await self._release(server_id)
+            await self._release(server_id, CAPTURE_HOLD)
 
     async def require_held(self, caller: Caller, server_id: str) -> None:
         """For captures asked for over the network: the server must be the
-        caller's and held by prepare_capture."""
+        caller's and held (or captured) by this capture service."""
         server = await self.get(caller, server_id)
-        if server.task != "capture":
+        if server.task not in CAPTURE_TASKS:
             raise FailedPrecondition(
                 "SERVER_NOT_HELD",
                 f"servers/{server.id} is not being captured; PrepareServerCapture holds it first",
             )
 
-    async def _release(self, server_id: str) -> None:
-        await self._servers.transition(
-            server_id, {ServerState.STOPPED}, {"task": ""}, task="capture"
-        )
+    async def _release(self, server_id: str, task: str) -> None:
+        await self._servers.transition(server_id, {ServerState.STOPPED}, {"task": ""}, task=task)
 
     async def _capture(self, token: str, server_id: str, image_id: str) -> None:
-        """Uploads the server's disk into the image through ImageService."""
+        """Uploads the server's disk into the image through ImageService.
+        Whatever fails, the image does not stay QUEUED: the stream is open
+        before the disk is flattened (see ImageSource.upload), and a stream
+        that ends or breaks early kills a capture image."""
         flat = self._root / f".capture-{image_id}.disk"
         released = False
 
@@ -594,13 +668,16 @@ class Fleet:
             nonlocal released
             if not released:
                 released = True
-                await self._release(server_id)
+                await self._release(server_id, CAPTURE_RUNNING)
+
+        async def flatten() -> Path:
+            await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
+            return flat
 
         try:
-            await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
             # The server is let go once every byte is sent, before the image
             # service can turn the image ACTIVE.
-            await self._images.upload(image_id, flat, token, before_end=release)
+            await self._images.upload(image_id, flatten, token, before_end=release)
         except Exception:
             log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
         finally:
@@ -691,8 +768,8 @@ class Fleet:
             )
             await self._fail(server, failure, server.state)
         for server in await self._servers.in_states({ServerState.STOPPED}):
-            if server.task == "capture":  # the image service fails its image
-                await self._release(server.id)
+            if server.task in CAPTURE_TASKS:  # the image service fails its image
+                await self._release(server.id, server.task)
         await asyncio.to_thread(self._remove_scratch)
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:

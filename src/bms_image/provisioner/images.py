@@ -13,6 +13,7 @@ import grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 
+from ..auth import ServiceCredential
 from ..blobs.staging import PipelinedWriter, StagedUpload
 from ..domain.errors import DataLoss
 from .remote import domain_error
@@ -26,8 +27,16 @@ def _metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 class ImageSource:
-    def __init__(self, channel: grpc.aio.Channel, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        cache_dir: Path,
+        credential: ServiceCredential | None = None,
+    ) -> None:
         self._stub = image_pb2_grpc.ImageServiceStub(channel)
+        #: The provisioner's service identity: the image service takes the
+        #: bytes of a capture image only from a call that presents it.
+        self._credential = credential
         self._cache = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
         for leftover in cache_dir.glob(".part-*"):
@@ -124,21 +133,34 @@ class ImageSource:
     async def upload(
         self,
         image_id: str,
-        path: Path,
+        produce: Callable[[], Awaitable[Path]],
         token: str,
         before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> image_pb2.Image:
-        """Streams a file into a QUEUED image through UploadImageData;
-        `before_end` runs after the last byte is sent, before the stream ends
-        (and so before the image can become ACTIVE)."""
-        size = await asyncio.to_thread(lambda: path.stat().st_size)
+        """Streams a file into a QUEUED capture image through UploadImageData,
+        as the caller (`token`) and with the provisioner's service identity.
+
+        The stream opens with its metadata first, so the image turns SAVING
+        at once, and only then does `produce` write the file: when that fails
+        the stream ends without a byte, and the image service kills the
+        image (a capture cannot resume) instead of leaving it QUEUED; the
+        failure is raised here. `before_end` runs after the last byte is
+        sent, before the stream ends (and so before the image can become
+        ACTIVE)."""
+        if self._credential is None:
+            raise RuntimeError("uploading a capture needs the provisioner's service credential")
+        failure: BaseException | None = None
 
         async def messages() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+            nonlocal failure
             yield image_pb2.UploadImageDataRequest(
-                metadata=image_pb2.UploadImageDataMetadata(
-                    name=f"images/{image_id}", size_bytes=size
-                )
+                metadata=image_pb2.UploadImageDataMetadata(name=f"images/{image_id}")
             )
+            try:
+                path = await produce()
+            except Exception as error:  # raised below, once the stream has ended
+                failure = error
+                return
             with open(path, "rb") as handle:  # noqa: ASYNC230 - reads go to a thread below
                 while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES):
                     yield image_pb2.UploadImageDataRequest(chunk=chunk)
@@ -147,8 +169,12 @@ class ImageSource:
 
         try:
             image: image_pb2.Image = await self._stub.UploadImageData(
-                messages(), metadata=_metadata(token)
+                messages(), metadata=(*_metadata(token), self._credential.metadata())
             )
         except grpc.aio.AioRpcError as error:
+            if failure is not None:
+                raise failure from None
             raise domain_error(error) from None
+        if failure is not None:  # never: an image service takes no empty upload
+            raise failure
         return image

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from sqlalchemy import (
 
 from ..domain.model import Plugin, PluginKind
 from ..domain.servers import BootSource, NetworkState, Server, ServerState
-from .db import Database
+from .db import Database, serialize
 from .repository import utc
 from .tables import ServerRow
 
@@ -166,3 +167,57 @@ class SqlServerRepository:
             return _server(row) if row else None
 
         return await self._db.run(work, write=True)
+
+    async def claim_task_within_limit(
+        self,
+        server_id: str,
+        state: ServerState,
+        task: str,
+        *,
+        counted: Collection[str],
+        limit: int,
+    ) -> tuple[Server | None, int]:
+        """Gives an idle server in `state` the task unless its project's
+        servers already hold `limit` tasks among `counted`: the count is the
+        WHERE of the one UPDATE that claims. SQLite runs writes one at a
+        time; on PostgreSQL a transaction-scoped advisory lock per project
+        queues the claims first (under READ COMMITTED two claims could
+        otherwise count the same rows). Returns the claimed server and 0, or
+        None and the project's count of `counted` tasks (below `limit` when
+        the server itself was not idle)."""
+        owner = select(SERVERS.c.project).where(SERVERS.c.id == server_id)
+        holding = (
+            select(func.count())
+            .select_from(SERVERS)
+            .where(SERVERS.c.project == bindparam("task_owner"), SERVERS.c.task.in_(list(counted)))
+        )
+        claim = (
+            update(SERVERS)
+            .where(
+                SERVERS.c.id == server_id,
+                SERVERS.c.state == state.value,
+                SERVERS.c.task == "",
+                holding.scalar_subquery() < limit,
+            )
+            .values(task=task, revision=SERVERS.c.revision + 1, update_time=datetime.now(UTC))
+            .returning(*SERVERS.c)
+        )
+
+        def work(connection: Connection) -> tuple[Server | None, int]:
+            project = connection.execute(owner).scalar()
+            if project is None:
+                return None, 0
+            serialize(connection, _project_lock(project))
+            row = connection.execute(claim, {"task_owner": project}).first()
+            if row is not None:
+                return _server(row), 0
+            return None, int(connection.execute(holding, {"task_owner": project}).scalar_one())
+
+        return await self._db.run(work, write=True)
+
+
+def _project_lock(project: str) -> int:
+    """The advisory-lock key of a project's server tasks (a signed 64-bit
+    number, as pg_advisory_xact_lock takes; other locks use small ones)."""
+    digest = hashlib.sha256(b"bms-image server tasks\0" + project.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
