@@ -333,12 +333,15 @@ async def test_a_capture_starts_once_into_its_own_image_and_runs_to_its_end(
     assert created.source_server == captured
     assert await task_of(stubs, user, captured) == "capture"
 
-    # the owner's own bytes never go into a capture image
-    assert await refused(
-        stubs.images.UploadImageData(
-            iter(upload_requests(created.name, b"x" * 4096)), metadata=user
+    # the owner's own bytes never go into a capture image, nor the image service's
+    for metadata in (user, internal):
+        upload = stubs.images.UploadImageData(
+            iter(upload_requests(created.name, b"x" * 4096)), metadata=metadata
         )
-    ) == (grpc.StatusCode.FAILED_PRECONDITION, "IMAGE_BYTES_FROM_CAPTURE")
+        assert await refused(upload) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IMAGE_BYTES_FROM_CAPTURE",
+        )
     # a second start for the same image and server
     again = capture_pb2.StartServerCaptureRequest(server=captured, image=created.name)
     assert await refused(stubs.capture.StartServerCapture(again, metadata=internal)) == (

@@ -325,3 +325,17 @@ def test_require_usable() -> None:
         with pytest.raises(FailedPrecondition) as caught:
             rules.require_usable(BETA, PRIVATE, membership)
         assert caught.value.reason == "SHARED_IMAGE_NOT_ACCEPTED"
+
+
+# --- who writes a capture image's bytes ----------------------------------------
+
+
+def test_only_the_provisioner_writes_a_capture_image() -> None:
+    capture = make_image(source_server="servers/s1")
+    for caller in (ALPHA, ALPHA_ADMIN, Caller("alpha", service="image-service")):
+        with pytest.raises(FailedPrecondition) as caught:
+            rules.require_bytes_writer(caller, capture)
+        assert caught.value.reason == "IMAGE_BYTES_FROM_CAPTURE"
+        assert "servers/s1" in caught.value.message
+    rules.require_bytes_writer(Caller("alpha", service="provisioner"), capture)
+    rules.require_bytes_writer(ALPHA, PRIVATE)  # an ordinary image takes the owner's bytes
