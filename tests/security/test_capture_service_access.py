@@ -476,3 +476,37 @@ async def test_45_parallel_captures_give_exactly_40(tmp_path: Path, database_url
     finally:
         await running.provisioner.stop(0)
         await running.images.stop(0)
+
+
+async def test_45_parallel_create_image_captures_give_exactly_40(
+    pair: Pair, stubs: Stubs, paused_uploads: asyncio.Event
+) -> None:
+    """The same limit through the public API: CreateImage with a
+    source_server, 45 at once; the refused ones leave no image behind."""
+    alpha = pair.user("alpha")
+    names = await stopped_servers(stubs.servers, alpha, count=45, prefix="burst")
+
+    async def capture(name: str) -> str:
+        try:
+            await stubs.images.CreateImage(
+                image_pb2.CreateImageRequest(
+                    image=image_pb2.Image(display_name="burst"), source_server=name
+                ),
+                metadata=alpha,
+            )
+        except grpc.aio.AioRpcError as error:
+            rich = decode(error)
+            assert rich.code == grpc.StatusCode.RESOURCE_EXHAUSTED, rich.message
+            return rich.reason
+        return "OK"
+
+    outcomes = await asyncio.gather(*(capture(name) for name in names))
+    assert outcomes.count("OK") == 40 and outcomes.count("CAPTURE_LIMIT") == 5, outcomes
+    listing = await stubs.images.ListImages(
+        image_pb2.ListImagesRequest(filter="type = private", page_size=100), metadata=alpha
+    )
+    assert len(listing.images) == 40, [i.name for i in listing.images]
+    paused_uploads.set()
+    for image in listing.images:
+        active = await wait_for_status(stubs, alpha, image.name, image_pb2.IMAGE_STATUS_ACTIVE)
+        assert active.status == image_pb2.IMAGE_STATUS_ACTIVE, active.status_reason
