@@ -46,7 +46,7 @@ MAX_PARTITIONS = 64
 MAX_MEMBERS = 100_000
 #: The largest tar header block tarfile may read at once (PAX and GNU long
 #: names are read whole): a longer one makes the partition count as damaged.
-MAX_TAR_HEADER_BYTES = 1024 * 1024
+MAX_TAR_HEADER_BYTES = 64 * 1024
 #: What read_file returns of a file at most unless told: plug-in files are
 #: about 4 KiB, os-release less.
 MAX_READ_BYTES = 1024 * 1024
@@ -207,15 +207,15 @@ def _table(handle: BinaryIO, label: str) -> list[_Partition]:
 
 
 class _Extent(io.RawIOBase):
-    """One partition of an open disk file as tarfile reads it: positions are
-    the file's, the end of the partition is the end of the data, and no
-    single read (a tar header block: PAX and GNU long names are read whole)
-    is larger than MAX_TAR_HEADER_BYTES."""
+    """One partition of an open disk file as tarfile reads it: a file of its
+    own (position 0 is the partition's start, its end the end of the data),
+    and no single read (a tar header block: PAX and GNU long names are read
+    whole) larger than MAX_TAR_HEADER_BYTES."""
 
     def __init__(self, handle: BinaryIO, start: int, size: int) -> None:
         self._handle = handle
         self._start = start
-        self._end = start + size
+        self._size = size
         handle.seek(start)
 
     def readable(self) -> bool:
@@ -225,19 +225,20 @@ class _Extent(io.RawIOBase):
         return True
 
     def tell(self) -> int:
-        return self._handle.tell()
+        return self._handle.tell() - self._start
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_CUR:
-            offset += self._handle.tell()
+            offset += self.tell()
         elif whence == os.SEEK_END:
-            offset += self._end
-        return self._handle.seek(min(max(offset, self._start), self._end))
+            offset += self._size
+        self._handle.seek(self._start + min(max(offset, 0), self._size))
+        return self.tell()
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size > MAX_TAR_HEADER_BYTES:
             raise NotASystemDisk(f"a tar header is larger than {MAX_TAR_HEADER_BYTES} bytes")
-        return self._handle.read(min(size, max(self._end - self._handle.tell(), 0)))
+        return self._handle.read(min(size, max(self._size - self.tell(), 0)))
 
 
 class _Budget:
@@ -256,9 +257,9 @@ def _members(
     handle: BinaryIO, partition: _Partition, label: str, budget: _Budget
 ) -> Iterator[tarfile.TarInfo]:
     """The tar members of one partition, read within its extent and the
-    bounds; only one is held at a time. The handle is free between them."""
+    bounds; only one is held at a time. Their offsets are within the
+    partition. The handle is free between them."""
     extent = _Extent(handle, partition.offset, partition.size)
-    end = partition.offset + partition.size
     try:
         with tarfile.open(fileobj=extent, mode="r:") as archive:
             while (member := archive.next()) is not None:
@@ -266,7 +267,7 @@ def _members(
                 # that list): only the one at hand is held here.
                 archive.members.clear()  # type: ignore[attr-defined]
                 budget.spend(label)
-                if member.offset_data + member.size > end:
+                if member.offset_data + member.size > partition.size:
                     raise NotASystemDisk(f"{label}: a file of {partition.name!r} runs past it")
                 yield member
     except tarfile.TarError:
@@ -275,14 +276,15 @@ def _members(
         ) from None
 
 
-def _each_member(disk: Disk) -> Iterator[tuple[BinaryIO, tarfile.TarInfo]]:
-    """Every member of every partition, in disk order (later ones win)."""
+def _each_member(disk: Disk) -> Iterator[tuple[BinaryIO, int, tarfile.TarInfo]]:
+    """Every member of every partition, in disk order (later ones win), with
+    the handle of its layer and where its data starts there."""
     budget = _Budget()
     for layer in _files(disk):
         with open(layer, "rb") as handle:
             for partition in _table(handle, layer.name):
                 for member in _members(handle, partition, layer.name, budget):
-                    yield handle, member
+                    yield handle, partition.offset + member.offset_data, member
 
 
 def partition_layout(disk: Disk) -> list[tuple[str, str, int]]:
@@ -296,7 +298,7 @@ def partition_layout(disk: Disk) -> list[tuple[str, str, int]]:
 
 def list_files(disk: Disk) -> dict[str, int]:
     """Every file on the disk and its size; later partitions win. Blocking."""
-    return {member.name: member.size for _, member in _each_member(disk)}
+    return {member.name: member.size for _, _, member in _each_member(disk)}
 
 
 def read_file(disk: Disk, name: str, limit: int = MAX_READ_BYTES) -> bytes | None:
@@ -306,14 +308,14 @@ def read_file(disk: Disk, name: str, limit: int = MAX_READ_BYTES) -> bytes | Non
     or fewer. A member of that name that is no regular file (a link, a
     directory) hides the file. Blocking."""
     found: bytes | None = None
-    for handle, member in _each_member(disk):
+    for handle, data_offset, member in _each_member(disk):
         if member.name != name:
             continue
         if not member.isreg():
             found = None
             continue
         position = handle.tell()
-        handle.seek(member.offset_data)
+        handle.seek(data_offset)
         found = handle.read(min(member.size, limit + 1))
         handle.seek(position)
     return found
