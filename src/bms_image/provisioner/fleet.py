@@ -568,8 +568,12 @@ class Fleet:
         )
         if active is None:
             raise NotFound("SERVER_NOT_FOUND", f"servers/{server.id} disappeared while built")
-        # The record names the new disk now: what it replaced goes.
-        await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+        # The record names the new disk now: what it replaced goes (a file
+        # left over is harmless, and gone at the next reinstall).
+        try:
+            await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+        except OSError:
+            log.warning("servers/%s: the replaced system disk was not removed", server.id)
         await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
 
     def _install_system_disk(self, server: Server, staged: disks.Layers) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -165,16 +166,18 @@ class ImageSource:
         now (read-only, and unchanged while hashed). None if it is missing
         or wrong. Blocking."""
         try:
-            before = os.stat(path)
+            before = os.lstat(path)
         except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(before.st_mode):  # a link or anything else: replaced
             return None
         if self._verified.get(sha256) == _fingerprint(before):
             return _fingerprint(before)
         log.info("verifying the cached image %s again before it is used", path.name)
         if before.st_mode & 0o777 != 0o444:
             os.chmod(path, 0o444)
-            before = os.stat(path)
-        if _sha256_of(path) != sha256 or _fingerprint(os.stat(path)) != _fingerprint(before):
+            before = os.lstat(path)
+        if _sha256_of(path) != sha256 or _fingerprint(os.lstat(path)) != _fingerprint(before):
             log.warning("the cached image %s is damaged; it is fetched again", path.name)
             return None
         return _fingerprint(before)
