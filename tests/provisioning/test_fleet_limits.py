@@ -81,9 +81,13 @@ async def test_servers_per_project_are_limited(tmp_path: Path) -> None:
         assert all(freed.final(s).stage == STAGE_ACTIVE for s in freed.servers)
 
 
-async def test_concurrent_servers_per_project_never_pass_the_limit(tmp_path: Path) -> None:
-    """Batches asked for at once: the count and the insert are one step."""
-    async with serving(make_settings(tmp_path, max_servers_per_project=5)) as running:
+async def test_concurrent_servers_per_project_never_pass_the_limit(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Batches asked for at once: the count and the insert are one step
+    (on SQLite and on PostgreSQL, where an advisory lock queues them)."""
+    settings = make_settings(tmp_path, max_servers_per_project=5, database_url=database_url)
+    async with serving(settings) as running:
         alpha = running.project("alpha")
 
         async def one(n: int) -> bool:
