@@ -16,8 +16,8 @@ names them, from its own record, as a `Layers`.
 
 Every disk read here may hold a tenant's bytes, so every read is bounded:
 the header is 4 KiB, a header names at most MAX_PARTITIONS partitions, each
-inside its file; a partition holds at most MAX_MEMBERS tar members, read
-only within its extent, with tar headers of at most MAX_TAR_HEADER_BYTES;
+inside its file; a disk holds at most MAX_MEMBERS tar members, each
+partition read only within its extent, with tar headers of at most MAX_TAR_HEADER_BYTES;
 and read_file returns at most `limit` bytes of a file. Tar members are only
 ever read, never extracted, so no member name reaches a host path."""
 
@@ -42,7 +42,8 @@ HEADER_BYTES = 4096
 ALIGN = 4096
 #: Partitions one header may name (a 4 KiB table holds about 60).
 MAX_PARTITIONS = 64
-#: Tar members read from one partition before it counts as damaged.
+#: Tar members read from one disk (all its partitions and layers together)
+#: before it counts as damaged.
 MAX_MEMBERS = 100_000
 #: The largest tar header block tarfile may read at once (PAX and GNU long
 #: names are read whole): a longer one makes the partition count as damaged.
