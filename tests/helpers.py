@@ -3,7 +3,9 @@ never import from a conftest module, whose name is not unique)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,13 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from sqlalchemy import make_url
 
+from bms_image import disks
 from bms_image.api.status import ERROR_DOMAIN
 from bms_image.config import Settings
+from bms_image.domain.system_disks import LOCAL_DISK_FILE, DiskKind, SystemDisk
+from bms_image.provisioner.images import cache_entry
 
 TEST_SECRET = "test-secret-" + "0" * 52
 Code = grpc.StatusCode
@@ -133,3 +139,29 @@ async def expect_invalid(call: Awaitable[Any], field: str) -> RichError:
     rich = await expect_error(call, Code.INVALID_ARGUMENT)
     assert field in rich.fields, f"expected a violation of {field!r}, got {rich.fields}"
     return rich
+
+
+# -- the fleet's disks ----------------------------------------------------------
+
+
+def recorded_disk(data_dir: Path, server: str, database_url: str = "") -> disks.Layers:
+    """A server's system disk as its provisioner recorded it in its database
+    (SQLite: `database_url`, or the file in data_dir): the fleet never reads
+    what a disk is made of from the disk itself, and neither do tests. A
+    server with no record yet gets where its local disk would be."""
+    server_id = server.removeprefix("servers/")
+    path = make_url(database_url).database if database_url else str(data_dir / "bms-image.db")
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        row = connection.execute(
+            "SELECT disk_kind, disk_top, disk_base_image, disk_base_sha256 FROM servers "
+            "WHERE id = ?",
+            (server_id,),
+        ).fetchone()
+    directory = data_dir / "fleet" / "servers" / server_id
+    if row is None or not row[0]:
+        return disks.Layers(directory / LOCAL_DISK_FILE)
+    record = SystemDisk(DiskKind(row[0]), row[1], row[2], row[3])
+    if record.kind is DiskKind.LOCAL:
+        return disks.Layers(directory / record.top)
+    base = cache_entry(data_dir / "fleet" / "image-cache", record.base_sha256)
+    return disks.Layers(directory / record.top, base)

@@ -75,6 +75,12 @@ class Settings:
     image_service_ca_file: str = ""
     image_service_cert_file: str = ""
     image_service_key_file: str = ""
+    #: Servers a project may have (not deleted): CreateServers past it is
+    #: RESOURCE_EXHAUSTED SERVER_QUOTA_EXCEEDED.
+    max_servers_per_project: int = 2000
+    #: Servers of one project that one provisioner process builds or
+    #: reinstalls at once: past it RESOURCE_EXHAUSTED DEPLOYMENT_LIMIT.
+    max_deployments_per_project: int = 1000
 
     @classmethod
     def from_env(
@@ -154,4 +160,6 @@ _CASTERS: dict[str, Any] = {
     "image_service_ca_file": str,
     "image_service_cert_file": str,
     "image_service_key_file": str,
+    "max_servers_per_project": int,
+    "max_deployments_per_project": int,
 }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -38,7 +37,14 @@ from bms_image.catalog.seed import public_image_id
 from bms_image.config import Settings
 from bms_image.disks import DiskSpec
 from bms_image.domain.model import Plugin, PluginKind
-from helpers import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401 - re-exported for this folder's tests
+from helpers import (  # noqa: F401 - re-exported for this folder's tests
+    RichError,
+    decode,
+    expect_error,
+    expect_invalid,
+    outcome,
+    recorded_disk,
+)
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -396,30 +402,18 @@ def server_dir(settings: Settings, server_name: str) -> Path:
     return Path(settings.data_dir) / "fleet" / "servers" / server_name.removeprefix("servers/")
 
 
-def system_disk(settings: Settings, server_name: str) -> Path:
-    """The disk file of a server: an EVS clone or the local disk."""
-    directory = server_dir(settings, server_name)
-    evs = directory / "system.evs"
-    return evs if evs.exists() else directory / "system.disk"
+def system_disk(settings: Settings, server_name: str) -> disks.Layers:
+    """The disk of a server as the fleet recorded it: an EVS clone (base and
+    overlay) or the local disk."""
+    return recorded_disk(Path(settings.data_dir), server_name, settings.database_url)
 
 
 def cache_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "fleet" / "image-cache"
 
 
-def evs_pool(settings: Settings) -> Path:
-    return Path(settings.data_dir) / "fleet" / "evs-pool"
-
-
 def blob_path(settings: Settings, image_name: str) -> Path:
     return Path(settings.data_dir) / "blobs" / f"{image_name.removeprefix('images/')}.blob"
-
-
-def evs_base(volume: Path) -> Path:
-    """The image file an EVS clone (a BMSEVS1 file) reads through to."""
-    raw = volume.read_bytes()
-    assert raw.startswith(disks.EVS_MAGIC), f"{volume} is not an EVS volume"
-    return Path(json.loads(raw[len(disks.EVS_MAGIC) :])["base"])
 
 
 def read_disk_file(settings: Settings, server_name: str, name: str) -> bytes | None:

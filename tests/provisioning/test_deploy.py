@@ -4,9 +4,7 @@ of a private image fetched from the image service once."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import threading
 from pathlib import Path
 
 import pytest
@@ -33,8 +31,6 @@ from provisioning_support import (
     create_disk_image,
     create_request,
     deploy,
-    evs_base,
-    evs_pool,
     get_server,
     list_servers,
     new_ssh_key,
@@ -149,7 +145,8 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
             assert server.update_time.ToDatetime() >= server.create_time.ToDatetime()
 
             disk = system_disk(settings, server_name)
-            assert disk.name == ("system.disk" if boot_source == LOCAL else "system.evs")
+            assert disk.top.parent == server_dir(settings, server_name)
+            assert (disk.base is None) == (boot_source == LOCAL)
             hostname = read_disk_file(settings, server_name, "etc/hostname")
             assert hostname == f"{server.host_name}\n".encode()
             keys = read_disk_file(settings, server_name, "root/.ssh/authorized_keys")
@@ -157,27 +154,25 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
             assert read_disk_file(settings, server_name, "etc/motd") == b"managed by bms\n"
             assert read_disk_file(settings, server_name, "opt/app/config.ini") == b"a=1\n"
             assert read_disk_file(settings, server_name, "etc/os-release") == blob_release
-            sizes[server_name] = disk.stat().st_size
+            sizes[server_name] = disk.top.stat().st_size
             if boot_source == EVS:
-                # a copy-on-write clone: a few bytes pointing at the pool,
-                # whatever the image size
-                assert disk.stat().st_size < 4096
-                overlay = disks.writable_layer(disk)
-                assert overlay != disk and overlay.parent == disk.parent
-                assert overlay.stat().st_size < image.size_bytes
+                # a copy-on-write clone: an overlay of its own over the
+                # cached image, whatever the image size
+                assert disk.top.name.startswith("overlay-")
+                assert disk.top.stat().st_size < image.size_bytes
+                assert disk.base == cache_dir(settings) / f"{image.sha256}.raw"
             else:
-                assert disk.stat().st_size > image.size_bytes  # image + first boot
+                assert disk.top.name == "system.disk"
+                assert disk.top.stat().st_size > image.size_bytes  # image + first boot
         assert host_names == {f"{prefix}-{n}" for n in (1, 2, 3)}
 
-    # first boot never wrote to the shared copies of the image
+    # first boot never wrote to the cached image, the EVS clones' base
     cached = [p for p in cache_dir(settings).iterdir() if not p.name.startswith(".")]
-    assert [p.name.split("-" + image.sha256)[0] for p in cached] == [CENTOS.removeprefix("images/")]
+    assert [p.name for p in cached] == [f"{image.sha256}.raw"]
     assert sha256_file(cached[0]) == image.sha256
-    # the EVS clones' base (leftovers in the pool are test_..._one_pool_file's)
-    pooled = evs_pool(settings) / cached[0].name
-    assert sha256_file(pooled) == image.sha256
+    assert cached[0].stat().st_mode & 0o777 == 0o444
     for server_name in deployment.servers:
-        assert evs_base(system_disk(settings, server_name)) == pooled
+        assert system_disk(settings, server_name).base == cached[0]
     listed = await list_servers(provisioning, md)
     assert len(listed) == 6
     assert sorted(s.host_name for s in listed) == sorted(
@@ -202,7 +197,7 @@ async def test_unset_boot_source_picks_evs_when_possible(
     (server_name,) = deployment.servers
     server = await get_server(provisioning, md, server_name)
     assert server.boot_source == LOCAL
-    assert system_disk(settings, server_name).name == "system.disk"
+    assert system_disk(settings, server_name).top.name == "system.disk"
 
 
 @pytest.mark.parametrize("boot_source", [pb.BOOT_SOURCE_UNSPECIFIED, LOCAL])
@@ -252,7 +247,7 @@ async def test_twenty_clones_of_a_private_image_fetch_it_once(
 
     image_id = image.name.removeprefix("images/")
     assert downloads == [image_id], "the image bytes must be pulled once for the batch"
-    cached = [p for p in cache_dir(settings).iterdir() if p.name.startswith(image_id)]
+    cached = [p for p in cache_dir(settings).iterdir() if p.name == f"{image.sha256}.raw"]
     assert len(cached) == 1
     assert sha256_file(cached[0]) == hashlib.sha256(data).hexdigest() == image.sha256
     assert not [p for p in cache_dir(settings).iterdir() if p.name.startswith(".part-")]
@@ -288,32 +283,28 @@ def short(stages: list[int]) -> list[str]:
     return [stage_name(s).removeprefix("PROVISIONING_STAGE_") for s in stages]
 
 
-async def test_concurrent_evs_clones_leave_one_pool_file(
-    provisioning, as_project, settings, monkeypatch
+async def test_concurrent_evs_clones_share_the_read_only_cache_entry(
+    provisioning, images, as_project, settings
 ) -> None:
-    """Servers of a batch that find the EVS pool without the image at the same
-    time each put it there: afterwards the pool must hold the image once,
-    with no temporary file left over. (Two servers meeting is arranged by
-    holding the first link until the second arrives, or one second.)"""
-    from bms_image.provisioner import fleet
-
-    real = fleet._link_or_copy
-    meeting = threading.Barrier(2, timeout=1.0)
-
-    def meet_then_link(source: Path, target: Path) -> None:
-        with contextlib.suppress(threading.BrokenBarrierError):
-            meeting.wait()
-        real(source, target)
-
-    monkeypatch.setattr(fleet, "_link_or_copy", meet_then_link)
+    """EVS clones of a batch reference the one cache entry of the image (by
+    its SHA-256) under overlays of their own: nothing is linked or copied,
+    the entry stays read-only and unchanged, no temporary file is left."""
     md = as_project("alpha")
+    image = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
     deployment = await deploy(
         provisioning, md, create_request(CENTOS, S4, 3, "pool", boot_source=EVS)
     )
     assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
-    image_id = CENTOS.removeprefix("images/")
-    cached = [p.name for p in cache_dir(settings).iterdir()]
-    assert len(cached) == 1 and cached[0].startswith(image_id)
-    pooled = sorted(p.name for p in evs_pool(settings).iterdir())
-    assert cached[0] in pooled
-    assert [name for name in pooled if name != cached[0]] == [], "left in the EVS pool"
+    entry = cache_dir(settings) / f"{image.sha256}.raw"
+    assert [p.name for p in cache_dir(settings).iterdir()] == [entry.name]
+    assert entry.stat().st_mode & 0o777 == 0o444
+    assert entry.stat().st_nlink == 1, "no hard link to the entry anywhere"
+    assert sha256_file(entry) == image.sha256
+    overlays = set()
+    for server_name in deployment.servers:
+        disk = system_disk(settings, server_name)
+        assert disk.base == entry
+        assert disk.top.parent == server_dir(settings, server_name)
+        overlays.add(disk.top)
+    assert len(overlays) == 3
+    assert not (Path(settings.data_dir) / "fleet" / "evs-pool").exists()

@@ -39,7 +39,7 @@ from bms_image.auth import TokenAuthority
 from bms_image.catalog.seed import public_image_id
 from bms_image.disks import DiskSpec
 from bms_image.domain.model import Plugin, PluginKind
-from helpers import TEST_SECRET, Code, decode, expect_error
+from helpers import TEST_SECRET, Code, decode, expect_error, recorded_disk
 from processes import ServerProcess
 
 Metadata = tuple[tuple[str, str], ...]
@@ -805,13 +805,12 @@ def server_dir(data_dir: Path, server: str) -> Path:
     return data_dir / "fleet" / "servers" / key_of(server)
 
 
-def system_disk(data_dir: Path, server: str) -> Path:
-    directory = server_dir(data_dir, server)
-    evs = directory / "system.evs"
-    return evs if evs.exists() else directory / "system.disk"
+def system_disk(data_dir: Path, server: str) -> disks.Layers:
+    """The server's disk as the fleet recorded it in its database."""
+    return recorded_disk(data_dir, server)
 
 
-def flattened(disk: Path, scratch: Path) -> bytes:
+def flattened(disk: disks.Disk, scratch: Path) -> bytes:
     """What a capture of `disk` uploads: the disk with its layers merged."""
     target = scratch / f"flat-{uuid.uuid4().hex}"
     try:

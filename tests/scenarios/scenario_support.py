@@ -30,7 +30,7 @@ from bms_image.catalog.seed import public_image_id
 from bms_image.config import Settings
 from bms_image.disks import DiskSpec
 from bms_image.domain.model import Plugin, PluginKind
-from helpers import make_settings
+from helpers import make_settings, recorded_disk
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -465,11 +465,10 @@ def server_dir(data_dir: Path, server: str) -> Path:
     return data_dir / "fleet" / "servers" / server.removeprefix("servers/")
 
 
-def system_disk(data_dir: Path, server: str) -> Path:
-    """A server's system disk: an EVS clone or the local disk."""
-    directory = server_dir(data_dir, server)
-    evs = directory / "system.evs"
-    return evs if evs.exists() else directory / "system.disk"
+def system_disk(data_dir: Path, server: str) -> disks.Layers:
+    """A server's system disk as the fleet recorded it: an EVS clone (base
+    and overlay) or the local disk."""
+    return recorded_disk(data_dir, server)
 
 
 def cache_dir(data_dir: Path) -> Path:
@@ -488,11 +487,11 @@ async def read_disk_file(data_dir: Path, server: str, name: str) -> bytes | None
     return await asyncio.to_thread(disks.read_file, system_disk(data_dir, server), name)
 
 
-async def disk_contents(disk: Path) -> dict[str, bytes | None]:
+async def disk_contents(disk: disks.Disk) -> dict[str, bytes | None]:
     """Every file a disk shows (later partitions win) with its content."""
 
     def read_all() -> dict[str, bytes | None]:
-        return {name: disks.read_file(disk, name) for name in disks.list_files(disk)}
+        return {name: disks.read_file(disk, name, 1 << 30) for name in disks.list_files(disk)}
 
     return await asyncio.to_thread(read_all)
 
@@ -502,7 +501,7 @@ async def add_partition(
 ) -> None:
     """What a user does on a server: a partition written to its system disk
     (the overlay of an EVS clone, the disk itself otherwise)."""
-    writable = disks.writable_layer(system_disk(data_dir, server))
+    writable = system_disk(data_dir, server).top
     await asyncio.to_thread(disks.append_partition, writable, name, mount, files)
 
 

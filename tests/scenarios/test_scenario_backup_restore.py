@@ -70,13 +70,12 @@ async def test_backup_then_restore_after_the_system_disk_is_lost(tmp_path: Path)
         assert backup.source_server == server.name
         await wait_released(c, md, server.name)  # see test_capture_lets_go_when_active
 
-        # the system disk is lost: the clone's overlay (the user's writes) and
-        # the volume file itself overwritten with garbage
+        # the system disk is lost: the clone's overlay (the user's writes and
+        # its first boot) overwritten with garbage; its base is the cached
+        # image, which no server ever writes
         disk = system_disk(c.data_dir, server.name)
-        overlay = disks.writable_layer(disk)
-        assert overlay != disk
-        for lost in (overlay, disk):
-            lost.write_bytes(os.urandom(lost.stat().st_size))
+        assert disk.base is not None and disk.top.parent == server_dir(c.data_dir, server.name)
+        disk.top.write_bytes(os.urandom(disk.top.stat().st_size))
         with pytest.raises(ValueError):
             disks.read_file(disk, "etc/hostname")
 

@@ -28,7 +28,6 @@ from scenario_support import (
     deploy_one,
     expected_plugin_pairs,
     get_server,
-    image_id,
     new_ssh_key,
     plugin_pairs,
     stop_server,
@@ -55,7 +54,7 @@ async def test_twenty_clones_of_a_captured_server(tmp_path: Path) -> None:
 
         golden = await deploy_one(c, md, create_request(CENTOS, 1, "golden", boot_source=LOCAL))
         assert golden.boot_source == LOCAL
-        assert system_disk(c.data_dir, golden.name).name == "system.disk"
+        assert system_disk(c.data_dir, golden.name).top.name == "system.disk"
         await stop_server(c, md, golden.name)
 
         # "install" the application and lay out a data partition
@@ -118,8 +117,8 @@ async def test_twenty_clones_of_a_captured_server(tmp_path: Path) -> None:
 
         # the image came from the image service once, for all 20
         cached = sorted(p.name for p in cache_dir(c.data_dir).iterdir())
-        mine = [name for name in cached if name.startswith(image_id(image.name))]
-        assert mine == [f"{image_id(image.name)}-{image.sha256}.raw"], cached
+        mine = [name for name in cached if name.startswith(image.sha256)]
+        assert mine == [f"{image.sha256}.raw"], cached
         assert not [name for name in cached if name.startswith(".part-")], cached
 
         # the golden server is left as it was: stopped, its own host name

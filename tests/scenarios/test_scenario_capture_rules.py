@@ -80,7 +80,9 @@ async def test_capture_refused_without_an_intact_network_config(
                 {NETWORK_CONFIG_PATH: b"#!/bin/sh\n# my own network script\nexit 0\n"},
             )  # fmt: skip
         else:
-            await asyncio.to_thread(_remove_network_config, system_disk(c.data_dir, server.name))
+            await asyncio.to_thread(
+                _remove_network_config, system_disk(c.data_dir, server.name).top
+            )
 
         rich = await expect_error(
             c.images.CreateImage(capture_request(server.name), metadata=md),

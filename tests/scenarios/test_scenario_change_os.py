@@ -50,7 +50,7 @@ async def test_reinstall_changes_centos_to_ubuntu(tmp_path: Path) -> None:
         await asyncio.to_thread(overwrite, data_disk, 0, b"customer records")
 
         # refused: the Arm image cannot run on this x86 flavor
-        before = await asyncio.to_thread(sha256_and_size, disk)
+        before = await asyncio.to_thread(sha256_and_size, disk.top)
         rich = await expect_stream_error(
             c.provisioning.ReinstallServer(
                 pb.ReinstallServerRequest(name=server.name, image=OPENEULER_ARM), metadata=md
@@ -63,9 +63,9 @@ async def test_reinstall_changes_centos_to_ubuntu(tmp_path: Path) -> None:
         assert unchanged.state == STOPPED, unchanged
         assert unchanged.image == CENTOS
         assert unchanged.task == ""
-        assert await asyncio.to_thread(sha256_and_size, system_disk(c.data_dir, server.name)) == (
-            before
-        )
+        assert await asyncio.to_thread(
+            sha256_and_size, system_disk(c.data_dir, server.name).top
+        ) == (before)
 
         # accepted: Ubuntu 22.04 is offered on physical.s4.large
         key = new_ssh_key()

@@ -75,7 +75,7 @@ async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
             assert server.state_reason, server
             assert not (server_dir(c.data_dir, name) / "system.disk").exists()
         # nothing unverified was kept for a later deployment
-        assert not list(cache_dir(c.data_dir).glob(f"{image_id(image.name)}*")), list(
+        assert not list(cache_dir(c.data_dir).glob(f"{image.sha256}*")), list(
             cache_dir(c.data_dir).iterdir()
         )
 

@@ -29,7 +29,6 @@ from scenario_support import (
     create_request,
     decode,
     disk_spec,
-    image_id,
     new_ssh_key,
     pb,
     server_dir,
@@ -189,7 +188,8 @@ def test_provisioner_process_deploys_through_the_image_service_process(
             fleet.GetServer(pb.GetServerRequest(name=n), metadata=alpha).host_name
             for n in events.servers
         ) == ["remote-1", "remote-2"]
-        assert len(list(cache_dir(data_dir).glob(f"{image_id(CENTOS)}-*.raw"))) == 1
+        centos = images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=alpha)
+        assert [p.name for p in cache_dir(data_dir).glob("*.raw")] == [f"{centos.sha256}.raw"]
 
         # a private image of beta's: alpha's token is passed on, so NOT_FOUND
         private = upload_private_image(images, beta)

@@ -164,6 +164,8 @@ async def start_fleet(
             event.boot_source.name.lower(),
             seconds,
         ),
+        max_servers_per_project=settings.max_servers_per_project,
+        max_deployments_per_project=settings.max_deployments_per_project,
     )
     closing.push_async_callback(fleet.close)
     interrupted = await fleet.recover()

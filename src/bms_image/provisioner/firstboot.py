@@ -5,11 +5,10 @@ byte the known-good release it claims to be."""
 from __future__ import annotations
 
 import posixpath
-from pathlib import Path
 
 import yaml
 
-from ..disks import PLUGIN_PATHS, plugin_content, read_file
+from ..disks import PLUGIN_PATHS, Disk, plugin_content, read_file
 from ..domain.errors import FieldViolation, InvalidArgument
 from ..domain.model import Plugin, PluginKind
 
@@ -60,7 +59,7 @@ def first_boot_files(host_name: str, ssh_public_key: str, user_data: str) -> dic
     return files
 
 
-def plugin_states(disk: Path) -> dict[PluginKind, tuple[str, str]]:
+def plugin_states(disk: Disk) -> dict[PluginKind, tuple[str, str]]:
     """For each plug-in: ("intact" | "modified" | "missing", version). Blocking."""
     states: dict[PluginKind, tuple[str, str]] = {}
     for kind, path in PLUGIN_PATHS.items():

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ from ..domain.servers import (
     ssh_key_fingerprint,
     validate_deploy_request,
 )
+from ..domain.system_disks import DiskKind, SystemDisk, new_overlay_file
 from ..store.servers import SqlServerRepository
 from .events import EventBus, FinishedHook
 from .firstboot import cloud_config_files, first_boot_files, intact_plugins, plugin_states
@@ -64,6 +66,13 @@ MAX_CAPTURES_PER_PROJECT = 40
 CAPTURE_HOLD = "capture-hold"
 CAPTURE_RUNNING = "capture"
 CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
+#: Defaults of BMS_IMAGE_MAX_SERVERS_PER_PROJECT (servers not deleted) and
+#: BMS_IMAGE_MAX_DEPLOYMENTS_PER_PROJECT (servers one provisioner process
+#: builds or reinstalls at once for a project).
+MAX_SERVERS_PER_PROJECT = 2000
+MAX_DEPLOYMENTS_PER_PROJECT = 1000
+#: The files of a server's directory that are no system disk.
+_DATA_DISK = re.compile(r"^data-[0-9]+\.disk\Z")
 #: How long bms-network-config takes to notice and repair a broken network.
 NETWORK_RESTORE_SECONDS = 2.0
 _STATUS_CODE = {
@@ -117,6 +126,8 @@ class Fleet:
         page_tokens: PageTokens,
         root: Path,
         on_finished: FinishedHook | None = None,
+        max_servers_per_project: int = MAX_SERVERS_PER_PROJECT,
+        max_deployments_per_project: int = MAX_DEPLOYMENTS_PER_PROJECT,
     ) -> None:
         self._servers = servers
         self._flavors = flavors
@@ -124,9 +135,11 @@ class Fleet:
         self._tokens = page_tokens
         self._root = root
         self._disks = root / "servers"
-        self._evs_pool = root / "evs-pool"
         self._disks.mkdir(parents=True, exist_ok=True)
-        self._evs_pool.mkdir(parents=True, exist_ok=True)
+        self._max_servers = max_servers_per_project
+        self._max_deployments = max_deployments_per_project
+        #: Servers this process builds or reinstalls now, by project.
+        self._deploying: dict[str, int] = {}
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
         #: Servers held by prepare_capture whose capture has not started yet.
@@ -177,10 +190,28 @@ class Fleet:
             boot_source=server.boot_source,
         )
 
-    def system_disk(self, server_id: str) -> Path:
-        directory = self._disks / server_id
-        evs = directory / "system.evs"
-        return evs if evs.exists() else directory / "system.disk"
+    def _layers(self, server_id: str, record: SystemDisk) -> disks.Layers:
+        """The files of a system disk, derived from our record alone: the
+        server's directory (named by our uuid), the top file name we
+        generated, the cache entry named by a checked SHA-256."""
+        top = self._disks / str(uuid.UUID(server_id)) / record.top
+        if record.kind is DiskKind.LOCAL:
+            return disks.Layers(top)
+        return disks.Layers(top, self._images.entry(record.base_sha256))
+
+    async def system_disk(self, server_id: str, verify_base: bool = False) -> disks.Layers:
+        """The server's system disk as recorded; with verify_base, an EVS
+        clone's base is checked to be its image's bytes still (DataLoss if
+        not). FailedPrecondition SERVER_DISK_UNREADABLE if there is none."""
+        record = await self._servers.disk(server_id)
+        if record is None:
+            raise FailedPrecondition(
+                "SERVER_DISK_UNREADABLE",
+                f"servers/{server_id} has no recorded system disk; reinstall it",
+            )
+        if verify_base and record.kind is DiskKind.EVS:
+            await self._images.verified(record.base_image_id, record.base_sha256)
+        return self._layers(server_id, record)
 
     # -- deployment and reinstallation ---------------------------------------
 
@@ -208,6 +239,44 @@ class Fleet:
     ) -> list[Server]:
         validate_deploy_request(request)
         flavor = self._flavors.get(request.flavor)
+        self._reserve(caller.project, request.count)
+        try:
+            servers, plan = await self._add_servers(caller, token, request, flavor)
+        except BaseException:
+            self._finished(caller.project, request.count)
+            raise
+        self._spawn(self._deploy_batch(servers, plan, ServerState.BUILDING))
+        return servers
+
+    def _reserve(self, project: str, count: int) -> None:
+        """Counts servers in deployment for a project, within its limit."""
+        running = self._deploying.get(project, 0)
+        if running + count > self._max_deployments:
+            raise QuotaExceeded(
+                "DEPLOYMENT_LIMIT",
+                f"project {project} has {running} servers being built or reinstalled here; "
+                f"{count} more would pass its limit of {self._max_deployments}; wait for some "
+                "to finish",
+                [
+                    QuotaViolation(
+                        f"projects/{project}",
+                        f"deployments at once: limit {self._max_deployments}",
+                    )
+                ],
+                {"limit": str(self._max_deployments), "used": str(running)},
+            )
+        self._deploying[project] = running + count
+
+    def _finished(self, project: str, count: int = 1) -> None:
+        left = self._deploying.get(project, 0) - count
+        if left > 0:
+            self._deploying[project] = left
+        else:
+            self._deploying.pop(project, None)
+
+    async def _add_servers(
+        self, caller: Caller, token: str, request: DeployRequest, flavor: Flavor
+    ) -> tuple[list[Server], _Plan]:
         plan = await self._plan(
             request.image_id,
             flavor,
@@ -234,13 +303,12 @@ class Fleet:
             )
             for n in range(1, request.count + 1)
         ]
-        servers = await self._servers.add_all(drafts)
+        servers = await self._servers.add_all(drafts, self._max_servers)
         for server in servers:
             await self._event(
                 server, ProvisioningStage.VALIDATING, 2.0, "request and image checked"
             )
-        self._spawn(self._deploy_batch(servers, plan, ServerState.BUILDING))
-        return servers
+        return servers, plan
 
     async def reinstall(
         self,
@@ -255,6 +323,26 @@ class Fleet:
         reinstall failed) from its image or another compatible one; data disks
         keep their content and Cloud-Init runs again."""
         raise_if_invalid(first_boot_violations(ssh_public_key, user_data), "INVALID_REINSTALL")
+        self._reserve(caller.project, 1)
+        try:
+            claimed, plan = await self._claim_reinstall(
+                caller, token, server_id, image_id, ssh_public_key, user_data
+            )
+        except BaseException:
+            self._finished(caller.project)
+            raise
+        self._spawn(self._deploy_batch([claimed], plan, ServerState.REBUILDING))
+        return claimed
+
+    async def _claim_reinstall(
+        self,
+        caller: Caller,
+        token: str,
+        server_id: str,
+        image_id: str,
+        ssh_public_key: str,
+        user_data: str,
+    ) -> tuple[Server, _Plan]:
         server = await self.get(caller, server_id)
         require_server_transition(server, ServerState.REBUILDING)
         flavor = self._flavors.get(server.flavor)
@@ -298,8 +386,7 @@ class Fleet:
             claimed, ProvisioningStage.VALIDATING, 2.0, "reinstall checked",
             state=ServerState.REBUILDING,
         )  # fmt: skip
-        self._spawn(self._deploy_batch([claimed], plan, ServerState.REBUILDING))
-        return claimed
+        return claimed, plan
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -335,6 +422,28 @@ class Fleet:
         )
 
     async def _deploy_batch(self, servers: list[Server], plan: _Plan, working: ServerState) -> None:
+        """Deploys a batch; each server leaves the project's count of
+        deployments when its own work ends."""
+        pending = {server.id for server in servers}
+
+        def finished(server: Server) -> None:
+            if server.id in pending:
+                pending.discard(server.id)
+                self._finished(server.project)
+
+        try:
+            await self._deploy_servers(servers, plan, working, finished)
+        finally:
+            for server in servers:
+                finished(server)
+
+    async def _deploy_servers(
+        self,
+        servers: list[Server],
+        plan: _Plan,
+        working: ServerState,
+        finished: Callable[[Server], None],
+    ) -> None:
         streaming = plan.boot_source is BootSource.LOCAL_DISK
         stage = ProvisioningStage.IMAGE_STREAMING if streaming else ProvisioningStage.EVS_CLONING
         reported = -1
@@ -358,6 +467,7 @@ class Fleet:
             failure = _as_domain_error(error, f"fetching images/{plan.image.id}")
             for server in servers:
                 await self._fail(server, failure, working)
+                finished(server)
             return
         limit = asyncio.Semaphore(PARALLEL_DEPLOYS)
 
@@ -368,61 +478,69 @@ class Fleet:
                 except Exception as error:
                     failure = _as_domain_error(error, f"deploying servers/{server.id}")
                     await self._fail(server, failure, working)
+                finally:
+                    finished(server)
 
         await asyncio.gather(*(one(server) for server in servers))
 
-    async def _write_system_disk(self, server: Server, plan: _Plan, cached: Path) -> Path:
-        """A new system disk next to the old one, swapped in by rename."""
+    async def _write_system_disk(
+        self, server: Server, plan: _Plan, cached: Path
+    ) -> tuple[disks.Layers, SystemDisk]:
+        """A new system disk next to the one in use (if any), and its record:
+        a local disk is a copy of the cache entry, swapped in by rename once
+        first boot is done; an EVS clone is a new overlay of its own over the
+        entry, swapped in when its record is. The entry itself is never
+        written."""
         directory = self._disks / server.id
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         size = plan.image.size_bytes
         if plan.boot_source is BootSource.EVS:
-            base = self._evs_pool / cached.name
-            if not base.exists():
-                await asyncio.to_thread(_link_or_copy, cached, base)
-            staged = directory / "system.evs.new"
-            overlay = directory / f"system.overlay.{uuid.uuid4().hex[:8]}"
-            await asyncio.to_thread(disks.write_evs_volume, staged, base, overlay)
+            record = SystemDisk.evs(plan.image.id, plan.sha256, new_overlay_file())
+            layers = self._layers(server.id, record)
+            await asyncio.to_thread(disks.new_overlay, layers.top)
             await self._event(
                 server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
                 bytes_done=size, bytes_total=size,
             )  # fmt: skip
-        else:
-            staged = directory / "system.disk.new"
-            await asyncio.to_thread(copy_written_back, cached, staged)
-            await self._event(
-                server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
-                bytes_done=size, bytes_total=size,
-            )  # fmt: skip
-            await self._event(
-                server, ProvisioningStage.VERIFYING_CHECKSUM, 80.0,
-                f"image bytes match sha256 {plan.sha256[:12]}... (verified as they arrived "
-                "into the image cache the disk was copied from)",
-                bytes_done=size, bytes_total=size,
-            )  # fmt: skip
-        return staged
+            return layers, record
+        staged = directory / f"{SystemDisk.local().top}.new"
+        await asyncio.to_thread(copy_written_back, cached, staged)
+        await self._event(
+            server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
+            bytes_done=size, bytes_total=size,
+        )  # fmt: skip
+        await self._event(
+            server, ProvisioningStage.VERIFYING_CHECKSUM, 80.0,
+            f"image bytes match sha256 {plan.sha256[:12]}... (verified as they arrived "
+            "into the image cache the disk was copied from)",
+            bytes_done=size, bytes_total=size,
+        )  # fmt: skip
+        return disks.Layers(staged), SystemDisk.local()
 
     async def _deploy_one(
         self, server: Server, plan: _Plan, cached: Path, working: ServerState
     ) -> None:
-        staged = await self._write_system_disk(server, plan, cached)
+        staged, record = await self._write_system_disk(server, plan, cached)
         try:
             states = await asyncio.to_thread(plugin_states, staged)
+            has_init = any(
+                states[kind][0] == "intact"
+                for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
+            )
+            if has_init:
+                files = first_boot_files(server.host_name, plan.ssh_public_key, plan.user_data)
+                # Only the server's own file is written: its local disk, or
+                # its EVS clone's overlay.
+                await asyncio.to_thread(
+                    disks.append_partition, staged.top, "cloud-init", "/", files
+                )
         except disks.NotASystemDisk:
             raise FailedPrecondition(
                 "IMAGE_NOT_BOOTABLE",
-                f"images/{plan.image.id} holds no system disk a server can boot (no BMSDISK1 "
-                "partition table at its start); deploy an image made for BMS",
+                f"images/{plan.image.id} holds no system disk a server can boot (no readable "
+                "BMSDISK1 partition table and tar partitions); deploy an image made for BMS",
             ) from None
-        has_init = any(
-            states[kind][0] == "intact"
-            for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
-        )
         if has_init:
-            files = first_boot_files(server.host_name, plan.ssh_public_key, plan.user_data)
-            await asyncio.to_thread(
-                disks.append_partition, disks.writable_layer(staged), "cloud-init", "/", files
-            )
             message = (
                 f"Cloud-Init set host name {server.host_name}"
                 + (", SSH key" if plan.ssh_public_key else "")
@@ -441,7 +559,7 @@ class Fleet:
         else:
             network = NetworkState.DOWN
             reason = f"bms-network-config is {states[PluginKind.BMS_NETWORK_CONFIG][0]}: no network"
-        disk = self.system_disk(server.id)
+        installed = self._layers(server.id, record)
         active = await self._servers.transition(
             server.id,
             {working},
@@ -449,42 +567,42 @@ class Fleet:
                 "state": ServerState.ACTIVE,
                 "state_reason": reason,
                 "network_state": network,
-                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, disk),
+                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, installed),
                 "plugins": intact_plugins(states),
                 "task": "",
             },
+            disk=record,
         )
         if active is None:
             raise NotFound("SERVER_NOT_FOUND", f"servers/{server.id} disappeared while built")
+        # The record names the new disk now: what it replaced goes (a file
+        # left over is harmless, and gone at the next reinstall).
+        try:
+            await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+        except OSError:
+            log.warning("servers/%s: the replaced system disk was not removed", server.id)
         await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
 
-    def _install_system_disk(self, server: Server, staged: Path) -> None:
-        """Swaps the new system disk in; data disks are never touched. Blocking."""
+    def _install_system_disk(self, server: Server, staged: disks.Layers) -> None:
+        """Creates missing data disks (never touching others) and renames a
+        new local disk into place; a new EVS overlay is already in place,
+        named in the record that the caller writes next. Blocking."""
         directory = self._disks / server.id
         for index, size_gb in enumerate(server.data_disks_gb, start=1):
             data_disk = directory / f"data-{index}.disk"
             if not data_disk.exists():
                 with open(data_disk, "wb") as handle:
                     handle.truncate(size_gb * 1024**3)  # sparse
-        if staged.name == "system.evs.new":
-            keep = disks.writable_layer(staged).name
-            staged.replace(directory / "system.evs")
-            (directory / "system.disk").unlink(missing_ok=True)
-            for old in directory.glob("system.overlay.*"):
-                if old.name != keep:
-                    old.unlink()
-        else:
-            staged.replace(directory / "system.disk")
-            (directory / "system.evs").unlink(missing_ok=True)
-            for old in directory.glob("system.overlay.*"):
-                old.unlink()
+        if staged.base is None:
+            staged.top.replace(directory / SystemDisk.local().top)
 
     async def _fail(self, server: Server, error: DomainError, working: ServerState) -> None:
         directory = self._disks / server.id
         if working is ServerState.BUILDING:
             await asyncio.to_thread(shutil.rmtree, directory, True)
-        else:  # a failed reinstall keeps the data disks
-            await asyncio.to_thread(_discard_new_system_disk, directory)
+        else:  # a failed reinstall keeps the data disks and the disk in use
+            record = await self._servers.disk(server.id)
+            await asyncio.to_thread(_keep_only, directory, record)
         failed = await self._servers.transition(
             server.id,
             {working},
@@ -515,7 +633,7 @@ class Fleet:
                 f"servers/{server.id} is {server.state.value}; stop it before capturing it",
                 [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
             )
-        disk = self.system_disk(server.id)
+        disk = await self.system_disk(server.id, verify_base=True)
         try:
             states = await asyncio.to_thread(plugin_states, disk)
         except disks.NotASystemDisk:
@@ -671,7 +789,8 @@ class Fleet:
                 await self._release(server_id, CAPTURE_RUNNING)
 
         async def flatten() -> Path:
-            await asyncio.to_thread(disks.flatten, self.system_disk(server_id), flat)
+            disk = await self.system_disk(server_id, verify_base=True)
+            await asyncio.to_thread(disks.flatten, disk, flat)
             return flat
 
         try:
@@ -735,7 +854,11 @@ class Fleet:
         """What bms-network-config does on the server: notices the network is
         down and brings it back — if it is there and intact on the disk."""
         await asyncio.sleep(NETWORK_RESTORE_SECONDS)
-        states = await asyncio.to_thread(plugin_states, self.system_disk(server_id))
+        try:
+            disk = await self.system_disk(server_id)
+            states = await asyncio.to_thread(plugin_states, disk)
+        except (FailedPrecondition, disks.NotASystemDisk, OSError):
+            states = {PluginKind.BMS_NETWORK_CONFIG: ("unreadable", "")}
         if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
             await self._servers.transition(
                 server_id,
@@ -799,32 +922,13 @@ def _as_domain_error(error: Exception, doing: str) -> DomainError:
     return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
 
 
-def _discard_new_system_disk(directory: Path) -> None:
-    """What a failed reinstall wrote: the new disk or EVS volume and its
-    overlay; the system disk in use and its own overlay stay. Blocking."""
-    current = directory / "system.evs"
-    keep = disks.writable_layer(current).name if current.exists() else ""
-    for leftover in ("system.disk.new", "system.evs.new"):
-        (directory / leftover).unlink(missing_ok=True)
-    for overlay in directory.glob("system.overlay.*"):
-        if overlay.name != keep:
-            overlay.unlink()
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Puts the (immutable) cached image into the EVS pool: a hard link, or a
-    copy installed by rename where links are impossible. Servers of a batch
-    may race here; the first one wins and the others find it there."""
-    try:
-        target.hardlink_to(source)
+def _keep_only(directory: Path, record: SystemDisk | None) -> None:
+    """Removes from a server's directory every file but its data disks and
+    the system disk its record names (none without a record): a new disk
+    that never became the one in use, or the one it replaced. Blocking."""
+    if not directory.is_dir():
         return
-    except FileExistsError:
-        return
-    except OSError:
-        pass
-    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    try:
-        shutil.copyfile(source, temp)
-        temp.replace(target)
-    finally:
-        temp.unlink(missing_ok=True)
+    for path in directory.iterdir():
+        if _DATA_DISK.match(path.name) or (record is not None and path.name == record.top):
+            continue
+        path.unlink(missing_ok=True)

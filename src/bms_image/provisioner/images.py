@@ -4,7 +4,10 @@ may use it, and fetch its bytes once into a cache verified by checksum."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,8 +19,10 @@ from bms.image.v1 import image_pb2, image_pb2_grpc
 from ..auth import ServiceCredential
 from ..blobs.staging import PipelinedWriter, StagedUpload
 from ..domain.errors import DataLoss
+from ..domain.system_disks import is_sha256
 from .remote import domain_error
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], Awaitable[None]]
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
@@ -26,7 +31,50 @@ def _metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+#: What identifies a cache entry's file as this process verified it: any
+#: write, chmod or replacement changes it (st_ctime_ns cannot be set back).
+Fingerprint = tuple[int, int, int, int, int]
+_HASH_BYTES = 1024 * 1024
+
+
+def _fingerprint(status: os.stat_result) -> Fingerprint:
+    return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_mode)
+
+
+def cache_entry(cache_dir: Path, sha256: str) -> Path:
+    """The cache file of the bytes with this SHA-256: named by it alone."""
+    if not is_sha256(sha256):
+        raise ValueError(f"not a SHA-256 digest: {sha256[:80]!r}")
+    return cache_dir / f"{sha256}.raw"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _install(temp: Path, path: Path) -> Fingerprint:
+    """Makes a verified download the (read-only) cache entry, replacing any
+    earlier one by rename: who reads the entry finds one or the other, never
+    none. Blocking."""
+    os.chmod(temp, 0o444)
+    os.replace(temp, path)
+    return _fingerprint(os.stat(path))
+
+
 class ImageSource:
+    """Images through ImageService, and the image cache. Its entries are
+    content-addressed (`<sha256>.raw`), verified when filled, read-only
+    (0o444) and never opened for writing again; a local disk is a copy of an
+    entry and an EVS clone writes only to its own overlay. Before an entry
+    is used again it is either provably untouched (its fingerprint is the
+    one taken when this process verified it) or hashed again; a wrong one is
+    replaced by a fresh download, atomically, so a clone reading it never
+    finds it missing."""
+
     def __init__(
         self,
         channel: grpc.aio.Channel,
@@ -41,7 +89,11 @@ class ImageSource:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for leftover in cache_dir.glob(".part-*"):
             leftover.unlink(missing_ok=True)
+        for legacy in cache_dir.glob("*-*.raw"):  # named by image id too, before 0006
+            legacy.unlink(missing_ok=True)
         self._inflight: dict[str, asyncio.Task[Path]] = {}
+        #: Entries this process verified, as they were right after.
+        self._verified: dict[str, Fingerprint] = {}
 
     async def close(self) -> None:
         """Stops downloads still running (on shutdown)."""
@@ -76,22 +128,68 @@ class ImageSource:
         """Downloads a crash cut off (none while this process fetches)."""
         return list(self._cache.glob(".part-*"))
 
-    def cached(self, image_id: str, sha256: str) -> Path:
-        return self._cache / f"{image_id}-{sha256}.raw"
+    def entry(self, sha256: str) -> Path:
+        """Where the bytes with this SHA-256 are cached (if they are)."""
+        return cache_entry(self._cache, sha256)
 
     async def fetch(self, image_id: str, sha256: str, token: str, progress: Progress) -> Path:
-        """The verified image file; downloads it once however many deployments
-        ask at the same time."""
-        path = self.cached(image_id, sha256)
-        if path.exists():
-            return path
-        key = path.name
-        task = self._inflight.get(key)
+        """The verified cache entry of the image's bytes; downloads them once
+        however many deployments ask at the same time."""
+        if not is_sha256(sha256):
+            raise DataLoss(
+                "IMAGE_CHECKSUM_MISMATCH",
+                f"images/{image_id}: the image service told no valid SHA-256; not deployed",
+            )
+        task = self._inflight.get(sha256)
         if task is None:
-            task = asyncio.create_task(self._download(image_id, sha256, token, progress, path))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            task = asyncio.create_task(self._fill(image_id, sha256, token, progress))
+            self._inflight[sha256] = task
+            task.add_done_callback(lambda _: self._inflight.pop(sha256, None))
         return await asyncio.shield(task)
+
+    async def verified(self, image_id: str, sha256: str) -> Path:
+        """The cache entry an EVS clone reads through to, checked as for a
+        reuse; DataLoss if it is gone or no longer those bytes."""
+        path = self.entry(sha256)
+        fingerprint = await asyncio.to_thread(self._check, path, sha256)
+        if fingerprint is None:
+            raise DataLoss(
+                "IMAGE_CACHE_DAMAGED",
+                f"the cached bytes of images/{image_id} are gone or changed (SHA-256 {sha256} "
+                "expected); reinstall the server",
+            )
+        self._verified[sha256] = fingerprint
+        return path
+
+    async def _fill(self, image_id: str, sha256: str, token: str, progress: Progress) -> Path:
+        path = self.entry(sha256)
+        fingerprint = await asyncio.to_thread(self._check, path, sha256)
+        if fingerprint is not None:
+            self._verified[sha256] = fingerprint
+            return path
+        return await self._download(image_id, sha256, token, progress, path)
+
+    def _check(self, path: Path, sha256: str) -> Fingerprint | None:
+        """The entry's fingerprint if it holds the bytes with that SHA-256:
+        provably untouched since this process verified it, or hashed again
+        now (read-only, and unchanged while hashed). None if it is missing
+        or wrong. Blocking."""
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(before.st_mode):  # a link or anything else: replaced
+            return None
+        if self._verified.get(sha256) == _fingerprint(before):
+            return _fingerprint(before)
+        log.info("verifying the cached image %s again before it is used", path.name)
+        if before.st_mode & 0o777 != 0o444:
+            os.chmod(path, 0o444)
+            before = os.lstat(path)
+        if _sha256_of(path) != sha256 or _fingerprint(os.lstat(path)) != _fingerprint(before):
+            log.warning("the cached image %s is damaged; it is fetched again", path.name)
+            return None
+        return _fingerprint(before)
 
     async def _download(
         self, image_id: str, sha256: str, token: str, progress: Progress, path: Path
@@ -125,7 +223,7 @@ class ImageSource:
                     f"images/{image_id}: the received bytes have SHA-256 {got}, "
                     f"the image service says {final or 'nothing'}; not deployed",
                 )
-            await asyncio.to_thread(os.replace, temp, path)
+            self._verified[sha256] = await asyncio.to_thread(_install, temp, path)
             return path
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)

@@ -22,8 +22,10 @@ from sqlalchemy import (
     update,
 )
 
+from ..domain.errors import QuotaExceeded, QuotaViolation
 from ..domain.model import Plugin, PluginKind
 from ..domain.servers import BootSource, NetworkState, Server, ServerState
+from ..domain.system_disks import DiskKind, SystemDisk
 from .db import Database, serialize
 from .repository import utc
 from .tables import ServerRow
@@ -31,6 +33,17 @@ from .tables import ServerRow
 SERVERS: Table = ServerRow.__table__  # type: ignore[assignment]
 _SERVER_BY_ID = select(SERVERS).where(SERVERS.c.id == bindparam("id"))
 _INSERT_SERVER = insert(SERVERS).returning(SERVERS.c.seq, sort_by_parameter_order=True)
+_DISK_BY_ID = select(
+    SERVERS.c.disk_kind, SERVERS.c.disk_top, SERVERS.c.disk_base_image, SERVERS.c.disk_base_sha256
+).where(SERVERS.c.id == bindparam("id"))
+_SERVERS_OF_PROJECT = (
+    select(func.count())
+    .select_from(SERVERS)
+    .where(
+        SERVERS.c.project == bindparam("project"),
+        SERVERS.c.state != ServerState.DELETED.value,
+    )
+)
 
 
 def _server(row: Row[Any]) -> Server:
@@ -83,7 +96,26 @@ def _values(server: Server) -> dict[str, Any]:
         "revision": 1,
         "create_time": server.create_time,
         "update_time": server.update_time,
+        **_disk_values(None),
     }
+
+
+def _disk_values(disk: SystemDisk | None) -> dict[str, str]:
+    """The disk_* columns of a record (all empty for none)."""
+    if disk is None:
+        return {"disk_kind": "", "disk_top": "", "disk_base_image": "", "disk_base_sha256": ""}
+    return {
+        "disk_kind": disk.kind.value,
+        "disk_top": disk.top,
+        "disk_base_image": disk.base_image_id,
+        "disk_base_sha256": disk.base_sha256,
+    }
+
+
+def _project_key(project: str) -> int:
+    """The advisory lock that queues a project's server creations."""
+    digest = hashlib.sha256(b"servers\n" + project.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _servers(connection: Connection, statement: Select[Any]) -> list[Server]:
@@ -94,11 +126,26 @@ class SqlServerRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def add_all(self, servers: list[Server]) -> list[Server]:
+    async def add_all(self, servers: list[Server], limit: int) -> list[Server]:
+        """Adds servers of one project, if the project then has at most
+        `limit` servers (not deleted); else QuotaExceeded. Atomic: the count
+        and the insert are one transaction, queued per project."""
         if not servers:
             return []
+        project = servers[0].project
+        assert all(s.project == project for s in servers)
 
         def work(connection: Connection) -> list[Server]:
+            serialize(connection, _project_key(project))
+            used = int(connection.execute(_SERVERS_OF_PROJECT, {"project": project}).scalar_one())
+            if used + len(servers) > limit:
+                raise QuotaExceeded(
+                    "SERVER_QUOTA_EXCEEDED",
+                    f"project {project} has {used} servers; {len(servers)} more would pass its "
+                    f"limit of {limit}; delete some, or ask for fewer",
+                    [QuotaViolation(f"projects/{project}", f"servers: limit {limit}")],
+                    {"limit": str(limit), "used": str(used)},
+                )
             seqs = connection.execute(_INSERT_SERVER, [_values(s) for s in servers]).scalars()
             return [replace(s, seq=seq, revision=1) for s, seq in zip(servers, seqs, strict=True)]
 
@@ -124,6 +171,19 @@ class SqlServerRepository:
         )
         return await self._db.run(lambda connection: _servers(connection, statement))
 
+    async def disk(self, server_id: str) -> SystemDisk | None:
+        """The record of the server's system disk; None before it has one."""
+
+        def work(connection: Connection) -> SystemDisk | None:
+            row = connection.execute(_DISK_BY_ID, {"id": server_id}).first()
+            if row is None or not row.disk_kind:
+                return None
+            return SystemDisk(
+                DiskKind(row.disk_kind), row.disk_top, row.disk_base_image, row.disk_base_sha256
+            )
+
+        return await self._db.run(work)
+
     async def in_states(self, states: Collection[ServerState]) -> list[Server]:
         statement = select(SERVERS).where(SERVERS.c.state.in_([s.value for s in states]))
         return await self._db.run(lambda connection: _servers(connection, statement))
@@ -144,12 +204,16 @@ class SqlServerRepository:
         from_states: Collection[ServerState],
         changes: Mapping[str, Any],
         task: str | None = None,
+        disk: SystemDisk | None = None,
     ) -> Server | None:
         """Applies changes if the server is in one of from_states (and, when
-        given, has exactly that task); None if not."""
+        given, has exactly that task); None if not. `disk`, when given,
+        becomes the record of its system disk in the same change."""
         values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in changes.items()}
         if "plugins" in values:
             values["plugins"] = _plugins(values["plugins"])
+        if disk is not None:
+            values.update(_disk_values(disk))
         values["update_time"] = datetime.now(UTC)
         statement = (
             update(SERVERS)

@@ -171,6 +171,14 @@ class ServerRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: What makes up the system disk (domain/system_disks.py), the fleet's own
+    #: record, never read from a disk's bytes: "" (none yet), "local" or "evs".
+    disk_kind: Mapped[str] = mapped_column(String(8), default="")
+    #: The writable file in the server's directory: system.disk or an overlay.
+    disk_top: Mapped[str] = mapped_column(String(64), default="")
+    #: An EVS clone's base: the image id and the SHA-256 naming its cache entry.
+    disk_base_image: Mapped[str] = mapped_column(String(36), default="")
+    disk_base_sha256: Mapped[str] = mapped_column(String(64), default="")
 
     __table_args__ = (
         Index("ix_servers_project_seq", "project", "seq"),
