@@ -24,6 +24,13 @@ class Settings:
     max_image_members: int = 256
     shutdown_grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
+    #: Concurrent streams (calls) one HTTP/2 connection may open; further
+    #: calls on that connection wait for one to end. The benchmarks open
+    #: 1,000 WatchServer streams on one channel.
+    max_streams_per_connection: int = 2048
+    #: Concurrent RPCs of the whole process; beyond it a call is refused at
+    #: once with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 10_000
     log_level: str = "INFO"
     max_image_bytes: int = 1024**4
     chunk_bytes: int = 1024 * 1024
@@ -47,7 +54,11 @@ class Settings:
     provisioner_cert_file: str = ""
     provisioner_key_file: str = ""
     #: host:port of the Prometheus endpoint (/metrics); empty: no endpoint.
+    #: The host must be a loopback address unless metrics_allow_remote.
     metrics_listen: str = ""
+    #: Let metrics_listen bind a non-loopback address (or every address, for
+    #: a bare port): the endpoint has no authentication and names projects.
+    metrics_allow_remote: bool = False
     #: "text" for people, "json" (one object per line) for log pipelines.
     log_format: str = "text"
     #: SQLite durability: NORMAL (acknowledged writes survive any crash of the
@@ -115,6 +126,17 @@ class Settings:
         return path.read_text().strip()
 
 
+def _boolean(raw: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case); anything else is refused
+    rather than read as false."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean: use true or false")
+
+
 _CASTERS: dict[str, Any] = {
     "listen": str,
     "data_dir": Path,
@@ -124,6 +146,8 @@ _CASTERS: dict[str, Any] = {
     "max_image_members": int,
     "shutdown_grace_seconds": float,
     "max_message_bytes": int,
+    "max_streams_per_connection": int,
+    "max_concurrent_rpcs": int,
     "log_level": str,
     "max_image_bytes": int,
     "chunk_bytes": int,
@@ -142,6 +166,7 @@ _CASTERS: dict[str, Any] = {
     "provisioner_cert_file": str,
     "provisioner_key_file": str,
     "metrics_listen": str,
+    "metrics_allow_remote": _boolean,
     "log_format": str,
     "health_check_seconds": float,
     "event_loop": str,
