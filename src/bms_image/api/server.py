@@ -290,7 +290,7 @@ async def _serving(
     """Starts serving: metrics endpoint, the port, then health from the first check."""
     if settings.metrics_listen:
         try:
-            closing.callback(metrics.serve(settings.metrics_listen))
+            closing.callback(metrics.serve(settings.metrics_listen, settings.metrics_allow_remote))
         except (OSError, ValueError) as error:
             await closing.aclose()
             await database.close()
