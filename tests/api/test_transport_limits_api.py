@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import RunningService, server_options, start
+from bms_image.api.server import MAX_METADATA_BYTES, RunningService, server_options, start
 from bms_image.catalog.seed import public_image_id
 from bms_image.config import Settings
 from helpers import make_settings
@@ -153,6 +153,21 @@ async def test_300_open_streams_on_one_channel_under_a_limit_of_400(tmp_path: Pa
         finally:
             for call in held:
                 call.cancel()
+
+
+async def test_headers_over_the_metadata_limit_are_refused_every_time(tmp_path: Path) -> None:
+    """8 KiB of headers at most, refused always above it (gRPC's own defaults
+    refuse at random between 8 and 16 KiB)."""
+    async with _serving(tmp_path) as service, _channel(service) as stub:
+        md = _metadata(service)
+        under = (*md, ("x-padding", "a" * (MAX_METADATA_BYTES // 2)))
+        over = (*md, ("x-padding", "a" * (MAX_METADATA_BYTES + 1000)))
+        for _ in range(10):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetImage(GET_CENTOS, metadata=over, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "metadata" in (refused.value.details() or "")
+            assert (await stub.GetImage(GET_CENTOS, metadata=under, timeout=30)).name == CENTOS
 
 
 def test_the_defaults_keep_the_benchmarks_working() -> None:

@@ -71,8 +71,10 @@ PROVISIONING_SERVICE = provisioning_pb2.DESCRIPTOR.services_by_name["Provisionin
 CAPTURE_SERVICE = capture_pb2.DESCRIPTOR.services_by_name["ServerCaptureService"].full_name
 
 
-#: Bytes of request headers (the token among them) a call may send: gRPC's
-#: own default, written down. A call over it is refused (RESOURCE_EXHAUSTED).
+#: Bytes of request headers (the token among them) a call may send; a call
+#: over it is refused with RESOURCE_EXHAUSTED. gRPC's soft limit by default,
+#: made the hard limit too: between its soft (8 KiB) and hard (16 KiB)
+#: defaults gRPC refuses calls at random.
 MAX_METADATA_BYTES = 8 * 1024
 #: Pings a client may send too early (under 10 s apart without data) before
 #: the server closes its connection (GOAWAY too_many_pings).
@@ -97,6 +99,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
