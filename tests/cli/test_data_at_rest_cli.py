@@ -1,7 +1,7 @@
 """Data at rest (issue 14, item 8), with real `bms-image` processes: the data
 directory is 0700 and what the service writes under it is its user's alone
-(image bytes, staging, fleet disks, EVS volumes and the image cache, SQLite
-files, the token secret); a token secret others may read is refused at start
+(image bytes, staging, fleet disks of both boot sources and the image cache,
+SQLite files, the token secret); a token secret others may read is refused at start
 with the command that fixes it; the secret is made once, whole, even by
 processes starting together."""
 
@@ -117,7 +117,7 @@ def test_what_the_service_writes_is_private_to_its_user(tmp_path: Path) -> None:
     # The walk below sees every kind of file the service writes.
     assert {"blobs", "fleet", "bms-image.db", SECRET_FILE} <= written, written
     fleet = {p.relative_to(data_dir / "fleet").parts[0] for p in (data_dir / "fleet").rglob("*")}
-    assert {"servers", "image-cache", "evs-pool"} <= fleet, fleet
+    assert {"servers", "image-cache"} <= fleet, fleet
     # serve.stdout and serve.stderr are the test's own files, made by its umask.
     assert _not_private(data_dir, {"serve.stdout", "serve.stderr"}) == []
 
