@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +26,13 @@ class Settings:
     max_image_members: int = 256
     shutdown_grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
+    #: Concurrent streams (calls) one HTTP/2 connection may open; further
+    #: calls on that connection wait for one to end. The benchmarks open
+    #: 1,000 WatchServer streams on one channel.
+    max_streams_per_connection: int = 2048
+    #: Concurrent RPCs of the whole process; beyond it a call is refused at
+    #: once with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 10_000
     log_level: str = "INFO"
     max_image_bytes: int = 1024**4
     chunk_bytes: int = 1024 * 1024
@@ -47,7 +56,11 @@ class Settings:
     provisioner_cert_file: str = ""
     provisioner_key_file: str = ""
     #: host:port of the Prometheus endpoint (/metrics); empty: no endpoint.
+    #: The host must be a loopback address unless metrics_allow_remote.
     metrics_listen: str = ""
+    #: Let metrics_listen bind a non-loopback address (or every address, for
+    #: a bare port): the endpoint has no authentication and names projects.
+    metrics_allow_remote: bool = False
     #: "text" for people, "json" (one object per line) for log pipelines.
     log_format: str = "text"
     #: SQLite durability: NORMAL (acknowledged writes survive any crash of the
@@ -105,20 +118,81 @@ class Settings:
         return tuple(key.strip() for key in self.token_previous_secrets.split(",") if key.strip())
 
     def secret(self) -> str:
+        """The token secret: token_secret, else the file data_dir/token-secret,
+        made on first use. InsecureSecretFile when that file may be read or
+        written by others (group or other permission bits) or is empty."""
         if self.token_secret:
             return self.token_secret
-        path = self.data_dir / "token-secret"
+        path = self.data_dir / SECRET_FILE
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: two processes starting together agree on one secret.
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(secrets.token_hex(32))
-        return path.read_text().strip()
+            _create_secret_file(path)
+        return _read_secret_file(path)
+
+
+#: The token secret's file in the data directory (without BMS_IMAGE_TOKEN_SECRET).
+SECRET_FILE = "token-secret"
+
+
+class InsecureSecretFile(RuntimeError):
+    """The token secret file is not private to this user, or is unusable."""
+
+
+def _create_secret_file(path: Path) -> None:
+    """Writes a new random secret to `path`, atomically and durably: a 0600
+    temporary file in the same directory, fsynced, then hard-linked to the
+    final name, which fails if the name exists (so two processes starting
+    together agree on one secret: the loser reads the winner's), and the
+    directory fsynced. A crash leaves no file or a whole one, never an empty
+    or partial secret."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".new")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(temporary)
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def _read_secret_file(path: Path) -> str:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise InsecureSecretFile(
+            f"the token secret {path} has mode {mode:04o}: other users may read or change it, "
+            f"and so sign tokens for any project. Restrict it with `chmod 600 {path}` "
+            "(and consider making a new secret: delete the file to have one made at the "
+            "next start, which ends every token signed with the old one)"
+        )
+    secret = path.read_text().strip()
+    if not secret:
+        raise InsecureSecretFile(
+            f"the token secret {path} is empty; delete it to have a new one made at the next "
+            "start (tokens signed with the old secret stop working), or set "
+            "BMS_IMAGE_TOKEN_SECRET"
+        )
+    return secret
+
+
+def _boolean(raw: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case); anything else is refused
+    rather than read as false."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean: use true or false")
 
 
 _CASTERS: dict[str, Any] = {
@@ -130,6 +204,8 @@ _CASTERS: dict[str, Any] = {
     "max_image_members": int,
     "shutdown_grace_seconds": float,
     "max_message_bytes": int,
+    "max_streams_per_connection": int,
+    "max_concurrent_rpcs": int,
     "log_level": str,
     "max_image_bytes": int,
     "chunk_bytes": int,
@@ -148,6 +224,7 @@ _CASTERS: dict[str, Any] = {
     "provisioner_cert_file": str,
     "provisioner_key_file": str,
     "metrics_listen": str,
+    "metrics_allow_remote": _boolean,
     "log_format": str,
     "health_check_seconds": float,
     "event_loop": str,

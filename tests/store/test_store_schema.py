@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -26,6 +27,7 @@ from bms_image.domain.model import (
     Image,
     ImageStatus,
     OsType,
+    RequestMethod,
     Visibility,
 )
 from bms_image.domain.query import ImageQuery, parse_filter
@@ -143,6 +145,75 @@ async def test_schema_after_migrations_matches_the_tables(database: Database) ->
     removed = await database.run(_tables_dropped_for_empty_metadata)
     assert diff == []
     assert removed == set(Base.metadata.tables)
+
+
+async def test_migration_0007_scopes_existing_request_ids_by_the_rpc_that_made_them(
+    database_url: str,
+) -> None:
+    """Rows written before request_method existed: replicas (marked by their
+    status reason while copied or after a failed copy, or ACTIVE at
+    revision 2, which no upload reaches) become "replicate", every other
+    row "create"; afterwards one request id serves both RPCs once each."""
+    db = Database(database_url)
+    now = datetime.now(UTC)
+
+    def old_row(name: str, **fields: Any) -> dict[str, Any]:
+        values = {
+            "id": str(uuid.uuid4()), "display_name": name, "description": "",
+            "visibility": "private", "owner_project": "beta", "creator_project": "beta",
+            "os_type": "linux", "os_distro": "centos", "os_version": "7.6",
+            "architecture": "x86_64", "disk_format": "raw", "size_bytes": 0,
+            "min_disk_gb": 40, "sha256": "", "uploaded_bytes": 0, "status": "queued",
+            "status_reason": "", "hardware_model": "s4-2288h-v5", "plugins": [],
+            "partitions": [], "source_server": "", "protected": False, "deprecated": False,
+            "request_id": str(uuid.uuid4()), "revision": 1, "create_time": now, "update_time": now,
+        }  # fmt: skip
+        values.update(fields)
+        return values
+
+    rows = {
+        "created": old_row("created"),
+        "uploaded": old_row("uploaded", status="active", revision=3),
+        "updated-queued": old_row("updated-queued", revision=2),
+        "captured": old_row("captured", status="active", revision=2, source_server="servers/x"),
+        "killed-upload": old_row("killed-upload", status="killed", status_reason="bad bytes"),
+        "copying": old_row("copying", status="saving", status_reason="replicating images/abc"),
+        "copied": old_row("copied", status="active", revision=2),
+        "copy-failed": old_row("copy-failed", status="killed", status_reason="copy failed: x"),
+    }
+
+    def before(connection: Connection) -> None:
+        command.upgrade(alembic_config(connection), "0005")
+        images = MetaData()
+        images.reflect(connection, only=["images"])
+        connection.execute(insert(images.tables["images"]), list(rows.values()))
+
+    def methods(connection: Connection) -> dict[str, str]:
+        statement = select(ImageRow.display_name, ImageRow.request_method)
+        return {name: method for name, method in connection.execute(statement)}
+
+    try:
+        await db.run(before, write=True)
+        await db.migrate()
+        assert await db.run(methods) == {
+            "created": "create",
+            "uploaded": "create",
+            "updated-queued": "create",
+            "captured": "create",
+            "killed-upload": "create",
+            "copying": "replicate",
+            "copied": "replicate",
+            "copy-failed": "replicate",
+        }
+        repository = SqlImageRepository(db)
+        copied = rows["copied"]["request_id"]
+        found = await repository.find_by_request_id("beta", RequestMethod.REPLICATE, copied)
+        assert found is not None and found.display_name == "copied"
+        assert await repository.find_by_request_id("beta", RequestMethod.CREATE, copied) is None
+        own = await repository.create_private(_private("beta", "own", request_id=copied), 50)
+        assert own.display_name == "own" and own.request_method is RequestMethod.CREATE
+    finally:
+        await db.close()
 
 
 # --- seeding -----------------------------------------------------------------
@@ -336,6 +407,31 @@ async def test_concurrent_create_private_with_one_request_id(database: Database)
     assert all(isinstance(o, Image) for o in outcomes), outcomes
     assert len({o.id for o in outcomes if isinstance(o, Image)}) == 1
     assert await repository.count_quota_used("fresh") == 1
+
+
+async def test_concurrent_creates_and_replicas_with_one_request_id(database: Database) -> None:
+    """One request id, raced by both RPCs: one image of each, every call of
+    an RPC answered with its own."""
+    repository = SqlImageRepository(database)
+    request_id = str(uuid.uuid4())
+    methods = [RequestMethod.CREATE, RequestMethod.REPLICATE] * 6
+    outcomes = await asyncio.gather(
+        *(
+            repository.create_private(
+                _private("fresh", f"{m}{n}", request_id=request_id, request_method=m), 50
+            )
+            for n, m in enumerate(methods)
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, Image) for o in outcomes), outcomes
+    by_method: dict[RequestMethod, set[str]] = {}
+    for method, created in zip(methods, outcomes, strict=True):
+        assert isinstance(created, Image) and created.request_method is method
+        by_method.setdefault(method, set()).add(created.id)
+    assert [len(ids) for ids in by_method.values()] == [1, 1]
+    assert by_method[RequestMethod.CREATE] != by_method[RequestMethod.REPLICATE]
+    assert await repository.count_quota_used("fresh") == 2
 
 
 async def test_concurrent_conditional_updates_of_one_revision(database: Database) -> None:

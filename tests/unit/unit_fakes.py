@@ -22,6 +22,7 @@ from bms_image.domain.model import (
     ImageStatus,
     MemberStatus,
     OsType,
+    RequestMethod,
     Visibility,
 )
 from bms_image.domain.ports import ImageRepository
@@ -174,9 +175,15 @@ class InMemoryImages:
         ]
         return [copy.deepcopy(image) for image in found[:limit]]
 
-    async def find_by_request_id(self, project: str, request_id: str) -> Image | None:
+    async def find_by_request_id(
+        self, project: str, method: RequestMethod, request_id: str
+    ) -> Image | None:
         for image in self.rows.values():
-            if image.creator_project == project and image.request_id == request_id:
+            if (image.creator_project, image.request_method, image.request_id) == (
+                project,
+                method,
+                request_id,
+            ):
                 return copy.deepcopy(image)
         return None
 
@@ -184,7 +191,9 @@ class InMemoryImages:
         assert image.owner_project is not None
         project = image.owner_project
         if image.request_id:
-            earlier = await self.find_by_request_id(image.creator_project, image.request_id)
+            earlier = await self.find_by_request_id(
+                image.creator_project, image.request_method, image.request_id
+            )
             if earlier is not None:
                 return earlier
         used = self._counted(project)
@@ -199,7 +208,9 @@ class InMemoryImages:
 
     async def create_public(self, image: Image) -> Image:
         if image.request_id:
-            earlier = await self.find_by_request_id(image.creator_project, image.request_id)
+            earlier = await self.find_by_request_id(
+                image.creator_project, image.request_method, image.request_id
+            )
             if earlier is not None:
                 return earlier
         return self._insert(image)

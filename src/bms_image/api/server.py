@@ -72,16 +72,40 @@ PROVISIONING_SERVICE = provisioning_pb2.DESCRIPTOR.services_by_name["Provisionin
 CAPTURE_SERVICE = capture_pb2.DESCRIPTOR.services_by_name["ServerCaptureService"].full_name
 
 
+#: Bytes of request headers (the token among them) a call may send; a call
+#: over it is refused with RESOURCE_EXHAUSTED. gRPC's soft limit by default,
+#: made the hard limit too: between its soft (8 KiB) and hard (16 KiB)
+#: defaults gRPC refuses calls at random.
+MAX_METADATA_BYTES = 8 * 1024
+#: Pings a client may send too early (under 10 s apart without data) before
+#: the server closes its connection (GOAWAY too_many_pings).
+MAX_PING_STRIKES = 2
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Deliberate transport limits: bounded messages, keepalive that detects
-    dead peers of long streams, and no silent port sharing between servers."""
+    """Deliberate transport limits: bounded messages and headers, streams per
+    connection (grpc.max_concurrent_streams: HTTP/2 makes a client's further
+    calls on that connection wait, they are not refused), keepalive that
+    detects dead peers of long streams, ping-flood protection, and no silent
+    port sharing between servers. RuntimeError for a limit below 1. The RPCs
+    of the whole process are bounded by the server's maximum_concurrent_rpcs
+    (settings.max_concurrent_rpcs), which refuses the call beyond it."""
+    for name in ("max_streams_per_connection", "max_concurrent_rpcs", "max_message_bytes"):
+        if getattr(settings, name) < 1:
+            raise RuntimeError(
+                f"BMS_IMAGE_{name.upper()} must be at least 1, not {getattr(settings, name)}"
+            )
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 0),
     ]
@@ -176,6 +200,7 @@ async def start_fleet(
 
 async def start(settings: Settings) -> RunningService:
     settings = settings.resolved()
+    options = server_options(settings)  # refuses bad limits before opening anything
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     await database.migrate()
@@ -223,7 +248,9 @@ async def start(settings: Settings) -> RunningService:
 
     metrics.watch_inventory(asyncio.get_running_loop(), inventory)
     server = grpc.aio.server(
-        interceptors=[CallGuard(authority, metrics)], options=server_options(settings)
+        interceptors=[CallGuard(authority, metrics)],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
     sharing = Sharing(
@@ -277,7 +304,7 @@ async def _serving(
     """Starts serving: metrics endpoint, the port, then health from the first check."""
     if settings.metrics_listen:
         try:
-            closing.callback(metrics.serve(settings.metrics_listen))
+            closing.callback(metrics.serve(settings.metrics_listen, settings.metrics_allow_remote))
         except (OSError, ValueError) as error:
             await closing.aclose()
             await database.close()
@@ -377,6 +404,7 @@ async def start_provisioner(settings: Settings) -> RunningService:
     settings = settings.resolved()
     if not settings.image_service:
         raise RuntimeError("the provisioner needs --image-service HOST:PORT")
+    options = server_options(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     await database.migrate()
@@ -388,7 +416,9 @@ async def start_provisioner(settings: Settings) -> RunningService:
     authority = _authority(settings)
     metrics = ServiceMetrics()
     server = grpc.aio.server(
-        interceptors=[CallGuard(authority, metrics)], options=server_options(settings)
+        interceptors=[CallGuard(authority, metrics)],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     fleet = await start_fleet(
         settings,

@@ -36,6 +36,28 @@ def _settings(**overrides: object) -> Settings:
     return Settings.from_env(overrides)
 
 
+#: Files this process creates are its user's alone (0600, directories 0700):
+#: image bytes, staging, fleet disks and cache, SQLite files, the secret.
+PRIVATE_UMASK = 0o077
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """Before anything is written: files made from now on are private to this
+    user, and the data directory is 0700 (existing files are out of other
+    users' reach behind it). Exits with a message if it cannot be made so."""
+    os.umask(PRIVATE_UMASK)
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(settings.data_dir, 0o700)
+    except OSError as error:
+        typer.echo(
+            f"error: cannot make the data directory {settings.data_dir} private (0700): "
+            f"{error.strerror}; use a directory this user owns (--data-dir)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
 def serve(
     listen: ListenOpt = None,
     data_dir: DataDirOpt = None,
@@ -72,6 +94,7 @@ def serve(
         shutdown_grace_seconds=shutdown_grace_seconds,
         provisioner_address=provisioner_address,
     )
+    _private_data_dir(settings)
     try:
         run_with(settings.event_loop, lambda: run_server(settings))
     except RuntimeError as error:
@@ -105,6 +128,7 @@ def provisioner(
         database_url=database_url,
         image_service=image_service,
     )
+    _private_data_dir(settings)
     try:
         run_with(settings.event_loop, lambda: run_server(settings, start_provisioner))
     except RuntimeError as error:
@@ -116,10 +140,15 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
     """Apply the database migrations, then exit (`serve` also does this on start)."""
     from ..store.db import Database
 
-    settings = _settings(data_dir=data_dir, database_url=database_url).resolved()
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    _private_data_dir(settings)
+    try:
+        settings = settings.resolved()
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
     async def run() -> None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         try:
             await database.migrate()
@@ -151,7 +180,7 @@ def token(
     settings = _settings(data_dir=data_dir)
     try:
         typer.echo(TokenAuthority(settings.secret()).issue(project, admin, ttl_seconds))
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:  # RuntimeError: an insecure secret file
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
 

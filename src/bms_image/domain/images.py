@@ -20,6 +20,7 @@ from .errors import (
     FailedPrecondition,
     FieldViolation,
     PermissionDenied,
+    PreconditionViolation,
     invalid_field,
 )
 from .flavors import FlavorCatalog
@@ -33,6 +34,7 @@ from .model import (
     MemberStatus,
     OsType,
     Plugin,
+    RequestMethod,
     Visibility,
 )
 from .paging import PageTokens, page_size_or_default
@@ -90,6 +92,39 @@ def _enum_or_none(kind: type[E], value: str) -> E | None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+#: An image in these statuses is no answer to a retry: it failed or is gone.
+_NO_LONGER_USABLE = frozenset({ImageStatus.KILLED, ImageStatus.DELETED})
+
+
+def replayed(earlier: Image) -> Image:
+    """The answer to a retry whose request_id already created `earlier`.
+
+    AIP-155: a duplicate request returns the response of the first one,
+    and a request id is never executed twice. While the image lives that
+    answer is the image. Once it is KILLED or DELETED, answering with it
+    as a success would tell the client it has an image it cannot use, and
+    making a new one would run the request twice (a retry delayed past a
+    delete would bring the image back). So the id stays consumed and the
+    retry gets FAILED_PRECONDITION REQUEST_ID_CONSUMED, naming the image
+    and its status: the client decides, with a new request_id."""
+    if earlier.status not in _NO_LONGER_USABLE:
+        return earlier
+    name = f"images/{earlier.id}"
+    status = earlier.status.value
+    raise FailedPrecondition(
+        "REQUEST_ID_CONSUMED",
+        f"request_id {earlier.request_id} already created {name}, which is now {status}; "
+        "the request will not run again: use a new request_id to create another image",
+        [PreconditionViolation("REQUEST_ID", name, f"request_id created {name}, now {status}")],
+        {
+            "image": name,
+            "status": status,
+            "request_id": earlier.request_id or "",
+            "method": earlier.request_method.value,
+        },
+    )
 
 
 class ImageCatalog:
@@ -188,8 +223,10 @@ class ImageCatalog:
         token: str = "",
     ) -> Image:
         """A retry with the same request_id returns the image of the first
-        call: the repository checks for it in the transaction that inserts
-        (a capture checks first, so as not to hold the server again)."""
+        call (see `replayed` once that image is killed or deleted): the
+        repository checks for it in the transaction that inserts (a capture
+        checks first, so as not to hold the server again). Request ids of
+        CreateImage and ReplicateImage are apart."""
         if request_id:
             rules.require_request_id(request_id)
         image_type = new.type or ImageType.PRIVATE
@@ -205,8 +242,10 @@ class ImageCatalog:
             return await self._capture(caller, new, request_id, source_server, token)
         image = self._validated_image(caller, new, image_type, request_id or None)
         if image.visibility is Visibility.PUBLIC:
-            return await self._images.create_public(image)
-        return await self._images.create_private(image, self._quota)
+            created = await self._images.create_public(image)
+        else:
+            created = await self._images.create_private(image, self._quota)
+        return created if created.id == image.id else replayed(created)
 
     async def _capture(
         self, caller: Caller, new: NewImage, request_id: str, server_id: str, token: str
@@ -220,9 +259,11 @@ class ImageCatalog:
                 "provisioner to ask (BMS_IMAGE_PROVISIONER_ADDRESS), so it cannot capture servers",
             )
         if request_id:
-            earlier = await self._images.find_by_request_id(caller.project, request_id)
+            earlier = await self._images.find_by_request_id(
+                caller.project, RequestMethod.CREATE, request_id
+            )
             if earlier is not None:
-                return earlier
+                return replayed(earlier)
         source = await self._captures.prepare_capture(caller, token, server_id)
         try:
             described = NewImage(
@@ -247,7 +288,7 @@ class ImageCatalog:
             raise
         if created.id != image.id:  # a retry of an earlier capture
             await self._captures.release_capture(token, server_id)
-            return created
+            return replayed(created)
         try:
             await self._captures.start_capture(token, server_id, created.id)
         except BaseException as error:

@@ -33,6 +33,15 @@ class ImageStatus(enum.StrEnum):
     DELETED = "deleted"
 
 
+class RequestMethod(enum.StrEnum):
+    """The RPC a request_id was given to: each has its own idempotency keys
+    (per project), so one RPC's retry never answers with another's image.
+    A capture is a CreateImage."""
+
+    CREATE = "create"
+    REPLICATE = "replicate"
+
+
 class MemberStatus(enum.StrEnum):
     """A member project's answer to an image shared with it."""
 
@@ -148,6 +157,7 @@ class Image:
     uploaded_bytes: int = 0
     creator_project: str = ""
     request_id: str | None = None
+    request_method: RequestMethod = RequestMethod.CREATE
     revision: int = 1
     seq: int = 0
     create_time: datetime | None = None

@@ -17,6 +17,7 @@ from .model import (
     MemberStatus,
     Partition,
     Plugin,
+    RequestMethod,
 )
 from .query import ImageQuery
 
@@ -34,13 +35,17 @@ class ImageRepository(Protocol):
     ) -> list[Image]:
         """Images the caller can see that match the query, by ascending seq."""
 
-    async def find_by_request_id(self, project: str, request_id: str) -> Image | None:
-        """The image a project created with this idempotency key, if any."""
+    async def find_by_request_id(
+        self, project: str, method: RequestMethod, request_id: str
+    ) -> Image | None:
+        """The image a project's call of this RPC created with this
+        idempotency key, if any (in whatever status it is now)."""
 
     async def create_private(self, image: Image, quota_limit: int) -> Image:
         """Inserts a private image unless the owner already holds quota_limit
         counted images (QuotaExceeded), atomically with the count; returns the
-        image of an earlier call with the same request_id instead, if any."""
+        image of an earlier call with the same creator project, request_method
+        and request_id instead, if any (in whatever status it is now)."""
 
     async def create_public(self, image: Image) -> Image:
         """Inserts a public image with its supported flavors."""

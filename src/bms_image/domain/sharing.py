@@ -15,8 +15,8 @@ from .errors import (
     PreconditionViolation,
     invalid_field,
 )
-from .images import ImageCatalog
-from .model import Caller, Image, ImageStatus, Member, MemberStatus, Visibility
+from .images import ImageCatalog, replayed
+from .model import Caller, Image, ImageStatus, Member, MemberStatus, RequestMethod, Visibility
 from .paging import PageTokens, page_size_or_default
 from .ports import ImageRepository, MemberRepository
 
@@ -135,11 +135,17 @@ class Sharing:
     async def replicate(
         self, caller: Caller, image_id: str, display_name: str = "", request_id: str = ""
     ) -> Image:
+        """A copy of an image shared with the caller, in its own project. A
+        retry with the same request_id returns the first call's replica (or
+        REQUEST_ID_CONSUMED once it is killed or deleted), never an image a
+        CreateImage made with that id."""
         if request_id:
             rules.require_request_id(request_id)
-            earlier = await self._images.find_by_request_id(caller.project, request_id)
+            earlier = await self._images.find_by_request_id(
+                caller.project, RequestMethod.REPLICATE, request_id
+            )
             if earlier is not None:
-                return earlier
+                return replayed(earlier)
         source, membership = await self._catalog.get_with_membership(caller, image_id)
         if source.visibility is Visibility.PUBLIC or rules.is_owner(caller, source):
             raise FailedPrecondition(
@@ -161,6 +167,7 @@ class Sharing:
             owner_project=caller.project,
             creator_project=caller.project,
             request_id=request_id or None,
+            request_method=RequestMethod.REPLICATE,
             status=ImageStatus.SAVING,
             status_reason=rules.replicating_reason(image_id),
             protected=False,
@@ -172,7 +179,7 @@ class Sharing:
         )
         created = await self._images.create_private(draft, self._catalog.private_image_quota)
         if created.id != draft.id:  # a concurrent retry with the same request_id won
-            return created
+            return replayed(created)
         try:
             await self._blobs.copy(source.id, created.id)
         except Exception as error:

@@ -50,6 +50,7 @@ from ..domain.model import (
     Partition,
     Plugin,
     PluginKind,
+    RequestMethod,
     Visibility,
 )
 from ..domain.query import Condition, ImageQuery
@@ -92,8 +93,11 @@ _LISTS_OF = union_all(
     ),
 )
 _IMAGE_BY_ID = select(IMAGES).where(IMAGES.c.id == bindparam("id"))
+#: The image a project's call of one RPC created with a request id
+#: (uq_images_request: at most one).
 _IMAGE_BY_REQUEST = select(IMAGES).where(
     IMAGES.c.creator_project == bindparam("project"),
+    IMAGES.c.request_method == bindparam("method"),
     IMAGES.c.request_id == bindparam("request_id"),
 )
 #: Only private images have an owner: no visibility term, which would steer
@@ -143,6 +147,7 @@ def _image_from(row: RowMapping, tags: Sequence[str], flavors: Sequence[str]) ->
         protected=row["protected"],
         deprecated=row["deprecated"],
         request_id=row["request_id"],
+        request_method=RequestMethod(row["request_method"]),
         revision=row["revision"],
         create_time=utc(row["create_time"]),
         update_time=utc(row["update_time"]),
@@ -204,19 +209,27 @@ def _image_values(image: Image) -> dict[str, Any]:
         "protected": image.protected,
         "deprecated": image.deprecated,
         "request_id": image.request_id,
+        "request_method": image.request_method.value,
         "revision": image.revision,
         "create_time": image.create_time,
         "update_time": image.update_time,
     }
 
 
-def _by_request_id(connection: Connection, project: str, request_id: str) -> Image | None:
-    row = (
-        connection.execute(_IMAGE_BY_REQUEST, {"project": project, "request_id": request_id})
-        .mappings()
-        .first()
-    )
+def _by_request_id(
+    connection: Connection, project: str, method: RequestMethod, request_id: str
+) -> Image | None:
+    parameters = {"project": project, "method": method.value, "request_id": request_id}
+    row = connection.execute(_IMAGE_BY_REQUEST, parameters).mappings().first()
     return _image_or_none(connection, row)
+
+
+def _earlier(connection: Connection, image: Image) -> Image | None:
+    """The image an earlier call of the same request (project, RPC and
+    request id) created, if the new image has a request id."""
+    if not image.request_id:
+        return None
+    return _by_request_id(connection, image.creator_project, image.request_method, image.request_id)
 
 
 def _lock_project(connection: Connection, project: str) -> None:
@@ -425,8 +438,10 @@ class SqlImageRepository:
 
         return await self._db.run(lambda connection: _images_selected(connection, statement))
 
-    async def find_by_request_id(self, project: str, request_id: str) -> Image | None:
-        return await self._db.run(lambda c: _by_request_id(c, project, request_id))
+    async def find_by_request_id(
+        self, project: str, method: RequestMethod, request_id: str
+    ) -> Image | None:
+        return await self._db.run(lambda c: _by_request_id(c, project, method, request_id))
 
     async def count_quota_used(self, project: str) -> int:
         return await self._db.run(lambda connection: _quota_used(connection, project))
@@ -465,10 +480,9 @@ class SqlImageRepository:
 
         def work(connection: Connection) -> Image:
             _lock_project(connection, project)
-            if image.request_id:
-                earlier = _by_request_id(connection, image.creator_project, image.request_id)
-                if earlier is not None:
-                    return earlier
+            earlier = _earlier(connection, image)
+            if earlier is not None:
+                return earlier
             used = _quota_used(connection, project)
             if used >= quota_limit:
                 raise QuotaExceeded(
@@ -485,10 +499,9 @@ class SqlImageRepository:
     async def create_public(self, image: Image) -> Image:
         def work(connection: Connection) -> Image:
             _lock_project(connection, image.creator_project)
-            if image.request_id:
-                earlier = _by_request_id(connection, image.creator_project, image.request_id)
-                if earlier is not None:
-                    return earlier
+            earlier = _earlier(connection, image)
+            if earlier is not None:
+                return earlier
             return insert_image(connection, image)
 
         return await self._create(image.id, work)

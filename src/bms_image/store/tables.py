@@ -46,7 +46,7 @@ class ImageRow(Base):
     visibility: Mapped[str] = mapped_column(String(16))
     owner_project: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: The project whose call created the image (an admin's, for public images);
-    #: with request_id it makes creates idempotent.
+    #: with request_method and request_id it makes creates idempotent.
     creator_project: Mapped[str] = mapped_column(String(64), default="")
     os_type: Mapped[str] = mapped_column(String(16))
     os_distro: Mapped[str] = mapped_column(String(32))
@@ -66,6 +66,9 @@ class ImageRow(Base):
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     deprecated: Mapped[bool] = mapped_column(Boolean, default=False)
     request_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    #: The RPC request_id was given to ("create", "replicate"): each RPC has
+    #: its own keys per project. Replicas say "replicate" even without one.
+    request_method: Mapped[str] = mapped_column(String(16), default="create")
     revision: Mapped[int] = mapped_column(Integer, default=1)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -78,8 +81,9 @@ class ImageRow(Base):
     )
 
     __table_args__ = (
-        UniqueConstraint("owner_project", "request_id", name="uq_images_owner_request"),
-        UniqueConstraint("creator_project", "request_id", name="uq_images_creator_request"),
+        UniqueConstraint(
+            "creator_project", "request_method", "request_id", name="uq_images_request"
+        ),
         Index("ix_images_owner_status", "owner_project", "status"),
         Index("ix_images_visibility_seq", "visibility", "seq"),
         Index("ix_images_model_seq", "hardware_model", "seq"),

@@ -4,6 +4,7 @@ that several services in one process, as in tests, never mix their counts)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -106,10 +107,11 @@ class ServiceMetrics:
         service's event loop whenever Prometheus scrapes."""
         self.registry.register(_InventoryCollector(loop, count))
 
-    def serve(self, listen: str) -> Callable[[], None]:
-        """Starts the HTTP endpoint (/metrics); returns its stop function."""
-        host, _, port = listen.rpartition(":")
-        server, thread = start_http_server(int(port), host or "0.0.0.0", registry=self.registry)
+    def serve(self, listen: str, allow_remote: bool = False) -> Callable[[], None]:
+        """Starts the HTTP endpoint (/metrics); returns its stop function.
+        ValueError for an address that is not loopback, unless allow_remote."""
+        host, port = metrics_address(listen, allow_remote)
+        server, thread = start_http_server(port, host, registry=self.registry)
         self.port = int(server.server_port)
 
         def stop() -> None:
@@ -118,6 +120,48 @@ class ServiceMetrics:
             thread.join(timeout=5)
 
         return stop
+
+
+#: The names that are loopback without a lookup (DNS could say otherwise).
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def metrics_address(listen: str, allow_remote: bool = False) -> tuple[str, int]:
+    """(host, port) to bind for BMS_IMAGE_METRICS_LISTEN ("host:port"). The
+    endpoint has no authentication and its labels name projects, so it binds
+    a loopback address (127.0.0.0/8, ::1, localhost) unless allow_remote
+    (BMS_IMAGE_METRICS_ALLOW_REMOTE): a bare port ("9100", ":9100", every
+    address), another address or another host name is refused."""
+    host, separator, port_text = listen.rpartition(":")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:9100)")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host:
+        host = "0.0.0.0" if allow_remote else ""
+        if not host:
+            raise ValueError(
+                f"{listen!r} names no host, which would serve metrics on every address; "
+                "use 127.0.0.1:PORT, or set BMS_IMAGE_METRICS_ALLOW_REMOTE=true to expose "
+                "them beyond this machine"
+            )
+    elif not allow_remote and not _is_loopback(host):
+        raise ValueError(
+            f"{host} is not a loopback address, and metrics have no authentication; use "
+            "127.0.0.1:PORT (scrape through a proxy or an SSH tunnel), or set "
+            "BMS_IMAGE_METRICS_ALLOW_REMOTE=true to expose them beyond this machine"
+        )
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: its address is not ours to trust
+        return False
 
 
 def split_method(method: str) -> tuple[str, str]:
