@@ -238,11 +238,14 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             assert_no_internals(unread.message, *internals)
 
             # A replica whose copy fails is KILLED: its status_reason is ours.
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await sharing.ReplicateImage(
+            failed = await expect_error(
+                sharing.ReplicateImage(
                     sharing_pb2.ReplicateImageRequest(name=stored.name), metadata=beta
-                )
-            assert_no_internals(failed.value.details() or "", *internals)
+                ),
+                UNAVAILABLE,
+                "BLOB_STORE_UNAVAILABLE",
+            )
+            assert_no_internals(failed.message, *internals)
             killed = await own.images.ListImages(
                 image_pb2.ListImagesRequest(filter="status = killed"), metadata=beta
             )
