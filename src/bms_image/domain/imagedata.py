@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from ..blobs.staging import (
@@ -78,15 +78,32 @@ def _validate(declared: UploadDeclaration, max_image_bytes: int) -> None:
     rules.raise_if_invalid(violations, "INVALID_UPLOAD")
 
 
+def _too_many(reason: str, what: str, project: str, used: int, limit: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        reason,
+        f"project {project} already has {used} {what} in progress, the most one service "
+        "process takes at once; retry when one has finished",
+        [QuotaViolation(f"projects/{project}", f"{what} at once: at most {limit}")],
+        {"limit": str(limit)},
+    )
+
+
+def _too_many_uploads(project: str, used: int, limit: int) -> QuotaExceeded:
+    return _too_many("CONCURRENT_UPLOADS_EXCEEDED", "uploads", project, used, limit)
+
+
+def _too_many_downloads(project: str, used: int, limit: int) -> QuotaExceeded:
+    return _too_many("CONCURRENT_DOWNLOADS_EXCEEDED", "downloads", project, used, limit)
+
+
 class ProjectSlots:
     """Counts what each project has in progress in this process (uploads,
     downloads) against a limit. Taking and giving back a slot never waits,
     so no lock is needed on the event loop."""
 
-    def __init__(self, what: str, limit: int, reason: str) -> None:
-        self.what = what
+    def __init__(self, limit: int, refusal: Callable[[str, int, int], QuotaExceeded]) -> None:
         self.limit = limit
-        self.reason = reason
+        self._refusal = refusal
         self._used: dict[str, int] = {}
 
     def used(self, project: str) -> int:
@@ -98,17 +115,7 @@ class ProjectSlots:
         ends; RESOURCE_EXHAUSTED (with a QuotaFailure) when none is free."""
         used = self.used(project)
         if used >= self.limit:
-            raise QuotaExceeded(
-                self.reason,
-                f"project {project} already has {used} {self.what} in progress, the most "
-                "one service process takes at once; retry when one has finished",
-                [
-                    QuotaViolation(
-                        f"projects/{project}", f"{self.what} at once: at most {self.limit}"
-                    )
-                ],
-                {"limit": str(self.limit)},
-            )
+            raise self._refusal(project, used, self.limit)
         self._used[project] = used + 1
         try:
             yield
@@ -120,11 +127,10 @@ class ProjectSlots:
                 del self._used[project]
 
 
-def _offset_mismatch(image_id: str, stored: int, lost: bool = False) -> FailedPrecondition:
-    found = "only " if lost else ""
+def _offset_mismatch(image_id: str, stored: int) -> FailedPrecondition:
     return FailedPrecondition(
         "UPLOAD_OFFSET_MISMATCH",
-        f"images/{image_id} has {found}{stored} bytes stored; "
+        f"images/{image_id} has {stored} bytes stored; "
         f"send metadata.offset = {stored} and the bytes from there on",
         metadata={"uploaded_bytes": str(stored)},
     )
@@ -162,12 +168,8 @@ class ImageData:
         self._inspector = inspector
         self.max_image_bytes = max_image_bytes
         self.chunk_bytes = chunk_bytes
-        self.uploads = ProjectSlots(
-            "uploads", max_uploads_per_project, "CONCURRENT_UPLOADS_EXCEEDED"
-        )
-        self.downloads = ProjectSlots(
-            "downloads", max_downloads_per_project, "CONCURRENT_DOWNLOADS_EXCEEDED"
-        )
+        self.uploads = ProjectSlots(max_uploads_per_project, _too_many_uploads)
+        self.downloads = ProjectSlots(max_downloads_per_project, _too_many_downloads)
 
     # -- upload -------------------------------------------------------------
 
@@ -246,7 +248,7 @@ class ImageData:
                 available,
                 offset,
             )
-            raise _offset_mismatch(image_id, available, lost=True) from None
+            raise _offset_mismatch(image_id, available) from None
         except BaseException as error:
             if isinstance(error, asyncio.CancelledError):  # the thread opens it anyway
                 opening.add_done_callback(_close_if_opened)
