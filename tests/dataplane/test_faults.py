@@ -12,6 +12,7 @@ upload resumable, leak nothing and tell no internals (issue 14, item 7):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -272,3 +273,75 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             assert await image_health(own) == health_pb2.HealthCheckResponse.SERVING
     finally:
         moto.stop()
+
+
+# -- quota (EDQUOT) and a failed fsync, injected at the file-write seam ----------
+
+
+async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDQUOT is STORAGE_FULL as ENOSPC is. When even the fsync that makes
+    the bytes durable fails, the bytes this stream wrote cannot be trusted:
+    the offset falls back to what was durable before it (here, a first
+    resumed half), never further."""
+    async with own_service(tmp_path) as own:
+        alpha = own.metadata(fresh_project("quota"))
+        created = await create_image(own.images, alpha)
+        content = random_bytes(3 * MiB)
+        half = MiB + 7
+        await upload(own.images, alpha, created.name, content[:half], size_bytes=0, sha256="")
+        # (a first upload of `half` bytes made the image ACTIVE: take another)
+        created = await create_image(own.images, alpha)
+        real_pwrite, real_fsync = os.pwrite, os.fsync
+        written = 0
+
+        def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+            nonlocal written
+            if written + len(data) > half:  # the project's disk quota is reached
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            written += len(data)
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        quota = await expect_error(
+            upload(own.images, alpha, created.name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
+        )
+        assert quota.info.metadata["uploaded_bytes"] == str(written)
+        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        assert queued.uploaded_bytes == written
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+
+        def fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        await expect_error(
+            upload(
+                own.images,
+                alpha,
+                created.name,
+                content[written:],
+                offset=written,
+                size_bytes=len(content),
+                sha256=sha256_hex(content),
+            ),
+            RESOURCE_EXHAUSTED,
+            "STORAGE_FULL",
+        )
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        assert queued.uploaded_bytes == written, "bytes whose fsync failed were counted"
+        assert staged_path(tmp_path, created.name).read_bytes() == content[:written]
+
+        resumed = await upload(
+            own.images,
+            alpha,
+            created.name,
+            content[written:],
+            offset=written,
+            size_bytes=len(content),
+            sha256=sha256_hex(content),
+        )
+        assert resumed.status == ACTIVE, status_name(resumed.status)
+        assert descriptors_under(tmp_path / "staging") == []

@@ -51,7 +51,8 @@ class StagedUpload:
         self.path = path
         self.sha256 = hashlib.sha256()
         self._storage = storage
-        self._broken: BaseException | None = None
+        #: The write error that broke the upload (later writes are refused).
+        self._broken: OSError | None = None
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
@@ -87,14 +88,15 @@ class StagedUpload:
             position += len(block)
 
     def _translated(self, error: OSError) -> Exception:
+        """A new exception each time (one raised from several threads and
+        futures would pile their tracebacks onto one object)."""
         if is_storage_full(error):
-            log.warning("%s is full: %s", self._storage, error)
             return storage_full(self._storage)
-        return error
+        return OSError(error.errno, error.strerror)
 
     def write(self, chunk: bytes) -> None:
         if self._broken is not None:
-            raise self._broken
+            raise self._translated(self._broken)
         view = memoryview(chunk)
         position = self.size
         try:
@@ -103,8 +105,9 @@ class StagedUpload:
                 view = view[written:]
                 position += written
         except OSError as error:
-            self._broken = self._translated(error)
-            raise self._broken from None
+            log.warning("writing to the %s failed: %s", self._storage, error)
+            self._broken = error
+            raise self._translated(error) from None
         self.sha256.update(chunk)
         self.size = position
         if self.size - self._window_start >= WRITEBACK_WINDOW_BYTES:
@@ -140,6 +143,7 @@ class StagedUpload:
             except OSError as error:
                 # Bytes whose write-back failed cannot be trusted: keep only
                 # those that were durable before this upload wrote any.
+                log.warning("making the %s durable failed: %s", self._storage, error)
                 self.size = self._durable
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._durable)
@@ -169,12 +173,27 @@ class PipelinedWriter:
 
     async def drain(self) -> None:
         """Waits for every chunk handed over; afterwards staged.size counts
-        all bytes written. Call it on every path, failures included."""
+        all bytes written. Call it on every path, failures included. Every
+        write's outcome is collected; the first failure is raised."""
+        first: BaseException | None = None
         try:
             while self._pending:
-                await self._pending.popleft()
+                try:
+                    await self._pending.popleft()
+                except Exception as error:
+                    first = first or error
         finally:
+            for left in self._pending:  # cancelled meanwhile: nobody awaits them
+                left.add_done_callback(_retrieved)
             self._executor.shutdown(wait=False)
+        if first is not None:
+            raise first
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Marks a write's failure as seen (it was reported by an earlier one)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Staging:
