@@ -5,6 +5,7 @@ fsynced, so a crash never leaves a partial blob under a final name."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -128,17 +129,24 @@ class LocalBlobStore:
             raise OSError(f"blob directory {self.root} is not writable")
 
     def _claim(self, deployment: str) -> None:
+        """The marker appears whole or not at all (written aside, then
+        linked into place, which fails if another start linked first), so a
+        crash mid-claim never leaves an empty marker that would refuse every
+        later start."""
         marker = self.root / DEPLOYMENT_MARKER
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            pass
-        else:
+        if not marker.exists():
+            temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
             try:
-                os.write(fd, deployment.encode())
-                os.fsync(fd)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, deployment.encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                with contextlib.suppress(FileExistsError):  # another start came first
+                    os.link(temp, marker)
             finally:
-                os.close(fd)
+                temp.unlink(missing_ok=True)
             fsync_directory(self.root)
         owner = marker.read_text().strip()
         if owner != deployment:
