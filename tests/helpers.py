@@ -3,14 +3,17 @@ never import from a conftest module, whose name is not unique)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Awaitable
+import subprocess
+from collections.abc import Awaitable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import make_url
@@ -165,3 +168,32 @@ def recorded_disk(data_dir: Path, server: str, database_url: str = "") -> disks.
         return disks.Layers(directory / record.top)
     base = cache_entry(data_dir / "fleet" / "image-cache", record.base_sha256)
     return disks.Layers(directory / record.top, base)
+
+
+# -- a small file system -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` mounted on `path` (created if missing), for
+    real ENOSPC; skips the test where mounting is not allowed (not root).
+    `remount(path, size)` grows or shrinks it while mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def remount(path: Path, size_bytes: int) -> None:
+    subprocess.run(
+        ["mount", "-o", f"remount,size={size_bytes}", str(path)], check=True, capture_output=True
+    )

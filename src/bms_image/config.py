@@ -44,6 +44,16 @@ class Settings:
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_prefix: str = "images/"
+    #: Multipart uploads under the prefix older than this are aborted at
+    #: start (a crash left them; younger ones may be another replica's).
+    s3_abort_incomplete_after_seconds: float = 24 * 3600.0
+    #: Health turns NOT_SERVING while the data directory (staging area,
+    #: local blobs) has less free space than this.
+    min_free_bytes: int = 256 * 1024 * 1024
+    #: Concurrent uploads (UploadImageData streams) per project, per process.
+    max_uploads_per_project: int = 16
+    #: Concurrent downloads (DownloadImageData streams) per project, per process.
+    max_downloads_per_project: int = 256
     #: "embedded": this process also runs the fleet (ProvisioningService);
     #: "none": the fleet runs as its own process (`bms-image provisioner`).
     provisioner: str = "embedded"
@@ -217,6 +227,10 @@ _CASTERS: dict[str, Any] = {
     "s3_access_key": str,
     "s3_secret_key": str,
     "s3_prefix": str,
+    "s3_abort_incomplete_after_seconds": float,
+    "min_free_bytes": int,
+    "max_uploads_per_project": int,
+    "max_downloads_per_project": int,
     "provisioner": str,
     "image_service": str,
     "provisioner_address": str,

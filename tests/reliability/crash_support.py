@@ -36,6 +36,7 @@ from bms.image.v1 import (
 )
 from bms_image import disks
 from bms_image.auth import TokenAuthority
+from bms_image.blobs.store import DEPLOYMENT_MARKER
 from bms_image.catalog.seed import public_image_id
 from bms_image.disks import DiskSpec
 from bms_image.domain.model import Plugin, PluginKind
@@ -693,6 +694,8 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
     by_key = {key_of(name): image for name, image in images.items()}
     blobs = world.data_dir / "blobs"
     for path in _files(blobs):
+        if path.name == DEPLOYMENT_MARKER:  # names the deployment owning the directory
+            continue
         if path.name.startswith("."):
             found.add("temp-file", str(path.relative_to(world.data_dir)))
             continue

@@ -14,13 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bms_image.api.server import RunningService, start
 from bms_image.telemetry.health import HealthMonitor
-from helpers import make_settings
+from helpers import make_settings, tmpfs
 
 IMAGE = "bms.image.v1.ImageService"
 SHARING = "bms.image.v1.SharingService"
 PROVISIONING = "bms.image.v1.ProvisioningService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MiB = 1024 * 1024
 
 
 async def status(service: RunningService, name: str) -> int:
@@ -116,3 +117,25 @@ async def test_shutdown_stops_the_checks_so_health_stays_not_serving(
     await watched.health.enter_graceful_shutdown()
     await asyncio.sleep(0.5)  # more than two check intervals
     assert await status(watched, IMAGE) == NOT_SERVING
+
+
+async def test_a_data_disk_short_of_space_takes_the_image_service_out_until_freed(
+    tmp_path: Path,
+) -> None:
+    """Below BMS_IMAGE_MIN_FREE_BYTES free in the data directory, uploads
+    would fail with STORAGE_FULL: the image service says NOT_SERVING."""
+    with tmpfs(tmp_path / "data", 64 * MiB) as data_dir:
+        running = await start(
+            make_settings(data_dir, health_check_seconds=0.2, min_free_bytes=32 * MiB)
+        )
+        try:
+            assert await status(running, IMAGE) == SERVING
+            filler = data_dir / "filler"
+            filler.write_bytes(b"\0" * (40 * MiB))
+            await becomes(running, IMAGE, NOT_SERVING)
+            assert await status(running, "") == NOT_SERVING
+            assert await status(running, SHARING) == SERVING, "sharing writes no local bytes"
+            filler.unlink()
+            await becomes(running, IMAGE, SERVING)
+        finally:
+            await running.stop(0)

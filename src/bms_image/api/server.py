@@ -34,7 +34,7 @@ from ..auth import ServiceCredential, TokenAuthority
 from ..blobs.local import LocalBlobStore
 from ..blobs.s3 import S3BlobStore
 from ..blobs.staging import Staging, release_image_bytes
-from ..blobs.store import BlobStore
+from ..blobs.store import BlobStore, PrefixOwned
 from ..catalog.seed import seed, seed_flavors
 from ..config import Settings
 from ..domain.flavors import FlavorCatalog, FlavorDirectory
@@ -49,9 +49,10 @@ from ..provisioner.capture_client import RemoteCaptures
 from ..provisioner.fleet import Fleet
 from ..provisioner.images import ImageSource
 from ..store.db import Database
+from ..store.deployment import deployment_id
 from ..store.repository import SqlFlavorRepository, SqlImageRepository, SqlMemberRepository
 from ..store.servers import SqlServerRepository
-from ..telemetry.health import Check, HealthMonitor
+from ..telemetry.health import Check, HealthMonitor, free_space
 from ..telemetry.logs import configure_logging
 from ..telemetry.metrics import Inventory, ServiceMetrics
 from .capture import CaptureServicer
@@ -138,10 +139,25 @@ class RunningService:
         await self.database.close()
 
 
-async def open_blob_store(settings: Settings, closing: AsyncExitStack) -> BlobStore:
-    """The configured backend: local files (default) or an S3-compatible store."""
+async def open_blob_store(
+    settings: Settings, closing: AsyncExitStack, database: Database
+) -> BlobStore:
+    """The configured backend: local files (default) or an S3-compatible
+    store, claimed for this deployment (see BlobStore.claim): a prefix or
+    directory another deployment owns is refused, since each sweeps what it
+    takes for orphans. On S3, multipart uploads a crash left are aborted."""
+    deployment = await deployment_id(database)
     if settings.blob_backend == "local":
-        return LocalBlobStore(settings.data_dir / "blobs")
+        local = LocalBlobStore(settings.data_dir / "blobs")
+        try:
+            await local.claim(deployment)
+        except PrefixOwned as owned:
+            raise RuntimeError(
+                f"the blob directory {local.root} belongs to another deployment "
+                f"({owned.owner}, not {deployment}): give this one a BMS_IMAGE_DATA_DIR "
+                "of its own, or point BMS_IMAGE_DATABASE_URL at that deployment's database"
+            ) from None
+        return local
     if settings.blob_backend != "s3":
         raise RuntimeError(f"unknown blob backend {settings.blob_backend!r}: use local or s3")
     store = S3BlobStore(
@@ -153,7 +169,23 @@ async def open_blob_store(settings: Settings, closing: AsyncExitStack) -> BlobSt
         prefix=settings.s3_prefix,
     )
     await closing.enter_async_context(store)
-    await store.ensure_bucket()
+    try:
+        await store.ensure_bucket()
+        await store.claim(deployment)
+    except PrefixOwned as owned:
+        await store.close()
+        raise RuntimeError(
+            f"the S3 prefix s3://{store.bucket}/{store.prefix} belongs to another deployment "
+            f"({owned.owner}, not {deployment}): give this one a prefix of its own with "
+            "BMS_IMAGE_S3_PREFIX (or BMS_IMAGE_S3_BUCKET), or point BMS_IMAGE_DATABASE_URL "
+            "at that deployment's database"
+        ) from None
+    except BaseException:
+        await store.close()
+        raise
+    aborted = await store.abort_incomplete_uploads(settings.s3_abort_incomplete_after_seconds)
+    if aborted:
+        log.info("aborted %d incomplete multipart uploads a crash left", aborted)
     return store
 
 
@@ -205,7 +237,7 @@ async def start(settings: Settings) -> RunningService:
     database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     await database.migrate()
     closing = AsyncExitStack()
-    blobs = await open_blob_store(settings, closing)
+    blobs = await open_blob_store(settings, closing, database)
     staging = Staging(settings.data_dir / "staging")
     added = await seed(database, blobs, staging, settings.catalog_image_mib * 1024 * 1024)
     if added:
@@ -235,6 +267,8 @@ async def start(settings: Settings) -> RunningService:
         ContentInspector(),
         max_image_bytes=settings.max_image_bytes,
         chunk_bytes=settings.chunk_bytes,
+        max_uploads_per_project=settings.max_uploads_per_project,
+        max_downloads_per_project=settings.max_downloads_per_project,
     )
     recovered = await data.recover()
     if any(recovered.values()):
@@ -279,8 +313,15 @@ async def start(settings: Settings) -> RunningService:
         identity = ServiceCredential(authority, IMAGE_SERVICE_IDENTITY)
         catalog.attach_captures(RemoteCaptures(channel, identity))
     enable_reflection(server, services)
-    checks: dict[str, Check] = {"database": database.ping, "blob store": blobs.ping}
-    needs = {IMAGE_SERVICE: ["database", "blob store"], SHARING_SERVICE: ["database", "blob store"]}
+    checks: dict[str, Check] = {
+        "database": database.ping,
+        "blob store": blobs.ping,
+        "data disk": free_space(settings.data_dir, settings.min_free_bytes),
+    }
+    needs = {
+        IMAGE_SERVICE: ["database", "blob store", "data disk"],
+        SHARING_SERVICE: ["database", "blob store"],
+    }
     if PROVISIONING_SERVICE in services:
         checks["fleet disks"] = _writable(settings.data_dir / "fleet")
         needs[PROVISIONING_SERVICE] = ["database", "fleet disks"]

@@ -5,13 +5,21 @@ fsynced, so a crash never leaves a partial blob under a final name."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .store import DEFAULT_CHUNK_BYTES, BlobNotFound
+from .store import (
+    DEFAULT_CHUNK_BYTES,
+    DEPLOYMENT_MARKER,
+    BlobNotFound,
+    PrefixOwned,
+    is_storage_full,
+    storage_full,
+)
 
 _SUFFIX = ".blob"
 _TEMP_PREFIX = ".tmp-"
@@ -40,16 +48,30 @@ class LocalBlobStore:
         return self.root / (key + _SUFFIX)
 
     def _install(self, key: str, path: Path) -> None:
+        """Moves (links, or copies across file systems) the file in under
+        key. A failure leaves no temporary copy behind to hold space, and a
+        full file system is STORAGE_FULL."""
         target = self._path(key)
         temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            os.link(path, temp)  # same file system: no copy
-        except OSError:
-            shutil.copyfile(path, temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        fsync_directory(self.root)
+            try:
+                os.link(path, temp)  # same file system: no copy
+            except OSError as error:
+                if is_storage_full(error):
+                    raise
+                shutil.copyfile(path, temp)
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            fsync_directory(self.root)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            if is_storage_full(error):
+                raise storage_full("image store") from None
+            raise
         path.unlink(missing_ok=True)
 
     async def put_file(self, key: str, path: Path) -> None:
@@ -105,3 +127,30 @@ class LocalBlobStore:
     async def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise OSError(f"blob directory {self.root} is not writable")
+
+    def _claim(self, deployment: str) -> None:
+        """The marker appears whole or not at all (written aside, then
+        linked into place, which fails if another start linked first), so a
+        crash mid-claim never leaves an empty marker that would refuse every
+        later start."""
+        marker = self.root / DEPLOYMENT_MARKER
+        if not marker.exists():
+            temp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, deployment.encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                with contextlib.suppress(FileExistsError):  # another start came first
+                    os.link(temp, marker)
+            finally:
+                temp.unlink(missing_ok=True)
+            fsync_directory(self.root)
+        owner = marker.read_text().strip()
+        if owner != deployment:
+            raise PrefixOwned(owner)
+
+    async def claim(self, deployment: str) -> None:
+        await asyncio.to_thread(self._claim, deployment)

@@ -24,17 +24,31 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, ParamSpec, TypeVar
 
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
-from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from aiohttp import ClientError as HttpClientError
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .store import DEFAULT_CHUNK_BYTES, BlobNotFound
+from .store import (
+    DEFAULT_CHUNK_BYTES,
+    DEPLOYMENT_MARKER,
+    BlobNotFound,
+    PrefixOwned,
+    storage_full,
+    store_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,73 @@ MAX_PARTS = 10_000
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _NO_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound"})
 
+#: Error codes of a store that is overloaded or down for now (any 5xx too):
+#: the same request may succeed later.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "ServerBusy",
+    }
+)
+#: Error codes (and the HTTP status) of a store out of space: Ceph RGW
+#: answers QuotaExceeded, MinIO XMinioStorageFull, WebDAV-style stores 507.
+_FULL_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "InsufficientStorage"})
+_INSUFFICIENT_STORAGE = 507
+#: Failures to reach the store at all: refused or reset connections,
+#: connect and read timeouts, a body cut off mid-stream.
+_UNREACHABLE = (
+    BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    HttpClientError,
+    ConnectionError,
+    TimeoutError,
+)
+
 AddressingStyle = Literal["auto", "path", "virtual"]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BlobStoreRefused(Exception):
+    """The store refused a request for a reason retrying will not cure
+    (credentials, permissions, a missing bucket): a fault of our deployment.
+    Its text is fixed; what the store said is in the service log."""
+
+    def __init__(self) -> None:
+        super().__init__("the image store refused a request; the service logged why")
+
+
+@contextlib.contextmanager
+def _faults(what: str) -> Iterator[None]:
+    """Turns what botocore and aiohttp raise into errors with fixed texts:
+    UNAVAILABLE (retryable) for a store that cannot be reached or is
+    overloaded, STORAGE_FULL for one out of space, BlobStoreRefused for the
+    rest. Their own messages (endpoints, keys, request ids) go to the log
+    only. Other exceptions (BlobNotFound, domain errors) pass unchanged."""
+    try:
+        yield
+    except ClientError as error:
+        code = _error_code(error)
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        log.warning("S3 %s failed: %s", what, error)
+        if code in _FULL_CODES or status == _INSUFFICIENT_STORAGE:
+            raise storage_full("image store") from None
+        if code in _UNAVAILABLE_CODES or status >= 500:
+            raise store_unavailable() from None
+        raise BlobStoreRefused() from None
+    except _UNREACHABLE as error:
+        log.warning("S3 %s failed: %s: %s", what, type(error).__name__, error)
+        raise store_unavailable() from None
+    except BotoCoreError as error:
+        log.warning("S3 %s failed: %s: %s", what, type(error).__name__, error)
+        raise BlobStoreRefused() from None
 
 
 def _error_code(error: Any) -> str:
@@ -96,6 +176,22 @@ def part_size_for(total_bytes: int, preferred_bytes: int) -> int:
     """The part size to use for an object of total_bytes: the preferred size,
     grown when needed so that the object fits in MAX_PARTS parts."""
     return max(preferred_bytes, MIN_PART_BYTES, math.ceil(total_bytes / MAX_PARTS))
+
+
+def _translated(
+    what: str,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """A coroutine method whose failures go through `_faults`."""
+
+    def decorate(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(method)
+        async def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+            with _faults(what):
+                return await method(*args, **kwargs)
+
+        return translated
+
+    return decorate
 
 
 class S3BlobStore:
@@ -233,6 +329,7 @@ class S3BlobStore:
 
     # -- the BlobStore protocol ------------------------------------------------
 
+    @_translated("put")
     async def put_file(self, key: str, path: Path) -> None:
         """Uploads the file, then deletes it (as LocalBlobStore moves it away).
         On failure the file stays and no object (and no incomplete upload) is
@@ -314,20 +411,22 @@ class S3BlobStore:
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": self._object_key(key)}
         if offset > 0:
             request["Range"] = f"bytes={offset}-"
-        try:
-            response = await self._s3.get_object(**request)
-        except ClientError as error:
-            if _is_not_found(error):
-                raise BlobNotFound(key) from None
-            if _error_code(error) == "InvalidRange":  # offset >= size: nothing to send
-                return
-            raise
+        with _faults("get"):
+            try:
+                response = await self._s3.get_object(**request)
+            except ClientError as error:
+                if _is_not_found(error):
+                    raise BlobNotFound(key) from None
+                if _error_code(error) == "InvalidRange":  # offset >= size: nothing to send
+                    return
+                raise
         body = response["Body"]
         try:
             buffer = bytearray()
             while True:
                 # The body returns what the socket has, often less than asked.
-                data = await body.read(chunk_bytes - len(buffer))
+                with _faults("get"):
+                    data = await body.read(chunk_bytes - len(buffer))
                 if not data:
                     break
                 buffer += data
@@ -339,6 +438,7 @@ class S3BlobStore:
         finally:
             body.close()  # releases the pooled connection, also when abandoned
 
+    @_translated("head")
     async def size(self, key: str) -> int:
         try:
             response = await self._s3.head_object(Bucket=self.bucket, Key=self._object_key(key))
@@ -348,6 +448,7 @@ class S3BlobStore:
             raise
         return int(response["ContentLength"])
 
+    @_translated("copy")
     async def copy(self, source_key: str, target_key: str) -> None:
         """A server-side copy: the bytes never pass through this process.
         Objects over `max_single_copy_bytes` (5 GiB, CopyObject's limit) are
@@ -394,6 +495,7 @@ class S3BlobStore:
             await self._abort_upload(target, upload_id)
             raise
 
+    @_translated("delete")
     async def delete(self, key: str) -> None:
         try:
             await self._s3.delete_object(Bucket=self.bucket, Key=self._object_key(key))
@@ -401,6 +503,7 @@ class S3BlobStore:
             if not _is_not_found(error):  # S3 answers 204 anyway; some clones 404
                 raise
 
+    @_translated("list")
     async def keys(self) -> list[str]:
         """Every key directly under the prefix. Objects in deeper "folders"
         and folder markers (an object named just the prefix, which web
@@ -419,11 +522,53 @@ class S3BlobStore:
                     found.append(key)
         return sorted(found)
 
+    @_translated("ping")
     async def ping(self) -> None:
         await self._s3.head_bucket(Bucket=self.bucket)
 
+    @_translated("claim")
+    async def claim(self, deployment: str) -> None:
+        """The marker is written with If-None-Match: *, so of two deployments
+        starting together on an empty prefix one wins and the other refuses
+        (a store that ignores the condition leaves the last writer's marker,
+        and whichever deployment reads the other's refuses)."""
+        marker = self.prefix + DEPLOYMENT_MARKER
+        owner = await self._marker(marker)
+        if owner is None:
+            body = deployment.encode()
+            try:
+                await self._s3.put_object(
+                    Bucket=self.bucket,
+                    Key=marker,
+                    Body=body,
+                    ContentMD5=_content_md5(body),
+                    IfNoneMatch="*",
+                )
+            except ClientError as error:
+                status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status not in (409, 412):  # someone else's marker came first
+                    raise
+            owner = await self._marker(marker)
+        if owner != deployment:
+            raise PrefixOwned(owner or "")
+
+    async def _marker(self, marker: str) -> str | None:
+        try:
+            response = await self._s3.get_object(Bucket=self.bucket, Key=marker)
+        except ClientError as error:
+            if _is_not_found(error):
+                return None
+            raise
+        body = response["Body"]
+        try:
+            data: bytes = await body.read(1024)
+        finally:
+            body.close()
+        return data.decode(errors="replace").strip()
+
     # -- administration --------------------------------------------------------
 
+    @_translated("create bucket")
     async def ensure_bucket(self) -> None:
         """Creates the bucket unless it exists (for tests and a first start;
         production buckets are usually provisioned, with their lifecycle
@@ -443,6 +588,7 @@ class S3BlobStore:
             if _error_code(error) != "BucketAlreadyOwnedByYou":  # a concurrent start
                 raise
 
+    @_translated("list uploads")
     async def incomplete_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of every multipart upload in progress under the
         prefix."""
@@ -453,10 +599,12 @@ class S3BlobStore:
                 found.append((str(upload["Key"]), str(upload["UploadId"])))
         return found
 
+    @_translated("abort uploads")
     async def abort_incomplete_uploads(self, older_than_seconds: float = 24 * 3600) -> int:
-        """Aborts multipart uploads under the prefix that were started more
-        than older_than_seconds ago (left by a crash; younger ones may still be
-        running in another replica). Returns how many were aborted."""
+        """Aborts multipart uploads of this store's keys (directly under the
+        prefix: a deeper "folder" may be another store's) that were started
+        more than older_than_seconds ago (left by a crash; younger ones may
+        still be running in another replica). Returns how many were aborted."""
         cutoff = time.time() - older_than_seconds
         aborted = 0
         paginator = self._s3.get_paginator("list_multipart_uploads")
@@ -464,6 +612,9 @@ class S3BlobStore:
             for upload in page.get("Uploads", []):
                 if upload["Initiated"].timestamp() > cutoff:
                     continue
+                name = str(upload["Key"]).removeprefix(self.prefix)
+                if not name or "/" in name or name.startswith("."):
+                    continue  # not a blob of this store: a deeper prefix is someone else's
                 with contextlib.suppress(ClientError):  # NoSuchUpload: finished meanwhile
                     await self._s3.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]

@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
+from ..domain.errors import QuotaExceeded, QuotaViolation, Unavailable
+
 #: Bytes per chunk when streaming blobs out; downloads use the same size.
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_storage_full(error: OSError) -> bool:
+    """ENOSPC (the file system is full) or EDQUOT (the user's quota is)."""
+    return error.errno in _FULL_ERRNOS
+
+
+def storage_full(storage: str) -> QuotaExceeded:
+    """The domain error for a full file system or bucket: it names the kind
+    of storage (`staging area`, `image store`), never a host path."""
+    return QuotaExceeded(
+        "STORAGE_FULL",
+        f"the service's {storage} is full; retry later (an administrator must free space)",
+        [QuotaViolation(f"storage/{storage.replace(' ', '-')}", "no space left")],
+    )
+
+
+def store_unavailable() -> Unavailable:
+    """The domain error for a blob store that cannot be reached (refused or
+    timed-out connections, 5xx answers): retryable, and its text is fixed so
+    that no backend message, host name or key reaches a client."""
+    return Unavailable(
+        "BLOB_STORE_UNAVAILABLE", "the image store cannot be reached now; retry later"
+    )
+
+
+#: The object (or file) under a store's prefix that names the deployment
+#: owning it. Keys never start with ".", so it is never taken for a blob.
+DEPLOYMENT_MARKER = ".bms-image-deployment"
+
+
+class PrefixOwned(Exception):
+    """The store's prefix (or directory) belongs to another deployment."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(f"owned by deployment {owner!r}")
+        self.owner = owner
 
 
 class BlobNotFound(Exception):
@@ -43,3 +86,11 @@ class BlobStore(Protocol):
 
     async def ping(self) -> None:
         """Raises if the backend cannot be reached."""
+
+    async def claim(self, deployment: str) -> None:
+        """Marks the store's prefix as this deployment's, unless it is
+        already; raises PrefixOwned if another deployment marked it. Every
+        blob under a claimed prefix is this deployment's, so its orphan sweep
+        deletes only what this deployment wrote. An unmarked prefix (a store
+        from before markers) is claimed by the first deployment that starts
+        on it."""

@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from ..blobs.staging import (
     PipelinedWriter,
+    StagedBytesMissing,
     StagedUpload,
     Staging,
     release_image_bytes,
@@ -27,6 +28,9 @@ from .errors import (
     InvalidArgument,
     NotFound,
     PreconditionViolation,
+    QuotaExceeded,
+    QuotaViolation,
+    Unavailable,
     invalid_field,
 )
 from .images import ImageCatalog
@@ -36,6 +40,10 @@ from .ports import ImageRepository, Inspector
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_BYTES = 1024**4  # 1 TiB
+DEFAULT_MAX_UPLOADS_PER_PROJECT = 16
+#: Generous: every deployment starts with a zero-byte download that checks
+#: the caller may use the image, and batches of a project run together.
+DEFAULT_MAX_DOWNLOADS_PER_PROJECT = 256
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 #: How often a long upload checks that its image was not deleted meanwhile.
 _STATUS_CHECK_BYTES = 256 * 1024 * 1024
@@ -70,6 +78,76 @@ def _validate(declared: UploadDeclaration, max_image_bytes: int) -> None:
     rules.raise_if_invalid(violations, "INVALID_UPLOAD")
 
 
+def _too_many(reason: str, what: str, project: str, used: int, limit: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        reason,
+        f"project {project} already has {used} {what} in progress, the most one service "
+        "process takes at once; retry when one has finished",
+        [QuotaViolation(f"projects/{project}", f"{what} at once: at most {limit}")],
+        {"limit": str(limit)},
+    )
+
+
+def _too_many_uploads(project: str, used: int, limit: int) -> QuotaExceeded:
+    return _too_many("CONCURRENT_UPLOADS_EXCEEDED", "uploads", project, used, limit)
+
+
+def _too_many_downloads(project: str, used: int, limit: int) -> QuotaExceeded:
+    return _too_many("CONCURRENT_DOWNLOADS_EXCEEDED", "downloads", project, used, limit)
+
+
+class ProjectSlots:
+    """Counts what each project has in progress in this process (uploads,
+    downloads) against a limit. Taking and giving back a slot never waits,
+    so no lock is needed on the event loop."""
+
+    def __init__(self, limit: int, refusal: Callable[[str, int, int], QuotaExceeded]) -> None:
+        self.limit = limit
+        self._refusal = refusal
+        self._used: dict[str, int] = {}
+
+    def used(self, project: str) -> int:
+        return self._used.get(project, 0)
+
+    @contextlib.contextmanager
+    def held(self, project: str) -> Iterator[None]:
+        """One slot for the duration of the block, given back however it
+        ends; RESOURCE_EXHAUSTED (with a QuotaFailure) when none is free."""
+        used = self.used(project)
+        if used >= self.limit:
+            raise self._refusal(project, used, self.limit)
+        self._used[project] = used + 1
+        try:
+            yield
+        finally:
+            left = self._used[project] - 1
+            if left:
+                self._used[project] = left
+            else:
+                del self._used[project]
+
+
+def _offset_mismatch(image_id: str, stored: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        "UPLOAD_OFFSET_MISMATCH",
+        f"images/{image_id} has {stored} bytes stored; "
+        f"send metadata.offset = {stored} and the bytes from there on",
+        metadata={"uploaded_bytes": str(stored)},
+    )
+
+
+def _kept(error: Unavailable | QuotaExceeded, image_id: str, kept: int) -> DomainError:
+    """The error again, telling the client where to resume."""
+    message = (
+        f"{error.message}; images/{image_id} keeps its {kept} bytes: "
+        f"resume with metadata.offset = {kept}"
+    )
+    metadata = {**error.metadata, "uploaded_bytes": str(kept)}
+    if isinstance(error, QuotaExceeded):
+        return QuotaExceeded(error.reason, message, error.violations, metadata)
+    return Unavailable(error.reason, message, metadata)
+
+
 class ImageData:
     def __init__(
         self,
@@ -80,6 +158,8 @@ class ImageData:
         inspector: Inspector,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_uploads_per_project: int = DEFAULT_MAX_UPLOADS_PER_PROJECT,
+        max_downloads_per_project: int = DEFAULT_MAX_DOWNLOADS_PER_PROJECT,
     ) -> None:
         self._catalog = catalog
         self._images = images
@@ -88,6 +168,8 @@ class ImageData:
         self._inspector = inspector
         self.max_image_bytes = max_image_bytes
         self.chunk_bytes = chunk_bytes
+        self.uploads = ProjectSlots(max_uploads_per_project, _too_many_uploads)
+        self.downloads = ProjectSlots(max_downloads_per_project, _too_many_downloads)
 
     # -- upload -------------------------------------------------------------
 
@@ -110,12 +192,19 @@ class ImageData:
                 [PreconditionViolation("STATUS", f"images/{image_id}", image.status.value)],
             )
         if declared.offset != image.uploaded_bytes:
-            raise FailedPrecondition(
-                "UPLOAD_OFFSET_MISMATCH",
-                f"images/{image_id} has {image.uploaded_bytes} bytes stored; "
-                f"send metadata.offset = {image.uploaded_bytes} and the bytes from there on",
-                metadata={"uploaded_bytes": str(image.uploaded_bytes)},
-            )
+            raise _offset_mismatch(image_id, image.uploaded_bytes)
+        # Captures have a limit of their own (the provisioner's).
+        slot = (
+            self.uploads.held(caller.project)
+            if rules.bytes_come_from_a_client(image)
+            else contextlib.nullcontext()
+        )
+        with slot:
+            return await self._upload(image_id, declared, chunks)
+
+    async def _upload(
+        self, image_id: str, declared: UploadDeclaration, chunks: AsyncIterator[bytes]
+    ) -> Image:
         claimed = await self._images.transition(
             image_id, {ImageStatus.QUEUED}, {"status": ImageStatus.SAVING, "status_reason": ""}
         )
@@ -124,7 +213,7 @@ class ImageData:
                 "IMAGE_NOT_QUEUED", f"images/{image_id} is no longer queued; read it again"
             )
         limit = declared.size_bytes or self.max_image_bytes
-        staged = await asyncio.to_thread(self._staging.open, image_id, declared.offset)
+        staged = await self._open_staged(image_id, declared.offset)
         async with self._settling(image_id, staged):
             await self._receive(image_id, staged, chunks, limit, declared)
         if staged.size == 0:
@@ -133,17 +222,59 @@ class ImageData:
         async with self._settling(image_id, staged):
             return await self._finish(image_id, staged, declared)
 
+    async def _open_staged(self, image_id: str, offset: int) -> StagedUpload:
+        """The staging file, resumed at `offset` (the image is SAVING). When
+        fewer bytes are really staged (the staging area was lost, or the first
+        half went to another process), the image goes back to QUEUED with the
+        bytes that are there and the client is told to resume from them: a
+        resume never continues from bytes that are not there."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._staging.open, image_id, offset))
+        try:
+            return await asyncio.shield(opening)
+        except StagedBytesMissing as missing:
+            available = missing.available
+            await self._images.transition(
+                image_id,
+                {ImageStatus.SAVING},
+                {
+                    "status": ImageStatus.QUEUED,
+                    "uploaded_bytes": available,
+                    "status_reason": f"only {available} of the {offset} bytes uploaded were "
+                    f"found staged; resume with metadata.offset = {available}",
+                },
+            )
+            log.warning(
+                "images/%s: %d bytes staged, %d recorded; offset corrected",
+                image_id,
+                available,
+                offset,
+            )
+            raise _offset_mismatch(image_id, available) from None
+        except BaseException as error:
+            if isinstance(error, asyncio.CancelledError):  # the thread opens it anyway
+                opening.add_done_callback(_close_if_opened)
+            await self._images.transition(
+                image_id, {ImageStatus.SAVING}, {"status": ImageStatus.QUEUED}
+            )
+            raise
+
     @contextlib.asynccontextmanager
     async def _settling(self, image_id: str, staged: StagedUpload) -> AsyncIterator[None]:
         """What becomes of an upload that fails: a domain error (bad size,
-        checksum, format) kills the image and drops its bytes; anything else
-        (the client went away, a crash of ours) keeps the bytes for a resume;
-        an image deleted meanwhile took its bytes with it."""
+        checksum, format) kills the image and drops its bytes; a full disk or
+        an unreachable blob store, and anything else (the client went away,
+        a crash of ours), keep the durable bytes for a resume; an image
+        deleted meanwhile took its bytes with it."""
         try:
             yield
         except NotFound:
-            await asyncio.to_thread(staged.close)
+            await _close_quietly(staged)
             raise
+        except (Unavailable, QuotaExceeded) as error:
+            kept = await self._interrupt(image_id, staged, error.message)
+            if kept is None:
+                raise
+            raise _kept(error, image_id, kept) from None
         except DomainError as error:
             await self._kill(image_id, staged, error.message)
             raise
@@ -249,7 +380,7 @@ class ImageData:
         return image
 
     async def _kill(self, image_id: str, staged: StagedUpload, reason: str) -> None:
-        await asyncio.to_thread(staged.close)
+        await _close_quietly(staged)
         await self._images.transition(
             image_id,
             {ImageStatus.SAVING},
@@ -257,30 +388,35 @@ class ImageData:
         )
         await asyncio.to_thread(self._staging.discard, image_id)
 
-    async def _interrupt(self, image_id: str, staged: StagedUpload) -> None:
-        """The stream broke off: keep what arrived so the client can resume
-        (a capture cannot be resumed: its provisioner gave up, so it fails)."""
+    async def _interrupt(self, image_id: str, staged: StagedUpload, cause: str = "") -> int | None:
+        """The stream broke off: keep the durable bytes so the client can
+        resume, and return how many (a capture cannot be resumed: its
+        provisioner gave up, so it fails, and None is returned). `cause` is
+        a fixed text (a domain error's message), never an exception's."""
+        await _close_quietly(staged)
+        await asyncio.to_thread(self._staging.discard_scratch, image_id)
         image = await self._images.get(image_id)
+        why = f" ({cause})" if cause else ""
         if image is not None and not rules.bytes_come_from_a_client(image):
             await self._kill(
                 image_id,
                 staged,
-                f"the capture of {image.source_server} broke off after {staged.size} bytes; "
-                "capture the server again",
+                f"the capture of {image.source_server} broke off after {staged.size} bytes"
+                f"{why}; capture the server again",
             )
-            return
-        await asyncio.to_thread(staged.close)
+            return None
         await self._images.transition(
             image_id,
             {ImageStatus.SAVING},
             {
                 "status": ImageStatus.QUEUED,
                 "uploaded_bytes": staged.size,
-                "status_reason": f"upload interrupted after {staged.size} bytes; "
+                "status_reason": f"upload interrupted after {staged.size} bytes{why}; "
                 f"resume with metadata.offset = {staged.size}",
             },
         )
         log.info("upload of images/%s interrupted at %d bytes", image_id, staged.size)
+        return staged.size
 
     # -- download -----------------------------------------------------------
 
@@ -304,16 +440,19 @@ class ImageData:
         return image, self._read(caller, image_id, offset)
 
     async def _read(self, caller: Caller, image_id: str, offset: int) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._blobs.read(image_id, offset, self.chunk_bytes):
-                yield chunk
-        except BlobNotFound:
-            raise DataLoss(
-                "IMAGE_DATA_MISSING", f"the stored bytes of images/{image_id} are missing"
-            ) from None
-        # Checked again at the end: an image deleted, unshared or deactivated
-        # while it streamed must not end in a verified, usable download.
-        await self._downloadable(caller, image_id)
+        # The slot is taken on the first read, so that a stream never started
+        # holds none, and given back when the stream ends or is closed.
+        with self.downloads.held(caller.project):
+            try:
+                async for chunk in self._blobs.read(image_id, offset, self.chunk_bytes):
+                    yield chunk
+            except BlobNotFound:
+                raise DataLoss(
+                    "IMAGE_DATA_MISSING", f"the stored bytes of images/{image_id} are missing"
+                ) from None
+            # Checked again at the end: an image deleted, unshared or deactivated
+            # while it streamed must not end in a verified, usable download.
+            await self._downloadable(caller, image_id)
 
     # -- housekeeping -------------------------------------------------------
 
@@ -383,3 +522,19 @@ class ImageData:
             await self._images.transition(
                 image.id, {ImageStatus.QUEUED}, {"uploaded_bytes": staged}
             )
+
+
+async def _close_quietly(staged: StagedUpload) -> None:
+    """Closes the staging file; a failure to make its bytes durable (a full
+    disk) is logged, and `staged.size` then counts only the durable ones."""
+    try:
+        await asyncio.to_thread(staged.close)
+    except Exception as error:
+        log.warning("closing the staging file %s failed: %r", staged.path.name, error)
+
+
+def _close_if_opened(opening: asyncio.Future[StagedUpload]) -> None:
+    """For an open whose caller was cancelled: the file it opened is closed."""
+    if not opening.cancelled() and opening.exception() is None:
+        with contextlib.suppress(Exception):
+            opening.result().close()

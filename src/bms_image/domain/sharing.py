@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -13,12 +14,16 @@ from .errors import (
     NotFound,
     PermissionDenied,
     PreconditionViolation,
+    QuotaExceeded,
+    Unavailable,
     invalid_field,
 )
 from .images import ImageCatalog, replayed
 from .model import Caller, Image, ImageStatus, Member, MemberStatus, RequestMethod, Visibility
 from .paging import PageTokens, page_size_or_default
 from .ports import ImageRepository, MemberRepository
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMBERS = 256
 
@@ -183,11 +188,18 @@ class Sharing:
         try:
             await self._blobs.copy(source.id, created.id)
         except Exception as error:
+            # What the store said (endpoints, paths) is for the log only.
+            log.warning("copying images/%s to images/%s failed: %r", image_id, created.id, error)
             await self._images.transition(
                 created.id,
                 {ImageStatus.SAVING},
-                {"status": ImageStatus.KILLED, "status_reason": f"copy failed: {error}"},
+                {
+                    "status": ImageStatus.KILLED,
+                    "status_reason": "copying the bytes failed; replicate the image again",
+                },
             )
+            if isinstance(error, (Unavailable, QuotaExceeded)):
+                raise  # retryable: UNAVAILABLE or RESOURCE_EXHAUSTED, not a precondition
             raise FailedPrecondition(
                 "REPLICATION_FAILED", f"the bytes of images/{image_id} could not be copied"
             ) from error

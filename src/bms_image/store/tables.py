@@ -188,3 +188,14 @@ class ServerRow(Base):
         Index("ix_servers_project_seq", "project", "seq"),
         Index("ix_servers_state", "state"),
     )
+
+
+class DeploymentRow(Base):
+    """The one row naming this deployment (every replica on this database):
+    its id marks the blob store prefix the deployment owns, so that two
+    deployments never sweep each other's blobs as orphans."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2
 
@@ -15,6 +17,22 @@ log = logging.getLogger(__name__)
 Check = Callable[[], Awaitable[None]]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def free_space(directory: Path, min_free_bytes: int) -> Check:
+    """A check that fails while the file system of `directory` has less than
+    `min_free_bytes` free (BMS_IMAGE_MIN_FREE_BYTES): uploads staged there
+    would fail with STORAGE_FULL, so balancers should send them elsewhere."""
+
+    async def check() -> None:
+        usage = await asyncio.to_thread(shutil.disk_usage, directory)
+        if usage.free < min_free_bytes:
+            raise OSError(
+                f"{usage.free} bytes free in {directory}, under the {min_free_bytes} "
+                "of BMS_IMAGE_MIN_FREE_BYTES"
+            )
+
+    return check
 
 
 class HealthMonitor:

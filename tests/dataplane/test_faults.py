@@ -1,0 +1,347 @@
+"""Faults of the storage the data plane stands on get the right code, keep the
+upload resumable, leak nothing and tell no internals (issue 14, item 7):
+
+- a full file system (a real, tiny tmpfs: ENOSPC) under the staging area or
+  the blob store -> RESOURCE_EXHAUSTED STORAGE_FULL with a QuotaFailure that
+  names the storage, never a path; the image stays QUEUED with the durable
+  bytes; no descriptor is left open; a delete frees the space;
+- an S3 store that stops answering -> UNAVAILABLE (retryable), the same
+  upload resumed once it is back; no botocore text, endpoint or key reaches
+  a message or a status_reason; health turns NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from dataplane_support import (
+    ACTIVE,
+    KILLED,
+    QUEUED,
+    MiB,
+    OwnService,
+    create_image,
+    download_all,
+    download_verified,
+    fresh_project,
+    own_service,
+    random_bytes,
+    sha256_hex,
+    staged_path,
+    status_name,
+    temp_blobs,
+    upload,
+    wait_for_image,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moto.server import ThreadedMotoServer
+
+from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
+from helpers import expect_error, remount, tmpfs
+from processes import free_port
+
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+IMAGE_SERVICE = "bms.image.v1.ImageService"
+
+
+def descriptors_under(directory: Path) -> list[str]:
+    """The files under `directory` this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def assert_no_internals(text: str, *internals: str) -> None:
+    for internal in ("Traceback", "botocore", "Errno", "[Errno", *internals):
+        assert internal not in text, f"{internal!r} leaked into {text!r}"
+
+
+async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
+    tmp_path: Path,
+) -> None:
+    async with own_service(tmp_path) as own:
+        staging = tmp_path / "staging"
+        with tmpfs(staging, 4 * MiB):
+            alpha = own.metadata(fresh_project("full"))
+            created = await create_image(own.images, alpha)
+            await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
+            descriptors = open_descriptors()
+            content = random_bytes(6 * MiB)
+
+            refused = await expect_error(
+                upload(own.images, alpha, created.name, content),
+                RESOURCE_EXHAUSTED,
+                "STORAGE_FULL",
+            )
+
+            assert refused.quota_failure is not None
+            subjects = [v.subject for v in refused.quota_failure.violations]
+            assert subjects == ["storage/staging-area"]
+            assert_no_internals(refused.message, str(tmp_path))
+            image = await wait_for_image(own.images, alpha, created.name, QUEUED)
+            durable = staged_path(tmp_path, created.name).read_bytes()
+            assert 0 < len(durable) <= 4 * MiB
+            assert image.uploaded_bytes == len(durable), "the offset is the durable bytes"
+            assert durable == content[: len(durable)], "no partial chunk, no zeros"
+            assert refused.info.metadata["uploaded_bytes"] == str(len(durable))
+            assert_no_internals(image.status_reason, str(tmp_path))
+            assert descriptors_under(staging) == [], "the staging file was left open"
+            assert open_descriptors() <= descriptors
+
+            await own.images.DeleteImage(
+                image_pb2.DeleteImageRequest(name=created.name), metadata=alpha
+            )
+            assert shutil.disk_usage(staging).used == 0, "the delete did not free the space"
+
+            # The space is back: the next upload goes through.
+            again = await create_image(own.images, alpha)
+            small = random_bytes(MiB)
+            done = await upload(own.images, alpha, again.name, small)
+            assert done.status == ACTIVE, status_name(done.status)
+
+
+async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
+    tmp_path: Path,
+) -> None:
+    async with own_service(tmp_path) as own:
+        blobs = tmp_path / "blobs"
+        with tmpfs(blobs, 2 * MiB):
+            alpha = own.metadata(fresh_project("full"))
+            created = await create_image(own.images, alpha)
+            content = random_bytes(3 * MiB + 5)
+
+            refused = await expect_error(
+                upload(own.images, alpha, created.name, content),
+                RESOURCE_EXHAUSTED,
+                "STORAGE_FULL",
+            )
+
+            assert refused.quota_failure is not None
+            assert [v.subject for v in refused.quota_failure.violations] == ["storage/image-store"]
+            assert_no_internals(refused.message, str(tmp_path))
+            image = await wait_for_image(own.images, alpha, created.name, QUEUED)
+            assert image.uploaded_bytes == len(content)
+            assert temp_blobs(tmp_path) == [], "a partial copy holds the space"
+            assert descriptors_under(blobs) == []
+
+            remount(blobs, 16 * MiB)  # an operator makes room
+            resumed = await upload(
+                own.images,
+                alpha,
+                created.name,
+                b"",
+                offset=len(content),
+                size_bytes=len(content),
+                sha256=sha256_hex(content),
+            )
+            assert resumed.status == ACTIVE, status_name(resumed.status)
+            assert await download_verified(own.images, alpha, created.name) == content
+
+
+# -- an S3 store that goes away -------------------------------------------------
+
+
+@pytest.fixture
+def moto_port() -> Iterator[int]:
+    """A port for an S3 server of the test's own (it stops and starts it)."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    yield free_port()
+
+
+def start_moto(port: int) -> ThreadedMotoServer:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+async def image_health(own: OwnService) -> int:
+    answer = await health_pb2_grpc.HealthStub(own.channel).Check(
+        health_pb2.HealthCheckRequest(service=IMAGE_SERVICE), timeout=10
+    )
+    return int(answer.status)
+
+
+@pytest.mark.timeout(600)
+async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
+    tmp_path: Path, moto_port: int, isolated_aws_config: None
+) -> None:
+    endpoint = f"http://127.0.0.1:{moto_port}"
+    bucket = f"faults-{uuid.uuid4().hex[:12]}"
+    moto = start_moto(moto_port)
+    try:
+        async with own_service(
+            tmp_path,
+            blob_backend="s3",
+            s3_endpoint_url=endpoint,
+            s3_bucket=bucket,
+            s3_access_key="testing",
+            s3_secret_key="testing",
+        ) as own:
+            alpha_project, beta_project = fresh_project("alpha"), fresh_project("beta")
+            alpha, beta = own.metadata(alpha_project), own.metadata(beta_project)
+            sharing = sharing_pb2_grpc.SharingServiceStub(own.channel)
+            stored = await create_image(own.images, alpha)
+            stored_content = random_bytes(100_000)
+            await upload(own.images, alpha, stored.name, stored_content)
+            await sharing.CreateImageMember(
+                sharing_pb2.CreateImageMemberRequest(
+                    parent=stored.name, member=sharing_pb2.ImageMember(member_project=beta_project)
+                ),
+                metadata=alpha,
+            )
+            await sharing.UpdateImageMember(
+                sharing_pb2.UpdateImageMemberRequest(
+                    member=sharing_pb2.ImageMember(
+                        name=f"{stored.name}/members/{beta_project}",
+                        status=sharing_pb2.MEMBER_STATUS_ACCEPTED,
+                    ),
+                    update_mask={"paths": ["status"]},
+                ),
+                metadata=beta,
+            )
+            pending = await create_image(own.images, alpha)
+            content = random_bytes(200_000)
+            moto.stop()
+            internals = (endpoint, f"127.0.0.1:{moto_port}", bucket, "Endpoint", "http")
+
+            refused = await expect_error(
+                upload(own.images, alpha, pending.name, content),
+                UNAVAILABLE,
+                "BLOB_STORE_UNAVAILABLE",
+            )
+            assert_no_internals(refused.message, *internals)
+            image = await wait_for_image(own.images, alpha, pending.name, QUEUED)
+            assert image.uploaded_bytes == len(content), "the upload is kept for a retry"
+            assert_no_internals(image.status_reason, *internals)
+
+            unread = await expect_error(
+                download_all(own.images, alpha, stored.name), UNAVAILABLE, "BLOB_STORE_UNAVAILABLE"
+            )
+            assert_no_internals(unread.message, *internals)
+
+            # A replica whose copy fails is KILLED: its status_reason is ours.
+            failed = await expect_error(
+                sharing.ReplicateImage(
+                    sharing_pb2.ReplicateImageRequest(name=stored.name), metadata=beta
+                ),
+                UNAVAILABLE,
+                "BLOB_STORE_UNAVAILABLE",
+            )
+            assert_no_internals(failed.message, *internals)
+            killed = await own.images.ListImages(
+                image_pb2.ListImagesRequest(filter="status = killed"), metadata=beta
+            )
+            assert [i.status for i in killed.images] == [KILLED]
+            assert_no_internals(killed.images[0].status_reason, *internals)
+
+            failing = await own.service.monitor.check_once()
+            assert "blob store" in failing
+            assert await image_health(own) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            moto = start_moto(moto_port)  # back, with its buckets (moto keeps them in memory)
+            resumed = await upload(
+                own.images,
+                alpha,
+                pending.name,
+                b"",
+                offset=len(content),
+                size_bytes=len(content),
+                sha256=sha256_hex(content),
+            )
+            assert resumed.status == ACTIVE, status_name(resumed.status)
+            assert await download_verified(own.images, alpha, pending.name) == content
+            await own.service.monitor.check_once()
+            assert await image_health(own) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        moto.stop()
+
+
+# -- quota (EDQUOT) and a failed fsync, injected at the file-write seam ----------
+
+
+async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDQUOT is STORAGE_FULL as ENOSPC is. When even the fsync that makes
+    the bytes durable fails, the bytes this stream wrote cannot be trusted:
+    the offset falls back to what was durable before it (here, a first
+    resumed half), never further."""
+    async with own_service(tmp_path) as own:
+        alpha = own.metadata(fresh_project("quota"))
+        created = await create_image(own.images, alpha)
+        content = random_bytes(3 * MiB)
+        half = MiB + 7
+        await upload(own.images, alpha, created.name, content[:half], size_bytes=0, sha256="")
+        # (a first upload of `half` bytes made the image ACTIVE: take another)
+        created = await create_image(own.images, alpha)
+        real_pwrite, real_fsync = os.pwrite, os.fsync
+        written = 0
+
+        def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+            nonlocal written
+            if written + len(data) > half:  # the project's disk quota is reached
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            written += len(data)
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        quota = await expect_error(
+            upload(own.images, alpha, created.name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
+        )
+        assert quota.info.metadata["uploaded_bytes"] == str(written)
+        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        assert queued.uploaded_bytes == written
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+
+        def fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        await expect_error(
+            upload(
+                own.images,
+                alpha,
+                created.name,
+                content[written:],
+                offset=written,
+                size_bytes=len(content),
+                sha256=sha256_hex(content),
+            ),
+            RESOURCE_EXHAUSTED,
+            "STORAGE_FULL",
+        )
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        assert queued.uploaded_bytes == written, "bytes whose fsync failed were counted"
+        assert staged_path(tmp_path, created.name).read_bytes() == content[:written]
+
+        resumed = await upload(
+            own.images,
+            alpha,
+            created.name,
+            content[written:],
+            offset=written,
+            size_bytes=len(content),
+            sha256=sha256_hex(content),
+        )
+        assert resumed.status == ACTIVE, status_name(resumed.status)
+        assert descriptors_under(tmp_path / "staging") == []

@@ -1,0 +1,143 @@
+"""A resume continues only from bytes that are really there (issue 14, item
+3). When the bytes staged for an upload are fewer than its recorded offset
+(the staging area was lost or restored, a crash fell between two steps, or
+the resume reaches another process), the service refuses the resume with
+FAILED_PRECONDITION UPLOAD_OFFSET_MISMATCH carrying the real offset, records
+that offset for GetImage, and a resume from it yields the right bytes: never
+a prefix of zeros.
+
+The tests speak of behaviour; how the bytes are lost is one helper,
+`lose_staged_bytes`, the only place that knows where uploads are staged."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from dataplane_support import (
+    ACTIVE,
+    QUEUED,
+    Metadata,
+    MiB,
+    Stub,
+    chunk_message,
+    create_image,
+    download_verified,
+    expect_error,
+    fresh_project,
+    random_bytes,
+    sha256_hex,
+    shared_service_fixtures,
+    split,
+    staged_path,
+    status_name,
+    upload,
+    upload_metadata,
+    wait_for_file_size,
+    wait_for_image,
+)
+
+from bms.image.v1 import image_pb2, image_pb2_grpc
+from bms_image.api.server import RunningService
+from processes import ServerProcess
+
+service, channel = shared_service_fixtures()
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def lose_staged_bytes(data_dir: Path, name: str, keep: int) -> None:
+    """What a lost or restored staging area does to an upload: only the
+    first `keep` bytes of it are left (0: nothing at all)."""
+    path = staged_path(data_dir, name)
+    if keep == 0:
+        path.unlink()
+    else:
+        with path.open("rb+") as handle:
+            handle.truncate(keep)
+
+
+async def upload_first_part(
+    images: Stub, metadata: Metadata, name: str, part: bytes, data_dir: Path
+) -> None:
+    """Sends `part` (declaring neither size nor checksum, as a plain client
+    may), waits until the service holds it, then breaks the stream off."""
+
+    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+        yield upload_metadata(name)
+        for piece in split(part, [300_001, 65_536]):
+            yield chunk_message(piece)
+        await asyncio.Event().wait()  # the client hangs until cancelled
+
+    call = images.UploadImageData(requests(), metadata=metadata)
+    await wait_for_file_size(staged_path(data_dir, name), len(part), within=30)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    image = await wait_for_image(images, metadata, name, QUEUED, within=30)
+    assert image.uploaded_bytes == len(part)
+
+
+async def resume_after_loss(
+    images: Stub, metadata: Metadata, data_dir: Path, content: bytes, sent: int, keep: int
+) -> None:
+    created = await create_image(images, metadata)
+    await upload_first_part(images, metadata, created.name, content[:sent], data_dir)
+    lose_staged_bytes(data_dir, created.name, keep)
+
+    # The resume is refused on its first message: sending no bytes after it
+    # spares the client library a race between its writes and the status.
+    refused = await expect_error(
+        upload(images, metadata, created.name, b"", offset=sent, size_bytes=0, sha256=""),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "UPLOAD_OFFSET_MISMATCH",
+    )
+    assert refused.info.metadata["uploaded_bytes"] == str(keep)
+    assert f"metadata.offset = {keep}" in refused.status.message
+    image = await images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=metadata)
+    assert image.status == QUEUED, status_name(image.status)
+    assert image.uploaded_bytes == keep, "the corrected offset is what GetImage reports"
+
+    # No size or checksum declared: the service alone keeps zeros out.
+    resumed = await upload(
+        images, metadata, created.name, content[keep:], offset=keep, size_bytes=0, sha256=""
+    )
+    assert resumed.status == ACTIVE, status_name(resumed.status)
+    assert (resumed.size_bytes, resumed.sha256) == (len(content), sha256_hex(content))
+    assert await download_verified(images, metadata, created.name) == content
+
+
+@pytest.mark.parametrize("keep", [0, 1 * MiB + 3], ids=["deleted", "truncated"])
+async def test_a_resume_after_lost_staged_bytes_is_refused_with_the_real_offset(
+    service: RunningService, channel: grpc.aio.Channel, keep: int
+) -> None:
+    images = image_pb2_grpc.ImageServiceStub(channel)
+    alpha = (("authorization", f"Bearer {service.authority.issue(fresh_project('lost'))}"),)
+    content = random_bytes(5 * MiB + 11)
+    await resume_after_loss(
+        images, alpha, service.settings.data_dir, content, sent=3 * MiB + 5, keep=keep
+    )
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(tmp_path, catalog_image_mib="1", shutdown_grace_seconds="1").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.mark.e2e
+async def test_a_real_service_refuses_a_resume_past_the_bytes_it_holds(
+    serve: ServerProcess,
+) -> None:
+    """The same against a `bms-image serve` process, the staging file
+    deleted between the two halves of the upload."""
+    async with grpc.aio.insecure_channel(serve.address) as opened:
+        images = image_pb2_grpc.ImageServiceStub(opened)
+        alpha = (("authorization", f"Bearer {serve.token(fresh_project('lost'))}"),)
+        content = random_bytes(4 * MiB + 5)
+        await resume_after_loss(images, alpha, serve.data_dir, content, sent=2 * MiB, keep=0)

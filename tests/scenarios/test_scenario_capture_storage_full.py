@@ -1,0 +1,76 @@
+"""A capture that runs out of space (a real, tiny tmpfs under the image
+service's staging area: ENOSPC) ends KILLED with a reason that says the
+storage is full and names no host path; its staged bytes are removed and no
+descriptor stays open on them; the server is released; and once there is
+room again the same server is captured."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from scenario_support import (
+    CENTOS,
+    LOCAL,
+    cloud,
+    create_request,
+    deploy_one,
+    poll,
+    stop_server,
+    system_disk,
+    wait_released,
+)
+from scenario_support import capture as capture_active
+
+from bms.image.v1 import image_pb2
+from helpers import remount, tmpfs
+
+MIB = 1024 * 1024
+
+
+def held_files() -> list[str]:
+    """What this process's descriptors point at."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return found
+
+
+async def test_a_capture_into_a_full_staging_area_is_killed_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    async with cloud(tmp_path) as c:
+        md = c.md("alpha")
+        server = await deploy_one(c, md, create_request(CENTOS, 1, "full", boot_source=LOCAL))
+        await stop_server(c, md, server.name)
+        disk_bytes = system_disk(c.data_dir, server.name).stat().st_size
+        staging = c.data_dir / "staging"
+        with tmpfs(staging, MIB):
+            assert disk_bytes > MIB, "the disk must not fit in the staging area"
+            created = await c.images.CreateImage(
+                image_pb2.CreateImageRequest(
+                    image=image_pb2.Image(display_name="too-big"), source_server=server.name
+                ),
+                metadata=md,
+            )
+            image = await poll(
+                lambda: c.images.GetImage(
+                    image_pb2.GetImageRequest(name=created.name), metadata=md
+                ),
+                lambda image: image.status == image_pb2.IMAGE_STATUS_KILLED,
+                60.0,
+            )
+            assert image.status == image_pb2.IMAGE_STATUS_KILLED, image
+            assert "full" in image.status_reason, image.status_reason
+            assert str(tmp_path) not in image.status_reason
+            assert "Errno" not in image.status_reason
+            await wait_released(c, md, server.name, within=30)
+            assert os.listdir(staging) == [], "the killed capture's bytes stayed"
+            assert not [target for target in held_files() if target.startswith(str(staging))]
+
+            remount(staging, disk_bytes + 64 * MIB)  # room again
+            backup = await capture_active(c, md, server.name, "fits-now")
+            assert backup.size_bytes == disk_bytes
