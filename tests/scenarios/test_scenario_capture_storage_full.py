@@ -46,7 +46,7 @@ async def test_a_capture_into_a_full_staging_area_is_killed_with_a_reason(
         md = c.md("alpha")
         server = await deploy_one(c, md, create_request(CENTOS, 1, "full", boot_source=LOCAL))
         await stop_server(c, md, server.name)
-        disk_bytes = system_disk(c.data_dir, server.name).stat().st_size
+        disk_bytes = system_disk(c.data_dir, server.name).top.stat().st_size
         staging = c.data_dir / "staging"
         with tmpfs(staging, MIB):
             assert disk_bytes > MIB, "the disk must not fit in the staging area"
