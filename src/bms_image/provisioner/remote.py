@@ -5,6 +5,7 @@ that refused."""
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 import grpc
@@ -21,6 +22,17 @@ M = TypeVar(
     error_details_pb2.PreconditionFailure,
     error_details_pb2.QuotaFailure,
 )
+
+log = logging.getLogger(__name__)
+
+#: What a caller is told of a failure that did not come from our peer's own
+#: guard (no ErrorInfo): gRPC's own texts name addresses, ports and
+#: resolver or TLS internals, which stay in our log.
+_PLAIN_TEXTS = {
+    grpc.StatusCode.UNAVAILABLE: "cannot be reached now; try again later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "did not answer in time; try again later",
+    grpc.StatusCode.CANCELLED: "call was cancelled",
+}
 
 _CLASSES: dict[grpc.StatusCode, type[errors.DomainError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
@@ -40,9 +52,13 @@ def domain_error(error: grpc.aio.AioRpcError, peer: str = "image service") -> er
     if status is not None:
         details = list(status.details)
     info = _unpacked(details, error_details_pb2.ErrorInfo)
-    reason = info.reason if info is not None else error.code().name
-    message = f"{peer}: {error.details() or error.code().name}"
     code = error.code()
+    reason = info.reason if info is not None else code.name
+    if info is not None:  # our peer's guard answered: its text is meant for the caller
+        message = f"{peer}: {error.details() or code.name}"
+    else:
+        log.warning("call to the %s failed: %s %s", peer, code.name, error.details())
+        message = f"{peer}: {_PLAIN_TEXTS.get(code, 'the call failed')} ({code.name})"
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         bad = _unpacked(details, error_details_pb2.BadRequest)
         return errors.InvalidArgument(
