@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import math
 import os
 import resource
@@ -76,6 +77,10 @@ def _inspect(path: Path, subject: str) -> Inspection:
         raise _refuse(
             "IMAGE_UNSAFE", subject, f"unsafe {name} image refused ({failures})"
         ) from None
+    except format_inspector.ImageFormatError as error:  # e.g. a VMDK without its descriptor
+        raise _refuse(
+            "IMAGE_UNSAFE", subject, f"{name} image refused: it cannot be checked ({error})"
+        ) from None
     try:
         virtual_size = int(inspector.virtual_size)
     except Exception:  # a header the inspector matched but cannot read a size from
@@ -98,7 +103,8 @@ CONVERT_MEMORY_BYTES = 1024**3
 CONVERT_TIMEOUT_SECONDS = 1800.0
 #: The largest raw disk a conversion may produce (BMS_IMAGE_MAX_VIRTUAL_BYTES).
 MAX_VIRTUAL_BYTES = 256 * 1024**3
-#: What of qemu-img's error output is kept (the rest is read and dropped).
+#: What of qemu-img's output and errors is kept (the rest is read and dropped).
+_STDOUT_BYTES = 1024 * 1024
 _STDERR_BYTES = 64 * 1024
 
 
@@ -169,26 +175,71 @@ class ContentInspector:
                 "qemu-img",
                 f"{disk_format.value} images need qemu-img (Debian package qemu-utils) to convert",
             )
+        driver = _QEMU_DRIVERS.get(disk_format, disk_format.value)
+        # The size qemu-img itself reads from the header is the one it will
+        # write, whatever the inspector made of that header: both are bounded.
         inspection = await asyncio.to_thread(_inspect, source, subject)
         self._require_convertible(inspection, subject)
+        code, out, err = await self._run(
+            subject, disk_format, "info", "--output=json", "-f", driver, str(source)
+        )
+        if code != 0:
+            raise self._failed(subject, disk_format, code, err, source, target)
+        try:
+            virtual_size = int(json.loads(out)["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            raise self._failed(subject, disk_format, 0, b"no virtual size", source) from None
+        raw = Inspection(inspection.format, max(virtual_size, inspection.virtual_size))
+        self._require_convertible(raw, subject)
         space = await asyncio.to_thread(os.statvfs, target.parent)
         free = space.f_bavail * space.f_frsize
-        if inspection.virtual_size > free:
+        if raw.virtual_size > free:
             raise QuotaExceeded(
                 "STAGING_SPACE_EXHAUSTED",
-                f"{subject}: its raw disk needs {inspection.virtual_size} bytes and the staging "
+                f"{subject}: its raw disk needs {raw.virtual_size} bytes and the staging "
                 f"area has {free} free; try again later",
                 [QuotaViolation("staging area", "not enough free space for the raw disk")],
             )
+        try:
+            code, _, err = await self._run(
+                subject, disk_format, "convert", "-q", "-f", driver, "-O", "raw",
+                str(source), str(target),
+            )  # fmt: skip
+            if code != 0:
+                raise self._failed(subject, disk_format, code, err, source, target)
+        except BaseException:  # failed, timed out or cancelled: no partial raw disk stays
+            await asyncio.shield(asyncio.to_thread(target.unlink, missing_ok=True))
+            raise
+
+    def _failed(
+        self,
+        subject: str,
+        disk_format: DiskFormat,
+        code: int,
+        stderr: bytes,
+        *paths: Path,
+    ) -> FailedPrecondition:
+        said = _without_paths(stderr.decode(errors="replace"), *paths)[:300]
+        return _refuse(
+            "IMAGE_CONVERSION_FAILED",
+            subject,
+            f"qemu-img could not convert the {disk_format.value} image: "
+            + (said or f"it ended with status {code}"),
+        )
+
+    async def _run(
+        self, subject: str, disk_format: DiskFormat, *arguments: str
+    ) -> tuple[int, bytes, bytes]:
+        """qemu-img with `arguments` under the limits: (exit status, the
+        first MiB of its output, the first 64 KiB of its errors). It is killed
+        (and waited for) when it overruns the timeout, raising
+        IMAGE_CONVERSION_TIMEOUT, or when the caller is cancelled."""
+        assert self._qemu_img is not None
         file_bytes = max(self.max_virtual_bytes, 1)
         cpu_seconds = max(1, math.ceil(self.timeout_seconds))
-        command = [
-            self._qemu_img, "convert", "-q",
-            "-f", _QEMU_DRIVERS.get(disk_format, disk_format.value), "-O", "raw",
-            str(source), str(target),
-        ]  # fmt: skip
+        command = [self._qemu_img, *arguments]
         preexec: Callable[[], None] | None = None
-        if self._prlimit is not None:  # exec's qemu-img itself: the pid stays the same
+        if self._prlimit is not None:  # it exec's qemu-img itself: the pid stays the same
             command = [
                 self._prlimit,
                 f"--as={self.memory_bytes}",
@@ -202,15 +253,18 @@ class ContentInspector:
         process = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=preexec,
         )
-        assert process.stderr is not None
+        assert process.stdout is not None and process.stderr is not None
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                stderr = await _read_bounded(process.stderr, _STDERR_BYTES)
-                await process.wait()
+                out, err = await asyncio.gather(
+                    _read_bounded(process.stdout, _STDOUT_BYTES),
+                    _read_bounded(process.stderr, _STDERR_BYTES),
+                )
+                code = await process.wait()
         except TimeoutError:
             raise _refuse(
                 "IMAGE_CONVERSION_TIMEOUT",
@@ -218,19 +272,8 @@ class ContentInspector:
                 f"qemu-img did not convert the {disk_format.value} image within "
                 f"{self.timeout_seconds:g} seconds (BMS_IMAGE_CONVERT_TIMEOUT_SECONDS)",
             ) from None
-        finally:  # timed out, cancelled with its upload, or failed: never left running
+        finally:  # timed out, or cancelled with its upload: never left running
             if process.returncode is None:
                 process.kill()
                 await asyncio.shield(process.wait())
-            if process.returncode != 0:
-                await asyncio.shield(asyncio.to_thread(target.unlink, missing_ok=True))
-        if process.returncode != 0:
-            raise _refuse(
-                "IMAGE_CONVERSION_FAILED",
-                subject,
-                f"qemu-img could not convert the {disk_format.value} image: "
-                + (
-                    _without_paths(stderr.decode(errors="replace"), source, target)[:300]
-                    or f"it ended with status {process.returncode}"
-                ),
-            )
+        return code, out, err

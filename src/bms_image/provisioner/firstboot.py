@@ -106,10 +106,12 @@ def _load_bounded(text: str) -> object:
         raise _invalid_yaml(str(error)) from None
     except yaml.YAMLError as error:
         raise _invalid_yaml(f"is not valid YAML: {error}") from None
-    except (ValueError, OverflowError, RecursionError) as error:
-        # A scalar the constructor cannot build: an int of more than 4,300
-        # digits, a date like 2001-13-45, ...
-        raise _invalid_yaml(f"has a value that cannot be read: {error}") from None
+    except Exception as error:
+        # A value PyYAML's constructor cannot build, and which it does not
+        # report as a YAMLError: an int of more than 4,300 digits or a date
+        # like 2001-13-45 (ValueError), an empty `!!int` (IndexError), ...
+        # The loader only reads the text, so its failure is the document's.
+        raise _invalid_yaml(f"has a value that cannot be read: {error!s:.200}") from None
     finally:
         loader.dispose()
 
