@@ -142,10 +142,12 @@ class ContentInspector:
         max_virtual_bytes: int = MAX_VIRTUAL_BYTES,
         timeout_seconds: float = CONVERT_TIMEOUT_SECONDS,
         memory_bytes: int = CONVERT_MEMORY_BYTES,
-        prlimit: str | None = None,
+        prlimit: str | None = shutil.which("prlimit"),
     ) -> None:
+        """`prlimit`: util-linux's binary, which sets the limits and exec's
+        qemu-img; without one (None) the limits are set by a preexec_fn."""
         self._qemu_img = qemu_img or shutil.which("qemu-img")
-        self._prlimit = prlimit or shutil.which("prlimit")
+        self._prlimit = prlimit
         self.max_virtual_bytes = max_virtual_bytes
         self.timeout_seconds = timeout_seconds
         self.memory_bytes = memory_bytes
