@@ -25,8 +25,10 @@ MAX_YAML_DEPTH = 64
 
 #: User data is parsed here, never on the event loop nor in the shared default
 #: executor, so hostile documents queue behind each other, not in front of
-#: the database or file work of other callers.
-_PARSER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-data")
+#: the database or file work of other callers. One thread: a parse is CPU
+#: work under the GIL, and one parser competing with the event loop costs
+#: other callers less than several (bench.bystander measures it).
+_PARSER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="user-data")
 
 
 class _Refused(Exception):
