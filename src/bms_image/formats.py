@@ -97,9 +97,12 @@ def _without_paths(text: str, *paths: Path) -> str:
     return text.strip()
 
 
-#: What qemu-img may use: address space (its buffers and coroutine stacks
-#: need well under this for any image) and, by default, wall-clock seconds.
-CONVERT_MEMORY_BYTES = 1024**3
+#: What qemu-img may use: address space and, by default, wall-clock seconds.
+#: Its buffers, coroutine and thread stacks need a few hundred MiB at most
+#: once glibc keeps to two malloc arenas (_CHILD_ENV); with glibc's default
+#: of 8 per core, 64 MiB of address space each, even 1 GiB failed at times
+#: ("qemu_thread_create: Resource temporarily unavailable").
+CONVERT_MEMORY_BYTES = 2 * 1024**3
 CONVERT_TIMEOUT_SECONDS = 1800.0
 #: The largest raw disk a conversion may produce (BMS_IMAGE_MAX_VIRTUAL_BYTES).
 MAX_VIRTUAL_BYTES = 256 * 1024**3
@@ -254,6 +257,7 @@ class ContentInspector:
             preexec = functools.partial(_set_limits, self.memory_bytes, file_bytes, cpu_seconds)
         process = await asyncio.create_subprocess_exec(
             *command,
+            env={**os.environ, "MALLOC_ARENA_MAX": "2"},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
