@@ -35,6 +35,11 @@ class Settings:
     max_concurrent_rpcs: int = 10_000
     log_level: str = "INFO"
     max_image_bytes: int = 1024**4
+    #: The largest raw disk converting an uploaded qcow2/vmdk/vhd/vhdx may
+    #: produce; a larger claimed virtual size is refused before qemu-img runs.
+    max_virtual_bytes: int = 256 * 1024**3
+    #: How long one qemu-img conversion may take before it is killed.
+    convert_timeout_seconds: float = 1800.0
     chunk_bytes: int = 1024 * 1024
     catalog_image_mib: int = 32
     blob_backend: str = "local"
@@ -218,6 +223,8 @@ _CASTERS: dict[str, Any] = {
     "max_concurrent_rpcs": int,
     "log_level": str,
     "max_image_bytes": int,
+    "max_virtual_bytes": int,
+    "convert_timeout_seconds": float,
     "chunk_bytes": int,
     "catalog_image_mib": int,
     "blob_backend": str,

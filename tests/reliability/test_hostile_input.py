@@ -4,8 +4,10 @@ field of its proto type but hostile content -- huge strings (up to 64 Ki
 characters), NUL, RTL and zero-width marks, emoji, combining characters,
 `%00`, `../` path traversal, `images/` with garbage ids, very long resource
 names, negative and extreme numbers, undefined enum numbers, forged and
-tampered page tokens, and filters that try SQL injection (quotes, `OR 1=1`,
-`; DROP TABLE`, unbalanced quotes and parentheses, deep nesting). Two
+tampered page tokens (huge ones too), filters that try SQL injection (quotes,
+`OR 1=1`, `; DROP TABLE`, unbalanced quotes and parentheses, deep nesting,
+too many conditions), YAML bombs in user data (aliases, depth, node count,
+unreadable values) and SSH key lines of megabytes. Two
 requests in three are a valid request of the RPC (the owner's, on real
 things: an active shared image, a queued one, a server, the public catalog)
 with one to three fields, nested ones too, given hostile values, so that
@@ -279,6 +281,8 @@ SQL_FILTERS = [
     "name = x\x00", "name = \u202etxt.exe", 'name = "🦄"', "tag = " + "t" * 1020,
     "os_distro = centos UNION SELECT * FROM images",
     "owner_project = alpha' UNION SELECT token_secret --",
+    " AND ".join(["os_distro != x"] * 33), " AND ".join(["tag = t"] * 32),
+    '"' + "\\\"" * 500, "name = \"" + "\\" * 1000,
 ]  # fmt: skip
 
 
@@ -319,6 +323,8 @@ def page_tokens(targets: Targets) -> st.SearchStrategy[str]:
         st.binary(max_size=48).map(
             lambda raw: __import__("base64").urlsafe_b64encode(raw).decode()
         ),
+        st.builds(lambda n: token * n, st.integers(2, 2000)),
+        st.builds(lambda n: "A" * n, st.sampled_from([513, 65_536, 1_000_000])),
         HOSTILE,
     )
 
@@ -334,7 +340,19 @@ INT64 = st.one_of(
 SSH_KEYS = [
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq1 x", "ssh-rsa AAAA\x00", "ssh-ed25519 " + "A" * 5000,
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n#x",
+    # A valid key whose line is over 16 KiB, and a huge one of garbage base64.
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
+    + "c" * 17_000,
+    "ssh-rsa " + "QUFBQ" * 200_000 + "=",
 ]  # fmt: skip
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["#cloud-config", "a0: &a0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, levels)]
+    return "\n".join([*lines, "write_files:", "- path: /x", f"  content: *a{levels - 1}"]) + "\n"
+
+
 USER_DATA = [
     "#cloud-config\nwrite_files:\n- path: /etc/../../x\n  content: a\n",
     "#cloud-config\nwrite_files:\n- path: /etc/\x00x\n  content: a\n",
@@ -348,6 +366,14 @@ USER_DATA = [
     "#cloud-config\n" + "[" * 3000,
     "#cloud-config\nwrite_files: " + "{a: " * 2000,
     "#!/bin/sh\nrm -rf /\n",
+    _alias_bomb(),
+    "#cloud-config\nwrite_files:\n- &f {path: /a, content: b}\n- *f\n",
+    "#cloud-config\n" + "".join(" " * n + f"k{n}:\n" for n in range(100)),
+    "#cloud-config\npad: [" + ",".join(["1"] * 12_000) + "]\n",
+    "#cloud-config\nn: " + "9" * 5000 + "\n",
+    "#cloud-config\nwhen: 2001-13-45\n",
+    "#cloud-config\n!!int \n",
+    "#cloud-config\nwrite_files:\n- path: /x\n  content: !!binary zz\n",
 ]  # fmt: skip
 
 

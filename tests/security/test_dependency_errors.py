@@ -22,9 +22,7 @@ from processes import free_port
 async def image_service_without_its_provisioner(tmp_path: Path) -> AsyncIterator[RunningService]:
     """`serve --provisioner none` told of a provisioner that does not listen."""
     service = await start(
-        make_settings(
-            tmp_path, provisioner="none", provisioner_address=f"127.0.0.1:{free_port()}"
-        )
+        make_settings(tmp_path, provisioner="none", provisioner_address=f"127.0.0.1:{free_port()}")
     )
     yield service
     await service.stop(0)

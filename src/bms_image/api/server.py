@@ -264,7 +264,10 @@ async def start(settings: Settings) -> RunningService:
         image_repository,
         staging,
         blobs,
-        ContentInspector(),
+        ContentInspector(
+            max_virtual_bytes=settings.max_virtual_bytes,
+            timeout_seconds=settings.convert_timeout_seconds,
+        ),
         max_image_bytes=settings.max_image_bytes,
         chunk_bytes=settings.chunk_bytes,
         max_uploads_per_project=settings.max_uploads_per_project,

@@ -10,6 +10,13 @@ from .errors import FieldViolation, InvalidArgument
 from .model import Architecture, ImageStatus, ImageType, MemberStatus, OsType
 
 MAX_FILTER_LENGTH = 1024
+#: Conditions of one filter: every field twice (`!=` ranges) fits, and the
+#: SQL a filter becomes stays small.
+MAX_FILTER_CONDITIONS = 32
+
+# Every alternative of _TOKEN consumes what only it can match (a quote opens
+# a quoted string, `=` and `!` start an operator, anything else is a word), so
+# no match backtracks: reading a filter is linear in its (bounded) length.
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -129,6 +136,8 @@ def parse_filter(text: str) -> list[Condition]:
         if name == "flavor" and op == "!=":
             raise _bad("flavor supports only `=`")
         conditions.append(Condition(name, op == "!=", value))
+        if len(conditions) > MAX_FILTER_CONDITIONS:
+            raise _bad(f"has more than {MAX_FILTER_CONDITIONS} conditions")
         index += 3
     if len([c for c in conditions if c.field == "flavor"]) > 1:
         raise _bad("give at most one flavor condition")

@@ -62,9 +62,18 @@ SERVER_TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
 }
 
 MAX_BATCH = 100
+#: User data Cloud-Init takes: 32 KiB, below the 64 KiB clouds allow (Nova,
+#: Azure), and the bound of everything its parser does (see firstboot.py).
 MAX_USER_DATA_BYTES = 32 * 1024
+#: An OpenSSH public key line: an RSA-16384 key is about 2.8 KB, so 16 KiB
+#: leaves room for any real key and a long comment, and bounds the base64
+#: decoding a key costs.
+MAX_SSH_PUBLIC_KEY_BYTES = 16 * 1024
 MAX_DATA_DISKS = 8
-MAX_DATA_DISK_GB = 65536
+#: A data disk is a sparse file on the fleet's file system: ext4 with 4 KiB
+#: blocks holds files of at most 2**32 - 1 blocks (16 TiB - 4 KiB), so 16,384
+#: GiB itself fails (EFBIG) and 16,383 GiB is the largest disk it can hold.
+MAX_DATA_DISK_GB = 16383
 NAME_PREFIX = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?\Z")
 _SSH_KEY = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)) ([A-Za-z0-9+/]+={0,3})(?: [^\n]*)?\Z"
@@ -132,7 +141,15 @@ class DeployRequest:
 def first_boot_violations(ssh_public_key: str, user_data: str) -> list[FieldViolation]:
     """What is wrong with the key and user data Cloud-Init will apply."""
     violations: list[FieldViolation] = []
-    if ssh_public_key and not _is_ssh_public_key(ssh_public_key):
+    if len(ssh_public_key) > MAX_SSH_PUBLIC_KEY_BYTES:
+        violations.append(
+            FieldViolation(
+                "ssh_public_key",
+                f"is {len(ssh_public_key)} characters; an OpenSSH public key line has at most "
+                f"{MAX_SSH_PUBLIC_KEY_BYTES}",
+            )
+        )
+    elif ssh_public_key and not _is_ssh_public_key(ssh_public_key):
         violations.append(
             FieldViolation("ssh_public_key", "must be an OpenSSH public key (ssh-ed25519 AAAA...)")
         )
@@ -151,12 +168,21 @@ def validate_deploy_request(request: DeployRequest) -> None:
         violations.append(
             FieldViolation("name_prefix", "must be 1-48 lower-case letters, digits and '-'")
         )
-    if len(request.data_disks_gb) > MAX_DATA_DISKS or any(
-        not 1 <= size <= MAX_DATA_DISK_GB for size in request.data_disks_gb
-    ):
+    if len(request.data_disks_gb) > MAX_DATA_DISKS:
         violations.append(
-            FieldViolation("data_disks_gb", f"at most {MAX_DATA_DISKS} disks of 1 to 65536 GiB")
+            FieldViolation(
+                "data_disks_gb",
+                f"has {len(request.data_disks_gb)} disks; at most {MAX_DATA_DISKS} are allowed",
+            )
         )
+    for index, size in enumerate(request.data_disks_gb[:MAX_DATA_DISKS]):
+        if not 1 <= size <= MAX_DATA_DISK_GB:
+            violations.append(
+                FieldViolation(
+                    f"data_disks_gb[{index}]",
+                    f"is {size} GiB; a data disk has 1 to {MAX_DATA_DISK_GB} GiB",
+                )
+            )
     violations += first_boot_violations(request.ssh_public_key, request.user_data)
     raise_if_invalid(violations, "INVALID_DEPLOYMENT")
 
@@ -175,10 +201,15 @@ def _is_ssh_public_key(text: str) -> bool:
 
 
 def ssh_key_fingerprint(public_key: str) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key line."""
-    if not public_key:
+    """OpenSSH's SHA256 fingerprint of a public key line (one that passed
+    first_boot_violations; anything else has none)."""
+    match = _SSH_KEY.match(public_key.strip()) if public_key else None
+    if match is None or len(public_key) > MAX_SSH_PUBLIC_KEY_BYTES:
         return ""
-    body = base64.b64decode(public_key.split()[1])
+    try:
+        body = base64.b64decode(match.group(2), validate=True)
+    except binascii.Error:
+        return ""
     return "SHA256:" + base64.b64encode(hashlib.sha256(body).digest()).decode().rstrip("=")
 
 

@@ -53,7 +53,7 @@ from ..domain.servers import (
 from ..domain.system_disks import DiskKind, SystemDisk, new_overlay_file
 from ..store.servers import SqlServerRepository
 from .events import EventBus, FinishedHook
-from .firstboot import cloud_config_files, first_boot_files, intact_plugins, plugin_states
+from .firstboot import first_boot_files, intact_plugins, parse_cloud_config, plugin_states
 from .images import ImageSource
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class _Plan:
     ssh_public_key: str
     user_data: str
     token: str
+    #: The user data's write_files, parsed (off the loop, bounded) once.
+    user_files: dict[str, bytes]
 
 
 #: How long a server held for a capture waits for the capture to start.
@@ -225,14 +227,14 @@ class Fleet:
         boot_source: BootSource,
     ) -> _Plan:
         """Everything checked before any byte moves."""
-        cloud_config_files(user_data)  # bad YAML fails now, not at first boot
+        user_files = await parse_cloud_config(user_data)  # bad YAML fails now, off the loop
         described = await self._images.describe(image_id, token)
         image = image_from_proto(described)
         require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
         require_cloud_init_for_key(image, ssh_public_key)
         chosen = choose_boot_source(image, flavor, boot_source)
         sha256 = await self._images.authorize(described, token)
-        return _Plan(image, sha256, chosen, ssh_public_key, user_data, token)
+        return _Plan(image, sha256, chosen, ssh_public_key, user_data, token, user_files)
 
     async def create_servers(
         self, caller: Caller, token: str, request: DeployRequest
@@ -528,7 +530,9 @@ class Fleet:
                 for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
             )
             if has_init:
-                files = first_boot_files(server.host_name, plan.ssh_public_key, plan.user_data)
+                files = first_boot_files(
+                    server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
+                )
                 # Only the server's own file is written: its local disk, or
                 # its EVS clone's overlay.
                 await asyncio.to_thread(
