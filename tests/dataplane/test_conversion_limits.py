@@ -31,6 +31,7 @@ from dataplane_support import (
     upload,
 )
 
+from bms.image.v1 import image_pb2
 from bms_image.domain.errors import FailedPrecondition
 from bms_image.domain.model import DiskFormat
 from bms_image.formats import CONVERT_MEMORY_BYTES, MAX_VIRTUAL_BYTES, ContentInspector
@@ -131,7 +132,11 @@ async def test_a_raw_disk_the_staging_area_cannot_hold_is_refused(tmp_path: Path
         quota_failure = decode(rich.error).quota_failure  # helpers.decode checks it is there
         assert quota_failure is not None
         assert quota_failure.violations[0].subject == "staging area"
-        await assert_killed(own, md, created.name)
+        # Like every lack of space, it keeps the upload: once space is freed,
+        # a resume from uploaded_bytes (with no more bytes) converts it.
+        image = await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=md)
+        assert image.status == image_pb2.IMAGE_STATUS_QUEUED
+        assert image.uploaded_bytes == len(huge.read_bytes())
 
 
 async def test_a_conversion_over_the_timeout_is_killed(tmp_path: Path) -> None:
