@@ -4,7 +4,6 @@ may use it, and fetch its bytes once into a cache verified by checksum."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import stat
@@ -17,7 +16,7 @@ import grpc
 from bms.image.v1 import image_pb2, image_pb2_grpc
 
 from ..auth import ServiceCredential
-from ..blobs.staging import PipelinedWriter, StagedUpload
+from ..blobs.staging import PipelinedWriter, StagedUpload, sha256_of_file
 from ..domain.errors import DataLoss
 from ..domain.system_disks import is_sha256
 from .remote import domain_error
@@ -34,7 +33,6 @@ def _metadata(token: str) -> tuple[tuple[str, str], ...]:
 #: What identifies a cache entry's file as this process verified it: any
 #: write, chmod or replacement changes it (st_ctime_ns cannot be set back).
 Fingerprint = tuple[int, int, int, int, int]
-_HASH_BYTES = 1024 * 1024
 
 
 def _fingerprint(status: os.stat_result) -> Fingerprint:
@@ -46,14 +44,6 @@ def cache_entry(cache_dir: Path, sha256: str) -> Path:
     if not is_sha256(sha256):
         raise ValueError(f"not a SHA-256 digest: {sha256[:80]!r}")
     return cache_dir / f"{sha256}.raw"
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _install(temp: Path, path: Path) -> Fingerprint:
@@ -186,7 +176,8 @@ class ImageSource:
         if before.st_mode & 0o777 != 0o444:
             os.chmod(path, 0o444)
             before = os.lstat(path)
-        if _sha256_of(path) != sha256 or _fingerprint(os.lstat(path)) != _fingerprint(before):
+        digest, _ = sha256_of_file(path)
+        if digest != sha256 or _fingerprint(os.lstat(path)) != _fingerprint(before):
             log.warning("the cached image %s is damaged; it is fetched again", path.name)
             return None
         return _fingerprint(before)

@@ -188,16 +188,6 @@ class SqlServerRepository:
         statement = select(SERVERS).where(SERVERS.c.state.in_([s.value for s in states]))
         return await self._db.run(lambda connection: _servers(connection, statement))
 
-    async def count_tasks(self, project: str, task: str) -> int:
-        statement = (
-            select(func.count())
-            .select_from(SERVERS)
-            .where(SERVERS.c.project == project, SERVERS.c.task == task)
-        )
-        return await self._db.run(
-            lambda connection: int(connection.execute(statement).scalar_one())
-        )
-
     async def transition(
         self,
         server_id: str,
