@@ -362,18 +362,20 @@ async def run(
         "local_cold": {**asdict(local), "mb_s": size / local.seconds / 1e6},
         "evs_warm": asdict(evs),
         "evs_cold": {**asdict(evs_cold), "image": image_b, "mb_s": size / evs_cold.seconds / 1e6},
-        "batch": {**asdict(batch), "image": image_c, "cache_files": len(pulled),
+        "batch": {**asdict(batch), "image": image_c, "image_size_bytes": size + len(tail_c),
+                  "cache_files": len(pulled),
                   "cache_bytes": pulled_bytes},
     }  # fmt: skip
 
 
 def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    size = figures["image"]["size_bytes"]
     batch = figures["batch"]
     local_ratio = figures["local_cold"]["mb_s"] / figures["download"]["median_mb_s"]
     speedup = figures["local_cold"]["seconds"] / figures["evs_warm"]["seconds"]
-    pulled_once = batch["cache_files"] == 1 and batch["cache_bytes"] == size
-    pulled_once = pulled_once and batch["streamed_bytes"] == size
+    # The batch deploys a distinct copy (4 KiB longer), so that it starts cold.
+    batch_size = batch["image_size_bytes"]
+    pulled_once = batch["cache_files"] == 1 and batch["cache_bytes"] == batch_size
+    pulled_once = pulled_once and batch["streamed_bytes"] == batch_size
     return {
         "local_vs_download": {"ratio": local_ratio, "target": f">= {LOCAL_TARGET:.2f}",
                               "ok": local_ratio >= LOCAL_TARGET},
@@ -385,7 +387,6 @@ def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def table(plan: Plan, figures: dict[str, Any], checks: dict[str, dict[str, Any]]) -> str:
-    size = figures["image"]["size_bytes"]
     down = figures["download"]["median_mb_s"]
     local, evs, cold = figures["local_cold"], figures["evs_warm"], figures["evs_cold"]
     batch = figures["batch"]
@@ -415,7 +416,8 @@ def table(plan: Plan, figures: dict[str, Any], checks: dict[str, dict[str, Any]]
         (f"batch x{plan.batch}: image pulls (cache files)", str(batch["cache_files"]), "1", "",
          "pulled once", ok("batch_pulled_once")),
         (f"batch x{plan.batch}: bytes streamed", str(batch["streamed_bytes"]),
-         f"{size} (image)", f"{batch['streamed_bytes'] / size:.2f}",
+         f"{batch['image_size_bytes']} (image)",
+         f"{batch['streamed_bytes'] / batch['image_size_bytes']:.2f}",
          f"= image, not x{plan.batch}", ok("batch_pulled_once")),
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -352,7 +352,8 @@ class StoreBuilder:
             "status": "active", "status_reason": "", "hardware_model": "",
             "plugins": WINDOWS_PLUGINS if os_type == "windows" else LINUX_PLUGINS,
             "partitions": [], "source_server": "", "protected": False, "deprecated": False,
-            "request_id": self._uuid(), "revision": 1, "create_time": created,
+            "request_method": "create", "request_id": self._uuid(), "revision": 1,
+            "create_time": created,
             "update_time": created,
         }  # fmt: skip
 
