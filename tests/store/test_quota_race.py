@@ -21,7 +21,7 @@ from race_support import (
 from sqlalchemy import func, select
 
 from bms.image.v1 import image_pb2
-from bms_image.store.tables import ImageRow
+from bms_image.images.adapters.tables import ImageRow
 
 QUOTA = 50
 PREFILLED = 45

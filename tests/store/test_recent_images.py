@@ -11,8 +11,8 @@ from sqlalchemy import update
 
 from bms_image.common.model import Architecture, DiskFormat, Image, ImageStatus, OsType, Visibility
 from bms_image.images.adapters.repository import SqlImageRepository
+from bms_image.images.adapters.tables import ImageRow
 from bms_image.store.db import Database
-from bms_image.store.tables import ImageRow
 
 
 def new_image(name: str) -> Image:

@@ -44,7 +44,7 @@ from bms_image.fleet.grpc.capture import CaptureServicer
 from bms_image.fleet.grpc.provisioning import ProvisioningServicer
 from bms_image.images.adapters.catalog import seed_flavors
 from bms_image.images.adapters.repository import SqlFlavorRepository
-from bms_image.store.db import Database
+from bms_image.store.db import FLEET, Database
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ async def embed(host: Host) -> Guest:
     it reads images over the host's private socket, and the host's catalog
     captures servers by calling it directly."""
     settings = host.settings
+    await host.database.migrate(FLEET)  # its own tables, on the host's database
     fleet = await build_fleet(
         settings, host.database, host.flavors, host.page_tokens, host.image_service, None,
         host.metrics, host.closing, host.authority,
@@ -125,7 +126,7 @@ async def start(settings: Settings) -> RunningService:
         raise RuntimeError("the provisioner needs --image-service HOST:PORT")
     server_options(settings)  # refuses bad limits before opening anything
     database = open_database(settings)
-    await database.migrate()
+    await database.migrate()  # both schemas still: it reads and seeds flavors
     await seed_flavors(database)
     closing = AsyncExitStack()
     flavor_repository = SqlFlavorRepository(database)

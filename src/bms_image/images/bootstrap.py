@@ -41,6 +41,7 @@ from bms_image.images.adapters.blobs.s3 import S3BlobStore
 from bms_image.images.adapters.blobs.store import BlobStore, PrefixOwned
 from bms_image.images.adapters.captures import RemoteCaptures
 from bms_image.images.adapters.catalog import seed
+from bms_image.images.adapters.deployment import deployment_id
 from bms_image.images.adapters.formats import ContentInspector
 from bms_image.images.adapters.repository import (
     SqlFlavorRepository,
@@ -53,8 +54,7 @@ from bms_image.images.domain.ports import CaptureProvider
 from bms_image.images.domain.sharing import Sharing
 from bms_image.images.grpc.images import ImageServicer
 from bms_image.images.grpc.sharing import SharingServicer
-from bms_image.store.db import Database
-from bms_image.store.deployment import deployment_id
+from bms_image.store.db import IMAGES, Database
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
     if settings.provisioner == "embedded" and embed is None:
         raise RuntimeError("this process has no provisioner to embed: set provisioner to none")
     database = open_database(settings)
-    await database.migrate()
+    await database.migrate(IMAGES)  # its own tables only; an embedded fleet migrates its own
     closing = AsyncExitStack()
     blobs = await open_blob_store(settings, closing, database)
     staging = Staging(settings.data_dir / "staging")

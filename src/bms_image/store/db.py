@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bms_image.store.group_commit import GroupCommitWriter
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+
+@dataclass(frozen=True)
+class Schema:
+    """The tables one process owns and migrates: an Alembic chain of its own,
+    recorded in a version table of its own, so each process upgrades only
+    what it owns and both can share one database (the embedded default)."""
+
+    name: str
+    migrations: Path
+    version_table: str
+
+
+#: The image service's: images, tags, flavors, members, projects, the
+#: deployment marker (images/adapters/tables.py). Its history since 0001 is
+#: kept in `alembic_version`, so databases made before the split upgrade.
+IMAGES = Schema("images", Path(__file__).parent / "migrations", "alembic_version")
+#: The fleet's: servers (fleet/adapters/tables.py).
+FLEET = Schema("fleet", Path(__file__).parent / "fleet_migrations", "fleet_alembic_version")
+#: Kept for callers that name the image service's migrations directory.
+MIGRATIONS = IMAGES.migrations
 _WRITE = "bms_write"
 MIGRATION_LOCK = 7405011
 SEED_LOCK = 7405012
@@ -164,13 +184,17 @@ class Database:
         async with self._engine.begin() as connection:
             return await connection.run_sync(work)
 
-    async def migrate(self) -> None:
-        """Brings the schema to the newest migration. On PostgreSQL an advisory
-        lock keeps replicas that start together from migrating twice."""
+    async def migrate(self, *schemas: Schema) -> None:
+        """Brings each schema (by default the image service's, then the
+        fleet's: what `bms-image migrate` and the embedded mode need) to its
+        newest migration. On PostgreSQL an advisory lock keeps replicas that
+        start together from migrating twice."""
+        chosen = schemas or (IMAGES, FLEET)
 
         def upgrade(connection: Connection) -> None:
             serialize(connection, MIGRATION_LOCK)
-            command.upgrade(alembic_config(connection), "head")
+            for schema in chosen:
+                command.upgrade(alembic_config(connection, schema), "head")
 
         await self.run(upgrade, write=True)
 
@@ -192,8 +216,11 @@ def serialize(connection: Connection, key: int) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None, schema: Schema = IMAGES) -> Config:
+    """The Alembic configuration of one schema's chain (env.py reads the
+    connection and the version table from its attributes)."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(schema.migrations))
     config.attributes["connection"] = connection
+    config.attributes["version_table"] = schema.version_table
     return config

@@ -24,11 +24,11 @@ from sqlalchemy import (
 
 from bms_image.common.errors import QuotaExceeded, QuotaViolation
 from bms_image.common.model import Plugin, PluginKind
+from bms_image.fleet.adapters.tables import ServerRow
 from bms_image.fleet.domain.servers import BootSource, NetworkState, Server, ServerState
 from bms_image.fleet.domain.system_disks import DiskKind, SystemDisk
-from bms_image.images.adapters.repository import utc
+from bms_image.store.columns import utc
 from bms_image.store.db import Database, serialize
-from bms_image.store.tables import ServerRow
 
 SERVERS: Table = ServerRow.__table__  # type: ignore[assignment]
 _SERVER_BY_ID = select(SERVERS).where(SERVERS.c.id == bindparam("id"))

@@ -53,10 +53,7 @@ from bms_image.common.model import (
     RequestMethod,
     Visibility,
 )
-from bms_image.images.domain.query import Condition, ImageQuery
-from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
-from bms_image.store.db import Database, Work
-from bms_image.store.tables import (
+from bms_image.images.adapters.tables import (
     FlavorRow,
     ImageFlavorRow,
     ImageMemberRow,
@@ -64,6 +61,9 @@ from bms_image.store.tables import (
     ImageTagRow,
     ProjectRow,
 )
+from bms_image.images.domain.query import Condition, ImageQuery
+from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
+from bms_image.store.db import Database, Work
 
 _COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
 

@@ -1,13 +1,16 @@
-"""servers: the simulated bare-metal fleet
+"""servers: moved to the fleet's own chain (store/fleet_migrations, 0001)
 
 Revision ID: 0004
 Revises: 0003
+
+This revision used to create the fleet's `servers` table in the image
+service's chain. Each process now migrates only its own tables: the fleet's
+chain (version table fleet_alembic_version) creates `servers`, or adopts the
+one an older database got here. The revision stays, empty, so that databases
+recorded at 0004 and later keep their place in this chain.
 """
 
 from collections.abc import Sequence
-
-import sqlalchemy as sa
-from alembic import op
 
 revision: str = "0004"
 down_revision: str | Sequence[str] | None = "0003"
@@ -16,43 +19,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Create servers."""
-    op.create_table(
-        "servers",
-        sa.Column(
-            "seq",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
-        sa.Column("id", sa.String(length=36), nullable=False),
-        sa.Column("project", sa.String(length=64), nullable=False),
-        sa.Column("host_name", sa.String(length=64), nullable=False),
-        sa.Column("flavor", sa.String(length=64), nullable=False),
-        sa.Column("hardware_model", sa.String(length=64), nullable=False),
-        sa.Column("image_id", sa.String(length=36), nullable=False),
-        sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("state_reason", sa.Text(), nullable=False),
-        sa.Column("network_state", sa.String(length=16), nullable=False),
-        sa.Column("boot_source", sa.String(length=16), nullable=False),
-        sa.Column("system_disk_bytes", sa.BigInteger(), nullable=False),
-        sa.Column("ssh_key_fingerprint", sa.String(length=128), nullable=False),
-        sa.Column("plugins", sa.JSON(), nullable=False),
-        sa.Column("data_disks_gb", sa.JSON(), nullable=False),
-        sa.Column("task", sa.String(length=16), nullable=False),
-        sa.Column("last_operation", sa.String(length=16), nullable=False),
-        sa.Column("revision", sa.Integer(), nullable=False),
-        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("seq"),
-        sa.UniqueConstraint("id"),
-    )
-    op.create_index("ix_servers_project_seq", "servers", ["project", "seq"], unique=False)
-    op.create_index("ix_servers_state", "servers", ["state"], unique=False)
+    """Nothing: `servers` is the fleet's (store/fleet_migrations)."""
 
 
 def downgrade() -> None:
-    """Drop servers."""
-    op.drop_index("ix_servers_state", table_name="servers")
-    op.drop_index("ix_servers_project_seq", table_name="servers")
-    op.drop_table("servers")
+    """Nothing: `servers` is the fleet's (store/fleet_migrations)."""

@@ -1,0 +1,18 @@
+"""Alembic environment of the fleet's chain (version table
+fleet_alembic_version): runs on the connection handed over by
+Database.migrate. It knows no table declarations: migrations are plain op.*
+calls, and tests/store compares the result with fleet/adapters/tables.py."""
+
+from alembic import context
+
+connection = context.config.attributes.get("connection")
+if connection is None:
+    raise RuntimeError("run migrations with `bms-image migrate`, which provides the connection")
+context.configure(
+    connection=connection,
+    target_metadata=None,
+    render_as_batch=True,
+    version_table=context.config.attributes.get("version_table", "fleet_alembic_version"),
+)
+with context.begin_transaction():
+    context.run_migrations()
