@@ -2,7 +2,9 @@
 health, either as a process of its own (`start`) or mounted on an image
 service's server (`embed`). The fleet reaches images only through
 ImageService, with the caller's token and, for captures, its own service
-identity."""
+identity. It owns its tables (fleet/adapters/tables.py) and migrates only
+them; its flavors come from the shared catalog file, and which public images
+each offers from ImageService."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from bms.image.v1 import capture_pb2, capture_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common.auth import ServiceCredential, TokenAuthority
 from bms_image.common.config import Settings
-from bms_image.common.flavors import FlavorCatalog, FlavorDirectory, FlavorRepository
+from bms_image.common.flavors import FlavorCatalog, FlavorDirectory, load_flavors
 from bms_image.common.model import PROVISIONER_IDENTITY
 from bms_image.common.paging import PageTokens
 from bms_image.common.serving import (
@@ -37,13 +39,12 @@ from bms_image.common.telemetry.health import Check, HealthMonitor
 from bms_image.common.telemetry.metrics import ServiceMetrics
 from bms_image.common.tls import image_service_credentials
 from bms_image.fleet.adapters.image_source import ImageSource
+from bms_image.fleet.adapters.public_images import PublishedImages
 from bms_image.fleet.adapters.servers import SqlServerRepository
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.fleet.domain.servers import ProvisioningStage
 from bms_image.fleet.grpc.capture import CaptureServicer
 from bms_image.fleet.grpc.provisioning import ProvisioningServicer
-from bms_image.images.adapters.catalog import seed_flavors
-from bms_image.images.adapters.repository import SqlFlavorRepository
 from bms_image.store.db import FLEET, Database
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,13 @@ async def build_fleet(
     database: Database,
     flavors: FlavorCatalog,
     tokens: PageTokens,
-    image_service: str,
-    credentials: grpc.ChannelCredentials | None,
+    channel: grpc.aio.Channel,
     metrics: ServiceMetrics,
     closing: AsyncExitStack,
     authority: TokenAuthority,
 ) -> Fleet:
-    """The fleet, reading images from `image_service`, recovered from a restart."""
-    channel = client_channel(settings, image_service, credentials, closing)
+    """The fleet, reading images over `channel` (to ImageService), recovered
+    from a restart."""
     fleet = Fleet(
         SqlServerRepository(database),
         flavors,
@@ -91,24 +91,32 @@ async def build_fleet(
 
 
 def _add_provisioning(
-    server: grpc.aio.Server, fleet: Fleet, flavors: FlavorRepository, tokens: PageTokens
+    server: grpc.aio.Server,
+    fleet: Fleet,
+    flavors: FlavorCatalog,
+    channel: grpc.aio.Channel,
+    tokens: PageTokens,
 ) -> None:
+    directory = FlavorDirectory(flavors, tokens, PublishedImages(channel))
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
-        ProvisioningServicer(FlavorDirectory(flavors, tokens), fleet), server
+        ProvisioningServicer(directory, fleet), server
     )
 
 
 async def embed(host: Host) -> Guest:
     """The fleet inside an image service's process, on that service's port:
     it reads images over the host's private socket, and the host's catalog
-    captures servers by calling it directly."""
+    captures servers by calling it directly. Its tables share the host's
+    database, migrated as a schema of their own."""
     settings = host.settings
-    await host.database.migrate(FLEET)  # its own tables, on the host's database
+    await host.database.migrate(FLEET)
+    flavors = FlavorCatalog(load_flavors())
+    channel = client_channel(settings, host.image_service, None, host.closing)
     fleet = await build_fleet(
-        settings, host.database, host.flavors, host.page_tokens, host.image_service, None,
-        host.metrics, host.closing, host.authority,
+        settings, host.database, flavors, host.page_tokens, channel, host.metrics,
+        host.closing, host.authority,
     )  # fmt: skip
-    _add_provisioning(host.server, fleet, SqlFlavorRepository(host.database), host.page_tokens)
+    _add_provisioning(host.server, fleet, flavors, channel, host.page_tokens)
     return Guest(
         captures=fleet,
         services=[PROVISIONING_SERVICE],
@@ -126,20 +134,20 @@ async def start(settings: Settings) -> RunningService:
         raise RuntimeError("the provisioner needs --image-service HOST:PORT")
     server_options(settings)  # refuses bad limits before opening anything
     database = open_database(settings)
-    await database.migrate()  # both schemas still: it reads and seeds flavors
-    await seed_flavors(database)
+    await database.migrate(FLEET)
     closing = AsyncExitStack()
-    flavor_repository = SqlFlavorRepository(database)
-    flavors = FlavorCatalog(await flavor_repository.list_flavors())
+    flavors = FlavorCatalog(load_flavors())
     tokens = page_tokens(settings)
     authority = token_authority(settings)
     metrics = ServiceMetrics()
     server = new_server(settings, authority, metrics)
+    channel = client_channel(
+        settings, settings.image_service, image_service_credentials(settings), closing
+    )
     fleet = await build_fleet(
-        settings, database, flavors, tokens, settings.image_service,
-        image_service_credentials(settings), metrics, closing, authority,
-    )  # fmt: skip
-    _add_provisioning(server, fleet, flavor_repository, tokens)
+        settings, database, flavors, tokens, channel, metrics, closing, authority
+    )
+    _add_provisioning(server, fleet, flavors, channel, tokens)
     capture_pb2_grpc.add_ServerCaptureServiceServicer_to_server(CaptureServicer(fleet), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

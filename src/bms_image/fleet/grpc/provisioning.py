@@ -32,7 +32,9 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
     async def ListFlavors(
         self, request: provisioning_pb2.ListFlavorsRequest, context: Context
     ) -> provisioning_pb2.ListFlavorsResponse:
-        flavors, next_token = await self._flavors.list(request.page_size, request.page_token)
+        flavors, next_token = await self._flavors.list(
+            request.page_size, request.page_token, current_token()
+        )
         return provisioning_pb2.ListFlavorsResponse(
             flavors=[flavor_to_proto(f) for f in flavors], next_page_token=next_token
         )
@@ -40,7 +42,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):  
     async def GetFlavor(
         self, request: provisioning_pb2.GetFlavorRequest, context: Context
     ) -> provisioning_pb2.Flavor:
-        flavor = await self._flavors.get(flavor_name_from_resource(request.name))
+        flavor = await self._flavors.get(flavor_name_from_resource(request.name), current_token())
         return flavor_to_proto(flavor)
 
     async def CreateServers(

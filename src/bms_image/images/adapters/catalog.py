@@ -1,4 +1,6 @@
-"""Loads the shared catalog file (common/catalog.toml) and adds what is missing to the database."""
+"""Loads the shared catalog file (common/catalog.toml) and adds what is
+missing to the image service's tables. The fleet reads the same file's
+flavors itself (common.flavors.load_flavors) and never these tables."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from bms_image.common.disk_format import DiskSpec, write_disk
+from bms_image.common.flavors import CATALOG_FILE
 from bms_image.common.model import (
     Architecture,
     Image,
@@ -28,7 +31,6 @@ from bms_image.images.adapters.blobs.store import BlobStore
 from bms_image.images.adapters.repository import FLAVOR_ROWS, IMAGES, insert_image
 from bms_image.store.db import SEED_LOCK, Database, serialize
 
-CATALOG_FILE = Path(__file__).parents[2] / "common" / "catalog.toml"
 #: Bulk data per public image: "tens of MiB" makes streaming realistic.
 DEFAULT_BULK_BYTES = 32 * 1024 * 1024
 _NAMESPACE = uuid.UUID("6f1c2a52-3b0e-4f4e-9f39-5d8f0b1f6a10")
@@ -70,7 +72,8 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
 
 
 async def seed_flavors(database: Database, catalog: Catalog | None = None) -> int:
-    """Inserts the flavors that are not stored yet; returns how many."""
+    """Inserts the flavors that are not stored yet into the image service's
+    `flavors` table (what image_flavors refers to); returns how many."""
     catalog = catalog or load_catalog()
 
     def work(connection: Connection) -> int:
