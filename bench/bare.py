@@ -44,9 +44,9 @@ import grpc
 from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2
-from bms_image.api.server import server_options
-from bms_image.config import Settings
-from bms_image.eventloop import run_with
+from bms_image.common.config import Settings
+from bms_image.common.eventloop import run_with
+from bms_image.common.serving import server_options
 
 #: The payload is this many pseudo-random bytes, repeated.
 BLOCK_BYTES = 64 * 1024 * 1024

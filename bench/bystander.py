@@ -42,7 +42,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.catalog.seed import public_image_id
+from bms_image.images.adapters.catalog import public_image_id
 
 from .dataplane import (
     BIN,

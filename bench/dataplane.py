@@ -60,7 +60,7 @@ import google.protobuf
 import grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.config import Settings
+from bms_image.common.config import Settings
 
 from .bare import NAME_PREFIX, iter_payload, payload_block, payload_sha256, tune_malloc
 

@@ -4,7 +4,7 @@ It starts the real service, `<venv>/bin/bms-image serve` (the fleet embedded,
 local blobs, SQLite, a temporary data directory), in its own process pinned to
 a core other than this client's, exactly as bench.dataplane does, and measures:
 
-1. the upload of a private image (a BMSDISK built by bms_image.disks.write_disk
+1. the upload of a private image (a BMSDISK built by bms_image.common.disk_format.write_disk
    with Cloud-Init, bms-network-config and the SDI iNIC driver, hardware model
    s4-2288h-v5) of `--size` bytes, until it is ACTIVE;
 2. the download MB/s of that image through DownloadImageData, the client
@@ -49,9 +49,9 @@ from typing import Any
 import grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.config import Settings
-from bms_image.disks import DiskSpec, write_disk
-from bms_image.domain.model import Plugin, PluginKind
+from bms_image.common.config import Settings
+from bms_image.common.disk_format import DiskSpec, write_disk
+from bms_image.common.model import Plugin, PluginKind
 
 from .dataplane import (
     BIN,

@@ -89,14 +89,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, Table, create_engine, func, insert, select
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.catalog.seed import load_catalog, public_image_id
-from bms_image.store.tables import (
-    ImageFlavorRow,
-    ImageMemberRow,
-    ImageRow,
-    ImageTagRow,
-    ProjectRow,
-)
+from bms_image.images.adapters.catalog import load_catalog, public_image_id
+from bms_image.store.tables import ImageFlavorRow, ImageMemberRow, ImageRow, ImageTagRow, ProjectRow
 
 from .bare import STATS_METHOD
 from .dataplane import (

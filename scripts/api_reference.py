@@ -6,7 +6,7 @@ value is documented with the leading comment it has in its .proto file (buf
 lint's COMMENTS rules make sure there is one). The error reasons are read
 from the code: every `DomainError` raised in src/bms_image with a literal
 reason, its gRPC status code taken from the API layer's own mapping
-(`bms_image.api.status.status_code_of`).
+(`bms_image.common.status.status_code_of`).
 
     python scripts/api_reference.py                 # writes docs/api.md
     python scripts/api_reference.py --output FILE   # elsewhere (- for stdout)
@@ -31,8 +31,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc  # type: ignore[import-untyped]
 
-from bms_image.api.status import ERROR_DOMAIN, status_code_of
-from bms_image.domain import errors
+from bms_image.common import errors
+from bms_image.common.status import ERROR_DOMAIN, status_code_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"

@@ -17,8 +17,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc
-from bms_image.api.server import RunningService, start
-from bms_image.config import Settings
+from bms_image.common.config import Settings
+from bms_image.common.serving import RunningService
+from bms_image.processes import start
 from helpers import make_settings
 
 POSTGRES_URL = os.environ.get(

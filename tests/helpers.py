@@ -18,11 +18,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import make_url
 
-from bms_image import disks
-from bms_image.api.status import ERROR_DOMAIN
-from bms_image.config import Settings
-from bms_image.domain.system_disks import LOCAL_DISK_FILE, DiskKind, SystemDisk
-from bms_image.provisioner.images import cache_entry
+from bms_image.common import disk_format as disks
+from bms_image.common.config import Settings
+from bms_image.common.status import ERROR_DOMAIN
+from bms_image.fleet.adapters.image_source import cache_entry
+from bms_image.fleet.domain.system_disks import LOCAL_DISK_FILE, DiskKind, SystemDisk
 
 TEST_SECRET = "test-secret-" + "0" * 52
 Code = grpc.StatusCode

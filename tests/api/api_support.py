@@ -17,7 +17,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import RunningService, start
+from bms_image.common.serving import RunningService
+from bms_image.processes import start
 from helpers import make_settings
 
 ERROR_DOMAIN = "image.bms.cloud"
@@ -30,7 +31,7 @@ S4_MODEL = "s4-2288h-v5"
 H2_MODEL = "h2-rh2288-v3"
 KI1_MODEL = "ki1-taishan-2280-v2"
 
-#: The public catalog seeded from src/bms_image/catalog/public.toml.
+#: The public catalog seeded from src/bms_image/common/catalog.toml.
 CENTOS = "CentOS 7.6 64bit"
 UBUNTU = "Ubuntu 22.04 server 64bit"
 SLES = "SUSE Linux Enterprise Server 12 SP3 64bit"

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image.auth import TokenAuthority
+from bms_image.common.auth import TokenAuthority
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = shared_service_fixtures()

@@ -19,7 +19,7 @@ from api_support import (
 )
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import start
+from bms_image.processes import start
 from helpers import make_settings
 
 QUOTA = 3

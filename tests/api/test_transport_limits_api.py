@@ -18,9 +18,10 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import MAX_METADATA_BYTES, RunningService, server_options, start
-from bms_image.catalog.seed import public_image_id
-from bms_image.config import Settings
+from bms_image.common.config import Settings
+from bms_image.common.serving import MAX_METADATA_BYTES, RunningService, server_options
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 from helpers import make_settings
 
 Metadata = tuple[tuple[str, str], ...]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bms_image.blobs.local import LocalBlobStore
-from bms_image.blobs.s3 import MIN_PART_BYTES, S3BlobStore
-from bms_image.blobs.store import BlobStore
+from bms_image.images.adapters.blobs.local import LocalBlobStore
+from bms_image.images.adapters.blobs.s3 import MIN_PART_BYTES, S3BlobStore
+from bms_image.images.adapters.blobs.store import BlobStore
 
 #: Small enough to keep the tests fast, and S3's minimum part size, so that a
 #: file of a few parts really is a multipart upload.

@@ -13,17 +13,17 @@ from typing import Any
 
 import pytest
 
-from bms_image.blobs import local as local_module
-from bms_image.blobs.local import LocalBlobStore
-from bms_image.blobs.s3 import (
+from bms_image.common.errors import Unavailable
+from bms_image.images.adapters.blobs import local as local_module
+from bms_image.images.adapters.blobs.local import LocalBlobStore
+from bms_image.images.adapters.blobs.s3 import (
     MAX_PARTS,
     MIN_PART_BYTES,
     BlobStoreRefused,
     S3BlobStore,
     part_size_for,
 )
-from bms_image.blobs.store import BlobNotFound, BlobStore
-from bms_image.domain.errors import Unavailable
+from bms_image.images.adapters.blobs.store import BlobNotFound, BlobStore
 
 CHUNK = 64 * 1024
 PART_BYTES = MIN_PART_BYTES  # as the s3_store fixture configures it

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bms_image.blobs import staging
-from bms_image.blobs.staging import StagedUpload
+from bms_image.common import staging
+from bms_image.common.staging import StagedUpload
 
 
 def test_a_second_close_waits_for_the_first(

@@ -14,9 +14,9 @@ from typing import Any
 
 from typer.testing import CliRunner, Result
 
-from bms_image.api.server import RunningService
-from bms_image.catalog.seed import public_image_id
 from bms_image.cli import app
+from bms_image.common.serving import RunningService
+from bms_image.images.adapters.catalog import public_image_id
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cli_support import Cli
 
-from bms_image.api.server import RunningService
+from bms_image.common.serving import RunningService
 
 
 @pytest.fixture

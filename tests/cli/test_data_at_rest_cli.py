@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.catalog.seed import public_image_id
-from bms_image.config import SECRET_FILE, InsecureSecretFile, Settings
+from bms_image.common.config import SECRET_FILE, InsecureSecretFile, Settings
+from bms_image.images.adapters.catalog import public_image_id
 from processes import BMS_IMAGE, ServerProcess, clean_environ
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,9 @@ import jwt
 import pytest
 from typer.testing import CliRunner
 
-from bms_image.auth import AUDIENCE, MAX_TTL_SECONDS, TokenAuthority
 from bms_image.cli import app
-from bms_image.domain.errors import Unauthenticated
+from bms_image.common.auth import AUDIENCE, MAX_TTL_SECONDS, TokenAuthority
+from bms_image.common.errors import Unauthenticated
 
 
 def token(tmp_path: Path, *options: str) -> tuple[int, str]:

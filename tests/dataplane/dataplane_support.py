@@ -528,7 +528,8 @@ def shared_service_fixtures() -> tuple[Any, Any]:
     `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
     import pytest_asyncio
 
-    from bms_image.api.server import RunningService, start
+    from bms_image.common.serving import RunningService
+    from bms_image.processes import start
     from helpers import make_settings
 
     @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -552,7 +553,7 @@ def fresh_project(prefix: str = "p") -> str:
 
 @contextlib.asynccontextmanager
 async def own_service(data_dir: Path, **overrides: Any) -> AsyncIterator[OwnService]:
-    from bms_image.api.server import start
+    from bms_image.processes import start
     from helpers import make_settings
 
     running = await start(make_settings(data_dir, **overrides))

@@ -32,9 +32,13 @@ from dataplane_support import (
 )
 
 from bms.image.v1 import image_pb2
-from bms_image.domain.errors import FailedPrecondition
-from bms_image.domain.model import DiskFormat
-from bms_image.formats import CONVERT_MEMORY_BYTES, MAX_VIRTUAL_BYTES, ContentInspector
+from bms_image.common.errors import FailedPrecondition
+from bms_image.common.model import DiskFormat
+from bms_image.images.adapters.formats import (
+    CONVERT_MEMORY_BYTES,
+    MAX_VIRTUAL_BYTES,
+    ContentInspector,
+)
 from helpers import decode
 
 pytestmark = needs_qemu_img

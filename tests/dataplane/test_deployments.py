@@ -22,9 +22,9 @@ from dataplane_support import (
     upload,
 )
 
-from bms_image.api.server import start
-from bms_image.blobs.s3 import S3BlobStore
-from bms_image.blobs.store import DEPLOYMENT_MARKER
+from bms_image.images.adapters.blobs.s3 import S3BlobStore
+from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
+from bms_image.processes import start
 from helpers import make_settings
 
 

@@ -36,7 +36,7 @@ from dataplane_support import (
 )
 
 from bms.image.v1 import image_pb2
-from bms_image.api.server import RunningService
+from bms_image.common.serving import RunningService
 
 service, channel = shared_service_fixtures()
 

@@ -41,7 +41,7 @@ from dataplane_support import (
 )
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import RunningService
+from bms_image.common.serving import RunningService
 from processes import ServerProcess
 
 service, channel = shared_service_fixtures()

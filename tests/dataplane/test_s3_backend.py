@@ -21,7 +21,7 @@ from dataplane_support import (
 )
 
 from bms.image.v1 import image_pb2
-from bms_image.blobs.s3 import S3BlobStore
+from bms_image.images.adapters.blobs.s3 import S3BlobStore
 
 
 def _s3_settings(endpoint: str) -> dict[str, object]:

@@ -1,5 +1,5 @@
 """Helpers of the provisioning tests: rich-status decoding, SSH keys, real
-disk images built with bms_image.disks, image upload and sharing, event
+disk images built with bms_image.common.disk_format, image upload and sharing, event
 collection and disk inspection. Plain functions, so import them as
 `from provisioning_support import ...` (never from a conftest module). The
 error decoding is copied from tests/sharing/sharing_support.py, which is not
@@ -31,12 +31,13 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image import disks
-from bms_image.api.server import RunningService, start
-from bms_image.catalog.seed import public_image_id
-from bms_image.config import Settings
-from bms_image.disks import DiskSpec
-from bms_image.domain.model import Plugin, PluginKind
+from bms_image.common import disk_format as disks
+from bms_image.common.config import Settings
+from bms_image.common.disk_format import DiskSpec
+from bms_image.common.model import Plugin, PluginKind
+from bms_image.common.serving import RunningService
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 from helpers import (  # noqa: F401 - re-exported for this folder's tests
     RichError,
     decode,

@@ -14,9 +14,9 @@ import pytest
 from provisioning_support import LOCAL, create_request, decode, deploy, get_server
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image.domain.errors import Unavailable
-from bms_image.provisioner import fleet as fleet_module
-from bms_image.provisioner.fleet import Fleet
+from bms_image.common.errors import Unavailable
+from bms_image.fleet.domain import fleet as fleet_module
+from bms_image.fleet.domain.fleet import Fleet
 
 pb = provisioning_pb2
 #: A hang guard only: a capture image leaves QUEUED/SAVING in well under it.

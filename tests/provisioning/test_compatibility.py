@@ -45,7 +45,7 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image import disks
+from bms_image.common import disk_format as disks
 
 pb = provisioning_pb2
 

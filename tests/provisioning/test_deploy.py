@@ -42,8 +42,8 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image import disks
-from bms_image.provisioner.images import ImageSource
+from bms_image.common import disk_format as disks
+from bms_image.fleet.adapters.image_source import ImageSource
 
 pb = provisioning_pb2
 

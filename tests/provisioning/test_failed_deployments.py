@@ -39,8 +39,8 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image.disks import PLUGIN_PATHS, plugin_content
-from bms_image.domain.model import PluginKind
+from bms_image.common.disk_format import PLUGIN_PATHS, plugin_content
+from bms_image.common.model import PluginKind
 
 pb = provisioning_pb2
 

@@ -29,8 +29,8 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import provisioning_pb2
-from bms_image.domain.servers import MAX_DATA_DISK_GB, MAX_DATA_DISKS
-from bms_image.provisioner.firstboot import MAX_YAML_DEPTH, MAX_YAML_NODES
+from bms_image.fleet.adapters.firstboot import MAX_YAML_DEPTH, MAX_YAML_NODES
+from bms_image.fleet.domain.servers import MAX_DATA_DISK_GB, MAX_DATA_DISKS
 
 pb = provisioning_pb2
 

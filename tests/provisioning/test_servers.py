@@ -35,9 +35,9 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import provisioning_pb2
-from bms_image.domain.servers import ServerState
-from bms_image.provisioner import fleet as fleet_module
-from bms_image.provisioner.images import ImageSource
+from bms_image.fleet.adapters.image_source import ImageSource
+from bms_image.fleet.domain import fleet as fleet_module
+from bms_image.fleet.domain.servers import ServerState
 
 pb = provisioning_pb2
 

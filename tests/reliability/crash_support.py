@@ -34,12 +34,12 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image import disks
-from bms_image.auth import TokenAuthority
-from bms_image.blobs.store import DEPLOYMENT_MARKER
-from bms_image.catalog.seed import public_image_id
-from bms_image.disks import DiskSpec
-from bms_image.domain.model import Plugin, PluginKind
+from bms_image.common import disk_format as disks
+from bms_image.common.auth import TokenAuthority
+from bms_image.common.disk_format import DiskSpec
+from bms_image.common.model import Plugin, PluginKind
+from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
+from bms_image.images.adapters.catalog import public_image_id
 from helpers import TEST_SECRET, Code, decode, expect_error, recorded_disk
 from processes import ServerProcess
 

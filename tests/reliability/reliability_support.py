@@ -33,11 +33,12 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image import disks
-from bms_image.api.server import RunningService, start
-from bms_image.catalog.seed import public_image_id
-from bms_image.config import Settings
-from bms_image.domain.model import Plugin, PluginKind
+from bms_image.common import disk_format as disks
+from bms_image.common.config import Settings
+from bms_image.common.model import Plugin, PluginKind
+from bms_image.common.serving import RunningService
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -112,7 +113,7 @@ def mask(*paths: str) -> field_mask_pb2.FieldMask:
 
 
 def forge_token(secret: str, project: str, *, admin: bool = False, expires_in: int = 3600) -> str:
-    """An HS256 JWT as bms_image.auth issues them, signed with `secret`;
+    """An HS256 JWT as bms_image.common.auth issues them, signed with `secret`;
     a negative `expires_in` makes it expired."""
     now = int(time.time())
     claims = {

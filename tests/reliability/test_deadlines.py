@@ -55,12 +55,12 @@ from reliability_support import (
 )
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.api.guard import CallGuard
-from bms_image.api.server import RunningService
-from bms_image.blobs.local import LocalBlobStore
-from bms_image.config import Settings
-from bms_image.provisioner.fleet import Fleet
-from bms_image.store.repository import SqlImageRepository
+from bms_image.common.config import Settings
+from bms_image.common.guard import CallGuard
+from bms_image.common.serving import RunningService
+from bms_image.fleet.domain.fleet import Fleet
+from bms_image.images.adapters.blobs.local import LocalBlobStore
+from bms_image.images.adapters.repository import SqlImageRepository
 from helpers import make_settings
 
 Code = grpc.StatusCode

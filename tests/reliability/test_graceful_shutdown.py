@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.catalog.seed import public_image_id
+from bms_image.images.adapters.catalog import public_image_id
 from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e

@@ -97,8 +97,8 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image.api.server import RunningService
-from bms_image.config import Settings
+from bms_image.common.config import Settings
+from bms_image.common.serving import RunningService
 from helpers import decode, make_settings
 
 Code = grpc.StatusCode

@@ -82,7 +82,7 @@ from crash_support import (
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
-from bms_image import disks
+from bms_image.common import disk_format as disks
 from helpers import Code, decode
 from processes import ServerProcess
 

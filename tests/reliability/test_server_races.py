@@ -16,8 +16,9 @@ import pytest
 
 from bms.image.v1 import provisioning_pb2 as pb
 from bms.image.v1 import provisioning_pb2_grpc
-from bms_image.api.server import RunningService, start
-from bms_image.catalog.seed import public_image_id
+from bms_image.common.serving import RunningService
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 from helpers import decode, make_settings
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"

@@ -27,8 +27,8 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image.auth import TokenAuthority
-from bms_image.catalog.seed import public_image_id
+from bms_image.common.auth import TokenAuthority
+from bms_image.images.adapters.catalog import public_image_id
 from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e

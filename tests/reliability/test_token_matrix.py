@@ -16,7 +16,7 @@ The four bad tokens get UNAUTHENTICATED (with the ErrorInfo reason of the
 kind) on every RPC, with the very request the owner then makes successfully,
 so the token is the only thing wrong. The five identities get the documented
 outcome (README "API", the protos, domain/rules.py, domain/sharing.py,
-provisioner/fleet.py): a caller that cannot see an image or server gets
+fleet/domain/fleet.py): a caller that cannot see an image or server gets
 NOT_FOUND, never PERMISSION_DENIED; admin-only calls (DeprecateImage,
 InjectNetworkFault, publishing with CreateImage type PUBLIC, changing or
 deleting a public image) refuse everybody else with PERMISSION_DENIED.
@@ -85,7 +85,7 @@ from bms.image.v1 import (
     sharing_pb2,
     sharing_pb2_grpc,
 )
-from bms_image.api.server import RunningService
+from bms_image.common.serving import RunningService
 from helpers import TEST_SECRET, RichError, decode
 
 BAD_TOKENS = ("no token", "malformed", "expired", "wrong key")

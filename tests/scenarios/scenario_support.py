@@ -1,6 +1,6 @@
 """Support of the fleet scenarios: a service started by the test itself with
 its stubs, rich-status decoding, SSH keys, disk images built with
-bms_image.disks, deployments followed to their end, captures polled to
+bms_image.common.disk_format, deployments followed to their end, captures polled to
 ACTIVE, and the fleet's files on disk. Plain functions: import them as
 `from scenario_support import ...` (never from a conftest module)."""
 
@@ -24,12 +24,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image import disks
-from bms_image.api.server import RunningService, start
-from bms_image.catalog.seed import public_image_id
-from bms_image.config import Settings
-from bms_image.disks import DiskSpec
-from bms_image.domain.model import Plugin, PluginKind
+from bms_image.common import disk_format as disks
+from bms_image.common.config import Settings
+from bms_image.common.disk_format import DiskSpec
+from bms_image.common.model import Plugin, PluginKind
+from bms_image.common.serving import RunningService
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 from helpers import make_settings, recorded_disk
 
 Metadata = tuple[tuple[str, str], ...]

@@ -36,7 +36,7 @@ from scenario_support import (
     wait_released,
 )
 
-from bms_image import disks
+from bms_image.common import disk_format as disks
 
 PRECIOUS = b"precious"
 PRECIOUS_AT = (0, 512 * 1024 * 1024 + 17)  # start and middle of the 1 GiB disk

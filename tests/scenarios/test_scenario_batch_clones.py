@@ -36,7 +36,7 @@ from scenario_support import (
 )
 
 from bms.image.v1 import image_pb2
-from bms_image import disks
+from bms_image.common import disk_format as disks
 
 APP_BINARY = b"#!/bin/sh\necho 'inventory service 3.2.1'\n"
 APP_CONFIG = b"listen = 0.0.0.0:8080\ndatabase = /data/inventory/db.sqlite\n"

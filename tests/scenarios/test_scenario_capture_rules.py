@@ -37,7 +37,7 @@ from scenario_support import (
 )
 
 from bms.image.v1 import image_pb2
-from bms_image.domain.model import PluginKind
+from bms_image.common.model import PluginKind
 
 MIB = 1024 * 1024
 

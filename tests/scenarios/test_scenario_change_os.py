@@ -34,7 +34,7 @@ from scenario_support import (
     system_disk,
 )
 
-from bms_image import disks
+from bms_image.common import disk_format as disks
 
 
 async def test_reinstall_changes_centos_to_ubuntu(tmp_path: Path) -> None:

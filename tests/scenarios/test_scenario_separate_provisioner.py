@@ -37,7 +37,7 @@ from scenario_support import (
 )
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
-from bms_image import disks
+from bms_image.common import disk_format as disks
 from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e

@@ -33,11 +33,12 @@ from bms.image.v1 import (
     provisioning_pb2,
     provisioning_pb2_grpc,
 )
-from bms_image.api.server import RunningService, start, start_provisioner
-from bms_image.auth import SERVICE_AUDIENCE, SERVICE_METADATA_KEY
-from bms_image.catalog.seed import public_image_id
-from bms_image.provisioner import fleet as fleet_module
-from bms_image.provisioner.images import ImageSource
+from bms_image.common.auth import SERVICE_AUDIENCE, SERVICE_METADATA_KEY
+from bms_image.common.serving import RunningService
+from bms_image.fleet.adapters.image_source import ImageSource
+from bms_image.fleet.domain import fleet as fleet_module
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start, start_provisioner
 from helpers import TEST_SECRET, decode, make_settings
 from processes import free_port
 

@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import RunningService, start
+from bms_image.common.serving import RunningService
+from bms_image.processes import start
 from helpers import decode, make_settings
 from processes import free_port
 

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image import disks
-from bms_image.catalog.seed import public_image_id
+from bms_image.common import disk_format as disks
+from bms_image.images.adapters.catalog import public_image_id
 from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.catalog.seed import public_image_id
+from bms_image.images.adapters.catalog import public_image_id
 from helpers import expect_error
 from processes import ServerProcess
 

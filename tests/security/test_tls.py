@@ -17,11 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner, Result
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.api.server import RunningService, start, start_provisioner
-from bms_image.api.tls import image_service_credentials, server_credentials
-from bms_image.catalog.seed import public_image_id
 from bms_image.cli import app
-from bms_image.config import Settings
+from bms_image.common.config import Settings
+from bms_image.common.serving import RunningService
+from bms_image.common.tls import image_service_credentials, server_credentials
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start, start_provisioner
 from helpers import make_settings
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"

@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import start
-from bms_image.auth import TokenAuthority
-from bms_image.config import Settings
+from bms_image.common.auth import TokenAuthority
+from bms_image.common.config import Settings
+from bms_image.processes import start
 from helpers import TEST_SECRET, make_settings
 
 NEW_SECRET = "rotated-secret-" + "r" * 50

@@ -21,8 +21,9 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
-from bms_image.api.server import RunningService, start
-from bms_image.config import Settings
+from bms_image.common.config import Settings
+from bms_image.common.serving import RunningService
+from bms_image.processes import start
 from helpers import RichError, decode, expect_error, expect_invalid, make_settings, outcome  # noqa: F401 - re-exported for this folder's tests
 
 Metadata = tuple[tuple[str, str], ...]

@@ -16,7 +16,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from bms_image.api.server import RunningService, start
+from bms_image.common.serving import RunningService
+from bms_image.processes import start
 from helpers import make_settings
 
 Metadata = tuple[tuple[str, str], ...]

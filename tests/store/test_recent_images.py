@@ -9,16 +9,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import update
 
-from bms_image.domain.model import (
-    Architecture,
-    DiskFormat,
-    Image,
-    ImageStatus,
-    OsType,
-    Visibility,
-)
+from bms_image.common.model import Architecture, DiskFormat, Image, ImageStatus, OsType, Visibility
+from bms_image.images.adapters.repository import SqlImageRepository
 from bms_image.store.db import Database
-from bms_image.store.repository import SqlImageRepository
 from bms_image.store.tables import ImageRow
 
 

@@ -17,11 +17,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection
 
-from bms_image.blobs.local import LocalBlobStore
-from bms_image.blobs.staging import Staging
-from bms_image.catalog.seed import load_catalog, seed
-from bms_image.domain.errors import QuotaExceeded
-from bms_image.domain.model import (
+from bms_image.common.errors import QuotaExceeded
+from bms_image.common.model import (
     Architecture,
     Caller,
     Image,
@@ -30,9 +27,12 @@ from bms_image.domain.model import (
     RequestMethod,
     Visibility,
 )
-from bms_image.domain.query import ImageQuery, parse_filter
+from bms_image.common.staging import Staging
+from bms_image.images.adapters.blobs.local import LocalBlobStore
+from bms_image.images.adapters.catalog import load_catalog, seed
+from bms_image.images.adapters.repository import SqlImageRepository
+from bms_image.images.domain.query import ImageQuery, parse_filter
 from bms_image.store.db import Database, alembic_config
-from bms_image.store.repository import SqlImageRepository
 from bms_image.store.tables import (
     Base,
     FlavorRow,

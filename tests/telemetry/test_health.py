@@ -12,8 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bms_image.api.server import RunningService, start
-from bms_image.telemetry.health import HealthMonitor
+from bms_image.common.serving import RunningService
+from bms_image.common.telemetry.health import HealthMonitor
+from bms_image.processes import start
 from helpers import make_settings, tmpfs
 
 IMAGE = "bms.image.v1.ImageService"

@@ -14,10 +14,10 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.api.server import RunningService
-from bms_image.catalog.seed import public_image_id
-from bms_image.domain.images import ImageCatalog
-from bms_image.telemetry.logs import configure_logging, request_id_from
+from bms_image.common.serving import RunningService
+from bms_image.common.telemetry.logs import configure_logging, request_id_from
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.images.domain.images import ImageCatalog
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 MISSING = "images/00000000-0000-0000-0000-000000000000"

@@ -15,9 +15,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
-from bms_image.api.server import RunningService, start
-from bms_image.catalog.seed import public_image_id
-from bms_image.telemetry.metrics import Inventory, ServiceMetrics
+from bms_image.common.serving import RunningService
+from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
+from bms_image.images.adapters.catalog import public_image_id
+from bms_image.processes import start
 from helpers import make_settings
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"

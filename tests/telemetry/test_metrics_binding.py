@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bms_image.api.server import start
-from bms_image.config import Settings
-from bms_image.telemetry.metrics import metrics_address
+from bms_image.common.config import Settings
+from bms_image.common.telemetry.metrics import metrics_address
+from bms_image.processes import start
 from helpers import make_settings
 
 

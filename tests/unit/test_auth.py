@@ -8,8 +8,8 @@ from typing import Any
 import jwt
 import pytest
 
-from bms_image import auth
-from bms_image.auth import (
+from bms_image.common import auth
+from bms_image.common.auth import (
     ALGORITHM,
     AUDIENCE,
     ISSUER,
@@ -23,8 +23,8 @@ from bms_image.auth import (
     service_credential,
     service_key,
 )
-from bms_image.domain.errors import Unauthenticated
-from bms_image.domain.model import Caller
+from bms_image.common.errors import Unauthenticated
+from bms_image.common.model import Caller
 
 SECRET = "unit-test-secret-" + "s" * 50
 OTHER_SECRET = "another-test-secret-" + "o" * 50

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from unit_fakes import FIXED_TIME, FLAVORS, H2_MODEL, S4_MODEL, InMemoryImages
 
-from bms_image.domain.errors import (
+from bms_image.common.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
@@ -17,9 +17,8 @@ from bms_image.domain.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
-from bms_image.domain.flavors import FlavorCatalog
-from bms_image.domain.images import UPDATE_RETRIES, ImageCatalog, ImageChanges, NewImage
-from bms_image.domain.model import (
+from bms_image.common.flavors import FlavorCatalog
+from bms_image.common.model import (
     Architecture,
     Caller,
     DiskFormat,
@@ -31,7 +30,8 @@ from bms_image.domain.model import (
     PluginKind,
     Visibility,
 )
-from bms_image.domain.paging import PageTokens
+from bms_image.common.paging import PageTokens
+from bms_image.images.domain.images import UPDATE_RETRIES, ImageCatalog, ImageChanges, NewImage
 
 ALPHA = Caller("alpha")
 BETA = Caller("beta")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bms_image import disks
-from bms_image.domain.model import Plugin, PluginKind
-from bms_image.provisioner.firstboot import plugin_states
+from bms_image.common import disk_format as disks
+from bms_image.common.model import Plugin, PluginKind
+from bms_image.fleet.adapters.firstboot import plugin_states
 
 CLOUD_INIT = Plugin(PluginKind.CLOUD_INIT, "0.7.9")
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import uvloop
 
-from bms_image.eventloop import run_with
+from bms_image.common.eventloop import run_with
 
 
 async def loop_kind() -> str:

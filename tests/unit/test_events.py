@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from bms_image.domain.servers import ProvisioningStage, ServerEvent, ServerState
-from bms_image.provisioner.events import EventBus
+from bms_image.fleet.domain.events import EventBus
+from bms_image.fleet.domain.servers import ProvisioningStage, ServerEvent, ServerState
 
 
 def event(server_id: str, stage: ProvisioningStage) -> ServerEvent:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from unit_fakes import FLAVORS, H2_MODEL, S4_MODEL, make_flavor
 
-from bms_image.domain.errors import InvalidArgument, NotFound
-from bms_image.domain.flavors import FlavorCatalog, FlavorDirectory
-from bms_image.domain.model import Flavor
-from bms_image.domain.paging import PageTokens
+from bms_image.common.errors import InvalidArgument, NotFound
+from bms_image.common.flavors import FlavorCatalog, FlavorDirectory
+from bms_image.common.model import Flavor
+from bms_image.common.paging import PageTokens
 
 CATALOG = FlavorCatalog(reversed(FLAVORS))
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from bms_image.domain.errors import InvalidArgument
-from bms_image.domain.paging import (
+from bms_image.common.errors import InvalidArgument
+from bms_image.common.paging import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     PageTokens,

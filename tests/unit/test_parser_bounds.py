@@ -18,22 +18,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bms_image.domain.errors import DomainError, FailedPrecondition, InvalidArgument
-from bms_image.domain.paging import MAX_PAGE_TOKEN_LENGTH, PageTokens
-from bms_image.domain.query import MAX_FILTER_CONDITIONS, parse_filter
-from bms_image.domain.servers import (
-    MAX_SSH_PUBLIC_KEY_BYTES,
-    first_boot_violations,
-    ssh_key_fingerprint,
-)
-from bms_image.formats import _inspect
-from bms_image.provisioner import firstboot
-from bms_image.provisioner.firstboot import (
+from bms_image.common.errors import DomainError, FailedPrecondition, InvalidArgument
+from bms_image.common.paging import MAX_PAGE_TOKEN_LENGTH, PageTokens
+from bms_image.fleet.adapters import firstboot
+from bms_image.fleet.adapters.firstboot import (
     MAX_YAML_DEPTH,
     MAX_YAML_NODES,
     cloud_config_files,
     parse_cloud_config,
 )
+from bms_image.fleet.domain.servers import (
+    MAX_SSH_PUBLIC_KEY_BYTES,
+    first_boot_violations,
+    ssh_key_fingerprint,
+)
+from bms_image.images.adapters.formats import _inspect
+from bms_image.images.domain.query import MAX_FILTER_CONDITIONS, parse_filter
 
 PROPERTY = settings(
     max_examples=150,

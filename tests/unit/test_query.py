@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bms_image.domain.errors import InvalidArgument
-from bms_image.domain.model import MemberStatus
-from bms_image.domain.query import (
+from bms_image.common.errors import InvalidArgument
+from bms_image.common.model import MemberStatus
+from bms_image.images.domain.query import (
     _ENUM_FIELDS,
     FILTER_FIELDS,
     MAX_FILTER_LENGTH,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bms_image.api.convert import image_id_from_name
-from bms_image.domain.errors import InvalidArgument
+from bms_image.common.convert import image_id_from_name
+from bms_image.common.errors import InvalidArgument
 
 CANONICAL = "635e3f9c-41bc-548f-87e3-da2a1bb02313"
 

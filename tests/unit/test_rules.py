@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from unit_fakes import make_image
 
-from bms_image.domain import rules
-from bms_image.domain.errors import (
+from bms_image.common.errors import (
     Aborted,
     FailedPrecondition,
     FieldViolation,
@@ -15,7 +14,8 @@ from bms_image.domain.errors import (
     NotFound,
     PermissionDenied,
 )
-from bms_image.domain.model import Caller, ImageStatus, ImageType, MemberStatus, Visibility
+from bms_image.common.model import Caller, ImageStatus, ImageType, MemberStatus, Visibility
+from bms_image.images.domain import rules
 
 ALPHA = Caller("alpha")
 BETA = Caller("beta")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import urllib.parse
 
-from bms_image.api.status import DETAIL_LIMIT, MESSAGE_LIMIT, bounded, to_rpc_status
-from bms_image.domain.errors import FieldViolation, InvalidArgument
+from bms_image.common.errors import FieldViolation, InvalidArgument
+from bms_image.common.status import DETAIL_LIMIT, MESSAGE_LIMIT, bounded, to_rpc_status
 
 UNICORNS = "🦄" * 5000  # 4 bytes each in UTF-8, 12 once percent-encoded
 

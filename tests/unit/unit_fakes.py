@@ -13,8 +13,8 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from bms_image.domain.errors import QuotaExceeded, QuotaViolation
-from bms_image.domain.model import (
+from bms_image.common.errors import QuotaExceeded, QuotaViolation
+from bms_image.common.model import (
     Architecture,
     Caller,
     Flavor,
@@ -25,9 +25,9 @@ from bms_image.domain.model import (
     RequestMethod,
     Visibility,
 )
-from bms_image.domain.ports import ImageRepository
-from bms_image.domain.query import Condition, ImageQuery
-from bms_image.domain.rules import QUOTA_COUNTED_STATUSES
+from bms_image.images.domain.ports import ImageRepository
+from bms_image.images.domain.query import Condition, ImageQuery
+from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
 
 S4_MODEL = "s4-2288h-v5"
 H2_MODEL = "h2-rh2288-v3"

@@ -13,8 +13,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer
 
-from . import flavors, images, members, servers, service
-from .client import EXIT_CODES_HELP
+from bms_image.cli import flavors, images, members, servers, service
+from bms_image.cli.client import EXIT_CODES_HELP
 
 app = typer.Typer(
     add_completion=False,

@@ -7,9 +7,8 @@ from typing import Annotated
 import typer
 
 from bms.image.v1 import provisioning_pb2
-
-from .client import client_app, connection, reports_errors, resource
-from .output import Column, JsonOpt, Output, pages, short_name
+from bms_image.cli.client import client_app, connection, reports_errors, resource
+from bms_image.cli.output import Column, JsonOpt, Output, pages, short_name
 
 app = client_app("Flavors: the bare-metal hardware models, and the public images each supports.")
 

@@ -15,8 +15,7 @@ import typer
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from bms.image.v1 import image_pb2, sharing_pb2
-
-from .client import (
+from bms_image.cli.client import (
     EXIT_USAGE,
     EXIT_VERIFY,
     CliError,
@@ -25,8 +24,8 @@ from .client import (
     reports_errors,
     resource,
 )
-from .output import Column, JsonOpt, Output, human_bytes, label, pages, short_name
-from .progress import Transfer
+from bms_image.cli.output import Column, JsonOpt, Output, human_bytes, label, pages, short_name
+from bms_image.cli.progress import Transfer
 
 app = client_app("Images: list, inspect, create, change, upload, download, replicate.")
 

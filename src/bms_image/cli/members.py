@@ -9,9 +9,15 @@ import typer
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from bms.image.v1 import sharing_pb2
-
-from .client import CliError, Connection, client_app, connection, reports_errors, resource
-from .output import Column, JsonOpt, Output, label, pages, short_name, timestamp
+from bms_image.cli.client import (
+    CliError,
+    Connection,
+    client_app,
+    connection,
+    reports_errors,
+    resource,
+)
+from bms_image.cli.output import Column, JsonOpt, Output, label, pages, short_name, timestamp
 
 app = client_app("Sharing: the projects an image is shared with, and their answers.")
 

@@ -20,8 +20,7 @@ from rich.progress import (
 )
 
 from bms.image.v1 import provisioning_pb2
-
-from .output import label
+from bms_image.cli.output import label
 
 FAILED = provisioning_pb2.PROVISIONING_STAGE_FAILED
 ACTIVE = provisioning_pb2.PROVISIONING_STAGE_ACTIVE

@@ -12,8 +12,7 @@ import typer
 from google.protobuf import empty_pb2
 
 from bms.image.v1 import provisioning_pb2
-
-from .client import (
+from bms_image.cli.client import (
     EXIT_RPC_ERROR,
     CliError,
     Connection,
@@ -22,8 +21,8 @@ from .client import (
     reports_errors,
     resource,
 )
-from .output import Column, JsonOpt, Output, label, pages, short_name
-from .progress import Deployment
+from bms_image.cli.output import Column, JsonOpt, Output, label, pages, short_name
+from bms_image.cli.progress import Deployment
 
 app = client_app("Servers: deploy, follow, power, reinstall and delete bare-metal servers.")
 

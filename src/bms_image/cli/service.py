@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..config import Settings
-from ..eventloop import run_with
+from bms_image.common.config import Settings
+from bms_image.common.eventloop import run_with
 
 ListenOpt = Annotated[
     str | None, typer.Option(help="host:port to listen on (env BMS_IMAGE_LISTEN, 127.0.0.1:50051)")
@@ -83,7 +83,8 @@ def serve(
     ] = None,
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""
-    from ..api.server import serve as run_server
+    from bms_image.common.serving import serve as run_server
+    from bms_image.processes import start
 
     settings = _settings(
         listen=listen,
@@ -96,7 +97,7 @@ def serve(
     )
     _private_data_dir(settings)
     try:
-        run_with(settings.event_loop, lambda: run_server(settings))
+        run_with(settings.event_loop, lambda: run_server(settings, start))
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
@@ -119,8 +120,8 @@ def provisioner(
     database_url: DatabaseOpt = None,
 ) -> None:
     """Run the simulated fleet (ProvisioningService) as its own process."""
-    from ..api.server import serve as run_server
-    from ..api.server import start_provisioner
+    from bms_image.common.serving import serve as run_server
+    from bms_image.processes import start_provisioner
 
     settings = _settings(
         listen=listen or (None if os.environ.get("BMS_IMAGE_LISTEN") else PROVISIONER_LISTEN),
@@ -138,7 +139,7 @@ def provisioner(
 
 def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
     """Apply the database migrations, then exit (`serve` also does this on start)."""
-    from ..store.db import Database
+    from bms_image.store.db import Database
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     _private_data_dir(settings)
@@ -175,7 +176,7 @@ def token(
 ) -> None:
     """Print a user bearer token signed with the service's secret (never a
     service credential: those the services mint for themselves)."""
-    from ..auth import TokenAuthority
+    from bms_image.common.auth import TokenAuthority
 
     settings = _settings(data_dir=data_dir)
     try:

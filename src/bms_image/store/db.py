@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .group_commit import GroupCommitWriter
+from bms_image.store.group_commit import GroupCommitWriter
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "bms_write"

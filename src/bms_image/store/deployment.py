@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import Connection
 
-from .db import Database, serialize
-from .tables import DeploymentRow
+from bms_image.store.db import Database, serialize
+from bms_image.store.tables import DeploymentRow
 
 DEPLOYMENT: Table = DeploymentRow.__table__  # type: ignore[assignment]
 #: Serialises the first start of replicas on one (PostgreSQL) database.

@@ -1,1 +1,0 @@
-"""gRPC layer: thin servicers translating proto <-> domain, errors -> status."""

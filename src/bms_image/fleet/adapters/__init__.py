@@ -1,0 +1,1 @@
+"""What the fleet drives: its database tables, the image service, first boot."""

@@ -1,0 +1,1 @@
+"""The fleet's rules and use cases."""

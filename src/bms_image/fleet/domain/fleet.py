@@ -1,0 +1,941 @@
+"""The fleet: deploys servers from images, powers them on and off, deletes
+them. Long work runs in tasks of its own, so it goes on when the caller's
+stream drops, and reports progress through the event bus."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bms.image.v1 import image_pb2
+from bms_image.common import disk_format as disks
+from bms_image.common.convert import image_from_proto
+from bms_image.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    PreconditionViolation,
+    QuotaExceeded,
+    QuotaViolation,
+)
+from bms_image.common.flavors import FlavorCatalog
+from bms_image.common.model import Caller, CaptureSource, Flavor, Image, Partition, PluginKind
+from bms_image.common.paging import PageTokens, page_size_or_default
+from bms_image.common.staging import copy_written_back
+from bms_image.fleet.adapters.firstboot import (
+    first_boot_files,
+    intact_plugins,
+    parse_cloud_config,
+    plugin_states,
+)
+from bms_image.fleet.adapters.image_source import ImageSource
+from bms_image.fleet.adapters.servers import SqlServerRepository
+from bms_image.fleet.domain.events import EventBus, FinishedHook
+from bms_image.fleet.domain.servers import (
+    BootSource,
+    DeployRequest,
+    NetworkState,
+    ProvisioningStage,
+    Server,
+    ServerEvent,
+    ServerState,
+    choose_boot_source,
+    first_boot_violations,
+    require_cloud_init_for_key,
+    require_deployable,
+    require_server_transition,
+    ssh_key_fingerprint,
+    validate_deploy_request,
+)
+from bms_image.fleet.domain.system_disks import DiskKind, SystemDisk, new_overlay_file
+from bms_image.images.domain.rules import raise_if_invalid
+
+log = logging.getLogger(__name__)
+
+#: Servers of one batch deployed at the same time (disk copies are I/O bound).
+PARALLEL_DEPLOYS = 8
+MAX_CAPTURES_PER_PROJECT = 40
+#: servers.task of a server held for a capture that has not started, and of
+#: one whose capture runs (the public name of the task, see Server.task).
+CAPTURE_HOLD = "capture-hold"
+CAPTURE_RUNNING = "capture"
+CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
+#: Defaults of BMS_IMAGE_MAX_SERVERS_PER_PROJECT (servers not deleted) and
+#: BMS_IMAGE_MAX_DEPLOYMENTS_PER_PROJECT (servers one provisioner process
+#: builds or reinstalls at once for a project).
+MAX_SERVERS_PER_PROJECT = 2000
+MAX_DEPLOYMENTS_PER_PROJECT = 1000
+#: The files of a server's directory that are no system disk.
+_DATA_DISK = re.compile(r"^data-[0-9]+\.disk\Z")
+#: How long bms-network-config takes to notice and repair a broken network.
+NETWORK_RESTORE_SECONDS = 2.0
+_STATUS_CODE = {
+    "NotFound": "NOT_FOUND",
+    "PermissionDenied": "PERMISSION_DENIED",
+    "InvalidArgument": "INVALID_ARGUMENT",
+    "FailedPrecondition": "FAILED_PRECONDITION",
+    "QuotaExceeded": "RESOURCE_EXHAUSTED",
+    "Aborted": "ABORTED",
+    "DataLoss": "DATA_LOSS",
+    "Unauthenticated": "UNAUTHENTICATED",
+    "Unavailable": "UNAVAILABLE",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated deployment: everything decided before any byte moves."""
+
+    image: Image
+    sha256: str
+    boot_source: BootSource
+    ssh_public_key: str
+    user_data: str
+    token: str
+    #: The user data's write_files, parsed (off the loop, bounded) once.
+    user_files: dict[str, bytes]
+
+
+#: How long a server held for a capture waits for the capture to start.
+CAPTURE_START_SECONDS = 60.0
+
+#: What WatchServer says of a server with no work going on.
+_STAGE_OF_STATE = {
+    ServerState.BUILDING: ProvisioningStage.VALIDATING,
+    ServerState.ACTIVE: ProvisioningStage.ACTIVE,
+    ServerState.STOPPED: ProvisioningStage.ACTIVE,
+    ServerState.ERROR: ProvisioningStage.FAILED,
+    ServerState.REBUILDING: ProvisioningStage.VALIDATING,
+}
+
+
+class Fleet:
+    def __init__(
+        self,
+        servers: SqlServerRepository,
+        flavors: FlavorCatalog,
+        images: ImageSource,
+        page_tokens: PageTokens,
+        root: Path,
+        on_finished: FinishedHook | None = None,
+        max_servers_per_project: int = MAX_SERVERS_PER_PROJECT,
+        max_deployments_per_project: int = MAX_DEPLOYMENTS_PER_PROJECT,
+    ) -> None:
+        self._servers = servers
+        self._flavors = flavors
+        self._images = images
+        self._tokens = page_tokens
+        self._root = root
+        self._disks = root / "servers"
+        self._disks.mkdir(parents=True, exist_ok=True)
+        self._max_servers = max_servers_per_project
+        self._max_deployments = max_deployments_per_project
+        #: Servers this process builds or reinstalls now, by project.
+        self._deploying: dict[str, int] = {}
+        self.events = EventBus(on_finished)
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Servers held by prepare_capture whose capture has not started yet.
+        self._holds: dict[str, str] = {}
+
+    # -- reading ------------------------------------------------------------
+
+    async def get(self, caller: Caller, server_id: str) -> Server:
+        server = await self._servers.get(server_id)
+        if (
+            server is None
+            or server.project != caller.project
+            or server.state is ServerState.DELETED
+        ):
+            raise NotFound("SERVER_NOT_FOUND", f"server servers/{server_id} not found")
+        return server
+
+    async def list_servers(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[Server], str]:
+        limit = page_size_or_default(page_size)
+        scope = f"servers\n{caller.project}"
+        after = self._tokens.decode(page_token, scope)
+        rows = await self._servers.list_for_project(caller.project, after, limit + 1)
+        page = rows[:limit]
+        return page, self._tokens.encode(page[-1].seq, scope) if len(rows) > limit else ""
+
+    async def watch(self, caller: Caller, server_id: str) -> AsyncIterator[ServerEvent]:
+        """The server's work, from its first event to ACTIVE or FAILED, when
+        some is going on or has just ended; otherwise one event of its state.
+        Events are read after the server, so work that ends between the two
+        reads is still told in full, never as a stale snapshot."""
+        server = await self.get(caller, server_id)
+        working = server.state in (ServerState.BUILDING, ServerState.REBUILDING)
+        if self.events.in_progress(server.id) or (working and self.events.knows(server.id)):
+            async for event in self.events.follow([server.id]):
+                yield event
+            return
+        if working:  # no events at all: read again rather than guess
+            server = await self.get(caller, server_id)
+        yield ServerEvent(
+            server_id=server.id,
+            stage=_STAGE_OF_STATE.get(server.state, ProvisioningStage.FAILED),
+            state=server.state,
+            message=server.state_reason or f"server is {server.state.value}",
+            time=server.update_time or server.create_time or _now(),
+            percent=100.0,
+            boot_source=server.boot_source,
+        )
+
+    def _layers(self, server_id: str, record: SystemDisk) -> disks.Layers:
+        """The files of a system disk, derived from our record alone: the
+        server's directory (named by our uuid), the top file name we
+        generated, the cache entry named by a checked SHA-256."""
+        top = self._disks / str(uuid.UUID(server_id)) / record.top
+        if record.kind is DiskKind.LOCAL:
+            return disks.Layers(top)
+        return disks.Layers(top, self._images.entry(record.base_sha256))
+
+    async def system_disk(self, server_id: str, verify_base: bool = False) -> disks.Layers:
+        """The server's system disk as recorded; with verify_base, an EVS
+        clone's base is checked to be its image's bytes still (DataLoss if
+        not). FailedPrecondition SERVER_DISK_UNREADABLE if there is none."""
+        record = await self._servers.disk(server_id)
+        if record is None:
+            raise FailedPrecondition(
+                "SERVER_DISK_UNREADABLE",
+                f"servers/{server_id} has no recorded system disk; reinstall it",
+            )
+        if verify_base and record.kind is DiskKind.EVS:
+            await self._images.verified(record.base_image_id, record.base_sha256)
+        return self._layers(server_id, record)
+
+    # -- deployment and reinstallation ---------------------------------------
+
+    async def _plan(
+        self,
+        image_id: str,
+        flavor: Flavor,
+        token: str,
+        ssh_public_key: str,
+        user_data: str,
+        boot_source: BootSource,
+    ) -> _Plan:
+        """Everything checked before any byte moves."""
+        user_files = await parse_cloud_config(user_data)  # bad YAML fails now, off the loop
+        described = await self._images.describe(image_id, token)
+        image = image_from_proto(described)
+        require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
+        require_cloud_init_for_key(image, ssh_public_key)
+        chosen = choose_boot_source(image, flavor, boot_source)
+        sha256 = await self._images.authorize(described, token)
+        return _Plan(image, sha256, chosen, ssh_public_key, user_data, token, user_files)
+
+    async def create_servers(
+        self, caller: Caller, token: str, request: DeployRequest
+    ) -> list[Server]:
+        validate_deploy_request(request)
+        flavor = self._flavors.get(request.flavor)
+        self._reserve(caller.project, request.count)
+        try:
+            servers, plan = await self._add_servers(caller, token, request, flavor)
+        except BaseException:
+            self._finished(caller.project, request.count)
+            raise
+        self._spawn(self._deploy_batch(servers, plan, ServerState.BUILDING))
+        return servers
+
+    def _reserve(self, project: str, count: int) -> None:
+        """Counts servers in deployment for a project, within its limit."""
+        running = self._deploying.get(project, 0)
+        if running + count > self._max_deployments:
+            raise QuotaExceeded(
+                "DEPLOYMENT_LIMIT",
+                f"project {project} has {running} servers being built or reinstalled here; "
+                f"{count} more would pass its limit of {self._max_deployments}; wait for some "
+                "to finish",
+                [
+                    QuotaViolation(
+                        f"projects/{project}",
+                        f"deployments at once: limit {self._max_deployments}",
+                    )
+                ],
+                {"limit": str(self._max_deployments), "used": str(running)},
+            )
+        self._deploying[project] = running + count
+
+    def _finished(self, project: str, count: int = 1) -> None:
+        left = self._deploying.get(project, 0) - count
+        if left > 0:
+            self._deploying[project] = left
+        else:
+            self._deploying.pop(project, None)
+
+    async def _add_servers(
+        self, caller: Caller, token: str, request: DeployRequest, flavor: Flavor
+    ) -> tuple[list[Server], _Plan]:
+        plan = await self._plan(
+            request.image_id,
+            flavor,
+            token,
+            request.ssh_public_key,
+            request.user_data,
+            request.boot_source,
+        )
+        now = _now()
+        fingerprint = ssh_key_fingerprint(request.ssh_public_key.strip())
+        drafts = [
+            Server(
+                id=str(uuid.uuid4()),
+                project=caller.project,
+                host_name=f"{request.name_prefix}-{n}",
+                flavor=flavor.name,
+                hardware_model=flavor.hardware_model,
+                image_id=plan.image.id,
+                boot_source=plan.boot_source,
+                ssh_key_fingerprint=fingerprint,
+                data_disks_gb=list(request.data_disks_gb),
+                create_time=now,
+                update_time=now,
+            )
+            for n in range(1, request.count + 1)
+        ]
+        servers = await self._servers.add_all(drafts, self._max_servers)
+        for server in servers:
+            await self._event(
+                server, ProvisioningStage.VALIDATING, 2.0, "request and image checked"
+            )
+        return servers, plan
+
+    async def reinstall(
+        self,
+        caller: Caller,
+        token: str,
+        server_id: str,
+        image_id: str,
+        ssh_public_key: str,
+        user_data: str,
+    ) -> Server:
+        """Rewrites the system disk of a stopped server (or one whose last
+        reinstall failed) from its image or another compatible one; data disks
+        keep their content and Cloud-Init runs again."""
+        raise_if_invalid(first_boot_violations(ssh_public_key, user_data), "INVALID_REINSTALL")
+        self._reserve(caller.project, 1)
+        try:
+            claimed, plan = await self._claim_reinstall(
+                caller, token, server_id, image_id, ssh_public_key, user_data
+            )
+        except BaseException:
+            self._finished(caller.project)
+            raise
+        self._spawn(self._deploy_batch([claimed], plan, ServerState.REBUILDING))
+        return claimed
+
+    async def _claim_reinstall(
+        self,
+        caller: Caller,
+        token: str,
+        server_id: str,
+        image_id: str,
+        ssh_public_key: str,
+        user_data: str,
+    ) -> tuple[Server, _Plan]:
+        server = await self.get(caller, server_id)
+        require_server_transition(server, ServerState.REBUILDING)
+        flavor = self._flavors.get(server.flavor)
+        wanted = (
+            server.boot_source if server.boot_source is BootSource.EVS else BootSource.LOCAL_DISK
+        )
+        try:
+            plan = await self._plan(
+                image_id or server.image_id, flavor, token, ssh_public_key, user_data, wanted
+            )
+        except FailedPrecondition as error:
+            if error.reason != "EVS_BOOT_UNAVAILABLE":
+                raise
+            plan = await self._plan(
+                image_id or server.image_id,
+                flavor,
+                token,
+                ssh_public_key,
+                user_data,
+                BootSource.LOCAL_DISK,
+            )
+        claimed = await self._servers.transition(
+            server.id,
+            {server.state},
+            {
+                "state": ServerState.REBUILDING,
+                "state_reason": "",
+                "task": "reinstall",
+                "last_operation": "reinstall",
+                "image_id": plan.image.id,
+                "boot_source": plan.boot_source,
+                "ssh_key_fingerprint": ssh_key_fingerprint(ssh_public_key.strip()),
+            },
+            task="",
+        )
+        if claimed is None:
+            raise FailedPrecondition(
+                "SERVER_STATE_CONFLICT", f"servers/{server.id} changed meanwhile; read it again"
+            )
+        await self._event(
+            claimed, ProvisioningStage.VALIDATING, 2.0, "reinstall checked",
+            state=ServerState.REBUILDING,
+        )  # fmt: skip
+        return claimed, plan
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _event(
+        self,
+        server: Server,
+        stage: ProvisioningStage,
+        percent: float,
+        message: str,
+        *,
+        state: ServerState | None = None,
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+        error: DomainError | None = None,
+    ) -> None:
+        await self.events.publish(
+            ServerEvent(
+                server_id=server.id,
+                stage=stage,
+                state=state or server.state,
+                message=message,
+                time=_now(),
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                percent=percent,
+                boot_source=server.boot_source,
+                error_code=_STATUS_CODE.get(type(error).__name__, "") if error else "",
+                error_reason=error.reason if error else "",
+            )
+        )
+
+    async def _deploy_batch(self, servers: list[Server], plan: _Plan, working: ServerState) -> None:
+        """Deploys a batch; each server leaves the project's count of
+        deployments when its own work ends."""
+        pending = {server.id for server in servers}
+
+        def finished(server: Server) -> None:
+            if server.id in pending:
+                pending.discard(server.id)
+                self._finished(server.project)
+
+        try:
+            await self._deploy_servers(servers, plan, working, finished)
+        finally:
+            for server in servers:
+                finished(server)
+
+    async def _deploy_servers(
+        self,
+        servers: list[Server],
+        plan: _Plan,
+        working: ServerState,
+        finished: Callable[[Server], None],
+    ) -> None:
+        streaming = plan.boot_source is BootSource.LOCAL_DISK
+        stage = ProvisioningStage.IMAGE_STREAMING if streaming else ProvisioningStage.EVS_CLONING
+        reported = -1
+
+        async def progress(done: int, total: int) -> None:
+            nonlocal reported
+            step = total // 20 or 1  # about every 5 %
+            if done == reported or (done - reported < step and done != total):
+                return
+            reported = done
+            share = 60.0 * done / total if total else 60.0
+            for server in servers:
+                await self._event(
+                    server, stage, 5.0 + share, "fetching the image",
+                    bytes_done=done, bytes_total=total,
+                )  # fmt: skip
+
+        try:
+            cached = await self._images.fetch(plan.image.id, plan.sha256, plan.token, progress)
+        except Exception as error:  # never leave servers BUILDING or REBUILDING
+            failure = _as_domain_error(error, f"fetching images/{plan.image.id}")
+            for server in servers:
+                await self._fail(server, failure, working)
+                finished(server)
+            return
+        limit = asyncio.Semaphore(PARALLEL_DEPLOYS)
+
+        async def one(server: Server) -> None:
+            async with limit:
+                try:
+                    await self._deploy_one(server, plan, cached, working)
+                except Exception as error:
+                    failure = _as_domain_error(error, f"deploying servers/{server.id}")
+                    await self._fail(server, failure, working)
+                finally:
+                    finished(server)
+
+        await asyncio.gather(*(one(server) for server in servers))
+
+    async def _write_system_disk(
+        self, server: Server, plan: _Plan, cached: Path
+    ) -> tuple[disks.Layers, SystemDisk]:
+        """A new system disk next to the one in use (if any), and its record:
+        a local disk is a copy of the cache entry, swapped in by rename once
+        first boot is done; an EVS clone is a new overlay of its own over the
+        entry, swapped in when its record is. The entry itself is never
+        written."""
+        directory = self._disks / server.id
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        size = plan.image.size_bytes
+        if plan.boot_source is BootSource.EVS:
+            record = SystemDisk.evs(plan.image.id, plan.sha256, new_overlay_file())
+            layers = self._layers(server.id, record)
+            await asyncio.to_thread(disks.new_overlay, layers.top)
+            await self._event(
+                server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
+                bytes_done=size, bytes_total=size,
+            )  # fmt: skip
+            return layers, record
+        staged = directory / f"{SystemDisk.local().top}.new"
+        await asyncio.to_thread(copy_written_back, cached, staged)
+        await self._event(
+            server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
+            bytes_done=size, bytes_total=size,
+        )  # fmt: skip
+        await self._event(
+            server, ProvisioningStage.VERIFYING_CHECKSUM, 80.0,
+            f"image bytes match sha256 {plan.sha256[:12]}... (verified as they arrived "
+            "into the image cache the disk was copied from)",
+            bytes_done=size, bytes_total=size,
+        )  # fmt: skip
+        return disks.Layers(staged), SystemDisk.local()
+
+    async def _deploy_one(
+        self, server: Server, plan: _Plan, cached: Path, working: ServerState
+    ) -> None:
+        staged, record = await self._write_system_disk(server, plan, cached)
+        try:
+            states = await asyncio.to_thread(plugin_states, staged)
+            has_init = any(
+                states[kind][0] == "intact"
+                for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
+            )
+            if has_init:
+                files = first_boot_files(
+                    server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
+                )
+                # Only the server's own file is written: its local disk, or
+                # its EVS clone's overlay.
+                await asyncio.to_thread(
+                    disks.append_partition, staged.top, "cloud-init", "/", files
+                )
+        except disks.NotASystemDisk:
+            raise FailedPrecondition(
+                "IMAGE_NOT_BOOTABLE",
+                f"images/{plan.image.id} holds no system disk a server can boot (no readable "
+                "BMSDISK1 partition table and tar partitions); deploy an image made for BMS",
+            ) from None
+        if has_init:
+            message = (
+                f"Cloud-Init set host name {server.host_name}"
+                + (", SSH key" if plan.ssh_public_key else "")
+                + (" and user data" if plan.user_data else "")
+            )
+        else:
+            message = "first boot without Cloud-Init: host name, key and user data not applied"
+        await self._event(server, ProvisioningStage.FIRST_BOOT, 90.0, message)
+        await asyncio.to_thread(self._install_system_disk, server, staged)
+        if states[PluginKind.BMS_NETWORK_CONFIG][0] == "intact":
+            network, reason = NetworkState.UP, ""
+            await self._event(
+                server, ProvisioningStage.NETWORK_CONFIGURED, 95.0,
+                "bms-network-config configured the network",
+            )  # fmt: skip
+        else:
+            network = NetworkState.DOWN
+            reason = f"bms-network-config is {states[PluginKind.BMS_NETWORK_CONFIG][0]}: no network"
+        installed = self._layers(server.id, record)
+        active = await self._servers.transition(
+            server.id,
+            {working},
+            {
+                "state": ServerState.ACTIVE,
+                "state_reason": reason,
+                "network_state": network,
+                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, installed),
+                "plugins": intact_plugins(states),
+                "task": "",
+            },
+            disk=record,
+        )
+        if active is None:
+            raise NotFound("SERVER_NOT_FOUND", f"servers/{server.id} disappeared while built")
+        # The record names the new disk now: what it replaced goes (a file
+        # left over is harmless, and gone at the next reinstall).
+        try:
+            await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+        except OSError:
+            log.warning("servers/%s: the replaced system disk was not removed", server.id)
+        await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
+
+    def _install_system_disk(self, server: Server, staged: disks.Layers) -> None:
+        """Creates missing data disks (never touching others) and renames a
+        new local disk into place; a new EVS overlay is already in place,
+        named in the record that the caller writes next. Blocking."""
+        directory = self._disks / server.id
+        for index, size_gb in enumerate(server.data_disks_gb, start=1):
+            data_disk = directory / f"data-{index}.disk"
+            if not data_disk.exists():
+                with open(data_disk, "wb") as handle:
+                    handle.truncate(size_gb * 1024**3)  # sparse
+        if staged.base is None:
+            staged.top.replace(directory / SystemDisk.local().top)
+
+    async def _fail(self, server: Server, error: DomainError, working: ServerState) -> None:
+        directory = self._disks / server.id
+        if working is ServerState.BUILDING:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        else:  # a failed reinstall keeps the data disks and the disk in use
+            record = await self._servers.disk(server.id)
+            await asyncio.to_thread(_keep_only, directory, record)
+        failed = await self._servers.transition(
+            server.id,
+            {working},
+            {"state": ServerState.ERROR, "state_reason": error.message, "task": ""},
+        )
+        await self._event(
+            failed or server, ProvisioningStage.FAILED, 100.0, error.message,
+            state=ServerState.ERROR, error=error,
+        )  # fmt: skip
+
+    # -- capture ------------------------------------------------------------
+    #
+    # A capture holds its server in two steps, each a conditional write of
+    # servers.task: prepare_capture claims an idle STOPPED server as
+    # CAPTURE_HOLD (counted against the project's limit in the same
+    # statement), start_capture turns the hold into CAPTURE_RUNNING once,
+    # for the image created as this server's capture, and the capture's end
+    # lets it go. Release takes back a hold only, never a running capture.
+
+    async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
+        """Checks the server can be captured and holds it for the capture."""
+        server = await self.get(caller, server_id)
+        if server.task:
+            require_server_transition(server, server.state)  # raises SERVER_BUSY
+        if server.state is not ServerState.STOPPED:
+            raise FailedPrecondition(
+                "SERVER_NOT_STOPPED",
+                f"servers/{server.id} is {server.state.value}; stop it before capturing it",
+                [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
+            )
+        disk = await self.system_disk(server.id, verify_base=True)
+        try:
+            states = await asyncio.to_thread(plugin_states, disk)
+        except disks.NotASystemDisk:
+            raise FailedPrecondition(
+                "SERVER_DISK_UNREADABLE",
+                f"servers/{server.id} has no readable system disk (its partition table is "
+                "damaged); reinstall it before capturing it",
+            ) from None
+        damaged = [
+            (plugin.kind, states[plugin.kind][0])
+            for plugin in server.plugins
+            if states[plugin.kind][0] != "intact"
+        ]
+        if damaged:
+            names = ", ".join(f"{kind.value} is {state}" for kind, state in damaged)
+            raise FailedPrecondition(
+                "PLUGINS_DAMAGED",
+                f"servers/{server.id} cannot be captured: {names} (plug-ins must be present "
+                "and unmodified)",
+                [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
+            )
+        release = await asyncio.to_thread(disks.os_release, disk)
+        layout = await asyncio.to_thread(disks.partition_layout, disk)
+        claimed, running = await self._servers.claim_task_within_limit(
+            server.id,
+            ServerState.STOPPED,
+            CAPTURE_HOLD,
+            counted=CAPTURE_TASKS,
+            limit=MAX_CAPTURES_PER_PROJECT,
+        )
+        if claimed is None and running >= MAX_CAPTURES_PER_PROJECT:
+            raise QuotaExceeded(
+                "CAPTURE_LIMIT",
+                f"project {caller.project} already runs {running} captures; wait for one to end",
+                [
+                    QuotaViolation(
+                        f"projects/{caller.project}",
+                        f"captures at once: limit {MAX_CAPTURES_PER_PROJECT}",
+                    )
+                ],
+            )
+        if claimed is None:
+            raise FailedPrecondition(
+                "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
+            )
+        hold = self._holds[server.id] = uuid.uuid4().hex
+        self._spawn(self._release_if_never_started(server.id, hold))
+        return CaptureSource(
+            server_id=server.id,
+            hardware_model=server.hardware_model,
+            os_type=release.get("BMS_OS_TYPE", "linux"),
+            os_distro=release.get("ID", ""),
+            os_version=release.get("VERSION_ID", ""),
+            architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
+            plugins=intact_plugins(states),
+            partitions=[Partition(name, mount, size) for name, mount, size in layout],
+        )
+
+    async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
+        """Starts the capture of a held server into the image created as its
+        capture (asked of the image service with the caller's token), once:
+        the hold turns into a running capture in one conditional write."""
+        subject = f"servers/{server_id}"
+        await self._require_not_started(server_id)
+        image = await self._images.describe(image_id, token)
+        if (
+            image.source_server != subject
+            or image.status != image_pb2.IMAGE_STATUS_QUEUED
+            or image.uploaded_bytes
+        ):
+            raise FailedPrecondition(
+                "CAPTURE_IMAGE_MISMATCH",
+                f"images/{image_id} is not a queued, empty capture of {subject} (it is "
+                f"{image_pb2.ImageStatus.Name(image.status)}, captured from "
+                f"{image.source_server or 'no server'}); a capture starts once, into the image "
+                "CreateImage made for it",
+                [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
+            )
+        started = await self._servers.transition(
+            server_id, {ServerState.STOPPED}, {"task": CAPTURE_RUNNING}, task=CAPTURE_HOLD
+        )
+        if started is None:
+            await self._require_not_started(server_id)
+            raise FailedPrecondition(
+                "SERVER_NOT_HELD",
+                f"{subject} is not held for a capture; PrepareServerCapture holds it first",
+            )
+        self._holds.pop(server_id, None)
+        log.info("capturing %s into images/%s", subject, image_id)
+        self._spawn(self._capture(token, server_id, image_id))
+
+    async def _require_not_started(self, server_id: str) -> None:
+        server = await self._servers.get(server_id)
+        if server is not None and server.task == CAPTURE_RUNNING:
+            raise FailedPrecondition(
+                "CAPTURE_ALREADY_STARTED",
+                f"the capture of servers/{server_id} has started already; it starts once",
+                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
+            )
+
+    async def release_capture(self, token: str, server_id: str) -> None:
+        """Lets go of a hold whose capture will not start; a running capture
+        is never released (it lets go when it ends)."""
+        released = await self._servers.transition(
+            server_id, {ServerState.STOPPED}, {"task": ""}, task=CAPTURE_HOLD
+        )
+        if released is not None:
+            self._holds.pop(server_id, None)
+            return
+        server = await self._servers.get(server_id)
+        if server is not None and server.task == CAPTURE_RUNNING:
+            raise FailedPrecondition(
+                "CAPTURE_RUNNING",
+                f"servers/{server_id} is being captured; it is let go when the capture ends",
+                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
+            )
+
+    async def _release_if_never_started(self, server_id: str, hold: str) -> None:
+        """An image service in another process may die between holding a
+        server and starting its capture: the hold then lapses, or the server
+        would stay busy until this process restarts."""
+        await asyncio.sleep(CAPTURE_START_SECONDS)
+        if self._holds.get(server_id) == hold:
+            del self._holds[server_id]
+            log.warning("servers/%s was held for a capture that never started", server_id)
+            await self._release(server_id, CAPTURE_HOLD)
+
+    async def require_held(self, caller: Caller, server_id: str) -> None:
+        """For captures asked for over the network: the server must be the
+        caller's and held (or captured) by this capture service."""
+        server = await self.get(caller, server_id)
+        if server.task not in CAPTURE_TASKS:
+            raise FailedPrecondition(
+                "SERVER_NOT_HELD",
+                f"servers/{server.id} is not being captured; PrepareServerCapture holds it first",
+            )
+
+    async def _release(self, server_id: str, task: str) -> None:
+        await self._servers.transition(server_id, {ServerState.STOPPED}, {"task": ""}, task=task)
+
+    async def _capture(self, token: str, server_id: str, image_id: str) -> None:
+        """Uploads the server's disk into the image through ImageService.
+        Whatever fails, the image does not stay QUEUED: the stream is open
+        before the disk is flattened (see ImageSource.upload), and a stream
+        that ends or breaks early kills a capture image."""
+        flat = self._root / f".capture-{image_id}.disk"
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                await self._release(server_id, CAPTURE_RUNNING)
+
+        async def flatten() -> Path:
+            disk = await self.system_disk(server_id, verify_base=True)
+            await asyncio.to_thread(disks.flatten, disk, flat)
+            return flat
+
+        try:
+            # The server is let go once every byte is sent, before the image
+            # service can turn the image ACTIVE.
+            await self._images.upload(image_id, flatten, token, before_end=release)
+        except Exception:
+            log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
+        finally:
+            await asyncio.to_thread(flat.unlink, missing_ok=True)
+            await release()
+
+    # -- power and deletion -------------------------------------------------
+
+    async def _power(self, caller: Caller, server_id: str, target: ServerState) -> Server:
+        server = await self.get(caller, server_id)
+        require_server_transition(server, target)
+        changed = await self._servers.transition(
+            server_id, {server.state}, {"state": target}, task=""
+        )
+        if changed is None:
+            return await self._power(caller, server_id, target)  # raced: decide again
+        return changed
+
+    async def start(self, caller: Caller, server_id: str) -> Server:
+        return await self._power(caller, server_id, ServerState.ACTIVE)
+
+    async def stop(self, caller: Caller, server_id: str) -> Server:
+        return await self._power(caller, server_id, ServerState.STOPPED)
+
+    async def delete(self, caller: Caller, server_id: str) -> None:
+        await self._power(caller, server_id, ServerState.DELETED)
+        await asyncio.to_thread(shutil.rmtree, self._disks / server_id, True)
+
+    # -- network faults -----------------------------------------------------
+
+    async def inject_network_fault(self, caller: Caller, server_id: str) -> Server:
+        if not caller.is_admin:
+            await self.get(caller, server_id)  # strangers learn nothing
+            raise PermissionDenied("ADMIN_REQUIRED", "only a platform admin may inject faults")
+        server = await self._servers.get(server_id)
+        if server is None or server.state is ServerState.DELETED:
+            raise NotFound("SERVER_NOT_FOUND", f"server servers/{server_id} not found")
+        if server.state is not ServerState.ACTIVE:
+            raise FailedPrecondition(
+                "SERVER_NOT_ACTIVE",
+                f"servers/{server_id} is {server.state.value}; only a running server has a network",
+                [PreconditionViolation("STATE", f"servers/{server_id}", server.state.value)],
+            )
+        down = await self._servers.transition(
+            server_id,
+            {ServerState.ACTIVE},
+            {"network_state": NetworkState.DOWN, "state_reason": "network interrupted (fault)"},
+        )
+        if down is None:
+            return await self.inject_network_fault(caller, server_id)
+        self._spawn(self._network_watchdog(server_id))
+        return down
+
+    async def _network_watchdog(self, server_id: str) -> None:
+        """What bms-network-config does on the server: notices the network is
+        down and brings it back — if it is there and intact on the disk."""
+        await asyncio.sleep(NETWORK_RESTORE_SECONDS)
+        try:
+            disk = await self.system_disk(server_id)
+            states = await asyncio.to_thread(plugin_states, disk)
+        except (FailedPrecondition, disks.NotASystemDisk, OSError):
+            states = {PluginKind.BMS_NETWORK_CONFIG: ("unreadable", "")}
+        if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
+            await self._servers.transition(
+                server_id,
+                {ServerState.ACTIVE},
+                {
+                    "state_reason": "network down: bms-network-config is "
+                    f"{states[PluginKind.BMS_NETWORK_CONFIG][0]}, nothing restores it"
+                },
+            )
+            return
+        await self._servers.transition(
+            server_id,
+            {ServerState.ACTIVE},
+            {
+                "network_state": NetworkState.UP,
+                "state_reason": "network restored by bms-network-config",
+            },
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def recover(self) -> int:
+        """After a restart nothing stays BUILDING: the work that was cut off
+        is marked failed with a reason (the servers can be deleted and built
+        again)."""
+        interrupted = await self._servers.in_states({ServerState.BUILDING, ServerState.REBUILDING})
+        for server in interrupted:
+            failure = DomainError(
+                "INTERRUPTED", f"{server.last_operation} interrupted by a restart"
+            )
+            await self._fail(server, failure, server.state)
+        for server in await self._servers.in_states({ServerState.STOPPED}):
+            if server.task in CAPTURE_TASKS:  # the image service fails its image
+                await self._release(server.id, server.task)
+        await asyncio.to_thread(self._remove_scratch)
+        for server in await self._servers.in_states({ServerState.ACTIVE}):
+            if server.network_state is NetworkState.DOWN:
+                self._spawn(self._network_watchdog(server.id))
+        return len(interrupted)
+
+    def _remove_scratch(self) -> None:
+        """Flattened disks of captures and partial image downloads that a
+        crash left behind (their work was failed above). Blocking."""
+        for leftover in (
+            *self._root.glob(".capture-*.disk"),
+            *self._images.partial_downloads(),
+        ):
+            leftover.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._images.close()
+
+
+def _as_domain_error(error: Exception, doing: str) -> DomainError:
+    if isinstance(error, DomainError):
+        return error
+    log.error("%s failed", doing, exc_info=error)
+    return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
+
+
+def _keep_only(directory: Path, record: SystemDisk | None) -> None:
+    """Removes from a server's directory every file but its data disks and
+    the system disk its record names (none without a record): a new disk
+    that never became the one in use, or the one it replaced. Blocking."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _DATA_DISK.match(path.name) or (record is not None and path.name == record.top):
+            continue
+        path.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Thin servicers of ProvisioningService and ServerCaptureService: proto <-> domain."""

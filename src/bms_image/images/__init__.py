@@ -1,0 +1,1 @@
+"""The image service: public, private and shared images, their bytes, and members."""

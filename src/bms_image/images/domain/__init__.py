@@ -1,0 +1,1 @@
+"""The image service's rules and use cases; imports nothing but common."""

@@ -1,0 +1,1 @@
+"""Thin servicers of ImageService and SharingService: proto <-> domain."""
