@@ -13,6 +13,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from bms_image.common import errors
 
+M = TypeVar(
+    "M",
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.QuotaFailure,
+)
+
 ERROR_DOMAIN = "image.bms.cloud"
 #: A status travels in HTTP/2 trailers, which clients cap (grpcio: 8 KiB
 #: soft, 16 KiB hard): texts that quote a huge request value are cut, so the
@@ -32,7 +40,7 @@ def bounded(text: str, limit: int = DETAIL_LIMIT) -> str:
     return encoded[: limit - 3].decode(errors="ignore") + "…"
 
 
-#: errors.CODES with grpc's codes: the only table, in both directions.
+#: errors.CODES, with grpc's codes (derived: errors.CODES is the one table).
 _STATUS_CODES: tuple[tuple[type[errors.DomainError], grpc.StatusCode], ...] = tuple(
     (error_type, grpc.StatusCode[name]) for error_type, name in errors.CODES
 )
@@ -40,14 +48,6 @@ _STATUS_CODES: tuple[tuple[type[errors.DomainError], grpc.StatusCode], ...] = tu
 _CLASSES: dict[grpc.StatusCode, type[errors.DomainError]] = {
     code: error_type for error_type, code in reversed(_STATUS_CODES)
 }
-
-M = TypeVar(
-    "M",
-    error_details_pb2.ErrorInfo,
-    error_details_pb2.BadRequest,
-    error_details_pb2.PreconditionFailure,
-    error_details_pb2.QuotaFailure,
-)
 
 
 def status_code_of(error: errors.DomainError) -> grpc.StatusCode:
