@@ -1,5 +1,7 @@
-"""Domain errors. Each carries a stable machine-readable reason; the API layer
-maps the class to a gRPC status code and the details to google.rpc messages."""
+"""Domain errors. Each carries a stable machine-readable reason; CODES gives
+the status code of each class, which common.status turns into a gRPC status
+(and common.remote back into the class), the details into google.rpc
+messages. No grpc here: the domains import this module."""
 
 from __future__ import annotations
 
@@ -109,6 +111,33 @@ class Aborted(DomainError):
 class Unavailable(DomainError):
     """A dependency (database, blob store, another of our services) cannot be
     reached now; the same call may succeed when retried later."""
+
+
+#: The status code of each kind of error, by its google.rpc.Code name: the one
+#: table from error to code. common.status derives both directions from it
+#: (status_code_of for our answers, error_class_of for a peer's), so adding an
+#: error kind is one line here. A class is listed before any base it has: the
+#: first line an error is an instance of gives its code.
+CODES: tuple[tuple[type[DomainError], str], ...] = (
+    (Unauthenticated, "UNAUTHENTICATED"),
+    (NotFound, "NOT_FOUND"),
+    (PermissionDenied, "PERMISSION_DENIED"),
+    (InvalidArgument, "INVALID_ARGUMENT"),
+    (FailedPrecondition, "FAILED_PRECONDITION"),
+    (QuotaExceeded, "RESOURCE_EXHAUSTED"),
+    (Aborted, "ABORTED"),
+    (DataLoss, "DATA_LOSS"),
+    (Unavailable, "UNAVAILABLE"),
+)
+
+
+def code_name_of(error: DomainError) -> str | None:
+    """The google.rpc.Code name of the error's class (e.g. "NOT_FOUND"); None
+    for a class CODES does not list (a plain DomainError: INTERNAL)."""
+    for error_type, name in CODES:
+        if isinstance(error, error_type):
+            return name
+    return None
 
 
 def invalid_field(field: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:

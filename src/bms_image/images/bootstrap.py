@@ -42,11 +42,8 @@ from bms_image.images.adapters.blobs.store import BlobStore, PrefixOwned
 from bms_image.images.adapters.captures import RemoteCaptures
 from bms_image.images.adapters.catalog import seed
 from bms_image.images.adapters.formats import ContentInspector
-from bms_image.images.adapters.repository import (
-    SqlFlavorRepository,
-    SqlImageRepository,
-    SqlMemberRepository,
-)
+from bms_image.images.adapters.members import SqlMemberRepository
+from bms_image.images.adapters.repository import SqlFlavorRepository, SqlImageRepository
 from bms_image.images.domain.imagedata import ImageData
 from bms_image.images.domain.images import ImageCatalog
 from bms_image.images.domain.ports import CaptureProvider
