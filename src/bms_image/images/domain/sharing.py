@@ -26,10 +26,9 @@ from bms_image.common.model import (
     Visibility,
 )
 from bms_image.common.paging import PageTokens, page_size_or_default
-from bms_image.images.adapters.blobs.store import BlobStore
 from bms_image.images.domain import rules
 from bms_image.images.domain.images import ImageCatalog, replayed
-from bms_image.images.domain.ports import ImageRepository, MemberRepository
+from bms_image.images.domain.ports import BlobStore, ImageRepository, MemberRepository
 
 log = logging.getLogger(__name__)
 
