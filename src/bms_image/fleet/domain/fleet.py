@@ -1,13 +1,13 @@
 """The fleet: deploys servers from images, powers them on and off, deletes
-them. Long work runs in tasks of its own, so it goes on when the caller's
-stream drops, and reports progress through the event bus."""
+them, holds them for captures and recovers from a restart. Long work runs in
+tasks of its own, so it goes on when the caller's stream drops, and reports
+progress through the event bus. It drives ports (fleet.domain.ports): the
+server repository, the image source, Cloud-Init and the servers' disks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -15,9 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bms.image.v1 import image_pb2
-from bms_image.common import disk_format as disks
-from bms_image.common.convert import image_from_proto
 from bms_image.common.errors import (
     DomainError,
     FailedPrecondition,
@@ -26,20 +23,21 @@ from bms_image.common.errors import (
     PreconditionViolation,
     QuotaExceeded,
     QuotaViolation,
+    code_name,
+    raise_if_invalid,
 )
 from bms_image.common.flavors import FlavorCatalog
-from bms_image.common.model import Caller, CaptureSource, Flavor, Image, Partition, PluginKind
+from bms_image.common.model import Caller, CaptureSource, Flavor, Image, ImageStatus, PluginKind
 from bms_image.common.paging import PageTokens, page_size_or_default
-from bms_image.common.staging import copy_written_back
-from bms_image.fleet.adapters.firstboot import (
-    first_boot_files,
-    intact_plugins,
-    parse_cloud_config,
-    plugin_states,
-)
-from bms_image.fleet.adapters.image_source import ImageSource
-from bms_image.fleet.adapters.servers import SqlServerRepository
 from bms_image.fleet.domain.events import EventBus, FinishedHook
+from bms_image.fleet.domain.ports import (
+    CloudInit,
+    ImageSource,
+    PluginStates,
+    ServerDisks,
+    ServerRepository,
+    UnreadableDisk,
+)
 from bms_image.fleet.domain.servers import (
     BootSource,
     DeployRequest,
@@ -50,6 +48,8 @@ from bms_image.fleet.domain.servers import (
     ServerState,
     choose_boot_source,
     first_boot_violations,
+    has_cloud_init,
+    intact_plugins,
     require_cloud_init_for_key,
     require_deployable,
     require_server_transition,
@@ -57,7 +57,6 @@ from bms_image.fleet.domain.servers import (
     validate_deploy_request,
 )
 from bms_image.fleet.domain.system_disks import DiskKind, SystemDisk, new_overlay_file
-from bms_image.images.domain.rules import raise_if_invalid
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +73,8 @@ CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
 #: builds or reinstalls at once for a project).
 MAX_SERVERS_PER_PROJECT = 2000
 MAX_DEPLOYMENTS_PER_PROJECT = 1000
-#: The files of a server's directory that are no system disk.
-_DATA_DISK = re.compile(r"^data-[0-9]+\.disk\Z")
 #: How long bms-network-config takes to notice and repair a broken network.
 NETWORK_RESTORE_SECONDS = 2.0
-_STATUS_CODE = {
-    "NotFound": "NOT_FOUND",
-    "PermissionDenied": "PERMISSION_DENIED",
-    "InvalidArgument": "INVALID_ARGUMENT",
-    "FailedPrecondition": "FAILED_PRECONDITION",
-    "QuotaExceeded": "RESOURCE_EXHAUSTED",
-    "Aborted": "ABORTED",
-    "DataLoss": "DATA_LOSS",
-    "Unauthenticated": "UNAUTHENTICATED",
-    "Unavailable": "UNAVAILABLE",
-}
 
 
 def _now() -> datetime:
@@ -125,11 +111,12 @@ _STAGE_OF_STATE = {
 class Fleet:
     def __init__(
         self,
-        servers: SqlServerRepository,
+        servers: ServerRepository,
         flavors: FlavorCatalog,
         images: ImageSource,
         page_tokens: PageTokens,
-        root: Path,
+        disks: ServerDisks,
+        cloud_init: CloudInit,
         on_finished: FinishedHook | None = None,
         max_servers_per_project: int = MAX_SERVERS_PER_PROJECT,
         max_deployments_per_project: int = MAX_DEPLOYMENTS_PER_PROJECT,
@@ -138,9 +125,8 @@ class Fleet:
         self._flavors = flavors
         self._images = images
         self._tokens = page_tokens
-        self._root = root
-        self._disks = root / "servers"
-        self._disks.mkdir(parents=True, exist_ok=True)
+        self._disks = disks
+        self._cloud_init = cloud_init
         self._max_servers = max_servers_per_project
         self._max_deployments = max_deployments_per_project
         #: Servers this process builds or reinstalls now, by project.
@@ -195,17 +181,8 @@ class Fleet:
             boot_source=server.boot_source,
         )
 
-    def _layers(self, server_id: str, record: SystemDisk) -> disks.Layers:
-        """The files of a system disk, derived from our record alone: the
-        server's directory (named by our uuid), the top file name we
-        generated, the cache entry named by a checked SHA-256."""
-        top = self._disks / str(uuid.UUID(server_id)) / record.top
-        if record.kind is DiskKind.LOCAL:
-            return disks.Layers(top)
-        return disks.Layers(top, self._images.entry(record.base_sha256))
-
-    async def system_disk(self, server_id: str, verify_base: bool = False) -> disks.Layers:
-        """The server's system disk as recorded; with verify_base, an EVS
+    async def system_disk(self, server_id: str, verify_base: bool = False) -> SystemDisk:
+        """The record of the server's system disk; with verify_base, an EVS
         clone's base is checked to be its image's bytes still (DataLoss if
         not). FailedPrecondition SERVER_DISK_UNREADABLE if there is none."""
         record = await self._servers.disk(server_id)
@@ -216,7 +193,7 @@ class Fleet:
             )
         if verify_base and record.kind is DiskKind.EVS:
             await self._images.verified(record.base_image_id, record.base_sha256)
-        return self._layers(server_id, record)
+        return record
 
     # -- deployment and reinstallation ---------------------------------------
 
@@ -230,13 +207,12 @@ class Fleet:
         boot_source: BootSource,
     ) -> _Plan:
         """Everything checked before any byte moves."""
-        user_files = await parse_cloud_config(user_data)  # bad YAML fails now, off the loop
-        described = await self._images.describe(image_id, token)
-        image = image_from_proto(described)
+        user_files = await self._cloud_init.parse_user_data(user_data)  # bad YAML fails now
+        image = await self._images.describe(image_id, token)
         require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
         require_cloud_init_for_key(image, ssh_public_key)
         chosen = choose_boot_source(image, flavor, boot_source)
-        sha256 = await self._images.authorize(described, token)
+        sha256 = await self._images.authorize(image, token)
         return _Plan(image, sha256, chosen, ssh_public_key, user_data, token, user_files)
 
     async def create_servers(
@@ -421,7 +397,7 @@ class Fleet:
                 bytes_total=bytes_total,
                 percent=percent,
                 boot_source=server.boot_source,
-                error_code=_STATUS_CODE.get(type(error).__name__, "") if error else "",
+                error_code=code_name(error) if error else "",
                 error_reason=error.reason if error else "",
             )
         )
@@ -488,28 +464,23 @@ class Fleet:
 
         await asyncio.gather(*(one(server) for server in servers))
 
-    async def _write_system_disk(
-        self, server: Server, plan: _Plan, cached: Path
-    ) -> tuple[disks.Layers, SystemDisk]:
+    async def _write_system_disk(self, server: Server, plan: _Plan, cached: Path) -> SystemDisk:
         """A new system disk next to the one in use (if any), and its record:
         a local disk is a copy of the cache entry, swapped in by rename once
         first boot is done; an EVS clone is a new overlay of its own over the
         entry, swapped in when its record is. The entry itself is never
         written."""
-        directory = self._disks / server.id
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         size = plan.image.size_bytes
         if plan.boot_source is BootSource.EVS:
             record = SystemDisk.evs(plan.image.id, plan.sha256, new_overlay_file())
-            layers = self._layers(server.id, record)
-            await asyncio.to_thread(disks.new_overlay, layers.top)
+            await self._disks.write(server.id, record, cached)
             await self._event(
                 server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
                 bytes_done=size, bytes_total=size,
             )  # fmt: skip
-            return layers, record
-        staged = directory / f"{SystemDisk.local().top}.new"
-        await asyncio.to_thread(copy_written_back, cached, staged)
+            return record
+        record = SystemDisk.local()
+        await self._disks.write(server.id, record, cached)
         await self._event(
             server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
             bytes_done=size, bytes_total=size,
@@ -520,28 +491,21 @@ class Fleet:
             "into the image cache the disk was copied from)",
             bytes_done=size, bytes_total=size,
         )  # fmt: skip
-        return disks.Layers(staged), SystemDisk.local()
+        return record
 
     async def _deploy_one(
         self, server: Server, plan: _Plan, cached: Path, working: ServerState
     ) -> None:
-        staged, record = await self._write_system_disk(server, plan, cached)
+        record = await self._write_system_disk(server, plan, cached)
         try:
-            states = await asyncio.to_thread(plugin_states, staged)
-            has_init = any(
-                states[kind][0] == "intact"
-                for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
-            )
+            states = await self._disks.plugin_states(server.id, record, staged=True)
+            has_init = has_cloud_init(states)
             if has_init:
-                files = first_boot_files(
+                files = self._cloud_init.first_boot_files(
                     server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
                 )
-                # Only the server's own file is written: its local disk, or
-                # its EVS clone's overlay.
-                await asyncio.to_thread(
-                    disks.append_partition, staged.top, "cloud-init", "/", files
-                )
-        except disks.NotASystemDisk:
+                await self._disks.append_first_boot(server.id, record, files)
+        except UnreadableDisk:
             raise FailedPrecondition(
                 "IMAGE_NOT_BOOTABLE",
                 f"images/{plan.image.id} holds no system disk a server can boot (no readable "
@@ -556,7 +520,7 @@ class Fleet:
         else:
             message = "first boot without Cloud-Init: host name, key and user data not applied"
         await self._event(server, ProvisioningStage.FIRST_BOOT, 90.0, message)
-        await asyncio.to_thread(self._install_system_disk, server, staged)
+        await self._disks.install(server, record)
         if states[PluginKind.BMS_NETWORK_CONFIG][0] == "intact":
             network, reason = NetworkState.UP, ""
             await self._event(
@@ -566,7 +530,6 @@ class Fleet:
         else:
             network = NetworkState.DOWN
             reason = f"bms-network-config is {states[PluginKind.BMS_NETWORK_CONFIG][0]}: no network"
-        installed = self._layers(server.id, record)
         active = await self._servers.transition(
             server.id,
             {working},
@@ -574,7 +537,7 @@ class Fleet:
                 "state": ServerState.ACTIVE,
                 "state_reason": reason,
                 "network_state": network,
-                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, installed),
+                "system_disk_bytes": await self._disks.size(server.id, record),
                 "plugins": intact_plugins(states),
                 "task": "",
             },
@@ -585,31 +548,17 @@ class Fleet:
         # The record names the new disk now: what it replaced goes (a file
         # left over is harmless, and gone at the next reinstall).
         try:
-            await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+            await self._disks.keep_only(server.id, record)
         except OSError:
             log.warning("servers/%s: the replaced system disk was not removed", server.id)
         await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
 
-    def _install_system_disk(self, server: Server, staged: disks.Layers) -> None:
-        """Creates missing data disks (never touching others) and renames a
-        new local disk into place; a new EVS overlay is already in place,
-        named in the record that the caller writes next. Blocking."""
-        directory = self._disks / server.id
-        for index, size_gb in enumerate(server.data_disks_gb, start=1):
-            data_disk = directory / f"data-{index}.disk"
-            if not data_disk.exists():
-                with open(data_disk, "wb") as handle:
-                    handle.truncate(size_gb * 1024**3)  # sparse
-        if staged.base is None:
-            staged.top.replace(directory / SystemDisk.local().top)
-
     async def _fail(self, server: Server, error: DomainError, working: ServerState) -> None:
-        directory = self._disks / server.id
         if working is ServerState.BUILDING:
-            await asyncio.to_thread(shutil.rmtree, directory, True)
+            await self._disks.remove(server.id)
         else:  # a failed reinstall keeps the data disks and the disk in use
             record = await self._servers.disk(server.id)
-            await asyncio.to_thread(_keep_only, directory, record)
+            await self._disks.keep_only(server.id, record)
         failed = await self._servers.transition(
             server.id,
             {working},
@@ -642,8 +591,8 @@ class Fleet:
             )
         disk = await self.system_disk(server.id, verify_base=True)
         try:
-            states = await asyncio.to_thread(plugin_states, disk)
-        except disks.NotASystemDisk:
+            states = await self._disks.plugin_states(server.id, disk)
+        except UnreadableDisk:
             raise FailedPrecondition(
                 "SERVER_DISK_UNREADABLE",
                 f"servers/{server.id} has no readable system disk (its partition table is "
@@ -662,8 +611,8 @@ class Fleet:
                 "and unmodified)",
                 [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
             )
-        release = await asyncio.to_thread(disks.os_release, disk)
-        layout = await asyncio.to_thread(disks.partition_layout, disk)
+        release = await self._disks.os_release(server.id, disk)
+        layout = await self._disks.partition_layout(server.id, disk)
         claimed, running = await self._servers.claim_task_within_limit(
             server.id,
             ServerState.STOPPED,
@@ -696,7 +645,7 @@ class Fleet:
             os_version=release.get("VERSION_ID", ""),
             architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
             plugins=intact_plugins(states),
-            partitions=[Partition(name, mount, size) for name, mount, size in layout],
+            partitions=layout,
         )
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
@@ -708,13 +657,13 @@ class Fleet:
         image = await self._images.describe(image_id, token)
         if (
             image.source_server != subject
-            or image.status != image_pb2.IMAGE_STATUS_QUEUED
+            or image.status is not ImageStatus.QUEUED
             or image.uploaded_bytes
         ):
             raise FailedPrecondition(
                 "CAPTURE_IMAGE_MISMATCH",
                 f"images/{image_id} is not a queued, empty capture of {subject} (it is "
-                f"{image_pb2.ImageStatus.Name(image.status)}, captured from "
+                f"IMAGE_STATUS_{image.status.name}, captured from "
                 f"{image.source_server or 'no server'}); a capture starts once, into the image "
                 "CreateImage made for it",
                 [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
@@ -786,7 +735,6 @@ class Fleet:
         Whatever fails, the image does not stay QUEUED: the stream is open
         before the disk is flattened (see ImageSource.upload), and a stream
         that ends or breaks early kills a capture image."""
-        flat = self._root / f".capture-{image_id}.disk"
         released = False
 
         async def release() -> None:
@@ -797,8 +745,7 @@ class Fleet:
 
         async def flatten() -> Path:
             disk = await self.system_disk(server_id, verify_base=True)
-            await asyncio.to_thread(disks.flatten, disk, flat)
-            return flat
+            return await self._disks.flatten(server_id, disk, image_id)
 
         try:
             # The server is let go once every byte is sent, before the image
@@ -807,7 +754,7 @@ class Fleet:
         except Exception:
             log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
         finally:
-            await asyncio.to_thread(flat.unlink, missing_ok=True)
+            await self._disks.discard_flat(image_id)
             await release()
 
     # -- power and deletion -------------------------------------------------
@@ -830,7 +777,7 @@ class Fleet:
 
     async def delete(self, caller: Caller, server_id: str) -> None:
         await self._power(caller, server_id, ServerState.DELETED)
-        await asyncio.to_thread(shutil.rmtree, self._disks / server_id, True)
+        await self._disks.remove(server_id)
 
     # -- network faults -----------------------------------------------------
 
@@ -861,10 +808,11 @@ class Fleet:
         """What bms-network-config does on the server: notices the network is
         down and brings it back — if it is there and intact on the disk."""
         await asyncio.sleep(NETWORK_RESTORE_SECONDS)
+        states: PluginStates
         try:
             disk = await self.system_disk(server_id)
-            states = await asyncio.to_thread(plugin_states, disk)
-        except (FailedPrecondition, disks.NotASystemDisk, OSError):
+            states = await self._disks.plugin_states(server_id, disk)
+        except (FailedPrecondition, UnreadableDisk, OSError):
             states = {PluginKind.BMS_NETWORK_CONFIG: ("unreadable", "")}
         if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
             await self._servers.transition(
@@ -900,20 +848,11 @@ class Fleet:
         for server in await self._servers.in_states({ServerState.STOPPED}):
             if server.task in CAPTURE_TASKS:  # the image service fails its image
                 await self._release(server.id, server.task)
-        await asyncio.to_thread(self._remove_scratch)
+        await self._disks.remove_scratch()
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:
                 self._spawn(self._network_watchdog(server.id))
         return len(interrupted)
-
-    def _remove_scratch(self) -> None:
-        """Flattened disks of captures and partial image downloads that a
-        crash left behind (their work was failed above). Blocking."""
-        for leftover in (
-            *self._root.glob(".capture-*.disk"),
-            *self._images.partial_downloads(),
-        ):
-            leftover.unlink(missing_ok=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -927,15 +866,3 @@ def _as_domain_error(error: Exception, doing: str) -> DomainError:
         return error
     log.error("%s failed", doing, exc_info=error)
     return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
-
-
-def _keep_only(directory: Path, record: SystemDisk | None) -> None:
-    """Removes from a server's directory every file but its data disks and
-    the system disk its record names (none without a record): a new disk
-    that never became the one in use, or the one it replaced. Blocking."""
-    if not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if _DATA_DISK.match(path.name) or (record is not None and path.name == record.top):
-            continue
-        path.unlink(missing_ok=True)
