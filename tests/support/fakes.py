@@ -8,7 +8,8 @@ Images: FakeBlobStore (BlobStore), FakeStaging (ByteStaging), FakeRelease
 (ByteRelease), FakeInspector (Inspector), FakeMembers (MemberRepository),
 FakeCaptures (CaptureProvider); the ImageRepository fake is
 tests/unit/unit_fakes.InMemoryImages. Fleet: FakeServerRepository,
-FakeImageSource, FakeCloudInit, FakeServerDisks.
+FakeImageSource, FakeCloudInit, FakeServerDisks; the FlavorSource needs none
+(common.flavors.FlavorCatalog is in memory already).
 
 The fakes touch their small files on the event loop on purpose: no threads."""
 

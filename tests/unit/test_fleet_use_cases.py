@@ -20,7 +20,8 @@ from bms_image.common.errors import (
 from bms_image.common.flavors import FlavorCatalog
 from bms_image.common.model import Caller, Image, ImageStatus, Plugin, PluginKind, Visibility
 from bms_image.common.paging import PageTokens
-from bms_image.fleet.domain.fleet import CAPTURE_HOLD, Fleet
+from bms_image.fleet.domain.captures import CAPTURE_HOLD
+from bms_image.fleet.domain.fleet import Fleet
 from bms_image.fleet.domain.servers import (
     BootSource,
     DeployRequest,

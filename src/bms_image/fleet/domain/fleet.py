@@ -26,12 +26,13 @@ from bms_image.common.errors import (
     code_name,
     raise_if_invalid,
 )
-from bms_image.common.flavors import FlavorCatalog
-from bms_image.common.model import Caller, CaptureSource, Flavor, Image, ImageStatus, PluginKind
+from bms_image.common.model import Caller, CaptureSource, Flavor, Image, PluginKind
 from bms_image.common.paging import PageTokens, page_size_or_default
+from bms_image.fleet.domain.captures import CAPTURE_TASKS, Captures
 from bms_image.fleet.domain.events import EventBus, FinishedHook
 from bms_image.fleet.domain.ports import (
     CloudInit,
+    FlavorSource,
     ImageSource,
     PluginStates,
     ServerDisks,
@@ -62,12 +63,6 @@ log = logging.getLogger(__name__)
 
 #: Servers of one batch deployed at the same time (disk copies are I/O bound).
 PARALLEL_DEPLOYS = 8
-MAX_CAPTURES_PER_PROJECT = 40
-#: servers.task of a server held for a capture that has not started, and of
-#: one whose capture runs (the public name of the task, see Server.task).
-CAPTURE_HOLD = "capture-hold"
-CAPTURE_RUNNING = "capture"
-CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
 #: Defaults of BMS_IMAGE_MAX_SERVERS_PER_PROJECT (servers not deleted) and
 #: BMS_IMAGE_MAX_DEPLOYMENTS_PER_PROJECT (servers one provisioner process
 #: builds or reinstalls at once for a project).
@@ -95,9 +90,6 @@ class _Plan:
     user_files: dict[str, bytes]
 
 
-#: How long a server held for a capture waits for the capture to start.
-CAPTURE_START_SECONDS = 60.0
-
 #: What WatchServer says of a server with no work going on.
 _STAGE_OF_STATE = {
     ServerState.BUILDING: ProvisioningStage.VALIDATING,
@@ -112,7 +104,7 @@ class Fleet:
     def __init__(
         self,
         servers: ServerRepository,
-        flavors: FlavorCatalog,
+        flavors: FlavorSource,
         images: ImageSource,
         page_tokens: PageTokens,
         disks: ServerDisks,
@@ -133,8 +125,7 @@ class Fleet:
         self._deploying: dict[str, int] = {}
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Servers held by prepare_capture whose capture has not started yet.
-        self._holds: dict[str, str] = {}
+        self.captures = Captures(servers, images, disks, self, self._spawn)
 
     # -- reading ------------------------------------------------------------
 
@@ -569,193 +560,23 @@ class Fleet:
             state=ServerState.ERROR, error=error,
         )  # fmt: skip
 
-    # -- capture ------------------------------------------------------------
-    #
-    # A capture holds its server in two steps, each a conditional write of
-    # servers.task: prepare_capture claims an idle STOPPED server as
-    # CAPTURE_HOLD (counted against the project's limit in the same
-    # statement), start_capture turns the hold into CAPTURE_RUNNING once,
-    # for the image created as this server's capture, and the capture's end
-    # lets it go. Release takes back a hold only, never a running capture.
+    # -- capture (fleet.domain.captures) ------------------------------------
 
     async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
         """Checks the server can be captured and holds it for the capture."""
-        server = await self.get(caller, server_id)
-        if server.task:
-            require_server_transition(server, server.state)  # raises SERVER_BUSY
-        if server.state is not ServerState.STOPPED:
-            raise FailedPrecondition(
-                "SERVER_NOT_STOPPED",
-                f"servers/{server.id} is {server.state.value}; stop it before capturing it",
-                [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
-            )
-        disk = await self.system_disk(server.id, verify_base=True)
-        try:
-            states = await self._disks.plugin_states(server.id, disk)
-        except UnreadableDisk:
-            raise FailedPrecondition(
-                "SERVER_DISK_UNREADABLE",
-                f"servers/{server.id} has no readable system disk (its partition table is "
-                "damaged); reinstall it before capturing it",
-            ) from None
-        damaged = [
-            (plugin.kind, states[plugin.kind][0])
-            for plugin in server.plugins
-            if states[plugin.kind][0] != "intact"
-        ]
-        if damaged:
-            names = ", ".join(f"{kind.value} is {state}" for kind, state in damaged)
-            raise FailedPrecondition(
-                "PLUGINS_DAMAGED",
-                f"servers/{server.id} cannot be captured: {names} (plug-ins must be present "
-                "and unmodified)",
-                [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
-            )
-        release = await self._disks.os_release(server.id, disk)
-        layout = await self._disks.partition_layout(server.id, disk)
-        claimed, running = await self._servers.claim_task_within_limit(
-            server.id,
-            ServerState.STOPPED,
-            CAPTURE_HOLD,
-            counted=CAPTURE_TASKS,
-            limit=MAX_CAPTURES_PER_PROJECT,
-        )
-        if claimed is None and running >= MAX_CAPTURES_PER_PROJECT:
-            raise QuotaExceeded(
-                "CAPTURE_LIMIT",
-                f"project {caller.project} already runs {running} captures; wait for one to end",
-                [
-                    QuotaViolation(
-                        f"projects/{caller.project}",
-                        f"captures at once: limit {MAX_CAPTURES_PER_PROJECT}",
-                    )
-                ],
-            )
-        if claimed is None:
-            raise FailedPrecondition(
-                "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
-            )
-        hold = self._holds[server.id] = uuid.uuid4().hex
-        self._spawn(self._release_if_never_started(server.id, hold))
-        return CaptureSource(
-            server_id=server.id,
-            hardware_model=server.hardware_model,
-            os_type=release.get("BMS_OS_TYPE", "linux"),
-            os_distro=release.get("ID", ""),
-            os_version=release.get("VERSION_ID", ""),
-            architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
-            plugins=intact_plugins(states),
-            partitions=layout,
-        )
+        return await self.captures.prepare_capture(caller, token, server_id)
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
-        """Starts the capture of a held server into the image created as its
-        capture (asked of the image service with the caller's token), once:
-        the hold turns into a running capture in one conditional write."""
-        subject = f"servers/{server_id}"
-        await self._require_not_started(server_id)
-        image = await self._images.describe(image_id, token)
-        if (
-            image.source_server != subject
-            or image.status is not ImageStatus.QUEUED
-            or image.uploaded_bytes
-        ):
-            raise FailedPrecondition(
-                "CAPTURE_IMAGE_MISMATCH",
-                f"images/{image_id} is not a queued, empty capture of {subject} (it is "
-                f"IMAGE_STATUS_{image.status.name}, captured from "
-                f"{image.source_server or 'no server'}); a capture starts once, into the image "
-                "CreateImage made for it",
-                [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
-            )
-        started = await self._servers.transition(
-            server_id, {ServerState.STOPPED}, {"task": CAPTURE_RUNNING}, task=CAPTURE_HOLD
-        )
-        if started is None:
-            await self._require_not_started(server_id)
-            raise FailedPrecondition(
-                "SERVER_NOT_HELD",
-                f"{subject} is not held for a capture; PrepareServerCapture holds it first",
-            )
-        self._holds.pop(server_id, None)
-        log.info("capturing %s into images/%s", subject, image_id)
-        self._spawn(self._capture(token, server_id, image_id))
-
-    async def _require_not_started(self, server_id: str) -> None:
-        server = await self._servers.get(server_id)
-        if server is not None and server.task == CAPTURE_RUNNING:
-            raise FailedPrecondition(
-                "CAPTURE_ALREADY_STARTED",
-                f"the capture of servers/{server_id} has started already; it starts once",
-                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
-            )
+        """Starts the capture of a held server into the image made for it, once."""
+        await self.captures.start_capture(token, server_id, image_id)
 
     async def release_capture(self, token: str, server_id: str) -> None:
-        """Lets go of a hold whose capture will not start; a running capture
-        is never released (it lets go when it ends)."""
-        released = await self._servers.transition(
-            server_id, {ServerState.STOPPED}, {"task": ""}, task=CAPTURE_HOLD
-        )
-        if released is not None:
-            self._holds.pop(server_id, None)
-            return
-        server = await self._servers.get(server_id)
-        if server is not None and server.task == CAPTURE_RUNNING:
-            raise FailedPrecondition(
-                "CAPTURE_RUNNING",
-                f"servers/{server_id} is being captured; it is let go when the capture ends",
-                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
-            )
-
-    async def _release_if_never_started(self, server_id: str, hold: str) -> None:
-        """An image service in another process may die between holding a
-        server and starting its capture: the hold then lapses, or the server
-        would stay busy until this process restarts."""
-        await asyncio.sleep(CAPTURE_START_SECONDS)
-        if self._holds.get(server_id) == hold:
-            del self._holds[server_id]
-            log.warning("servers/%s was held for a capture that never started", server_id)
-            await self._release(server_id, CAPTURE_HOLD)
+        """Lets go of a hold whose capture will not start."""
+        await self.captures.release_capture(token, server_id)
 
     async def require_held(self, caller: Caller, server_id: str) -> None:
-        """For captures asked for over the network: the server must be the
-        caller's and held (or captured) by this capture service."""
-        server = await self.get(caller, server_id)
-        if server.task not in CAPTURE_TASKS:
-            raise FailedPrecondition(
-                "SERVER_NOT_HELD",
-                f"servers/{server.id} is not being captured; PrepareServerCapture holds it first",
-            )
-
-    async def _release(self, server_id: str, task: str) -> None:
-        await self._servers.transition(server_id, {ServerState.STOPPED}, {"task": ""}, task=task)
-
-    async def _capture(self, token: str, server_id: str, image_id: str) -> None:
-        """Uploads the server's disk into the image through ImageService.
-        Whatever fails, the image does not stay QUEUED: the stream is open
-        before the disk is flattened (see ImageSource.upload), and a stream
-        that ends or breaks early kills a capture image."""
-        released = False
-
-        async def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                await self._release(server_id, CAPTURE_RUNNING)
-
-        async def flatten() -> Path:
-            disk = await self.system_disk(server_id, verify_base=True)
-            return await self._disks.flatten(server_id, disk, image_id)
-
-        try:
-            # The server is let go once every byte is sent, before the image
-            # service can turn the image ACTIVE.
-            await self._images.upload(image_id, flatten, token, before_end=release)
-        except Exception:
-            log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
-        finally:
-            await self._disks.discard_flat(image_id)
-            await release()
+        """The server must be the caller's and held (or captured) by a capture."""
+        await self.captures.require_held(caller, server_id)
 
     # -- power and deletion -------------------------------------------------
 
@@ -847,7 +668,7 @@ class Fleet:
             await self._fail(server, failure, server.state)
         for server in await self._servers.in_states({ServerState.STOPPED}):
             if server.task in CAPTURE_TASKS:  # the image service fails its image
-                await self._release(server.id, server.task)
+                await self.captures.let_go(server.id, server.task)
         await self._disks.remove_scratch()
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:

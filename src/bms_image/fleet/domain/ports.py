@@ -1,7 +1,8 @@
 """What the fleet's use cases drive: the server repository (the store), the
 image source (ImageService and the image cache), Cloud-Init's reading of
 user data, and the servers' disks on the hosts. Adapters implement these;
-the bootstrap wires them. Flavors come from common.flavors.FlavorCatalog."""
+the bootstrap wires them. Flavors come through FlavorSource (the
+common.flavors.FlavorCatalog the bootstrap loads)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from bms_image.common.model import Image, Partition, PluginKind
+from bms_image.common.model import Flavor, Image, Partition, PluginKind
 from bms_image.fleet.domain.servers import Server, ServerState
 from bms_image.fleet.domain.system_disks import SystemDisk
 
@@ -22,6 +23,16 @@ PluginStates = dict[PluginKind, tuple[str, str]]
 class UnreadableDisk(Exception):
     """A disk holds no system disk a server can boot (no readable partition
     table and partitions)."""
+
+
+class FlavorSource(Protocol):
+    """The flavors servers are built on."""
+
+    def get(self, name: str) -> Flavor:
+        """The flavor (NotFound FLAVOR_NOT_FOUND if there is none)."""
+
+    def names_for_model(self, hardware_model: str) -> list[str]:
+        """The flavors of a hardware model (a private image deploys on them)."""
 
 
 class ServerRepository(Protocol):
