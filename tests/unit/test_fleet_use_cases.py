@@ -15,11 +15,13 @@ from bms_image.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     QuotaExceeded,
 )
 from bms_image.common.flavors import FlavorCatalog
 from bms_image.common.model import Caller, Image, ImageStatus, Plugin, PluginKind, Visibility
 from bms_image.common.paging import PageTokens
+from bms_image.fleet.domain import network as network_module
 from bms_image.fleet.domain.captures import CAPTURE_HOLD
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.fleet.domain.servers import (
@@ -42,6 +44,7 @@ from support.fakes import (
 
 ALPHA = Caller("alpha")
 BETA = Caller("beta")
+ADMIN = Caller("ops", frozenset({"admin"}))
 TOKEN = "alpha-token"
 SHA = "a" * 64
 IMAGE_ID = "22222222-2222-4222-8222-222222222222"
@@ -354,3 +357,38 @@ async def test_a_public_image_deploys_only_where_it_is_listed(world: World) -> N
         await world.deploy()
     assert refused.value.reason == "IMAGE_FLAVOR_INCOMPATIBLE"
     assert world.servers.rows == {}
+
+
+@pytest.mark.parametrize(("network_config", "restored"), [("intact", True), ("modified", False)])
+async def test_bms_network_config_repairs_an_injected_fault_only_when_intact(
+    world: World, monkeypatch: pytest.MonkeyPatch, network_config: str, restored: bool
+) -> None:
+    monkeypatch.setattr(network_module, "NETWORK_RESTORE_SECONDS", 0.0)
+    world.image()
+    (server,) = await world.deploy()
+    await world.final(server)
+    with pytest.raises(PermissionDenied):
+        await world.fleet.inject_network_fault(ALPHA, server.id)
+    with pytest.raises(NotFound):
+        await world.fleet.inject_network_fault(BETA, server.id)  # strangers learn nothing
+    world.disks.states[f"{SHA}.raw"] = {
+        **ALL_INTACT,
+        PluginKind.BMS_NETWORK_CONFIG: (network_config, "1.0"),
+    }
+    down = await world.fleet.inject_network_fault(ADMIN, server.id)
+    assert down.network_state is NetworkState.DOWN
+    for _ in range(100):
+        now = await world.fleet.get(ALPHA, server.id)
+        if now.state_reason != "network interrupted (fault)":
+            break
+        await asyncio.sleep(0.01)
+    if restored:
+        assert (now.network_state, now.state_reason) == (
+            NetworkState.UP,
+            "network restored by bms-network-config",
+        )
+    else:
+        assert (now.network_state, now.state_reason) == (
+            NetworkState.DOWN,
+            "network down: bms-network-config is modified, nothing restores it",
+        )

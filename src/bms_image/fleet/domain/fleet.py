@@ -19,8 +19,6 @@ from bms_image.common.errors import (
     DomainError,
     FailedPrecondition,
     NotFound,
-    PermissionDenied,
-    PreconditionViolation,
     QuotaExceeded,
     QuotaViolation,
     code_name,
@@ -30,11 +28,11 @@ from bms_image.common.model import Caller, CaptureSource, Flavor, Image, PluginK
 from bms_image.common.paging import PageTokens, page_size_or_default
 from bms_image.fleet.domain.captures import CAPTURE_TASKS, Captures
 from bms_image.fleet.domain.events import EventBus, FinishedHook
+from bms_image.fleet.domain.network import Network
 from bms_image.fleet.domain.ports import (
     CloudInit,
     FlavorSource,
     ImageSource,
-    PluginStates,
     ServerDisks,
     ServerRepository,
     UnreadableDisk,
@@ -68,8 +66,6 @@ PARALLEL_DEPLOYS = 8
 #: builds or reinstalls at once for a project).
 MAX_SERVERS_PER_PROJECT = 2000
 MAX_DEPLOYMENTS_PER_PROJECT = 1000
-#: How long bms-network-config takes to notice and repair a broken network.
-NETWORK_RESTORE_SECONDS = 2.0
 
 
 def _now() -> datetime:
@@ -126,6 +122,7 @@ class Fleet:
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
         self.captures = Captures(servers, images, disks, self, self._spawn)
+        self.network = Network(servers, disks, self, self._spawn)
 
     # -- reading ------------------------------------------------------------
 
@@ -600,59 +597,10 @@ class Fleet:
         await self._power(caller, server_id, ServerState.DELETED)
         await self._disks.remove(server_id)
 
-    # -- network faults -----------------------------------------------------
+    # -- network faults (fleet.domain.network) -------------------------------
 
     async def inject_network_fault(self, caller: Caller, server_id: str) -> Server:
-        if not caller.is_admin:
-            await self.get(caller, server_id)  # strangers learn nothing
-            raise PermissionDenied("ADMIN_REQUIRED", "only a platform admin may inject faults")
-        server = await self._servers.get(server_id)
-        if server is None or server.state is ServerState.DELETED:
-            raise NotFound("SERVER_NOT_FOUND", f"server servers/{server_id} not found")
-        if server.state is not ServerState.ACTIVE:
-            raise FailedPrecondition(
-                "SERVER_NOT_ACTIVE",
-                f"servers/{server_id} is {server.state.value}; only a running server has a network",
-                [PreconditionViolation("STATE", f"servers/{server_id}", server.state.value)],
-            )
-        down = await self._servers.transition(
-            server_id,
-            {ServerState.ACTIVE},
-            {"network_state": NetworkState.DOWN, "state_reason": "network interrupted (fault)"},
-        )
-        if down is None:
-            return await self.inject_network_fault(caller, server_id)
-        self._spawn(self._network_watchdog(server_id))
-        return down
-
-    async def _network_watchdog(self, server_id: str) -> None:
-        """What bms-network-config does on the server: notices the network is
-        down and brings it back — if it is there and intact on the disk."""
-        await asyncio.sleep(NETWORK_RESTORE_SECONDS)
-        states: PluginStates
-        try:
-            disk = await self.system_disk(server_id)
-            states = await self._disks.plugin_states(server_id, disk)
-        except (FailedPrecondition, UnreadableDisk, OSError):
-            states = {PluginKind.BMS_NETWORK_CONFIG: ("unreadable", "")}
-        if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
-            await self._servers.transition(
-                server_id,
-                {ServerState.ACTIVE},
-                {
-                    "state_reason": "network down: bms-network-config is "
-                    f"{states[PluginKind.BMS_NETWORK_CONFIG][0]}, nothing restores it"
-                },
-            )
-            return
-        await self._servers.transition(
-            server_id,
-            {ServerState.ACTIVE},
-            {
-                "network_state": NetworkState.UP,
-                "state_reason": "network restored by bms-network-config",
-            },
-        )
+        return await self.network.inject_fault(caller, server_id)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -672,7 +620,7 @@ class Fleet:
         await self._disks.remove_scratch()
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:
-                self._spawn(self._network_watchdog(server.id))
+                self._spawn(self.network.watchdog(server.id))
         return len(interrupted)
 
     async def close(self) -> None:
