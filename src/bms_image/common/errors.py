@@ -126,9 +126,10 @@ def raise_if_invalid(violations: Sequence[FieldViolation], reason: str) -> None:
 
 
 #: The canonical status name (google.rpc.Code) of each kind of domain error,
-#: by type: the name a ServerEvent's error_code carries. A DomainError of no
-#: particular kind has none.
-_CODE_NAMES: tuple[tuple[type[DomainError], str], ...] = (
+#: by type, most specific first: the name a ServerEvent's error_code carries
+#: (and the one grpc.StatusCode member of the same name). A DomainError of
+#: no particular kind has none.
+CODE_NAMES: tuple[tuple[type[DomainError], str], ...] = (
     (Unauthenticated, "UNAUTHENTICATED"),
     (NotFound, "NOT_FOUND"),
     (PermissionDenied, "PERMISSION_DENIED"),
@@ -143,7 +144,7 @@ _CODE_NAMES: tuple[tuple[type[DomainError], str], ...] = (
 
 def code_name(error: DomainError) -> str:
     """The status name of the error's kind ("" for a plain DomainError)."""
-    for kind, name in _CODE_NAMES:
+    for kind, name in CODE_NAMES:
         if isinstance(error, kind):
             return name
     return ""
