@@ -45,6 +45,11 @@ CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
 CAPTURE_START_SECONDS = 60.0
 
 
+def _status_name(status: ImageStatus) -> str:
+    """The status as ImageService names it (IMAGE_STATUS_QUEUED, ...)."""
+    return f"IMAGE_STATUS_{status.name}"
+
+
 class ServerReader(Protocol):
     """What captures read through the fleet."""
 
@@ -155,7 +160,7 @@ class Captures:
             raise FailedPrecondition(
                 "CAPTURE_IMAGE_MISMATCH",
                 f"images/{image_id} is not a queued, empty capture of {subject} (it is "
-                f"IMAGE_STATUS_{image.status.name}, captured from "
+                f"{_status_name(image.status)}, captured from "
                 f"{image.source_server or 'no server'}); a capture starts once, into the image "
                 "CreateImage made for it",
                 [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
