@@ -36,6 +36,8 @@ from bms_image.common.serving import (
 from bms_image.common.telemetry.health import Check, HealthMonitor
 from bms_image.common.telemetry.metrics import ServiceMetrics
 from bms_image.common.tls import image_service_credentials
+from bms_image.fleet.adapters.disk_layout import DiskLayout
+from bms_image.fleet.adapters.firstboot import CloudInitFiles
 from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.adapters.servers import SqlServerRepository
 from bms_image.fleet.domain.fleet import Fleet
@@ -65,16 +67,18 @@ async def build_fleet(
 ) -> Fleet:
     """The fleet, reading images from `image_service`, recovered from a restart."""
     channel = client_channel(settings, image_service, credentials, closing)
+    images = ImageSource(
+        channel,
+        settings.data_dir / "fleet" / "image-cache",
+        ServiceCredential(authority, PROVISIONER_IDENTITY),
+    )
     fleet = Fleet(
         SqlServerRepository(database),
         flavors,
-        ImageSource(
-            channel,
-            settings.data_dir / "fleet" / "image-cache",
-            ServiceCredential(authority, PROVISIONER_IDENTITY),
-        ),
+        images,
         tokens,
-        settings.data_dir / "fleet",
+        DiskLayout(settings.data_dir / "fleet", images),
+        CloudInitFiles(),
         on_finished=lambda event, seconds: metrics.deployment_finished(
             "active" if event.stage is ProvisioningStage.ACTIVE else "failed",
             event.boot_source.name.lower(),

@@ -33,7 +33,6 @@ DESCRIPTION_MAX = 1024
 MAX_TAGS = 10
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 MIN_DISK_GB_RANGE = range(1, 1025)
-PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}\Z")
 OS_WORD_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}\Z")
 
 #: Statuses whose private images hold a quota slot. Killed and deleted images free theirs.

@@ -12,8 +12,8 @@ from bms_image.common.convert import (
     timestamp_to_proto,
 )
 from bms_image.common.errors import invalid_field
+from bms_image.common.model import PROJECT_PATTERN
 from bms_image.images.domain.images import ImageChanges, NewImage
-from bms_image.images.domain.rules import PROJECT_PATTERN
 
 
 def image_to_proto(
