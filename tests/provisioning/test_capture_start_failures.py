@@ -14,8 +14,8 @@ import pytest
 from provisioning_support import LOCAL, create_request, decode, deploy, get_server
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from bms_image.common import disk_format
 from bms_image.common.errors import Unavailable
-from bms_image.fleet.domain import fleet as fleet_module
 from bms_image.fleet.domain.fleet import Fleet
 
 pb = provisioning_pb2
@@ -64,7 +64,7 @@ async def test_a_capture_whose_disk_cannot_be_flattened_ends_killed(
     def broken_flatten(source: Path, target: Path) -> None:
         raise OSError(5, "Input/output error", str(source))
 
-    monkeypatch.setattr(fleet_module.disks, "flatten", broken_flatten)
+    monkeypatch.setattr(disk_format, "flatten", broken_flatten)
     created = await images.CreateImage(capture_request(server), metadata=md)
     assert created.status == image_pb2.IMAGE_STATUS_QUEUED
 

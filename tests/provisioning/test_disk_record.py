@@ -38,8 +38,8 @@ from provisioning_support import (
 )
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from bms_image.fleet.adapters import firstboot
 from bms_image.fleet.adapters.image_source import ImageSource
-from bms_image.fleet.domain import fleet as fleet_module
 from helpers import make_settings
 
 pb = provisioning_pb2
@@ -138,7 +138,7 @@ async def test_a_failed_reinstall_discards_only_the_new_disk(
     def broken(*args: object) -> dict[str, bytes]:
         raise RuntimeError("first boot broke")
 
-    monkeypatch.setattr(fleet_module, "first_boot_files", broken)
+    monkeypatch.setattr(firstboot, "first_boot_files", broken)
     done = await reinstall(
         provisioning, md, pb.ReinstallServerRequest(name=name, ssh_public_key=new_ssh_key().line)
     )

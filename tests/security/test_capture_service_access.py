@@ -36,7 +36,7 @@ from bms.image.v1 import (
 from bms_image.common.auth import SERVICE_AUDIENCE, SERVICE_METADATA_KEY
 from bms_image.common.serving import RunningService
 from bms_image.fleet.adapters.image_source import ImageSource
-from bms_image.fleet.domain import fleet as fleet_module
+from bms_image.fleet.domain import captures as captures_module
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start, start_provisioner
 from helpers import TEST_SECRET, decode, make_settings
@@ -416,7 +416,7 @@ async def test_a_hold_whose_capture_never_starts_lapses(
 ) -> None:
     """The image service may die between PrepareServerCapture and
     StartServerCapture: the provisioner lets the server go by itself."""
-    monkeypatch.setattr(fleet_module, "CAPTURE_START_SECONDS", 0.05)
+    monkeypatch.setattr(captures_module, "CAPTURE_START_SECONDS", 0.05)
     alpha = pair.user("alpha")
     (server,) = await stopped_servers(stubs.servers, alpha)
     await stubs.capture.PrepareServerCapture(

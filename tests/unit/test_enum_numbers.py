@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image.common.convert import enum_to_proto
 from bms_image.common.model import ImageStatus
 from bms_image.fleet.domain.servers import ProvisioningStage, ServerState
+from bms_image.fleet.grpc.convert import enum_to_proto
 
 
 def test_enums_of_different_types_with_the_same_text_keep_their_own_numbers() -> None:

@@ -14,7 +14,14 @@ from bms_image.common.errors import (
     NotFound,
     PermissionDenied,
 )
-from bms_image.common.model import Caller, ImageStatus, ImageType, MemberStatus, Visibility
+from bms_image.common.model import (
+    PROJECT_PATTERN,
+    Caller,
+    ImageStatus,
+    ImageType,
+    MemberStatus,
+    Visibility,
+)
 from bms_image.images.domain import rules
 
 ALPHA = Caller("alpha")
@@ -283,7 +290,7 @@ def test_min_disk_gb_bounds(value: int, ok: bool) -> None:
             ["centos", "7.6", "windows-server", "12sp3"],
             ["", "CentOS", "-x", "a b", "x" * 33],
         ),
-        (rules.PROJECT_PATTERN, ["alpha", "p-1", "a_b", "ab"], ["a", "Alpha", "-ab", "x" * 65]),
+        (PROJECT_PATTERN, ["alpha", "p-1", "a_b", "ab"], ["a", "Alpha", "-ab", "x" * 65]),
     ],
     ids=["os_word", "project"],
 )
@@ -298,7 +305,7 @@ def test_word_patterns(pattern: object, good: list[str], bad: list[str]) -> None
     ("pattern", "value"),
     [
         (rules.OS_WORD_PATTERN, "centos\n"),
-        (rules.PROJECT_PATTERN, "alpha\n"),
+        (PROJECT_PATTERN, "alpha\n"),
     ],
     ids=["os_word", "project"],
 )

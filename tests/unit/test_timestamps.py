@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf import timestamp_pb2
 
-from bms_image.common.convert import _timestamp
+from bms_image.common.convert import timestamp_to_proto as _timestamp
 
 
 @pytest.mark.parametrize(

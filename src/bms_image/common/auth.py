@@ -32,8 +32,12 @@ from typing import Generic, TypeVar
 import jwt
 
 from bms_image.common.errors import Unauthenticated
-from bms_image.common.model import IMAGE_SERVICE_IDENTITY, PROVISIONER_IDENTITY, Caller
-from bms_image.images.domain.rules import PROJECT_PATTERN
+from bms_image.common.model import (
+    IMAGE_SERVICE_IDENTITY,
+    PROJECT_PATTERN,
+    PROVISIONER_IDENTITY,
+    Caller,
+)
 
 ISSUER = "bms-image"
 #: The audience of user tokens: the public bms.image.v1 API.

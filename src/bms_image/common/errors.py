@@ -1,10 +1,14 @@
-"""Domain errors. Each carries a stable machine-readable reason; the API layer
-maps the class to a gRPC status code and the details to google.rpc messages."""
+"""Domain errors. Each carries a stable machine-readable reason; CODES gives
+the status code of each class, which common.status turns into a gRPC status
+(and common.remote back into the class), the details into google.rpc
+messages. No grpc here: the domains import this module."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,69 @@ class Unavailable(DomainError):
     reached now; the same call may succeed when retried later."""
 
 
+#: The status code of each kind of error, by its google.rpc.Code name: the one
+#: table from error to code. common.status derives both directions from it
+#: (status_code_of for our answers, error_class_of for a peer's), so adding an
+#: error kind is one line here. A class is listed before any base it has: the
+#: first line an error is an instance of gives its code.
+CODES: tuple[tuple[type[DomainError], str], ...] = (
+    (Unauthenticated, "UNAUTHENTICATED"),
+    (NotFound, "NOT_FOUND"),
+    (PermissionDenied, "PERMISSION_DENIED"),
+    (InvalidArgument, "INVALID_ARGUMENT"),
+    (FailedPrecondition, "FAILED_PRECONDITION"),
+    (QuotaExceeded, "RESOURCE_EXHAUSTED"),
+    (Aborted, "ABORTED"),
+    (DataLoss, "DATA_LOSS"),
+    (Unavailable, "UNAVAILABLE"),
+)
+
+
+def code_name_of(error: DomainError) -> str | None:
+    """The google.rpc.Code name of the error's class (e.g. "NOT_FOUND"); None
+    for a class CODES does not list (a plain DomainError: INTERNAL)."""
+    for error_type, name in CODES:
+        if isinstance(error, error_type):
+            return name
+    return None
+
+
 def invalid_field(field: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
     """The common case of one bad field."""
     return InvalidArgument(reason, f"{field}: {description}", [FieldViolation(field, description)])
+
+
+def raise_if_invalid(violations: Sequence[FieldViolation], reason: str) -> None:
+    """InvalidArgument(reason) listing every violation, if there is any."""
+    if violations:
+        summary = "; ".join(f"{v.field} {v.description}" for v in violations)
+        raise InvalidArgument(reason, f"invalid request: {summary}", violations)
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_storage_full(error: OSError) -> bool:
+    """ENOSPC (the file system is full) or EDQUOT (the user's quota is)."""
+    return error.errno in _FULL_ERRNOS
+
+
+def storage_full(storage: str) -> QuotaExceeded:
+    """The domain error for a full file system or bucket: it names the kind
+    of storage (`staging area`, `image store`), never a host path."""
+    return QuotaExceeded(
+        "STORAGE_FULL",
+        f"the service's {storage} is full; retry later (an administrator must free space)",
+        [QuotaViolation(f"storage/{storage.replace(' ', '-')}", "no space left")],
+    )
+
+
+class StagedBytesMissing(Exception):
+    """The staging file holds fewer bytes than the upload's recorded offset
+    (the staging area was lost or restored, or the resume runs where the
+    first half was not staged): `available` is how many are really there."""
+
+    def __init__(self, path: Path, offset: int, available: int) -> None:
+        super().__init__(f"staging file {path} has {available} bytes, not the {offset} expected")
+        self.offset = offset
+        self.available = available

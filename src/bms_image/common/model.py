@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -76,6 +77,9 @@ class PluginKind(enum.StrEnum):
 
 
 #: The service identities our processes present to each other (auth.py).
+#: A project id, as tokens carry it and resource names spell it.
+PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}\Z")
+
 IMAGE_SERVICE_IDENTITY = "image-service"
 PROVISIONER_IDENTITY = "provisioner"
 

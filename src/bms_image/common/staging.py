@@ -1,5 +1,7 @@
 """The staging area: one file per upload in progress, kept across broken
-streams and restarts so that uploads can resume."""
+streams and restarts so that uploads can resume. StagingArea is the adapter
+of the image domain's ByteStaging port; StagedUpload and PipelinedWriter
+also serve the fleet's image cache."""
 
 from __future__ import annotations
 
@@ -13,8 +15,20 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bms_image.images.adapters.blobs.local import fsync_directory
-from bms_image.images.adapters.blobs.store import BlobStore, is_storage_full, storage_full
+from bms_image.common.errors import StagedBytesMissing, is_storage_full, storage_full
+
+__all__ = [
+    "WRITEBACK_WINDOW_BYTES",
+    "PipelinedWriter",
+    "StagedBytesMissing",
+    "StagedFile",
+    "StagedUpload",
+    "Staging",
+    "StagingArea",
+    "copy_written_back",
+    "fsync_directory",
+    "sha256_of_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +38,12 @@ _READ_BLOCK = 4 * 1024 * 1024
 WRITEBACK_WINDOW_BYTES = 16 * 1024 * 1024
 
 
-class StagedBytesMissing(Exception):
-    """The staging file holds fewer bytes than the upload's recorded offset
-    (the staging area was lost or restored, or the resume runs where the
-    first half was not staged): `available` is how many are really there."""
-
-    def __init__(self, path: Path, offset: int, available: int) -> None:
-        super().__init__(f"staging file {path} has {available} bytes, not the {offset} expected")
-        self.offset = offset
-        self.available = available
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StagedUpload:
@@ -269,7 +280,74 @@ def copy_written_back(source: Path, target: Path) -> None:
             offset += copied
 
 
-async def release_image_bytes(blobs: BlobStore, staging: Staging, image_id: str) -> None:
-    """Removes every byte stored for an image: its blob and any staged upload."""
-    await blobs.delete(image_id)
-    await asyncio.to_thread(staging.discard, image_id)
+class StagedFile:
+    """A StagedUpload as the image domain's StagedBytes port: its chunks
+    written by a PipelinedWriter of its own, its blocking calls off the loop."""
+
+    def __init__(self, staged: StagedUpload) -> None:
+        self._staged = staged
+        self._writer: PipelinedWriter | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._staged.path
+
+    @property
+    def size(self) -> int:
+        return self._staged.size
+
+    def hexdigest(self) -> str:
+        return self._staged.sha256.hexdigest()
+
+    async def write(self, chunk: bytes) -> None:
+        if self._writer is None:
+            self._writer = PipelinedWriter(self._staged)
+        await self._writer.write(chunk)
+
+    async def drain(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.drain()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._staged.close)
+
+
+def _close_if_opened(opening: asyncio.Future[StagedUpload]) -> None:
+    """For an open whose caller was cancelled: the file it opened is closed."""
+    if not opening.cancelled() and opening.exception() is None:
+        with contextlib.suppress(Exception):
+            opening.result().close()
+
+
+class StagingArea:
+    """The staging area as the image domain's ByteStaging port."""
+
+    def __init__(self, staging: Staging) -> None:
+        self.staging = staging
+
+    async def open(self, key: str, offset: int) -> StagedFile:
+        opening = asyncio.ensure_future(asyncio.to_thread(self.staging.open, key, offset))
+        try:
+            return StagedFile(await asyncio.shield(opening))
+        except asyncio.CancelledError:  # the thread opens it anyway
+            opening.add_done_callback(_close_if_opened)
+            raise
+
+    def size(self, key: str) -> int:
+        return self.staging.size(key)
+
+    def scratch(self, key: str, suffix: str) -> Path:
+        return self.staging.scratch(key, suffix)
+
+    async def digest(self, path: Path) -> tuple[str, int]:
+        return await asyncio.to_thread(sha256_of_file, path)
+
+    async def discard(self, key: str) -> None:
+        await asyncio.to_thread(self.staging.discard, key)
+
+    async def discard_scratch(self, key: str) -> None:
+        await asyncio.to_thread(self.staging.discard_scratch, key)
+
+    def keys(self) -> list[str]:
+        return self.staging.keys()

@@ -38,6 +38,8 @@ from bms_image.common.serving import (
 from bms_image.common.telemetry.health import Check, HealthMonitor
 from bms_image.common.telemetry.metrics import ServiceMetrics
 from bms_image.common.tls import image_service_credentials
+from bms_image.fleet.adapters.disk_layout import DiskLayout
+from bms_image.fleet.adapters.firstboot import CloudInitFiles
 from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.adapters.public_images import PublishedImages
 from bms_image.fleet.adapters.servers import SqlServerRepository
@@ -65,16 +67,18 @@ async def build_fleet(
 ) -> Fleet:
     """The fleet, reading images over `channel` (to ImageService), recovered
     from a restart."""
+    images = ImageSource(
+        channel,
+        settings.data_dir / "fleet" / "image-cache",
+        ServiceCredential(authority, PROVISIONER_IDENTITY),
+    )
     fleet = Fleet(
         SqlServerRepository(database),
         flavors,
-        ImageSource(
-            channel,
-            settings.data_dir / "fleet" / "image-cache",
-            ServiceCredential(authority, PROVISIONER_IDENTITY),
-        ),
+        images,
         tokens,
-        settings.data_dir / "fleet",
+        DiskLayout(settings.data_dir / "fleet", images),
+        CloudInitFiles(),
         on_finished=lambda event, seconds: metrics.deployment_finished(
             "active" if event.stage is ProvisioningStage.ACTIVE else "failed",
             event.boot_source.name.lower(),

@@ -32,7 +32,7 @@ from bms_image.common.serving import (
     server_options,
     token_authority,
 )
-from bms_image.common.staging import Staging, release_image_bytes
+from bms_image.common.staging import Staging, StagingArea
 from bms_image.common.telemetry.health import Check, HealthMonitor, free_space
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.common.tls import provisioner_credentials
@@ -43,12 +43,9 @@ from bms_image.images.adapters.captures import RemoteCaptures
 from bms_image.images.adapters.catalog import seed
 from bms_image.images.adapters.deployment import deployment_id
 from bms_image.images.adapters.formats import ContentInspector
-from bms_image.images.adapters.repository import (
-    SqlFlavorRepository,
-    SqlImageRepository,
-    SqlMemberRepository,
-)
-from bms_image.images.domain.imagedata import ImageData
+from bms_image.images.adapters.members import SqlMemberRepository
+from bms_image.images.adapters.repository import SqlFlavorRepository, SqlImageRepository
+from bms_image.images.domain.imagedata import ImageData, release_image_bytes
 from bms_image.images.domain.images import ImageCatalog
 from bms_image.images.domain.ports import CaptureProvider
 from bms_image.images.domain.sharing import Sharing
@@ -164,8 +161,10 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
         )
         captures = RemoteCaptures(channel, ServiceCredential(authority, IMAGE_SERVICE_IDENTITY))
 
+    staging_area = StagingArea(staging)
+
     async def release(image_id: str) -> None:
-        await release_image_bytes(blobs, staging, image_id)
+        await release_image_bytes(blobs, staging_area, image_id)
 
     catalog = ImageCatalog(
         image_repository,
@@ -179,7 +178,7 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
     data = ImageData(
         catalog,
         image_repository,
-        staging,
+        staging_area,
         blobs,
         ContentInspector(
             max_virtual_bytes=settings.max_virtual_bytes,

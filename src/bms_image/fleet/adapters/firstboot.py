@@ -15,6 +15,18 @@ import yaml
 from bms_image.common.disk_format import PLUGIN_PATHS, Disk, plugin_content, read_file
 from bms_image.common.errors import FieldViolation, InvalidArgument
 from bms_image.common.model import Plugin, PluginKind
+from bms_image.fleet.domain.servers import intact_plugins
+
+__all__ = [
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "CloudInitFiles",
+    "cloud_config_files",
+    "first_boot_files",
+    "intact_plugins",
+    "parse_cloud_config",
+    "plugin_states",
+]
 
 #: Bounds of a `#cloud-config` document, checked while it is composed, so a
 #: hostile one costs at most this much work whatever it claims. The size of
@@ -183,5 +195,14 @@ def plugin_states(disk: Disk) -> dict[PluginKind, tuple[str, str]]:
     return states
 
 
-def intact_plugins(states: dict[PluginKind, tuple[str, str]]) -> list[Plugin]:
-    return [Plugin(kind, version) for kind, (state, version) in states.items() if state == "intact"]
+class CloudInitFiles:
+    """The fleet's CloudInit port: user data parsed in the bounded parser's
+    thread, and the files Cloud-Init writes at first boot."""
+
+    async def parse_user_data(self, user_data: str) -> dict[str, bytes]:
+        return await parse_cloud_config(user_data)
+
+    def first_boot_files(
+        self, host_name: str, ssh_public_key: str, user_data: str, user_files: dict[str, bytes]
+    ) -> dict[str, bytes]:
+        return first_boot_files(host_name, ssh_public_key, user_data, user_files)

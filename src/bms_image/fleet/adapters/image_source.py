@@ -1,5 +1,6 @@
-"""The provisioner's view of ImageService: describe an image, check the caller
-may use it, and fetch its bytes once into a cache verified by checksum."""
+"""The provisioner's view of ImageService, the fleet's ImageSource port:
+describe an image (as a common.model.Image), check the caller may use it,
+and fetch its bytes once into a cache verified by checksum."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import os
 import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.auth import ServiceCredential
+from bms_image.common.convert import image_from_proto
 from bms_image.common.errors import DataLoss
+from bms_image.common.model import Image
 from bms_image.common.remote import domain_error
 from bms_image.common.staging import PipelinedWriter, StagedUpload, sha256_of_file
+from bms_image.fleet.domain.ports import Progress
 from bms_image.fleet.domain.system_disks import is_sha256
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], Awaitable[None]]
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
@@ -90,20 +94,28 @@ class ImageSource:
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
-    async def describe(self, image_id: str, token: str) -> image_pb2.Image:
+    async def describe(self, image_id: str, token: str) -> Image:
+        """GetImage as the caller, converted for the fleet's rules."""
         try:
             image: image_pb2.Image = await self._stub.GetImage(
                 image_pb2.GetImageRequest(name=f"images/{image_id}"), metadata=_metadata(token)
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error(error) from None
-        return image
+        # The capture's check needs what the catalog's rules do not read.
+        return replace(
+            image_from_proto(image),
+            source_server=image.source_server,
+            uploaded_bytes=image.uploaded_bytes,
+        )
 
-    async def authorize(self, image: image_pb2.Image, token: str) -> str:
+    async def authorize(self, image: Image, token: str) -> str:
         """Asks DownloadImageData for the bytes after the last one: nothing
         moves, but the image service checks that the caller may use the image
         now (visible, active, share accepted) and tells its checksum."""
-        request = image_pb2.DownloadImageDataRequest(name=image.name, offset=image.size_bytes)
+        request = image_pb2.DownloadImageDataRequest(
+            name=f"images/{image.id}", offset=image.size_bytes
+        )
         sha256 = ""
         try:
             async for message in self._stub.DownloadImageData(request, metadata=_metadata(token)):

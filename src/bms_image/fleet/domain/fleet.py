@@ -1,13 +1,13 @@
 """The fleet: deploys servers from images, powers them on and off, deletes
-them. Long work runs in tasks of its own, so it goes on when the caller's
-stream drops, and reports progress through the event bus."""
+them, holds them for captures and recovers from a restart. Long work runs in
+tasks of its own, so it goes on when the caller's stream drops, and reports
+progress through the event bus. It drives ports (fleet.domain.ports): the
+server repository, the image source, Cloud-Init and the servers' disks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -15,31 +15,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bms.image.v1 import image_pb2
-from bms_image.common import disk_format as disks
-from bms_image.common.convert import image_from_proto
 from bms_image.common.errors import (
     DomainError,
     FailedPrecondition,
     NotFound,
-    PermissionDenied,
-    PreconditionViolation,
     QuotaExceeded,
     QuotaViolation,
+    code_name_of,
+    raise_if_invalid,
 )
-from bms_image.common.flavors import FlavorCatalog
-from bms_image.common.model import Caller, CaptureSource, Flavor, Image, Partition, PluginKind
+from bms_image.common.model import Caller, CaptureSource, Flavor, Image, PluginKind
 from bms_image.common.paging import PageTokens, page_size_or_default
-from bms_image.common.staging import copy_written_back
-from bms_image.fleet.adapters.firstboot import (
-    first_boot_files,
-    intact_plugins,
-    parse_cloud_config,
-    plugin_states,
-)
-from bms_image.fleet.adapters.image_source import ImageSource
-from bms_image.fleet.adapters.servers import SqlServerRepository
+from bms_image.fleet.domain.captures import CAPTURE_TASKS, Captures
 from bms_image.fleet.domain.events import EventBus, FinishedHook
+from bms_image.fleet.domain.network import Network
+from bms_image.fleet.domain.ports import (
+    CloudInit,
+    FlavorSource,
+    ImageSource,
+    ServerDisks,
+    ServerRepository,
+    UnreadableDisk,
+)
 from bms_image.fleet.domain.servers import (
     BootSource,
     DeployRequest,
@@ -50,6 +47,8 @@ from bms_image.fleet.domain.servers import (
     ServerState,
     choose_boot_source,
     first_boot_violations,
+    has_cloud_init,
+    intact_plugins,
     require_cloud_init_for_key,
     require_deployable,
     require_server_transition,
@@ -57,38 +56,16 @@ from bms_image.fleet.domain.servers import (
     validate_deploy_request,
 )
 from bms_image.fleet.domain.system_disks import DiskKind, SystemDisk, new_overlay_file
-from bms_image.images.domain.rules import raise_if_invalid
 
 log = logging.getLogger(__name__)
 
 #: Servers of one batch deployed at the same time (disk copies are I/O bound).
 PARALLEL_DEPLOYS = 8
-MAX_CAPTURES_PER_PROJECT = 40
-#: servers.task of a server held for a capture that has not started, and of
-#: one whose capture runs (the public name of the task, see Server.task).
-CAPTURE_HOLD = "capture-hold"
-CAPTURE_RUNNING = "capture"
-CAPTURE_TASKS = (CAPTURE_HOLD, CAPTURE_RUNNING)
 #: Defaults of BMS_IMAGE_MAX_SERVERS_PER_PROJECT (servers not deleted) and
 #: BMS_IMAGE_MAX_DEPLOYMENTS_PER_PROJECT (servers one provisioner process
 #: builds or reinstalls at once for a project).
 MAX_SERVERS_PER_PROJECT = 2000
 MAX_DEPLOYMENTS_PER_PROJECT = 1000
-#: The files of a server's directory that are no system disk.
-_DATA_DISK = re.compile(r"^data-[0-9]+\.disk\Z")
-#: How long bms-network-config takes to notice and repair a broken network.
-NETWORK_RESTORE_SECONDS = 2.0
-_STATUS_CODE = {
-    "NotFound": "NOT_FOUND",
-    "PermissionDenied": "PERMISSION_DENIED",
-    "InvalidArgument": "INVALID_ARGUMENT",
-    "FailedPrecondition": "FAILED_PRECONDITION",
-    "QuotaExceeded": "RESOURCE_EXHAUSTED",
-    "Aborted": "ABORTED",
-    "DataLoss": "DATA_LOSS",
-    "Unauthenticated": "UNAUTHENTICATED",
-    "Unavailable": "UNAVAILABLE",
-}
 
 
 def _now() -> datetime:
@@ -109,9 +86,6 @@ class _Plan:
     user_files: dict[str, bytes]
 
 
-#: How long a server held for a capture waits for the capture to start.
-CAPTURE_START_SECONDS = 60.0
-
 #: What WatchServer says of a server with no work going on.
 _STAGE_OF_STATE = {
     ServerState.BUILDING: ProvisioningStage.VALIDATING,
@@ -125,11 +99,12 @@ _STAGE_OF_STATE = {
 class Fleet:
     def __init__(
         self,
-        servers: SqlServerRepository,
-        flavors: FlavorCatalog,
+        servers: ServerRepository,
+        flavors: FlavorSource,
         images: ImageSource,
         page_tokens: PageTokens,
-        root: Path,
+        disks: ServerDisks,
+        cloud_init: CloudInit,
         on_finished: FinishedHook | None = None,
         max_servers_per_project: int = MAX_SERVERS_PER_PROJECT,
         max_deployments_per_project: int = MAX_DEPLOYMENTS_PER_PROJECT,
@@ -138,17 +113,16 @@ class Fleet:
         self._flavors = flavors
         self._images = images
         self._tokens = page_tokens
-        self._root = root
-        self._disks = root / "servers"
-        self._disks.mkdir(parents=True, exist_ok=True)
+        self._disks = disks
+        self._cloud_init = cloud_init
         self._max_servers = max_servers_per_project
         self._max_deployments = max_deployments_per_project
         #: Servers this process builds or reinstalls now, by project.
         self._deploying: dict[str, int] = {}
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Servers held by prepare_capture whose capture has not started yet.
-        self._holds: dict[str, str] = {}
+        self.captures = Captures(servers, images, disks, self, self._spawn)
+        self.network = Network(servers, disks, self, self._spawn)
 
     # -- reading ------------------------------------------------------------
 
@@ -195,17 +169,8 @@ class Fleet:
             boot_source=server.boot_source,
         )
 
-    def _layers(self, server_id: str, record: SystemDisk) -> disks.Layers:
-        """The files of a system disk, derived from our record alone: the
-        server's directory (named by our uuid), the top file name we
-        generated, the cache entry named by a checked SHA-256."""
-        top = self._disks / str(uuid.UUID(server_id)) / record.top
-        if record.kind is DiskKind.LOCAL:
-            return disks.Layers(top)
-        return disks.Layers(top, self._images.entry(record.base_sha256))
-
-    async def system_disk(self, server_id: str, verify_base: bool = False) -> disks.Layers:
-        """The server's system disk as recorded; with verify_base, an EVS
+    async def system_disk(self, server_id: str, verify_base: bool = False) -> SystemDisk:
+        """The record of the server's system disk; with verify_base, an EVS
         clone's base is checked to be its image's bytes still (DataLoss if
         not). FailedPrecondition SERVER_DISK_UNREADABLE if there is none."""
         record = await self._servers.disk(server_id)
@@ -216,7 +181,7 @@ class Fleet:
             )
         if verify_base and record.kind is DiskKind.EVS:
             await self._images.verified(record.base_image_id, record.base_sha256)
-        return self._layers(server_id, record)
+        return record
 
     # -- deployment and reinstallation ---------------------------------------
 
@@ -230,13 +195,12 @@ class Fleet:
         boot_source: BootSource,
     ) -> _Plan:
         """Everything checked before any byte moves."""
-        user_files = await parse_cloud_config(user_data)  # bad YAML fails now, off the loop
-        described = await self._images.describe(image_id, token)
-        image = image_from_proto(described)
+        user_files = await self._cloud_init.parse_user_data(user_data)  # bad YAML fails now
+        image = await self._images.describe(image_id, token)
         require_deployable(image, flavor, self._flavors.names_for_model(image.hardware_model))
         require_cloud_init_for_key(image, ssh_public_key)
         chosen = choose_boot_source(image, flavor, boot_source)
-        sha256 = await self._images.authorize(described, token)
+        sha256 = await self._images.authorize(image, token)
         return _Plan(image, sha256, chosen, ssh_public_key, user_data, token, user_files)
 
     async def create_servers(
@@ -421,7 +385,7 @@ class Fleet:
                 bytes_total=bytes_total,
                 percent=percent,
                 boot_source=server.boot_source,
-                error_code=_STATUS_CODE.get(type(error).__name__, "") if error else "",
+                error_code=(code_name_of(error) or "") if error else "",
                 error_reason=error.reason if error else "",
             )
         )
@@ -488,28 +452,23 @@ class Fleet:
 
         await asyncio.gather(*(one(server) for server in servers))
 
-    async def _write_system_disk(
-        self, server: Server, plan: _Plan, cached: Path
-    ) -> tuple[disks.Layers, SystemDisk]:
+    async def _write_system_disk(self, server: Server, plan: _Plan, cached: Path) -> SystemDisk:
         """A new system disk next to the one in use (if any), and its record:
         a local disk is a copy of the cache entry, swapped in by rename once
         first boot is done; an EVS clone is a new overlay of its own over the
         entry, swapped in when its record is. The entry itself is never
         written."""
-        directory = self._disks / server.id
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         size = plan.image.size_bytes
         if plan.boot_source is BootSource.EVS:
             record = SystemDisk.evs(plan.image.id, plan.sha256, new_overlay_file())
-            layers = self._layers(server.id, record)
-            await asyncio.to_thread(disks.new_overlay, layers.top)
+            await self._disks.write(server.id, record, cached)
             await self._event(
                 server, ProvisioningStage.EVS_CLONING, 80.0, "EVS volume cloned (copy-on-write)",
                 bytes_done=size, bytes_total=size,
             )  # fmt: skip
-            return layers, record
-        staged = directory / f"{SystemDisk.local().top}.new"
-        await asyncio.to_thread(copy_written_back, cached, staged)
+            return record
+        record = SystemDisk.local()
+        await self._disks.write(server.id, record, cached)
         await self._event(
             server, ProvisioningStage.IMAGE_STREAMING, 75.0, "image written to the local disk",
             bytes_done=size, bytes_total=size,
@@ -520,28 +479,21 @@ class Fleet:
             "into the image cache the disk was copied from)",
             bytes_done=size, bytes_total=size,
         )  # fmt: skip
-        return disks.Layers(staged), SystemDisk.local()
+        return record
 
     async def _deploy_one(
         self, server: Server, plan: _Plan, cached: Path, working: ServerState
     ) -> None:
-        staged, record = await self._write_system_disk(server, plan, cached)
+        record = await self._write_system_disk(server, plan, cached)
         try:
-            states = await asyncio.to_thread(plugin_states, staged)
-            has_init = any(
-                states[kind][0] == "intact"
-                for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
-            )
+            states = await self._disks.plugin_states(server.id, record, staged=True)
+            has_init = has_cloud_init(states)
             if has_init:
-                files = first_boot_files(
+                files = self._cloud_init.first_boot_files(
                     server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
                 )
-                # Only the server's own file is written: its local disk, or
-                # its EVS clone's overlay.
-                await asyncio.to_thread(
-                    disks.append_partition, staged.top, "cloud-init", "/", files
-                )
-        except disks.NotASystemDisk:
+                await self._disks.append_first_boot(server.id, record, files)
+        except UnreadableDisk:
             raise FailedPrecondition(
                 "IMAGE_NOT_BOOTABLE",
                 f"images/{plan.image.id} holds no system disk a server can boot (no readable "
@@ -556,7 +508,7 @@ class Fleet:
         else:
             message = "first boot without Cloud-Init: host name, key and user data not applied"
         await self._event(server, ProvisioningStage.FIRST_BOOT, 90.0, message)
-        await asyncio.to_thread(self._install_system_disk, server, staged)
+        await self._disks.install(server, record)
         if states[PluginKind.BMS_NETWORK_CONFIG][0] == "intact":
             network, reason = NetworkState.UP, ""
             await self._event(
@@ -566,7 +518,6 @@ class Fleet:
         else:
             network = NetworkState.DOWN
             reason = f"bms-network-config is {states[PluginKind.BMS_NETWORK_CONFIG][0]}: no network"
-        installed = self._layers(server.id, record)
         active = await self._servers.transition(
             server.id,
             {working},
@@ -574,7 +525,7 @@ class Fleet:
                 "state": ServerState.ACTIVE,
                 "state_reason": reason,
                 "network_state": network,
-                "system_disk_bytes": await asyncio.to_thread(disks.disk_size, installed),
+                "system_disk_bytes": await self._disks.size(server.id, record),
                 "plugins": intact_plugins(states),
                 "task": "",
             },
@@ -585,31 +536,17 @@ class Fleet:
         # The record names the new disk now: what it replaced goes (a file
         # left over is harmless, and gone at the next reinstall).
         try:
-            await asyncio.to_thread(_keep_only, self._disks / server.id, record)
+            await self._disks.keep_only(server.id, record)
         except OSError:
             log.warning("servers/%s: the replaced system disk was not removed", server.id)
         await self._event(active, ProvisioningStage.ACTIVE, 100.0, "server is active")
 
-    def _install_system_disk(self, server: Server, staged: disks.Layers) -> None:
-        """Creates missing data disks (never touching others) and renames a
-        new local disk into place; a new EVS overlay is already in place,
-        named in the record that the caller writes next. Blocking."""
-        directory = self._disks / server.id
-        for index, size_gb in enumerate(server.data_disks_gb, start=1):
-            data_disk = directory / f"data-{index}.disk"
-            if not data_disk.exists():
-                with open(data_disk, "wb") as handle:
-                    handle.truncate(size_gb * 1024**3)  # sparse
-        if staged.base is None:
-            staged.top.replace(directory / SystemDisk.local().top)
-
     async def _fail(self, server: Server, error: DomainError, working: ServerState) -> None:
-        directory = self._disks / server.id
         if working is ServerState.BUILDING:
-            await asyncio.to_thread(shutil.rmtree, directory, True)
+            await self._disks.remove(server.id)
         else:  # a failed reinstall keeps the data disks and the disk in use
             record = await self._servers.disk(server.id)
-            await asyncio.to_thread(_keep_only, directory, record)
+            await self._disks.keep_only(server.id, record)
         failed = await self._servers.transition(
             server.id,
             {working},
@@ -620,195 +557,23 @@ class Fleet:
             state=ServerState.ERROR, error=error,
         )  # fmt: skip
 
-    # -- capture ------------------------------------------------------------
-    #
-    # A capture holds its server in two steps, each a conditional write of
-    # servers.task: prepare_capture claims an idle STOPPED server as
-    # CAPTURE_HOLD (counted against the project's limit in the same
-    # statement), start_capture turns the hold into CAPTURE_RUNNING once,
-    # for the image created as this server's capture, and the capture's end
-    # lets it go. Release takes back a hold only, never a running capture.
+    # -- capture (fleet.domain.captures) ------------------------------------
 
     async def prepare_capture(self, caller: Caller, token: str, server_id: str) -> CaptureSource:
         """Checks the server can be captured and holds it for the capture."""
-        server = await self.get(caller, server_id)
-        if server.task:
-            require_server_transition(server, server.state)  # raises SERVER_BUSY
-        if server.state is not ServerState.STOPPED:
-            raise FailedPrecondition(
-                "SERVER_NOT_STOPPED",
-                f"servers/{server.id} is {server.state.value}; stop it before capturing it",
-                [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
-            )
-        disk = await self.system_disk(server.id, verify_base=True)
-        try:
-            states = await asyncio.to_thread(plugin_states, disk)
-        except disks.NotASystemDisk:
-            raise FailedPrecondition(
-                "SERVER_DISK_UNREADABLE",
-                f"servers/{server.id} has no readable system disk (its partition table is "
-                "damaged); reinstall it before capturing it",
-            ) from None
-        damaged = [
-            (plugin.kind, states[plugin.kind][0])
-            for plugin in server.plugins
-            if states[plugin.kind][0] != "intact"
-        ]
-        if damaged:
-            names = ", ".join(f"{kind.value} is {state}" for kind, state in damaged)
-            raise FailedPrecondition(
-                "PLUGINS_DAMAGED",
-                f"servers/{server.id} cannot be captured: {names} (plug-ins must be present "
-                "and unmodified)",
-                [PreconditionViolation("PLUGIN", kind.value, state) for kind, state in damaged],
-            )
-        release = await asyncio.to_thread(disks.os_release, disk)
-        layout = await asyncio.to_thread(disks.partition_layout, disk)
-        claimed, running = await self._servers.claim_task_within_limit(
-            server.id,
-            ServerState.STOPPED,
-            CAPTURE_HOLD,
-            counted=CAPTURE_TASKS,
-            limit=MAX_CAPTURES_PER_PROJECT,
-        )
-        if claimed is None and running >= MAX_CAPTURES_PER_PROJECT:
-            raise QuotaExceeded(
-                "CAPTURE_LIMIT",
-                f"project {caller.project} already runs {running} captures; wait for one to end",
-                [
-                    QuotaViolation(
-                        f"projects/{caller.project}",
-                        f"captures at once: limit {MAX_CAPTURES_PER_PROJECT}",
-                    )
-                ],
-            )
-        if claimed is None:
-            raise FailedPrecondition(
-                "SERVER_BUSY", f"servers/{server.id} changed meanwhile; read it again"
-            )
-        hold = self._holds[server.id] = uuid.uuid4().hex
-        self._spawn(self._release_if_never_started(server.id, hold))
-        return CaptureSource(
-            server_id=server.id,
-            hardware_model=server.hardware_model,
-            os_type=release.get("BMS_OS_TYPE", "linux"),
-            os_distro=release.get("ID", ""),
-            os_version=release.get("VERSION_ID", ""),
-            architecture=release.get("BMS_ARCHITECTURE", "x86_64"),
-            plugins=intact_plugins(states),
-            partitions=[Partition(name, mount, size) for name, mount, size in layout],
-        )
+        return await self.captures.prepare_capture(caller, token, server_id)
 
     async def start_capture(self, token: str, server_id: str, image_id: str) -> None:
-        """Starts the capture of a held server into the image created as its
-        capture (asked of the image service with the caller's token), once:
-        the hold turns into a running capture in one conditional write."""
-        subject = f"servers/{server_id}"
-        await self._require_not_started(server_id)
-        image = await self._images.describe(image_id, token)
-        if (
-            image.source_server != subject
-            or image.status != image_pb2.IMAGE_STATUS_QUEUED
-            or image.uploaded_bytes
-        ):
-            raise FailedPrecondition(
-                "CAPTURE_IMAGE_MISMATCH",
-                f"images/{image_id} is not a queued, empty capture of {subject} (it is "
-                f"{image_pb2.ImageStatus.Name(image.status)}, captured from "
-                f"{image.source_server or 'no server'}); a capture starts once, into the image "
-                "CreateImage made for it",
-                [PreconditionViolation("CAPTURE", f"images/{image_id}", "not this capture")],
-            )
-        started = await self._servers.transition(
-            server_id, {ServerState.STOPPED}, {"task": CAPTURE_RUNNING}, task=CAPTURE_HOLD
-        )
-        if started is None:
-            await self._require_not_started(server_id)
-            raise FailedPrecondition(
-                "SERVER_NOT_HELD",
-                f"{subject} is not held for a capture; PrepareServerCapture holds it first",
-            )
-        self._holds.pop(server_id, None)
-        log.info("capturing %s into images/%s", subject, image_id)
-        self._spawn(self._capture(token, server_id, image_id))
-
-    async def _require_not_started(self, server_id: str) -> None:
-        server = await self._servers.get(server_id)
-        if server is not None and server.task == CAPTURE_RUNNING:
-            raise FailedPrecondition(
-                "CAPTURE_ALREADY_STARTED",
-                f"the capture of servers/{server_id} has started already; it starts once",
-                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
-            )
+        """Starts the capture of a held server into the image made for it, once."""
+        await self.captures.start_capture(token, server_id, image_id)
 
     async def release_capture(self, token: str, server_id: str) -> None:
-        """Lets go of a hold whose capture will not start; a running capture
-        is never released (it lets go when it ends)."""
-        released = await self._servers.transition(
-            server_id, {ServerState.STOPPED}, {"task": ""}, task=CAPTURE_HOLD
-        )
-        if released is not None:
-            self._holds.pop(server_id, None)
-            return
-        server = await self._servers.get(server_id)
-        if server is not None and server.task == CAPTURE_RUNNING:
-            raise FailedPrecondition(
-                "CAPTURE_RUNNING",
-                f"servers/{server_id} is being captured; it is let go when the capture ends",
-                [PreconditionViolation("TASK", f"servers/{server_id}", CAPTURE_RUNNING)],
-            )
-
-    async def _release_if_never_started(self, server_id: str, hold: str) -> None:
-        """An image service in another process may die between holding a
-        server and starting its capture: the hold then lapses, or the server
-        would stay busy until this process restarts."""
-        await asyncio.sleep(CAPTURE_START_SECONDS)
-        if self._holds.get(server_id) == hold:
-            del self._holds[server_id]
-            log.warning("servers/%s was held for a capture that never started", server_id)
-            await self._release(server_id, CAPTURE_HOLD)
+        """Lets go of a hold whose capture will not start."""
+        await self.captures.release_capture(token, server_id)
 
     async def require_held(self, caller: Caller, server_id: str) -> None:
-        """For captures asked for over the network: the server must be the
-        caller's and held (or captured) by this capture service."""
-        server = await self.get(caller, server_id)
-        if server.task not in CAPTURE_TASKS:
-            raise FailedPrecondition(
-                "SERVER_NOT_HELD",
-                f"servers/{server.id} is not being captured; PrepareServerCapture holds it first",
-            )
-
-    async def _release(self, server_id: str, task: str) -> None:
-        await self._servers.transition(server_id, {ServerState.STOPPED}, {"task": ""}, task=task)
-
-    async def _capture(self, token: str, server_id: str, image_id: str) -> None:
-        """Uploads the server's disk into the image through ImageService.
-        Whatever fails, the image does not stay QUEUED: the stream is open
-        before the disk is flattened (see ImageSource.upload), and a stream
-        that ends or breaks early kills a capture image."""
-        flat = self._root / f".capture-{image_id}.disk"
-        released = False
-
-        async def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                await self._release(server_id, CAPTURE_RUNNING)
-
-        async def flatten() -> Path:
-            disk = await self.system_disk(server_id, verify_base=True)
-            await asyncio.to_thread(disks.flatten, disk, flat)
-            return flat
-
-        try:
-            # The server is let go once every byte is sent, before the image
-            # service can turn the image ACTIVE.
-            await self._images.upload(image_id, flatten, token, before_end=release)
-        except Exception:
-            log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
-        finally:
-            await asyncio.to_thread(flat.unlink, missing_ok=True)
-            await release()
+        """The server must be the caller's and held (or captured) by a capture."""
+        await self.captures.require_held(caller, server_id)
 
     # -- power and deletion -------------------------------------------------
 
@@ -830,60 +595,12 @@ class Fleet:
 
     async def delete(self, caller: Caller, server_id: str) -> None:
         await self._power(caller, server_id, ServerState.DELETED)
-        await asyncio.to_thread(shutil.rmtree, self._disks / server_id, True)
+        await self._disks.remove(server_id)
 
-    # -- network faults -----------------------------------------------------
+    # -- network faults (fleet.domain.network) -------------------------------
 
     async def inject_network_fault(self, caller: Caller, server_id: str) -> Server:
-        if not caller.is_admin:
-            await self.get(caller, server_id)  # strangers learn nothing
-            raise PermissionDenied("ADMIN_REQUIRED", "only a platform admin may inject faults")
-        server = await self._servers.get(server_id)
-        if server is None or server.state is ServerState.DELETED:
-            raise NotFound("SERVER_NOT_FOUND", f"server servers/{server_id} not found")
-        if server.state is not ServerState.ACTIVE:
-            raise FailedPrecondition(
-                "SERVER_NOT_ACTIVE",
-                f"servers/{server_id} is {server.state.value}; only a running server has a network",
-                [PreconditionViolation("STATE", f"servers/{server_id}", server.state.value)],
-            )
-        down = await self._servers.transition(
-            server_id,
-            {ServerState.ACTIVE},
-            {"network_state": NetworkState.DOWN, "state_reason": "network interrupted (fault)"},
-        )
-        if down is None:
-            return await self.inject_network_fault(caller, server_id)
-        self._spawn(self._network_watchdog(server_id))
-        return down
-
-    async def _network_watchdog(self, server_id: str) -> None:
-        """What bms-network-config does on the server: notices the network is
-        down and brings it back — if it is there and intact on the disk."""
-        await asyncio.sleep(NETWORK_RESTORE_SECONDS)
-        try:
-            disk = await self.system_disk(server_id)
-            states = await asyncio.to_thread(plugin_states, disk)
-        except (FailedPrecondition, disks.NotASystemDisk, OSError):
-            states = {PluginKind.BMS_NETWORK_CONFIG: ("unreadable", "")}
-        if states[PluginKind.BMS_NETWORK_CONFIG][0] != "intact":
-            await self._servers.transition(
-                server_id,
-                {ServerState.ACTIVE},
-                {
-                    "state_reason": "network down: bms-network-config is "
-                    f"{states[PluginKind.BMS_NETWORK_CONFIG][0]}, nothing restores it"
-                },
-            )
-            return
-        await self._servers.transition(
-            server_id,
-            {ServerState.ACTIVE},
-            {
-                "network_state": NetworkState.UP,
-                "state_reason": "network restored by bms-network-config",
-            },
-        )
+        return await self.network.inject_fault(caller, server_id)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -899,21 +616,12 @@ class Fleet:
             await self._fail(server, failure, server.state)
         for server in await self._servers.in_states({ServerState.STOPPED}):
             if server.task in CAPTURE_TASKS:  # the image service fails its image
-                await self._release(server.id, server.task)
-        await asyncio.to_thread(self._remove_scratch)
+                await self.captures.let_go(server.id, server.task)
+        await self._disks.remove_scratch()
         for server in await self._servers.in_states({ServerState.ACTIVE}):
             if server.network_state is NetworkState.DOWN:
-                self._spawn(self._network_watchdog(server.id))
+                self._spawn(self.network.watchdog(server.id))
         return len(interrupted)
-
-    def _remove_scratch(self) -> None:
-        """Flattened disks of captures and partial image downloads that a
-        crash left behind (their work was failed above). Blocking."""
-        for leftover in (
-            *self._root.glob(".capture-*.disk"),
-            *self._images.partial_downloads(),
-        ):
-            leftover.unlink(missing_ok=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -927,15 +635,3 @@ def _as_domain_error(error: Exception, doing: str) -> DomainError:
         return error
     log.error("%s failed", doing, exc_info=error)
     return DomainError("DEPLOYMENT_FAILED", f"{doing} failed: {type(error).__name__}")
-
-
-def _keep_only(directory: Path, record: SystemDisk | None) -> None:
-    """Removes from a server's directory every file but its data disks and
-    the system disk its record names (none without a record): a new disk
-    that never became the one in use, or the one it replaced. Blocking."""
-    if not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if _DATA_DISK.match(path.name) or (record is not None and path.name == record.top):
-            continue
-        path.unlink(missing_ok=True)

@@ -11,9 +11,13 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bms_image.common.errors import FailedPrecondition, FieldViolation, PreconditionViolation
+from bms_image.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    PreconditionViolation,
+    raise_if_invalid,
+)
 from bms_image.common.model import Flavor, Image, ImageStatus, Plugin, PluginKind, Visibility
-from bms_image.images.domain.rules import raise_if_invalid
 
 
 class ServerState(enum.StrEnum):
@@ -299,3 +303,15 @@ def require_server_transition(server: Server, target: ServerState) -> None:
             f"servers/{server.id} is {server.state.value} and cannot become {target.value}",
             [PreconditionViolation("STATE", f"servers/{server.id}", server.state.value)],
         )
+
+
+def intact_plugins(states: dict[PluginKind, tuple[str, str]]) -> list[Plugin]:
+    """The plug-ins a disk holds intact (the known-good bytes of their release)."""
+    return [Plugin(kind, version) for kind, (state, version) in states.items() if state == "intact"]
+
+
+def has_cloud_init(states: dict[PluginKind, tuple[str, str]]) -> bool:
+    """Whether first boot runs Cloud-Init (or Cloudbase-Init): one is intact."""
+    return any(
+        states[kind][0] == "intact" for kind in (PluginKind.CLOUD_INIT, PluginKind.CLOUDBASE_INIT)
+    )

@@ -10,16 +10,18 @@ from google.protobuf import empty_pb2
 from bms.image.v1 import provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common.context import current_caller, current_token
 from bms_image.common.convert import (
-    deploy_request_from_proto,
-    event_to_proto,
     flavor_name_from_resource,
-    flavor_to_proto,
     image_id_from_name,
     server_id_from_name,
-    server_to_proto,
 )
 from bms_image.common.flavors import FlavorDirectory
 from bms_image.fleet.domain.fleet import Fleet
+from bms_image.fleet.grpc.convert import (
+    deploy_request_from_proto,
+    event_to_proto,
+    flavor_to_proto,
+    server_to_proto,
+)
 
 Context = Any
 

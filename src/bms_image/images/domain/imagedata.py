@@ -3,7 +3,6 @@ raw) and downloads, plus recovery of interrupted uploads after a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -20,22 +19,22 @@ from bms_image.common.errors import (
     PreconditionViolation,
     QuotaExceeded,
     QuotaViolation,
+    StagedBytesMissing,
     Unavailable,
     invalid_field,
 )
 from bms_image.common.model import Caller, DiskFormat, Image, ImageStatus
-from bms_image.common.staging import (
-    PipelinedWriter,
-    StagedBytesMissing,
-    StagedUpload,
-    Staging,
-    release_image_bytes,
-    sha256_of_file,
-)
-from bms_image.images.adapters.blobs.store import DEFAULT_CHUNK_BYTES, BlobNotFound, BlobStore
 from bms_image.images.domain import rules
 from bms_image.images.domain.images import ImageCatalog
-from bms_image.images.domain.ports import ImageRepository, Inspector
+from bms_image.images.domain.ports import (
+    DEFAULT_CHUNK_BYTES,
+    BlobNotFound,
+    BlobStore,
+    ByteStaging,
+    ImageRepository,
+    Inspector,
+    StagedBytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class ImageData:
         self,
         catalog: ImageCatalog,
         images: ImageRepository,
-        staging: Staging,
+        staging: ByteStaging,
         blobs: BlobStore,
         inspector: Inspector,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -222,15 +221,14 @@ class ImageData:
         async with self._settling(image_id, staged):
             return await self._finish(image_id, staged, declared)
 
-    async def _open_staged(self, image_id: str, offset: int) -> StagedUpload:
+    async def _open_staged(self, image_id: str, offset: int) -> StagedBytes:
         """The staging file, resumed at `offset` (the image is SAVING). When
         fewer bytes are really staged (the staging area was lost, or the first
         half went to another process), the image goes back to QUEUED with the
         bytes that are there and the client is told to resume from them: a
         resume never continues from bytes that are not there."""
-        opening = asyncio.ensure_future(asyncio.to_thread(self._staging.open, image_id, offset))
         try:
-            return await asyncio.shield(opening)
+            return await self._staging.open(image_id, offset)
         except StagedBytesMissing as missing:
             available = missing.available
             await self._images.transition(
@@ -250,16 +248,14 @@ class ImageData:
                 offset,
             )
             raise _offset_mismatch(image_id, available) from None
-        except BaseException as error:
-            if isinstance(error, asyncio.CancelledError):  # the thread opens it anyway
-                opening.add_done_callback(_close_if_opened)
+        except BaseException:
             await self._images.transition(
                 image_id, {ImageStatus.SAVING}, {"status": ImageStatus.QUEUED}
             )
             raise
 
     @contextlib.asynccontextmanager
-    async def _settling(self, image_id: str, staged: StagedUpload) -> AsyncIterator[None]:
+    async def _settling(self, image_id: str, staged: StagedBytes) -> AsyncIterator[None]:
         """What becomes of an upload that fails: a domain error (bad size,
         checksum, format) kills the image and drops its bytes; a full disk or
         an unreachable blob store, and anything else (the client went away,
@@ -291,13 +287,12 @@ class ImageData:
     async def _receive(
         self,
         image_id: str,
-        staged: StagedUpload,
+        staged: StagedBytes,
         chunks: AsyncIterator[bytes],
         limit: int,
         declared: UploadDeclaration,
     ) -> None:
         received = checked_at = staged.size
-        writer = PipelinedWriter(staged)
         try:
             async for chunk in chunks:
                 if received - checked_at >= _STATUS_CHECK_BYTES:
@@ -313,17 +308,17 @@ class ImageData:
                         "chunk", f"the upload exceeds {what} of {limit} bytes", "IMAGE_TOO_LARGE"
                     )
                 received += len(chunk)
-                await writer.write(chunk)
+                await staged.write(chunk)
         finally:
-            await writer.drain()  # on failures too: staged.size must count what was written
-        await asyncio.to_thread(staged.close)
+            await staged.drain()  # on failures too: staged.size must count what was written
+        await staged.close()
 
     async def _finish(
-        self, image_id: str, staged: StagedUpload, declared: UploadDeclaration
+        self, image_id: str, staged: StagedBytes, declared: UploadDeclaration
     ) -> Image:
         subject = f"images/{image_id}"
         await self._require_saving(image_id)
-        size, digest = staged.size, staged.sha256.hexdigest()
+        size, digest = staged.size, staged.hexdigest()
         if declared.size_bytes and size != declared.size_bytes:
             raise InvalidArgument(
                 "IMAGE_SIZE_MISMATCH",
@@ -359,7 +354,7 @@ class ImageData:
         if inspection.format is not DiskFormat.RAW:
             raw_path = self._staging.scratch(image_id, "raw")
             await self._inspector.convert_to_raw(staged.path, inspection.format, raw_path, subject)
-            digest, size = await asyncio.to_thread(sha256_of_file, raw_path)
+            digest, size = await self._staging.digest(raw_path)
         await self._blobs.put_file(image_id, raw_path)
         image = await self._images.transition(
             image_id,
@@ -373,28 +368,28 @@ class ImageData:
                 "uploaded_bytes": 0,
             },
         )
-        await asyncio.to_thread(self._staging.discard, image_id)
+        await self._staging.discard(image_id)
         if image is None:  # deleted while we were storing it
             await self._blobs.delete(image_id)
             raise NotFound("IMAGE_NOT_FOUND", f"{subject} was deleted during the upload")
         return image
 
-    async def _kill(self, image_id: str, staged: StagedUpload, reason: str) -> None:
+    async def _kill(self, image_id: str, staged: StagedBytes, reason: str) -> None:
         await _close_quietly(staged)
         await self._images.transition(
             image_id,
             {ImageStatus.SAVING},
             {"status": ImageStatus.KILLED, "status_reason": reason, "uploaded_bytes": 0},
         )
-        await asyncio.to_thread(self._staging.discard, image_id)
+        await self._staging.discard(image_id)
 
-    async def _interrupt(self, image_id: str, staged: StagedUpload, cause: str = "") -> int | None:
+    async def _interrupt(self, image_id: str, staged: StagedBytes, cause: str = "") -> int | None:
         """The stream broke off: keep the durable bytes so the client can
         resume, and return how many (a capture cannot be resumed: its
         provisioner gave up, so it fails, and None is returned). `cause` is
         a fixed text (a domain error's message), never an exception's."""
         await _close_quietly(staged)
-        await asyncio.to_thread(self._staging.discard_scratch, image_id)
+        await self._staging.discard_scratch(image_id)
         image = await self._images.get(image_id)
         why = f" ({cause})" if cause else ""
         if image is not None and not rules.bytes_come_from_a_client(image):
@@ -511,9 +506,9 @@ class ImageData:
                 await self._blobs.delete(key)
                 await self._sync_uploaded_bytes(owner)
             elif status in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
-                await asyncio.to_thread(self._staging.discard, key)
+                await self._staging.discard(key)
             if status is ImageStatus.QUEUED:  # a conversion cut off by the crash
-                await asyncio.to_thread(self._staging.discard_scratch, key)
+                await self._staging.discard_scratch(key)
         return report
 
     async def _sync_uploaded_bytes(self, image: Image) -> None:
@@ -524,17 +519,16 @@ class ImageData:
             )
 
 
-async def _close_quietly(staged: StagedUpload) -> None:
+async def release_image_bytes(blobs: BlobStore, staging: ByteStaging, image_id: str) -> None:
+    """Removes every byte stored for an image: its blob and any staged upload."""
+    await blobs.delete(image_id)
+    await staging.discard(image_id)
+
+
+async def _close_quietly(staged: StagedBytes) -> None:
     """Closes the staging file; a failure to make its bytes durable (a full
     disk) is logged, and `staged.size` then counts only the durable ones."""
     try:
-        await asyncio.to_thread(staged.close)
+        await staged.close()
     except Exception as error:
         log.warning("closing the staging file %s failed: %r", staged.path.name, error)
-
-
-def _close_if_opened(opening: asyncio.Future[StagedUpload]) -> None:
-    """For an open whose caller was cancelled: the file it opened is closed."""
-    if not opening.cancelled() and opening.exception() is None:
-        with contextlib.suppress(Exception):
-            opening.result().close()

@@ -1,8 +1,11 @@
-"""What the domain needs from persistence. The store implements these."""
+"""What the image service's use cases drive: persistence (the store
+implements the repositories), the blob store, the staging area of uploads,
+the release of an image's bytes, the content inspector and the fleet's
+captures. Adapters implement these; the bootstrap wires them."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,3 +119,115 @@ class CaptureProvider(Protocol):
 
     async def release_capture(self, token: str, server_id: str) -> None:
         """Lets go of a server held by prepare_capture that will not be captured."""
+
+
+#: Bytes per chunk when streaming blobs out; downloads use the same size.
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+class BlobNotFound(Exception):
+    """The blob store has no blob under this key."""
+
+
+class BlobStore(Protocol):
+    """Immutable blobs under string keys. A blob is either absent or whole:
+    `put_file` never leaves a partial blob under its key, even on a crash."""
+
+    name: str
+
+    async def put_file(self, key: str, path: Path) -> None:
+        """Stores the file's bytes under key (replacing any blob there). The
+        file may be moved away, not only copied."""
+
+    def read(
+        self, key: str, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> AsyncIterator[bytes]:
+        """Streams the blob from offset on; raises BlobNotFound if absent."""
+
+    async def size(self, key: str) -> int:
+        """Size in bytes; raises BlobNotFound if absent."""
+
+    async def copy(self, source_key: str, target_key: str) -> None:
+        """Stores a copy of one blob under another key."""
+
+    async def delete(self, key: str) -> None:
+        """Removes the blob; no error if it is already gone."""
+
+    async def keys(self) -> list[str]:
+        """Every key stored (for collecting orphans)."""
+
+    async def ping(self) -> None:
+        """Raises if the backend cannot be reached."""
+
+    async def claim(self, deployment: str) -> None:
+        """Marks the store's prefix as this deployment's, unless it is
+        already; raises PrefixOwned if another deployment marked it. Every
+        blob under a claimed prefix is this deployment's, so its orphan sweep
+        deletes only what this deployment wrote. An unmarked prefix (a store
+        from before markers) is claimed by the first deployment that starts
+        on it."""
+
+
+class StagedBytes(Protocol):
+    """One upload's staging file, open for appending and hashing as it goes.
+    After `close`, `size` counts the durable bytes: what a resume may
+    continue from."""
+
+    @property
+    def path(self) -> Path:
+        """The file (for the inspector, and to store as the blob)."""
+
+    @property
+    def size(self) -> int:
+        """Bytes written in whole chunks (durable ones after close)."""
+
+    def hexdigest(self) -> str:
+        """SHA-256 (hex) of the bytes staged so far."""
+
+    async def write(self, chunk: bytes) -> None:
+        """Appends a chunk; it may still be in flight when this returns
+        (drain waits for every one). A failure breaks the upload: STORAGE_FULL
+        (QuotaExceeded) for a full disk, OSError otherwise."""
+
+    async def drain(self) -> None:
+        """Waits for every chunk handed to write; raises the first failure.
+        Call it on every path, failures included."""
+
+    async def close(self) -> None:
+        """Makes what was written durable and closes; safe to call again.
+        Raises STORAGE_FULL when the bytes could not be made durable."""
+
+
+class ByteStaging(Protocol):
+    """The staging area: one file per upload in progress, kept across broken
+    streams and restarts so that uploads can resume."""
+
+    async def open(self, key: str, offset: int) -> StagedBytes:
+        """The upload's staging file, resumed at offset (its first `offset`
+        bytes hashed again, anything past them dropped). Raises
+        common.errors.StagedBytesMissing when fewer bytes are staged."""
+
+    def size(self, key: str) -> int:
+        """Bytes staged under key (0 if none)."""
+
+    def scratch(self, key: str, suffix: str) -> Path:
+        """A second file for the same upload (e.g. its conversion to raw)."""
+
+    async def digest(self, path: Path) -> tuple[str, int]:
+        """SHA-256 (hex) and size of a file of the staging area (a scratch file)."""
+
+    async def discard(self, key: str) -> None:
+        """Removes the staged bytes and scratch files of key."""
+
+    async def discard_scratch(self, key: str) -> None:
+        """Removes the scratch files of key but keeps its staged bytes."""
+
+    def keys(self) -> list[str]:
+        """Every key with staged bytes or scratch files."""
+
+
+class ByteRelease(Protocol):
+    """Removes every byte stored for a deleted image (its blob and any staged
+    upload); what the catalog calls when it deletes an image."""
+
+    async def __call__(self, image_id: str) -> None: ...

@@ -1,5 +1,6 @@
 """The ListImages filter: a small AIP-160 subset, `field op value` terms joined
-by `AND`, parsed into a typed ImageQuery that the store turns into SQL."""
+by `AND`, parsed into a typed ImageQuery that images/adapters/filters.py
+turns into SQL."""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from bms_image.common.errors import (
     NotFound,
     PermissionDenied,
     PreconditionViolation,
+    QuotaExceeded,
+    QuotaViolation,
 )
 from bms_image.common.model import (
     PROVISIONER_IDENTITY,
@@ -31,13 +33,36 @@ DESCRIPTION_MAX = 1024
 MAX_TAGS = 10
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 MIN_DISK_GB_RANGE = range(1, 1025)
-PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}\Z")
 OS_WORD_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}\Z")
 
 #: Statuses whose private images hold a quota slot. Killed and deleted images free theirs.
 QUOTA_COUNTED_STATUSES = frozenset(
     {ImageStatus.QUEUED, ImageStatus.SAVING, ImageStatus.ACTIVE, ImageStatus.DEACTIVATED}
 )
+
+
+def image_quota_exceeded(project: str, used: int, quota_limit: int) -> QuotaExceeded:
+    """A private image refused: the project already holds `used` counted
+    images of its `quota_limit` (the repository counts them atomically with the insert)."""
+    return QuotaExceeded(
+        "IMAGE_QUOTA_EXCEEDED",
+        f"project {project} already has {used} of its {quota_limit} private images; "
+        "delete one to make room",
+        [QuotaViolation(f"projects/{project}", f"private images: limit {quota_limit}")],
+        {"limit": str(quota_limit), "used": str(used)},
+    )
+
+
+def member_quota_exceeded(image_id: str, count: int, limit: int) -> QuotaExceeded:
+    """A share refused: the image already has `count` members, its `limit`."""
+    return QuotaExceeded(
+        "IMAGE_MEMBER_QUOTA_EXCEEDED",
+        f"images/{image_id} is already shared with {count} projects, the limit; "
+        "stop sharing with one first",
+        [QuotaViolation(f"images/{image_id}", f"members per image: limit {limit}")],
+        {"limit": str(limit)},
+    )
+
 
 #: The image state machine: status -> statuses it may move to.
 ALLOWED_TRANSITIONS: dict[ImageStatus, frozenset[ImageStatus]] = {

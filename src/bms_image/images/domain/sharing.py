@@ -17,6 +17,7 @@ from bms_image.common.errors import (
     invalid_field,
 )
 from bms_image.common.model import (
+    PROJECT_PATTERN,
     Caller,
     Image,
     ImageStatus,
@@ -26,10 +27,9 @@ from bms_image.common.model import (
     Visibility,
 )
 from bms_image.common.paging import PageTokens, page_size_or_default
-from bms_image.images.adapters.blobs.store import BlobStore
 from bms_image.images.domain import rules
 from bms_image.images.domain.images import ImageCatalog, replayed
-from bms_image.images.domain.ports import ImageRepository, MemberRepository
+from bms_image.images.domain.ports import BlobStore, ImageRepository, MemberRepository
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Sharing:
         return image
 
     async def share(self, caller: Caller, image_id: str, project: str) -> Member:
-        if not rules.PROJECT_PATTERN.match(project):
+        if not PROJECT_PATTERN.match(project):
             raise invalid_field(
                 "member.member_project",
                 f"{project[:80]!r} is not a project id (2-64 lower-case letters, digits, - or _)",

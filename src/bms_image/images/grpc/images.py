@@ -11,19 +11,13 @@ from google.protobuf import empty_pb2
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common import model
 from bms_image.common.context import current_caller, current_token
-from bms_image.common.convert import (
-    changes_from_proto,
-    enum_from_proto,
-    image_id_from_name,
-    image_to_proto,
-    new_image_from_proto,
-    server_id_from_name,
-)
+from bms_image.common.convert import enum_from_proto, image_id_from_name, server_id_from_name
 from bms_image.common.errors import invalid_field
 from bms_image.common.model import Caller, Image
 from bms_image.images.domain import rules
 from bms_image.images.domain.imagedata import ImageData, UploadDeclaration
 from bms_image.images.domain.images import ImageCatalog
+from bms_image.images.grpc.convert import changes_from_proto, image_to_proto, new_image_from_proto
 
 Context = Any
 

@@ -8,18 +8,13 @@ from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
 from bms_image.common.context import current_caller
-from bms_image.common.convert import (
-    enum_from_proto,
-    image_id_from_name,
-    image_to_proto,
-    member_from_name,
-    member_to_proto,
-)
+from bms_image.common.convert import enum_from_proto, image_id_from_name
 from bms_image.common.errors import invalid_field
 from bms_image.common.model import MemberStatus
 from bms_image.images.domain import rules
 from bms_image.images.domain.images import ImageCatalog
 from bms_image.images.domain.sharing import Sharing
+from bms_image.images.grpc.convert import image_to_proto, member_from_name, member_to_proto
 
 Context = Any
 

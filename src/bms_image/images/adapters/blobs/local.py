@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from bms_image.common.staging import fsync_directory
 from bms_image.images.adapters.blobs.store import (
     DEFAULT_CHUNK_BYTES,
     DEPLOYMENT_MARKER,
@@ -23,14 +24,6 @@ from bms_image.images.adapters.blobs.store import (
 
 _SUFFIX = ".blob"
 _TEMP_PREFIX = ".tmp-"
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalBlobStore:

@@ -1,0 +1,33 @@
+"""What operators watch of the catalog, for the metrics endpoint: images by
+(status, visibility), and the quota each project uses (two GROUP BY queries)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, func, select
+
+from bms_image.common.model import Visibility
+from bms_image.images.adapters.rows import IMAGES
+from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
+
+_COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
+
+
+def inventory_of(connection: Connection) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    image = IMAGES.c
+    by_status = connection.execute(
+        select(image.status, image.visibility, func.count()).group_by(
+            image.status, image.visibility
+        )
+    )
+    by_project = connection.execute(
+        select(image.owner_project, func.count())
+        .where(
+            image.visibility == Visibility.PRIVATE.value,
+            image.status.in_(_COUNTED),
+        )
+        .group_by(image.owner_project)
+    )
+    return (
+        {(status, visibility): int(n) for status, visibility, n in by_status},
+        {str(project): int(n) for project, n in by_project if project},
+    )
