@@ -139,6 +139,27 @@ class _SqliteThreads:
             await asyncio.wait([done])
             raise
 
+    def migrate(self, work: Work[None]) -> None:
+        """Runs migrations (`work`) in one write transaction with foreign keys
+        off, as SQLite asks for schema changes: Alembic's batch mode rebuilds
+        a table (copy, DROP, rename), and with them on, the DROP's implicit
+        DELETE would cascade to the rows that refer to it (an upgrade past
+        0007 lost every tag, flavor link and member). Checked before commit.
+        The pragma only takes effect outside a transaction, so it is set on
+        the driver's connection around the one SQLAlchemy begins."""
+        with self.engine.connect() as connection:
+            driver = connection.connection.dbapi_connection
+            assert driver is not None
+            driver.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with connection.execution_options(**{_WRITE: True}).begin():
+                    work(connection)
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"migrations left broken foreign keys: {broken[:5]}")
+            finally:
+                driver.execute("PRAGMA foreign_keys=ON")
+
     def close(self) -> None:
         self._reads.shutdown(wait=True)
         self._writes.close()
@@ -188,7 +209,8 @@ class Database:
         """Brings each schema (by default the image service's, then the
         fleet's: what `bms-image migrate` and the embedded mode need) to its
         newest migration. On PostgreSQL an advisory lock keeps replicas that
-        start together from migrating twice."""
+        start together from migrating twice; on SQLite the write lock does
+        (BEGIN IMMEDIATE), with foreign keys off (see _SqliteThreads.migrate)."""
         chosen = schemas or (IMAGES, FLEET)
 
         def upgrade(connection: Connection) -> None:
@@ -196,7 +218,10 @@ class Database:
             for schema in chosen:
                 command.upgrade(alembic_config(connection, schema), "head")
 
-        await self.run(upgrade, write=True)
+        if self._sqlite is not None:
+            await asyncio.to_thread(self._sqlite.migrate, upgrade)
+        else:
+            await self.run(upgrade, write=True)
 
     async def ping(self) -> None:
         await self.run(lambda connection: connection.execute(text("SELECT 1")).scalar_one())
