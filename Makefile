@@ -7,23 +7,41 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := src/bms/.generated
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The exact versions and hashes every install takes: runtime.lock is what the
+# service needs to run, dev.lock adds the build, test and lint tools (make lock).
+LOCK := requirements/dev.lock
+RUNTIME_LOCK := requirements/runtime.lock
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--custom-compile-command "make lock" --quiet
 
-.PHONY: run test lint proto install tools clean help bench bench-tools docs
+.PHONY: run test lint lock lock-check proto install tools clean help bench bench-tools docs
 
 help:
 	@echo "make run    - install, generate stubs, start the service on 127.0.0.1:50051"
 	@echo "make test   - install, generate stubs, run the whole test suite"
-	@echo "make lint   - buf lint and buf breaking (protos), ruff and mypy (Python)"
+	@echo "make lint   - buf lint and breaking (protos), ruff, mypy, import contracts, lock check"
+	@echo "make lock   - re-resolve requirements/*.lock from pyproject.toml"
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make docs   - regenerate docs/api.md (the API reference) from protos/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Installs exactly the locked versions (pip checks every hash), then the
+# project itself without dependencies.
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# Re-resolves both locks from pyproject.toml, keeping every pin that still
+# fits (uv reads the old lock as its preferences); commit requirements/.
+lock: $(VENV)/.installed
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o $(RUNTIME_LOCK)
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK)
+
+lock-check: $(VENV)/.installed
+	$(BIN)/python scripts/check_lock.py
 
 install: $(VENV)/.installed tools
 
@@ -72,7 +90,10 @@ lint: $(STUBS_STAMP) node_modules/.installed
 	npx buf lint
 	npx buf breaking protos --against api/bms-image-v1.binpb
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_lock.py
 
 # The API reference, generated from the protos' comments and the error
 # reasons raised in src/bms_image (tests/test_api_reference.py keeps it current).
