@@ -24,7 +24,6 @@ from grpc_reflection.v1alpha import reflection
 
 from bms_image.common.auth import TokenAuthority
 from bms_image.common.config import Settings
-from bms_image.common.flavors import FlavorCatalog
 from bms_image.common.guard import CallGuard
 from bms_image.common.paging import PageTokens
 from bms_image.common.telemetry.health import Check, HealthMonitor
@@ -108,12 +107,11 @@ class RunningService:
 @dataclass(frozen=True)
 class Host:
     """What an image service lends the provisioner it embeds: its settings,
-    database, flavors, gRPC server and a private address of its own
+    database, gRPC server and a private address of its own
     ImageService (see private_socket)."""
 
     settings: Settings
     database: Database
-    flavors: FlavorCatalog
     server: grpc.aio.Server
     image_service: str
     metrics: ServiceMetrics

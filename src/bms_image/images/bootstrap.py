@@ -147,9 +147,7 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
     captures: CaptureProvider | None = None
     if settings.provisioner == "embedded" and embed is not None:
         loopback = private_socket(server, closing)
-        host = Host(
-            settings, database, flavors, server, loopback, metrics, authority, tokens, closing
-        )
+        host = Host(settings, database, server, loopback, metrics, authority, tokens, closing)
         guest = await embed(host)
         captures = guest.captures
         services += guest.services
