@@ -137,9 +137,25 @@ def provisioner(
         raise typer.Exit(1) from None
 
 
-def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
-    """Apply the database migrations, then exit (`serve` also does this on start)."""
-    from bms_image.store.db import Database
+def migrate(
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+    schema: Annotated[
+        str,
+        typer.Option(
+            help="whose tables: images (the image service's), fleet (the provisioner's), "
+            "or all (both, as the embedded default keeps them in one database)"
+        ),
+    ] = "all",
+) -> None:
+    """Apply the database migrations, then exit (`serve` and `provisioner`
+    also do this on start)."""
+    from bms_image.store.db import FLEET, IMAGES, Database
+
+    chosen = {"images": (IMAGES,), "fleet": (FLEET,), "all": (IMAGES, FLEET)}.get(schema)
+    if chosen is None:
+        typer.echo(f"error: --schema must be images, fleet or all, not {schema!r}", err=True)
+        raise typer.Exit(2)
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     _private_data_dir(settings)
@@ -152,7 +168,7 @@ def migrate(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> No
     async def run() -> None:
         database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         try:
-            await database.migrate()
+            await database.migrate(*chosen)
         finally:
             await database.close()
         typer.echo(f"database {database.description} is at the newest schema")

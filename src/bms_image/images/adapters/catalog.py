@@ -28,7 +28,8 @@ from bms_image.common.model import (
 )
 from bms_image.common.staging import Staging, sha256_of_file
 from bms_image.images.adapters.blobs.store import BlobStore
-from bms_image.images.adapters.repository import FLAVOR_ROWS, IMAGES, insert_image
+from bms_image.images.adapters.repository import FLAVOR_ROWS
+from bms_image.images.adapters.rows import IMAGES, insert_image
 from bms_image.store.db import SEED_LOCK, Database, serialize
 
 #: Bulk data per public image: "tens of MiB" makes streaming realistic.

@@ -6,10 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, func, select
 
 from bms_image.common.model import Visibility
-from bms_image.images.adapters.rows import IMAGES
-from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
-
-_COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
+from bms_image.images.adapters.rows import COUNTED_STATUSES, IMAGES
 
 
 def inventory_of(connection: Connection) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
@@ -23,7 +20,7 @@ def inventory_of(connection: Connection) -> tuple[dict[tuple[str, str], int], di
         select(image.owner_project, func.count())
         .where(
             image.visibility == Visibility.PRIVATE.value,
-            image.status.in_(_COUNTED),
+            image.status.in_(COUNTED_STATUSES),
         )
         .group_by(image.owner_project)
     )

@@ -10,8 +10,9 @@ from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select,
 
 from bms_image.common.errors import NotFound
 from bms_image.common.model import Member, MemberStatus
-from bms_image.images.adapters.rows import IMAGES, MEMBERS, utc
+from bms_image.images.adapters.rows import IMAGES, MEMBERS
 from bms_image.images.domain.rules import member_quota_exceeded
+from bms_image.store.columns import utc
 from bms_image.store.db import Database
 
 

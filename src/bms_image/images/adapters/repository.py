@@ -29,6 +29,7 @@ from bms_image.images.adapters.cache import ImageCache, RecentImages
 from bms_image.images.adapters.filters import listing
 from bms_image.images.adapters.inventory import inventory_of
 from bms_image.images.adapters.rows import (
+    COUNTED_STATUSES,
     FLAVORS,
     IMAGES,
     PROJECTS,
@@ -38,25 +39,12 @@ from bms_image.images.adapters.rows import (
     images_selected,
     insert_image,
     insert_tags,
-    utc,
 )
 from bms_image.images.adapters.tables import FlavorRow
 from bms_image.images.domain.query import ImageQuery
-from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES, image_quota_exceeded
+from bms_image.images.domain.rules import image_quota_exceeded
 from bms_image.store.db import Database, Work
 
-#: IMAGES, insert_image and utc live in rows.py; images/adapters/catalog.py
-#: still imports them from here (fleet/adapters/servers.py no longer does).
-__all__ = [
-    "FLAVOR_ROWS",
-    "IMAGES",
-    "SqlFlavorRepository",
-    "SqlImageRepository",
-    "insert_image",
-    "utc",
-]
-
-_COUNTED = [status.value for status in QUOTA_COUNTED_STATUSES]
 FLAVOR_ROWS: Table = FlavorRow.__table__  # type: ignore[assignment]
 
 _IMAGE_BY_ID = select(IMAGES).where(IMAGES.c.id == bindparam("id"))
@@ -73,7 +61,7 @@ _IMAGE_BY_REQUEST = select(IMAGES).where(
 _QUOTA_USED = (
     select(func.count())
     .select_from(IMAGES)
-    .where(IMAGES.c.owner_project == bindparam("project"), IMAGES.c.status.in_(_COUNTED))
+    .where(IMAGES.c.owner_project == bindparam("project"), IMAGES.c.status.in_(COUNTED_STATUSES))
 )
 _LOCK_PROJECT = select(PROJECTS.c.id).where(PROJECTS.c.id == bindparam("id")).with_for_update()
 _ADD_PROJECT = pg_insert(PROJECTS).on_conflict_do_nothing()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -40,18 +39,17 @@ from bms_image.images.adapters.tables import (
     ImageTagRow,
     ProjectRow,
 )
-
-
-def utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
+from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
+from bms_image.store.columns import utc
 
 IMAGES: Table = ImageRow.__table__  # type: ignore[assignment]
 TAGS: Table = ImageTagRow.__table__  # type: ignore[assignment]
 FLAVORS: Table = ImageFlavorRow.__table__  # type: ignore[assignment]
 MEMBERS: Table = ImageMemberRow.__table__  # type: ignore[assignment]
 PROJECTS: Table = ProjectRow.__table__  # type: ignore[assignment]
+
+#: The statuses that count against a project's quota, as stored.
+COUNTED_STATUSES = [status.value for status in QUOTA_COUNTED_STATUSES]
 
 #: The tags and supported flavors of a set of images, in one statement.
 _LISTS_OF = union_all(
