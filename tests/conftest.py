@@ -8,19 +8,21 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import grpc
 import pytest
 from moto.server import ThreadedMotoServer
 
-from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc
-from bms_image.common.config import Settings
-from bms_image.common.serving import RunningService
-from bms_image.processes import start
-from helpers import make_settings
+from support.services import (  # noqa: F401 - the fixtures of every test folder
+    as_project,
+    channel,
+    images,
+    provisioning,
+    service,
+    settings,
+)
 
 POSTGRES_URL = os.environ.get(
     "BMS_IMAGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -74,44 +76,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'bms-image.db'}"
     return str(request.getfixturevalue("postgres_url"))
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path)
-
-
-@pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[RunningService]:
-    running = await start(settings)
-    yield running
-    await running.stop(0)
-
-
-@pytest.fixture
-async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(service.address) as opened:
-        yield opened
-
-
-@pytest.fixture
-def images(channel: grpc.aio.Channel) -> image_pb2_grpc.ImageServiceStub:
-    return image_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture
-def provisioning(channel: grpc.aio.Channel) -> provisioning_pb2_grpc.ProvisioningServiceStub:
-    return provisioning_pb2_grpc.ProvisioningServiceStub(channel)
-
-
-@pytest.fixture
-def as_project(service: RunningService) -> Callable[..., Metadata]:
-    """as_project("alpha") / as_project("ops", admin=True): call metadata."""
-
-    def metadata(project: str, admin: bool = False) -> Metadata:
-        return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
-
-    return metadata
 
 
 @pytest.fixture(scope="session")

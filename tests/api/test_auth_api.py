@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.auth import TokenAuthority
+from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = shared_service_fixtures()
@@ -68,7 +69,7 @@ def _credentials(service, kind: str) -> tuple[tuple[str, str], ...]:
         token = jwt.encode(_claims(sub="Alpha Project!"), service.settings.token_secret, "HS256")
     else:
         raise AssertionError(kind)
-    return (("authorization", f"Bearer {token}"),)
+    return bearer(token)
 
 
 REASONS = {

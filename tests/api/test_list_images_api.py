@@ -32,6 +32,7 @@ from api_support import (
 )
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
+from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = shared_service_fixtures()
@@ -59,8 +60,8 @@ class Dataset:
 async def dataset(service, channel) -> Dataset:
     images = image_pb2_grpc.ImageServiceStub(channel)
     owner_project, other_project = fresh_project("alpha"), fresh_project("beta")
-    owner = (("authorization", f"Bearer {service.authority.issue(owner_project)}"),)
-    other = (("authorization", f"Bearer {service.authority.issue(other_project)}"),)
+    owner = bearer(service.authority.issue(owner_project))
+    other = bearer(service.authority.issue(other_project))
     await create(
         images,
         owner,

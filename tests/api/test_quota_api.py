@@ -20,7 +20,8 @@ from api_support import (
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.processes import start
-from helpers import make_settings
+from support.services import make_settings
+from support.tokens import bearer
 
 QUOTA = 3
 
@@ -46,7 +47,7 @@ async def small_quota(tmp_path) -> AsyncIterator[SmallQuota]:
         async with grpc.aio.insecure_channel(running.address) as channel:
 
             def as_project(project: str, admin: bool = False) -> Metadata:
-                return (("authorization", f"Bearer {running.authority.issue(project, admin)}"),)
+                return bearer(running.authority.issue(project, admin))
 
             yield SmallQuota(image_pb2_grpc.ImageServiceStub(channel), as_project)
     finally:

@@ -22,7 +22,8 @@ from bms_image.common.config import Settings
 from bms_image.common.serving import MAX_METADATA_BYTES, RunningService, server_options
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
-from helpers import make_settings
+from support.services import make_settings
+from support.tokens import bearer
 
 Metadata = tuple[tuple[str, str], ...]
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
@@ -30,7 +31,7 @@ GET_CENTOS = image_pb2.GetImageRequest(name=CENTOS)
 
 
 def _metadata(service: RunningService, project: str = "alpha") -> Metadata:
-    return (("authorization", f"Bearer {service.authority.issue(project)}"),)
+    return bearer(service.authority.issue(project))
 
 
 @asynccontextmanager

@@ -16,12 +16,12 @@ from typer.testing import CliRunner, Result
 
 from bms_image.cli import app
 from bms_image.common.serving import RunningService
-from bms_image.images.adapters.catalog import public_image_id
+from support import builders
 
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
-S4 = "physical.s4.large"
-S4_MODEL = "s4-2288h-v5"
+CENTOS = builders.CENTOS_IMAGE
+UBUNTU = builders.UBUNTU_IMAGE
+S4 = builders.S4_FLAVOR
+S4_MODEL = builders.S4_MODEL
 
 #: The client's environment: nothing inherited that changes its behaviour,
 #: tables wide enough for one line per row, no colours or live refreshes.

@@ -20,16 +20,13 @@ import pytest
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common.config import SECRET_FILE, InsecureSecretFile, Settings
 from bms_image.images.adapters.catalog import public_image_id
-from processes import BMS_IMAGE, ServerProcess, clean_environ
+from support.processes import BMS_IMAGE, ServerProcess, clean_environ
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 pb = provisioning_pb2
-
-
-def _bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def _upload(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> None:
@@ -103,7 +100,7 @@ def test_what_the_service_writes_is_private_to_its_user(tmp_path: Path) -> None:
     server = ServerProcess(data_dir, catalog_image_mib="1", shutdown_grace_seconds="2")
     try:
         server.start()
-        md = _bearer(server.token("alpha"))
+        md = bearer(server.token("alpha"))
         with grpc.insecure_channel(server.address) as channel:
             _upload(channel, md)
             _deploy(channel, md, pb.BOOT_SOURCE_LOCAL_DISK)

@@ -39,7 +39,7 @@ from bms_image.images.adapters.formats import (
     MAX_VIRTUAL_BYTES,
     ContentInspector,
 )
-from helpers import decode
+from support.errors import decode
 
 pytestmark = needs_qemu_img
 
@@ -133,7 +133,7 @@ async def test_a_raw_disk_the_staging_area_cannot_hold_is_refused(tmp_path: Path
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "STAGING_SPACE_EXHAUSTED",
         )
-        quota_failure = decode(rich.error).quota_failure  # helpers.decode checks it is there
+        quota_failure = decode(rich.error).quota_failure  # support.errors.decode checks it is there
         assert quota_failure is not None
         assert quota_failure.violations[0].subject == "staging area"
         # Like every lack of space, it keeps the upload: once space is freed,

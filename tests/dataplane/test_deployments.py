@@ -25,7 +25,7 @@ from dataplane_support import (
 from bms_image.images.adapters.blobs.s3 import S3BlobStore
 from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
 from bms_image.processes import start
-from helpers import make_settings
+from support.services import make_settings
 
 
 def s3_settings(endpoint: str, bucket: str, **overrides: Any) -> dict[str, Any]:

@@ -45,8 +45,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
-from helpers import expect_error, remount, tmpfs
-from processes import free_port
+from support.disks import remount, tmpfs
+from support.errors import expect_error
+from support.processes import free_port
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

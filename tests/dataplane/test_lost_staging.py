@@ -42,7 +42,8 @@ from dataplane_support import (
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
-from processes import ServerProcess
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 service, channel = shared_service_fixtures()
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -114,7 +115,7 @@ async def test_a_resume_after_lost_staged_bytes_is_refused_with_the_real_offset(
     service: RunningService, channel: grpc.aio.Channel, keep: int
 ) -> None:
     images = image_pb2_grpc.ImageServiceStub(channel)
-    alpha = (("authorization", f"Bearer {service.authority.issue(fresh_project('lost'))}"),)
+    alpha = bearer(service.authority.issue(fresh_project("lost")))
     content = random_bytes(5 * MiB + 11)
     await resume_after_loss(
         images, alpha, service.settings.data_dir, content, sent=3 * MiB + 5, keep=keep
@@ -138,6 +139,6 @@ async def test_a_real_service_refuses_a_resume_past_the_bytes_it_holds(
     deleted between the two halves of the upload."""
     async with grpc.aio.insecure_channel(serve.address) as opened:
         images = image_pb2_grpc.ImageServiceStub(opened)
-        alpha = (("authorization", f"Bearer {serve.token(fresh_project('lost'))}"),)
+        alpha = bearer(serve.token(fresh_project("lost")))
         content = random_bytes(4 * MiB + 5)
         await resume_after_loss(images, alpha, serve.data_dir, content, sent=2 * MiB, keep=0)

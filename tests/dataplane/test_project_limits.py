@@ -34,7 +34,7 @@ from dataplane_support import (
 )
 
 from bms.image.v1 import image_pb2
-from helpers import expect_error
+from support.errors import expect_error
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import ServerProcess, cli_token
+from support.processes import ServerProcess, cli_token
 
 
 @pytest.fixture

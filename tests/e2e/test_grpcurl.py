@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from processes import GRPCURL
+from support.processes import GRPCURL
 
 if TYPE_CHECKING:
     from conftest import ServerProcess

@@ -33,7 +33,7 @@ from readme_support import (
     walkthrough_commands,
 )
 
-from processes import ServerProcess, clean_environ
+from support.processes import ServerProcess, clean_environ
 
 pytestmark = pytest.mark.e2e
 

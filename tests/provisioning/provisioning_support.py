@@ -8,19 +8,14 @@ importable from this folder."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import struct
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import (
@@ -35,17 +30,12 @@ from bms_image.common import disk_format as disks
 from bms_image.common.config import Settings
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
-from bms_image.common.serving import RunningService
 from bms_image.images.adapters.catalog import public_image_id
-from bms_image.processes import start
-from helpers import (  # noqa: F401 - re-exported for this folder's tests
-    RichError,
-    decode,
-    expect_error,
-    expect_invalid,
-    outcome,
-    recorded_disk,
-)
+from support import builders
+from support.builders import SshKey, new_ssh_key  # noqa: F401
+from support.disks import recorded_disk
+from support.errors import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401
+from support.services import Serving, serving, token_metadata  # noqa: F401
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -62,8 +52,8 @@ KI1 = "physical.ki1.2xlarge"  # Kunpeng, evs_boot
 S4_MODEL = "s4-2288h-v5"
 H2_MODEL = "h2-rh2288-v3"
 
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
+CENTOS = builders.CENTOS_IMAGE
+UBUNTU = builders.UBUNTU_IMAGE
 SLES = f"images/{public_image_id('sles-12sp3-x86_64')}"  # no SDI driver
 OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 only
 
@@ -106,58 +96,10 @@ def state_name(state: int) -> str:
 # -- services -------------------------------------------------------------------
 
 
-def token_metadata(service: RunningService, project: str, admin: bool = False) -> Metadata:
-    return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
-
-
-@dataclass
-class Serving:
-    """A service started by a test itself, with its stubs."""
-
-    service: RunningService
-    images: ImageStub
-    sharing: SharingStub
-    provisioning: ProvisioningStub
-
-    def project(self, name: str, admin: bool = False) -> Metadata:
-        return token_metadata(self.service, name, admin)
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Serving]:
-    """Starts a service with `settings` on the running event loop; stops it."""
-    running = await start(settings)
-    try:
-        async with grpc.aio.insecure_channel(running.address) as opened:
-            yield Serving(running, ImageStub(opened), SharingStub(opened), ProvisioningStub(opened))
-    finally:
-        await running.stop(0)
-
-
 # -- errors ----------------------------------------------------------------------
 
 
 # -- SSH keys --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SshKey:
-    line: str
-    fingerprint: str
-
-
-def new_ssh_key(comment: str = "") -> SshKey:
-    """A real Ed25519 key in OpenSSH format, with its OpenSSH SHA256
-    fingerprint computed from the raw key (not from the text line): the
-    SHA-256 of the wire blob string("ssh-ed25519") + string(32 key bytes),
-    base64 without padding."""
-    public = Ed25519PrivateKey.generate().public_key()
-    line = public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
-    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    kind = b"ssh-ed25519"
-    blob = struct.pack(">I", len(kind)) + kind + struct.pack(">I", len(raw)) + raw
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-    return SshKey(line + (f" {comment}" if comment else ""), f"SHA256:{digest}")
 
 
 # -- disks and images --------------------------------------------------------------

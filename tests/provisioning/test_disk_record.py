@@ -40,7 +40,7 @@ from provisioning_support import (
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.fleet.adapters import firstboot
 from bms_image.fleet.adapters.image_source import ImageSource
-from helpers import make_settings
+from support.services import make_settings
 
 pb = provisioning_pb2
 

@@ -27,7 +27,7 @@ from provisioning_support import (
 from bms.image.v1 import provisioning_pb2
 from bms_image.common.config import Settings
 from bms_image.fleet.adapters.image_source import ImageSource
-from helpers import make_settings
+from support.services import make_settings
 
 pb = provisioning_pb2
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

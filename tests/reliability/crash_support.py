@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 import signal
 import sqlite3
 import time
@@ -35,13 +33,15 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 from bms_image.common import disk_format as disks
-from bms_image.common.auth import TokenAuthority
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
 from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
-from bms_image.images.adapters.catalog import public_image_id
-from helpers import TEST_SECRET, Code, decode, expect_error, recorded_disk
-from processes import ServerProcess
+from support import builders
+from support.builders import random_bytes, sha256_hex  # noqa: F401
+from support.disks import PLUGIN_PROTO, recorded_disk, server_dir, system_disk  # noqa: F401
+from support.errors import Code, decode, expect_error
+from support.processes import ServerProcess
+from support.tokens import TEST_SECRET, metadata_for
 
 Metadata = tuple[tuple[str, str], ...]
 pb = provisioning_pb2
@@ -51,9 +51,9 @@ MiB = 1024 * 1024
 HANG_GUARD = 60.0
 
 S4 = "flavors/physical.s4.large"  # model s4-2288h-v5: local disk or EVS
-S4_MODEL = "s4-2288h-v5"
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
+S4_MODEL = builders.S4_MODEL
+CENTOS = builders.CENTOS_IMAGE
+UBUNTU = builders.UBUNTU_IMAGE
 
 # Image statuses.
 QUEUED = image_pb2.IMAGE_STATUS_QUEUED
@@ -78,12 +78,7 @@ CENTOS_PLUGINS = (
     Plugin(PluginKind.BMS_NETWORK_CONFIG, "2.1.3"),
     Plugin(PluginKind.SDI_INIC_DRIVER, "1.2.0"),
 )
-_PLUGIN_PROTO = {
-    PluginKind.CLOUD_INIT: image_pb2.PLUGIN_KIND_CLOUD_INIT,
-    PluginKind.CLOUDBASE_INIT: image_pb2.PLUGIN_KIND_CLOUDBASE_INIT,
-    PluginKind.BMS_NETWORK_CONFIG: image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG,
-    PluginKind.SDI_INIC_DRIVER: image_pb2.PLUGIN_KIND_SDI_INIC_DRIVER,
-}
+_PLUGIN_PROTO = PLUGIN_PROTO
 
 
 def image_status(status: int) -> str:
@@ -94,18 +89,6 @@ def server_state(state: int) -> str:
     return str(pb.ServerState.Name(state))
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def random_bytes(size: int) -> bytes:
-    """Random content that is certainly RAW (no MBR signature at 510)."""
-    data = bytearray(os.urandom(size))
-    if size >= 512 and data[510:512] == b"\x55\xaa":
-        data[511] = 0
-    return bytes(data)
-
-
 def key_of(name: str) -> str:
     """`images/{id}` or `servers/{id}` -> `{id}`."""
     return name.rsplit("/", 1)[-1]
@@ -113,7 +96,7 @@ def key_of(name: str) -> str:
 
 def md(project: str, admin: bool = False) -> Metadata:
     """Call metadata: a token signed with the secret every process is given."""
-    return (("authorization", f"Bearer {TokenAuthority(TEST_SECRET).issue(project, admin)}"),)
+    return metadata_for(project, admin)
 
 
 # -- processes --------------------------------------------------------------------------
@@ -802,15 +785,6 @@ def staged_size(data_dir: Path, image: str) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def server_dir(data_dir: Path, server: str) -> Path:
-    return data_dir / "fleet" / "servers" / key_of(server)
-
-
-def system_disk(data_dir: Path, server: str) -> disks.Layers:
-    """The server's disk as the fleet recorded it in its database."""
-    return recorded_disk(data_dir, server)
 
 
 def flattened(disk: disks.Disk, scratch: Path) -> bytes:

@@ -12,8 +12,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,11 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 from bms_image.common import disk_format as disks
-from bms_image.common.config import Settings
 from bms_image.common.model import Plugin, PluginKind
 from bms_image.common.serving import RunningService
-from bms_image.images.adapters.catalog import public_image_id
-from bms_image.processes import start
+from support import builders
+from support.services import Serving, serving  # noqa: F401
+from support.tokens import bearer
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -52,10 +51,10 @@ CALL_TIMEOUT = 30.0
 #: How long a condition polled with `eventually` may take before it counts as a hang.
 HANG_GUARD = 30.0
 
-S4 = "physical.s4.large"
+S4 = builders.S4_FLAVOR
 S4_FLAVOR = f"flavors/{S4}"
-S4_MODEL = "s4-2288h-v5"
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
+S4_MODEL = builders.S4_MODEL
+CENTOS = builders.CENTOS_IMAGE
 
 OTHER_SECRET = "not-the-service-secret-" + "7" * 48
 
@@ -125,10 +124,6 @@ def forge_token(secret: str, project: str, *, admin: bool = False, expires_in: i
         "exp": now + expires_in,
     }
     return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def bearer(token: str) -> Metadata:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def identity(service: RunningService, project: str, admin: bool = False) -> Metadata:
@@ -323,58 +318,23 @@ async def still_serving(channel: grpc.aio.Channel, md: Metadata) -> None:
 # -- services started by a test itself -------------------------------------------------
 
 
-@dataclass
-class Serving:
-    service: RunningService
-    channel: grpc.aio.Channel
-
-    @property
-    def images(self) -> ImageStub:
-        return ImageStub(self.channel)
-
-    def md(self, project: str, admin: bool = False) -> Metadata:
-        return identity(self.service, project, admin)
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Serving]:
-    """A service with `settings` on the running loop, and a channel to it."""
-    running = await start(settings)
-    try:
-        async with grpc.aio.insecure_channel(running.address) as opened:
-            yield Serving(running, opened)
-    finally:
-        await running.stop(0)
-
-
 # -- images, members, servers -------------------------------------------------------
 
 
 def private_image(**overrides: Any) -> image_pb2.Image:
-    values: dict[str, Any] = {
-        "display_name": "reliability-golden",
-        "os_type": image_pb2.OS_TYPE_LINUX,
-        "os_distro": "centos",
-        "os_version": "7.6",
-        "architecture": image_pb2.ARCHITECTURE_X86_64,
-        "hardware_model": S4_MODEL,
-    }
-    values.update(overrides)
-    return image_pb2.Image(**values)
+    """support.builders.private_image, named 'reliability-golden' unless told."""
+    return builders.private_image(**{"display_name": "reliability-golden", **overrides})
 
 
 def public_image(**overrides: Any) -> image_pb2.Image:
+    """A public CentOS 7.6 image on s4 only (support.builders.public_image)."""
     values: dict[str, Any] = {
         "display_name": "reliability-public",
-        "type": image_pb2.IMAGE_TYPE_PUBLIC,
-        "os_type": image_pb2.OS_TYPE_LINUX,
         "os_distro": "centos",
         "os_version": "7.6",
-        "architecture": image_pb2.ARCHITECTURE_X86_64,
         "supported_flavors": [S4_FLAVOR],
     }
-    values.update(overrides)
-    return image_pb2.Image(**values)
+    return builders.public_image(**{**values, **overrides})
 
 
 async def create_private(images: ImageStub, md: Metadata, **overrides: Any) -> image_pb2.Image:

@@ -61,7 +61,7 @@ from bms_image.common.serving import RunningService
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.images.adapters.blobs.local import LocalBlobStore
 from bms_image.images.adapters.repository import SqlImageRepository
-from helpers import make_settings
+from support.services import make_settings
 
 Code = grpc.StatusCode
 CHUNK = 16 * 1024

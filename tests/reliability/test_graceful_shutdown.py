@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.images.adapters.catalog import public_image_id
-from processes import ServerProcess
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def auth(server: ServerProcess) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {server.token('alpha')}"),)
+    return bearer(server.token("alpha"))
 
 
 async def create_queued(images: image_pb2_grpc.ImageServiceStub, md: tuple[tuple[str, str]]) -> str:

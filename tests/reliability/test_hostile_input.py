@@ -21,7 +21,7 @@ ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED, plus ABORTED for a
 stale `etag` and DATA_LOSS for a wrong upload `sha256`, both documented) or
 OK where the request happens to be valid -- never INTERNAL or UNKNOWN, never
 a hang (every call has a deadline; DEADLINE_EXCEEDED fails the test) -- and
-every error is a proper rich status (helpers.decode: one ErrorInfo, a
+every error is a proper rich status (support.errors.decode: one ErrorInfo, a
 BadRequest for INVALID_ARGUMENT, a QuotaFailure for RESOURCE_EXHAUSTED). After
 every example the service still answers (health, and a create/get/list
 round trip by a new project).
@@ -99,7 +99,8 @@ from bms.image.v1 import (
 )
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
-from helpers import decode, make_settings
+from support.errors import decode
+from support.services import make_settings
 
 Code = grpc.StatusCode
 

@@ -83,8 +83,8 @@ from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 from bms_image.common import disk_format as disks
-from helpers import Code, decode
-from processes import ServerProcess
+from support.errors import Code, decode
+from support.processes import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,9 @@ from bms.image.v1 import provisioning_pb2_grpc
 from bms_image.common.serving import RunningService
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
-from helpers import decode, make_settings
+from support.errors import decode
+from support.services import make_settings
+from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
@@ -33,7 +35,7 @@ Metadata = tuple[tuple[str, str], ...]
 @pytest.fixture
 async def fleet(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[Stub, Metadata]]:
     service: RunningService = await start(make_settings(tmp_path, database_url=database_url))
-    md: Metadata = (("authorization", f"Bearer {service.authority.issue('alpha')}"),)
+    md: Metadata = bearer(service.authority.issue("alpha"))
     async with grpc.aio.insecure_channel(service.address) as channel:
         yield provisioning_pb2_grpc.ProvisioningServiceStub(channel), md
     await service.stop(0)

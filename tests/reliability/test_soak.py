@@ -29,7 +29,8 @@ from bms.image.v1 import (
 )
 from bms_image.common.auth import TokenAuthority
 from bms_image.images.adapters.catalog import public_image_id
-from processes import ServerProcess
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +74,7 @@ class Clients:
     def md(self, project: str) -> Metadata:
         if project not in self.tokens:
             token = self.authority.issue(project)
-            self.tokens[project] = (("authorization", f"Bearer {token}"),)
+            self.tokens[project] = bearer(token)
         return self.tokens[project]
 
 

@@ -86,7 +86,8 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 from bms_image.common.serving import RunningService
-from helpers import TEST_SECRET, RichError, decode
+from support.errors import RichError, decode
+from support.tokens import TEST_SECRET
 
 BAD_TOKENS = ("no token", "malformed", "expired", "wrong key")
 IDENTITIES = ("other", "pending", "accepted", "owner", "admin")

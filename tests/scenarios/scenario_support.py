@@ -7,31 +7,39 @@ ACTIVE, and the fleet's files on disk. Plain functions: import them as
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
-from bms_image.common.config import Settings
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
-from bms_image.common.serving import RunningService
 from bms_image.images.adapters.catalog import public_image_id
-from bms_image.processes import start
-from helpers import make_settings, recorded_disk
+from support import builders
+from support.builders import SshKey
+from support.disks import (  # noqa: F401 - re-exported
+    PLUGIN_PROTO,
+    blob_path,
+    cache_dir,
+    recorded_disk,
+    server_dir,
+    system_disk,
+    write_disk_file,
+)
+from support.errors import (  # noqa: F401 - re-exported
+    RichError,
+    decode,
+    expect_error,
+    expect_stream_error,
+)
+from support.services import Serving, make_settings, serving
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -44,8 +52,8 @@ ERROR_DOMAIN = "image.bms.cloud"
 S4 = "physical.s4.large"  # model s4-2288h-v5, boots from EVS
 S4_MODEL = "s4-2288h-v5"
 
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
+CENTOS = builders.CENTOS_IMAGE
+UBUNTU = builders.UBUNTU_IMAGE
 OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 (Arm) only
 
 LOCAL = pb.BOOT_SOURCE_LOCAL_DISK
@@ -84,12 +92,7 @@ CENTOS_RELEASE = {
 }
 NETWORK_CONFIG_PATH = disks.PLUGIN_PATHS[PluginKind.BMS_NETWORK_CONFIG]
 
-_PLUGIN_PROTO = {
-    PluginKind.CLOUD_INIT: image_pb2.PLUGIN_KIND_CLOUD_INIT,
-    PluginKind.CLOUDBASE_INIT: image_pb2.PLUGIN_KIND_CLOUDBASE_INIT,
-    PluginKind.BMS_NETWORK_CONFIG: image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG,
-    PluginKind.SDI_INIC_DRIVER: image_pb2.PLUGIN_KIND_SDI_INIC_DRIVER,
-}
+_PLUGIN_PROTO = PLUGIN_PROTO
 
 
 def stage_name(stage: int) -> str:
@@ -111,142 +114,26 @@ def expected_plugin_pairs(plugins: Iterable[Plugin]) -> set[tuple[int, str]]:
 # -- a service of the test's own ----------------------------------------------------
 
 
-@dataclass
-class Cloud:
-    """A service (image service with the embedded fleet) and its stubs."""
-
-    service: RunningService
-    settings: Settings
-    images: ImageStub
-    provisioning: ProvisioningStub
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.settings.data_dir)
-
-    def md(self, project: str, admin: bool = False) -> Metadata:
-        return (("authorization", f"Bearer {self.service.authority.issue(project, admin)}"),)
+Cloud = Serving
 
 
-@asynccontextmanager
-async def cloud(tmp_path: Path, **overrides: object) -> AsyncIterator[Cloud]:
+def cloud(tmp_path: Path, **overrides: object) -> AbstractAsyncContextManager[Serving]:
     """Starts the service in this process, on a loopback port; stops it."""
-    settings = make_settings(tmp_path, **overrides)
-    running = await start(settings)
-    try:
-        async with grpc.aio.insecure_channel(
-            running.address,
-            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
-        ) as channel:
-            yield Cloud(
-                running,
-                settings,
-                image_pb2_grpc.ImageServiceStub(channel),
-                provisioning_pb2_grpc.ProvisioningServiceStub(channel),
-            )
-    finally:
-        await running.stop(0)
+    return serving(
+        make_settings(tmp_path, **overrides),
+        channel_options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+    )
 
 
 # -- errors -------------------------------------------------------------------------
 
 
-@dataclass
-class RichError:
-    """A failed call with its decoded google.rpc.Status details."""
-
-    error: grpc.RpcError
-    status: status_pb2.Status
-    info: error_details_pb2.ErrorInfo
-    precondition_failure: error_details_pb2.PreconditionFailure | None = None
-
-    @property
-    def code(self) -> grpc.StatusCode:
-        return self.error.code()  # type: ignore[no-any-return]
-
-    @property
-    def reason(self) -> str:
-        return self.info.reason
-
-    @property
-    def message(self) -> str:
-        return self.error.details() or ""  # type: ignore[no-any-return]
-
-    @property
-    def violations(self) -> list[error_details_pb2.PreconditionFailure.Violation]:
-        return list(self.precondition_failure.violations) if self.precondition_failure else []
-
-
-def decode(error: grpc.RpcError) -> RichError:
-    """The rich status of a failed call: one ErrorInfo of our domain and no
-    INTERNAL, UNKNOWN or traceback anywhere."""
-    code = error.code()  # type: ignore[attr-defined]
-    details = error.details() or ""  # type: ignore[attr-defined]
-    assert code not in (Code.INTERNAL, Code.UNKNOWN), f"{code.name}: {details}"
-    assert "Traceback" not in details
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"{code.name} without google.rpc.Status: {details}"
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
-    assert len(infos) == 1, f"expected exactly one ErrorInfo, got {status.details}"
-    info = error_details_pb2.ErrorInfo()
-    infos[0].Unpack(info)
-    assert info.domain == ERROR_DOMAIN, info
-    rich = RichError(error=error, status=status, info=info)
-    for packed in status.details:
-        if packed.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            rich.precondition_failure = error_details_pb2.PreconditionFailure()
-            packed.Unpack(rich.precondition_failure)
-    return rich
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str = "") -> RichError:
-    """Awaits a call that must fail with `code` (and `reason`, when given)."""
-    try:
-        response = await call
-    except grpc.aio.AioRpcError as error:
-        rich = decode(error)
-    else:
-        raise AssertionError(f"expected {code.name}, the call succeeded: {response}")
-    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
-    if reason:
-        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
-    return rich
-
-
-async def expect_stream_error(
-    stream: Any, code: grpc.StatusCode, reason: str = "", within: float = 30.0
-) -> RichError:
-    """A streaming call that must fail before it streams any event."""
-    received: list[Any] = []
-
-    async def run() -> None:
-        async for event in stream:
-            received.append(event)
-
-    rich = await expect_error(asyncio.wait_for(run(), within), code, reason)
-    assert received == [], f"events streamed before the error: {received}"
-    return rich
-
-
 # -- SSH keys -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SshKey:
-    line: str
-    fingerprint: str
-
-
 def new_ssh_key(comment: str = "ops@scenario") -> SshKey:
-    """A real Ed25519 key in OpenSSH format and its OpenSSH SHA256 fingerprint,
-    computed from the raw key bytes (the wire blob), not from the text line."""
-    public = Ed25519PrivateKey.generate().public_key()
-    line = public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
-    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    kind = b"ssh-ed25519"
-    blob = struct.pack(">I", len(kind)) + kind + struct.pack(">I", len(raw)) + raw
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-    return SshKey(f"{line} {comment}", f"SHA256:{digest}")
+    """support.builders.new_ssh_key, with a comment."""
+    return builders.new_ssh_key(comment)
 
 
 # -- deployments --------------------------------------------------------------------
@@ -400,11 +287,6 @@ async def wait_released(
     return found
 
 
-def write_disk_file(path: Path, spec: DiskSpec) -> Path:
-    disks.write_disk(path, spec)
-    return path
-
-
 def disk_spec(
     bulk_bytes: int = 64 * 1024,
     files: Mapping[str, bytes] | None = None,
@@ -460,24 +342,6 @@ async def upload_disk_image(
 
 
 # -- the fleet on disk --------------------------------------------------------------
-
-
-def server_dir(data_dir: Path, server: str) -> Path:
-    return data_dir / "fleet" / "servers" / server.removeprefix("servers/")
-
-
-def system_disk(data_dir: Path, server: str) -> disks.Layers:
-    """A server's system disk as the fleet recorded it: an EVS clone (base
-    and overlay) or the local disk."""
-    return recorded_disk(data_dir, server)
-
-
-def cache_dir(data_dir: Path) -> Path:
-    return data_dir / "fleet" / "image-cache"
-
-
-def blob_path(data_dir: Path, image: str) -> Path:
-    return data_dir / "blobs" / f"{image.removeprefix('images/')}.blob"
 
 
 def image_id(image: str) -> str:

@@ -23,7 +23,7 @@ from scenario_support import (
 from scenario_support import capture as capture_active
 
 from bms.image.v1 import image_pb2
-from helpers import remount, tmpfs
+from support.disks import remount, tmpfs
 
 MIB = 1024 * 1024
 

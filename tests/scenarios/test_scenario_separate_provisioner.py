@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,8 @@ from scenario_support import (
     STAGE_ACTIVE,
     Code,
     Events,
-    RichError,
     cache_dir,
     create_request,
-    decode,
     disk_spec,
     new_ssh_key,
     pb,
@@ -38,7 +36,9 @@ from scenario_support import (
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
-from processes import ServerProcess
+from support.errors import expect_error_sync as expect_error
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -56,23 +56,6 @@ def processes() -> Iterator[list[ServerProcess]]:
     finally:
         for process in started:
             process.kill()
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-def expect_error(call: Callable[[], Any], code: grpc.StatusCode, reason: str = "") -> RichError:
-    try:
-        response = call()
-    except grpc.RpcError as error:
-        rich = decode(error)
-    else:
-        raise AssertionError(f"expected {code.name}, got {response}")
-    assert rich.code == code, f"expected {code.name}, got {rich.code.name}: {rich.message}"
-    if reason:
-        assert rich.reason == reason, f"expected {reason}, got {rich.reason}: {rich.message}"
-    return rich
 
 
 def listed_services(channel: grpc.Channel) -> set[str]:

@@ -39,8 +39,10 @@ from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.domain import captures as captures_module
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start, start_provisioner
-from helpers import TEST_SECRET, decode, make_settings
-from processes import free_port
+from support.errors import decode
+from support.processes import free_port
+from support.services import make_settings
+from support.tokens import TEST_SECRET, bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 S4 = "flavors/physical.s4.large"
@@ -56,7 +58,7 @@ class Pair:
 
     def user(self, project: str) -> Metadata:
         """A user token only, as `bms-image token` mints it."""
-        return (("authorization", f"Bearer {self.images.authority.issue(project)}"),)
+        return bearer(self.images.authority.issue(project))
 
     def internal(self, project: str, service: str = "image-service") -> Metadata:
         """What the image service sends: the caller's token and its own credential."""
@@ -209,7 +211,7 @@ async def test_only_the_image_service_identity_may_call_it(pair: Pair, stubs: St
     and a user token minted with the service audience."""
     (server,) = await stopped_servers(stubs.servers, pair.user("alpha"))
     user = pair.user("alpha")
-    admin = (("authorization", f"Bearer {pair.images.authority.issue('alpha', admin=True)}"),)
+    admin = bearer(pair.images.authority.issue("alpha", admin=True))
     credential = pair.images.authority.issue_service("image-service")
     service_only = ((SERVICE_METADATA_KEY, f"Bearer {credential}"),)
     forged = (*user, (SERVICE_METADATA_KEY, f"Bearer {forged_service_credential()}"))

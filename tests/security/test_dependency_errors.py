@@ -15,8 +15,10 @@ import pytest
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from bms_image.processes import start
-from helpers import decode, make_settings
-from processes import free_port
+from support.errors import decode
+from support.processes import free_port
+from support.services import make_settings
+from support.tokens import bearer
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ async def test_an_unreachable_provisioner_is_unavailable_and_names_no_address(
                     image=image_pb2.Image(display_name="backup"),
                     source_server=f"servers/{uuid.uuid4()}",
                 ),
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=bearer(token),
                 timeout=60,
             )
     error = raised.value

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
 from bms_image.images.adapters.catalog import public_image_id
-from processes import ServerProcess
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +82,7 @@ class Tenant:
 
     def __init__(self, service: ServerProcess, channel: grpc.Channel, project: str) -> None:
         self.project = project
-        self.md = (("authorization", f"Bearer {service.token(project)}"),)
+        self.md = bearer(service.token(project))
         self.images = image_pb2_grpc.ImageServiceStub(channel)
         self.fleet = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
 

@@ -21,8 +21,9 @@ import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.images.adapters.catalog import public_image_id
-from helpers import expect_error
-from processes import ServerProcess
+from support.errors import expect_error
+from support.processes import ServerProcess
+from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -68,8 +69,8 @@ async def test_yaml_bombs_are_refused_while_another_project_is_served(tmp_path: 
     server = ServerProcess(tmp_path, catalog_image_mib="1").start()
     assert server.process is not None
     pid = server.process.pid
-    attacker = (("authorization", f"Bearer {server.token('attacker')}"),)
-    bystander = (("authorization", f"Bearer {server.token('bystander')}"),)
+    attacker = bearer(server.token("attacker"))
+    bystander = bearer(server.token("bystander"))
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             images = image_pb2_grpc.ImageServiceStub(channel)

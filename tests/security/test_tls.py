@@ -23,7 +23,8 @@ from bms_image.common.serving import RunningService
 from bms_image.common.tls import image_service_credentials, server_credentials
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start, start_provisioner
-from helpers import make_settings
+from support.services import make_settings
+from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 S4 = "flavors/physical.s4.large"
@@ -99,7 +100,7 @@ async def health_code(channel: grpc.aio.Channel) -> grpc.StatusCode:
 
 
 def token(service: RunningService, project: str = "alpha") -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {service.authority.issue(project)}"),)
+    return bearer(service.authority.issue(project))
 
 
 async def test_tls_port_serves_tls_clients_and_refuses_plaintext(

@@ -13,7 +13,8 @@ from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.auth import TokenAuthority
 from bms_image.common.config import Settings
 from bms_image.processes import start
-from helpers import TEST_SECRET, make_settings
+from support.services import make_settings
+from support.tokens import TEST_SECRET, bearer
 
 NEW_SECRET = "rotated-secret-" + "r" * 50
 UNKNOWN_SECRET = "never-configured-" + "u" * 50
@@ -25,7 +26,7 @@ async def list_code(settings: Settings, signed_with: str) -> grpc.StatusCode:
     try:
         async with grpc.aio.insecure_channel(service.address) as channel:
             await image_pb2_grpc.ImageServiceStub(channel).ListImages(
-                image_pb2.ListImagesRequest(), metadata=(("authorization", f"Bearer {token}"),)
+                image_pb2.ListImagesRequest(), metadata=bearer(token)
             )
     except grpc.aio.AioRpcError as error:
         return error.code()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from processes import ServerProcess
+from support.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,32 @@ which is only importable when tests/api is on sys.path."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
-from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
-from bms_image.processes import start
-from helpers import RichError, decode, expect_error, expect_invalid, make_settings, outcome  # noqa: F401 - re-exported for this folder's tests
+from support import builders, services
+from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
+from support.errors import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401 - re-exported for this folder's tests
+from support.services import (  # noqa: F401
+    ProjectMetadata,
+    Serving,
+    make_settings,
+    serving,
+    token_metadata,
+)
 
 Metadata = tuple[tuple[str, str], ...]
 ImageStub = image_pb2_grpc.ImageServiceStub
 SharingStub = sharing_pb2_grpc.SharingServiceStub
 Code = grpc.StatusCode
 
-S4_MODEL = "s4-2288h-v5"
 
 PENDING = sharing_pb2.MEMBER_STATUS_PENDING
 ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED
@@ -45,44 +46,16 @@ SHARED = image_pb2.IMAGE_TYPE_SHARED
 # -- projects and services -----------------------------------------------------
 
 
-class Projects:
-    """`projects("alpha")`: call metadata of project `alpha-<suffix>`, the
-    suffix being unique to the test, so tests sharing a service never see each
-    other's images. `.name("alpha")` is the real project name."""
-
-    def __init__(self, service: RunningService) -> None:
-        self._service = service
-        self._suffix = uuid.uuid4().hex[:10]
-
-    def name(self, project: str) -> str:
-        return f"{project}-{self._suffix}"
-
-    def __call__(self, project: str, admin: bool = False) -> Metadata:
-        return token_metadata(self._service, self.name(project), admin)
-
-
-def token_metadata(service: RunningService, project: str, admin: bool = False) -> Metadata:
-    """Call metadata of exactly `project` (no suffix)."""
-    return (("authorization", f"Bearer {service.authority.issue(project, admin)}"),)
+Projects = ProjectMetadata
 
 
 def shared_service_fixtures() -> tuple[Any, Any, Any, Any, Any]:
-    """Module-scoped `service` and `channel`, and per-test `projects`,
+    """support.services.shared_service_fixtures plus per-test `projects`,
     `images` and `sharing` stubs, for modules whose tests use projects of
     their own and so cannot see each other's images. Such modules must run
     on the module's event loop:
     `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
-
-    @pytest_asyncio.fixture(scope="module", loop_scope="module")
-    async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
-        running = await start(make_settings(tmp_path_factory.mktemp("sharing-service")))
-        yield running
-        await running.stop(0)
-
-    @pytest_asyncio.fixture(scope="module", loop_scope="module")
-    async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
-        async with grpc.aio.insecure_channel(service.address) as opened:
-            yield opened
+    service, channel = services.shared_service_fixtures("sharing-service")
 
     @pytest.fixture
     def projects(service: RunningService) -> Projects:
@@ -99,59 +72,18 @@ def shared_service_fixtures() -> tuple[Any, Any, Any, Any, Any]:
     return service, channel, projects, images, sharing
 
 
-@dataclass
-class Serving:
-    """A service started by a test itself, with stubs and projects of its own."""
-
-    service: RunningService
-    images: ImageStub
-    sharing: SharingStub
-    projects: Projects
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Serving]:
-    """Starts a service with `settings` on the running event loop; stops it."""
-    running = await start(settings)
-    try:
-        async with grpc.aio.insecure_channel(running.address) as opened:
-            yield Serving(running, ImageStub(opened), SharingStub(opened), Projects(running))
-    finally:
-        await running.stop(0)
-
-
 # -- errors ----------------------------------------------------------------------
 
 
-# Error decoding lives in helpers (shared by every test folder).
+# Error decoding lives in support.errors (shared by every test folder).
 
 
 # -- images ----------------------------------------------------------------------
 
 
-def random_bytes(size: int) -> bytes:
-    """Random content that is raw for certain (no MBR signature at 510)."""
-    data = bytearray(os.urandom(size))
-    if size >= 512 and data[510:512] == b"\x55\xaa":
-        data[511] = 0
-    return bytes(data)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def private_image(**overrides: Any) -> image_pb2.Image:
-    values: dict[str, Any] = {
-        "display_name": "shared-golden",
-        "os_type": image_pb2.OS_TYPE_LINUX,
-        "os_distro": "centos",
-        "os_version": "7.6",
-        "architecture": image_pb2.ARCHITECTURE_X86_64,
-        "hardware_model": S4_MODEL,
-    }
-    values.update(overrides)
-    return image_pb2.Image(**values)
+    """support.builders.private_image, named 'shared-golden' unless told."""
+    return builders.private_image(**{"display_name": "shared-golden", **overrides})
 
 
 def mask(*paths: str) -> field_mask_pb2.FieldMask:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from processes import GRPCURL, ServerProcess
+from support.processes import GRPCURL, ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -33,7 +33,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from helpers import make_settings
+from support.services import make_settings
 
 MAX_MEMBERS = 5
 

@@ -33,7 +33,8 @@ from sharing_support import (
 )
 
 from bms.image.v1 import image_pb2
-from helpers import RichError, make_settings
+from support.errors import RichError
+from support.services import make_settings
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from sharing_support import (
 )
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from helpers import make_settings
+from support.services import make_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

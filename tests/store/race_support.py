@@ -17,8 +17,9 @@ from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
-from bms_image.processes import start
-from helpers import make_settings
+from support import services
+from support.services import make_settings
+from support.tokens import bearer
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -41,7 +42,7 @@ class Service:
 
     def as_project(self, project: str, admin: bool = False) -> Metadata:
         token = self.running.authority.issue(project, admin)
-        return (("authorization", f"Bearer {token}"),)
+        return bearer(token)
 
 
 @asynccontextmanager
@@ -50,25 +51,27 @@ async def serving(
 ) -> AsyncIterator[Service]:
     """Starts the service on database_url and opens `channels` channels to it
     (several HTTP/2 connections, so concurrent calls really run in parallel)."""
-    running = await start(make_settings(tmp_path, database_url=database_url, **overrides))
-    opened = [grpc.aio.insecure_channel(running.address) for _ in range(channels)]
-    try:
-        # Connected before the test fires its burst, so that the calls of a
-        # burst reach the server together instead of in connection order.
-        await asyncio.gather(*(channel.channel_ready() for channel in opened))
-        service = Service(running, [image_pb2_grpc.ImageServiceStub(c) for c in opened])
-        # Likewise open the database pool's connections now: a fresh pool hands
-        # the first call its one open connection while later ones still connect.
-        warm_up = image_pb2.ListImagesRequest(page_size=1)
-        metadata = service.as_project("warm-up")
-        await asyncio.gather(
-            *(service.stub(i).ListImages(warm_up, metadata=metadata) for i in range(12))
-        )
-        yield service
-    finally:
-        for channel in opened:
-            await channel.close()
-        await running.stop(0)
+    settings = make_settings(tmp_path, database_url=database_url, **overrides)
+    async with services.serving(settings) as started:
+        running = started.service
+        opened = [started.channel]
+        opened += [grpc.aio.insecure_channel(running.address) for _ in range(channels - 1)]
+        try:
+            # Connected before the test fires its burst, so that the calls of a
+            # burst reach the server together instead of in connection order.
+            await asyncio.gather(*(channel.channel_ready() for channel in opened))
+            service = Service(running, [image_pb2_grpc.ImageServiceStub(c) for c in opened])
+            # Likewise open the database pool's connections now: a fresh pool hands
+            # the first call its one open connection while later ones still connect.
+            warm_up = image_pb2.ListImagesRequest(page_size=1)
+            metadata = service.as_project("warm-up")
+            await asyncio.gather(
+                *(service.stub(i).ListImages(warm_up, metadata=metadata) for i in range(12))
+            )
+            yield service
+        finally:
+            for channel in opened[1:]:
+                await channel.close()
 
 
 def private_image_request(name: str, request_id: str | None = None) -> image_pb2.CreateImageRequest:

@@ -15,7 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.health import HealthMonitor
 from bms_image.processes import start
-from helpers import make_settings, tmpfs
+from support.disks import tmpfs
+from support.services import make_settings
 
 IMAGE = "bms.image.v1.ImageService"
 SHARING = "bms.image.v1.SharingService"

@@ -18,6 +18,7 @@ from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.logs import configure_logging, request_id_from
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.images.domain.images import ImageCatalog
+from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 MISSING = "images/00000000-0000-0000-0000-000000000000"
@@ -52,7 +53,7 @@ async def test_a_failed_call_is_logged_with_the_callers_request_id_and_project(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await image_pb2_grpc.ImageServiceStub(channel).GetImage(
                 image_pb2.GetImageRequest(name=MISSING),
-                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "req-4242")),
+                metadata=bearer(token, ("x-request-id", "req-4242")),
             )
     assert trailing(caught.value)["x-request-id"] == "req-4242"
     mine = [r for r in records(json_log) if r.get("request_id") == "req-4242"]
@@ -71,7 +72,7 @@ async def test_without_a_request_id_one_is_generated_and_returned(
     async with grpc.aio.insecure_channel(service.address) as channel:
         call = image_pb2_grpc.ImageServiceStub(channel).GetImage(
             image_pb2.GetImageRequest(name=CENTOS),
-            metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "bad id <script>")),
+            metadata=bearer(token, ("x-request-id", "bad id <script>")),
         )
         await call
         returned = {key: value for key, value in await call.trailing_metadata()}
@@ -93,7 +94,7 @@ async def test_tokens_and_user_data_never_reach_the_log(
                 name_prefix="quiet",
                 user_data=SECRET_USER_DATA,
             ),
-            metadata=(("authorization", f"Bearer {token}"),),
+            metadata=bearer(token),
         )
         stages = [event.stage async for event in stream]
         with pytest.raises(grpc.aio.AioRpcError):  # a refused token is not echoed either
@@ -132,7 +133,7 @@ async def test_an_internal_error_names_its_request_id_to_the_caller_and_in_the_l
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await image_pb2_grpc.ImageServiceStub(channel).GetImage(
                 image_pb2.GetImageRequest(name=CENTOS),
-                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "req-boom")),
+                metadata=bearer(token, ("x-request-id", "req-boom")),
             )
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "req-boom" in (caught.value.details() or "")

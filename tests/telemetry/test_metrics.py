@@ -19,7 +19,8 @@ from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
-from helpers import make_settings
+from support.services import make_settings
+from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 IMAGE_SERVICE = "bms.image.v1.ImageService"
@@ -56,7 +57,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def metadata(service: RunningService, project: str = "alpha") -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {service.authority.issue(project)}"),)
+    return bearer(service.authority.issue(project))
 
 
 async def test_rpcs_are_counted_by_method_and_status_code(service: RunningService) -> None:

@@ -15,7 +15,7 @@ import pytest
 from bms_image.common.config import Settings
 from bms_image.common.telemetry.metrics import metrics_address
 from bms_image.processes import start
-from helpers import make_settings
+from support.services import make_settings
 
 
 async def _scrape(url: str) -> bytes:

