@@ -28,10 +28,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Installs exactly the locked versions (pip checks every hash), then the
-# project itself without dependencies.
+# project itself without dependencies, built by the locked setuptools.
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Re-resolves both locks from pyproject.toml, keeping every pin that still
@@ -86,14 +86,13 @@ bench: $(STUBS_STAMP) tools bench-tools
 	$(BIN)/python -m bench.deploy $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.bystander $(if $(QUICK),--quick,)
 
-lint: $(STUBS_STAMP) node_modules/.installed
+lint: $(STUBS_STAMP) node_modules/.installed lock-check
 	npx buf lint
 	npx buf breaking protos --against api/bms-image-v1.binpb
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python scripts/check_lock.py
 
 # The API reference, generated from the protos' comments and the error
 # reasons raised in src/bms_image (tests/test_api_reference.py keeps it current).

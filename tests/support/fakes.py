@@ -569,6 +569,18 @@ class FakeServerDisks:
         self.scratch_removed += 1
 
 
+class FakePublicImages:
+    """fleet_ports.PublicImages over a fixed answer; records each caller's token."""
+
+    def __init__(self, by_flavor: Mapping[str, list[str]] | None = None) -> None:
+        self.answer = dict(by_flavor or {})
+        self.tokens: list[str] = []
+
+    async def by_flavor(self, token: str) -> Mapping[str, list[str]]:
+        self.tokens.append(token)
+        return self.answer
+
+
 def _conforms(
     blobs: FakeBlobStore,
     staging: FakeStaging,
@@ -580,6 +592,7 @@ def _conforms(
     images: FakeImageSource,
     cloud_init: FakeCloudInit,
     disks: FakeServerDisks,
+    public_images: FakePublicImages,
 ) -> None:
     """Never called: mypy checks here that each fake satisfies its port."""
     checked: tuple[
@@ -593,5 +606,9 @@ def _conforms(
         fleet_ports.ImageSource,
         fleet_ports.CloudInit,
         fleet_ports.ServerDisks,
-    ] = (blobs, staging, release, inspector, members, captures, servers, images, cloud_init, disks)
+        fleet_ports.PublicImages,
+    ] = (
+        blobs, staging, release, inspector, members, captures, servers, images, cloud_init,
+        disks, public_images,
+    )  # fmt: skip
     del checked

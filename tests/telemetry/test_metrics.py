@@ -73,8 +73,15 @@ async def test_rpcs_are_counted_by_method_and_status_code(service: RunningServic
                 )
         with pytest.raises(grpc.aio.AioRpcError):
             await images.ListImages(image_pb2.ListImagesRequest())
-    samples = await scrape(service)
     rpcs = "bms_image_rpcs_total"
+    # The guard counts a call as it ends, which may come a moment after the
+    # client has its answer: wait (bounded) until the last call is counted.
+    unauthenticated = {"service": IMAGE_SERVICE, "method": "ListImages", "code": "UNAUTHENTICATED"}
+    for _ in range(50):
+        samples = await scrape(service)
+        if value(samples, rpcs, **unauthenticated):
+            break
+        await asyncio.sleep(0.1)
     assert value(samples, rpcs, service=IMAGE_SERVICE, method="GetImage", code="OK") == 1
     assert value(samples, rpcs, service=IMAGE_SERVICE, method="GetImage", code="NOT_FOUND") == 2
     assert value(samples, rpcs, service=IMAGE_SERVICE, method="ListImages", code="OK") == 1

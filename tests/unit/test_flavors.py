@@ -6,9 +6,11 @@ import pytest
 from unit_fakes import FLAVORS, H2_MODEL, S4_MODEL, make_flavor
 
 from bms_image.common.errors import InvalidArgument, NotFound
-from bms_image.common.flavors import FlavorCatalog, FlavorDirectory
+from bms_image.common.flavors import FlavorCatalog
 from bms_image.common.model import Flavor
 from bms_image.common.paging import PageTokens
+from bms_image.fleet.domain.flavors import FlavorDirectory
+from support.fakes import FakePublicImages
 
 CATALOG = FlavorCatalog(reversed(FLAVORS))
 
@@ -46,32 +48,43 @@ class Flavors:
 
 async def test_directory_pages_through_every_flavor_once() -> None:
     flavors = [make_flavor(f"physical.f{i:02}", S4_MODEL) for i in range(7)]
-    directory = FlavorDirectory(Flavors(flavors), PageTokens(b"k" * 32))
+    directory = FlavorDirectory(Flavors(flavors), PageTokens(b"k" * 32), FakePublicImages())
     names: list[str] = []
     token, pages = "", 0
     while True:
-        page, token = await directory.list(3, token)
+        page, token = await directory.list(3, token, "t")
         pages += 1
         names += [f.name for f in page]
         if not token:
             break
     assert names == [f.name for f in flavors]
     assert pages == 3
-    page, token = await directory.list(0, "")
+    page, token = await directory.list(0, "", "t")
     assert len(page) == 7 and token == ""
 
 
 async def test_directory_refuses_foreign_tokens_and_bad_sizes() -> None:
-    directory = FlavorDirectory(Flavors(list(FLAVORS)), PageTokens(b"k" * 32))
+    directory = FlavorDirectory(Flavors(list(FLAVORS)), PageTokens(b"k" * 32), FakePublicImages())
     foreign = PageTokens(b"k" * 32).encode(1, "alpha\n")
     with pytest.raises(InvalidArgument):
-        await directory.list(1, foreign)
+        await directory.list(1, foreign, "t")
     with pytest.raises(InvalidArgument):
-        await directory.list(1001, "")
+        await directory.list(1001, "", "t")
 
 
 async def test_directory_get() -> None:
-    directory = FlavorDirectory(Flavors(list(FLAVORS)), PageTokens(b"k" * 32))
-    assert (await directory.get("physical.h2.large")).hardware_model == H2_MODEL
+    directory = FlavorDirectory(Flavors(list(FLAVORS)), PageTokens(b"k" * 32), FakePublicImages())
+    assert (await directory.get("physical.h2.large", "t")).hardware_model == H2_MODEL
     with pytest.raises(NotFound):
-        await directory.get("physical.nope")
+        await directory.get("physical.nope", "t")
+
+
+async def test_directory_offers_the_public_images_with_the_callers_token() -> None:
+    published = FakePublicImages({"physical.h2.large": ["img-1", "img-2"]})
+    directory = FlavorDirectory(Flavors(list(FLAVORS)), PageTokens(b"k" * 32), published)
+    flavor = await directory.get("physical.h2.large", "caller-token")
+    assert flavor.public_image_ids == ("img-1", "img-2")
+    page, _ = await directory.list(0, "", "other-token")
+    assert {f.name: f.public_image_ids for f in page}["physical.h2.large"] == ("img-1", "img-2")
+    assert all(f.public_image_ids == () for f in page if f.name != "physical.h2.large")
+    assert published.tokens == ["caller-token", "other-token"]

@@ -27,6 +27,11 @@ _PLAIN_TEXTS = {
 }
 
 
+def bearer(token: str) -> tuple[str, str]:
+    """The metadata entry that passes the original caller's token on to a peer."""
+    return ("authorization", f"Bearer {token}")
+
+
 def domain_error(error: grpc.aio.AioRpcError, peer: str = "image service") -> errors.DomainError:
     """The domain error the peer's status stands for (errors.CODES, read
     backwards): its code, reason and violations. A code no domain error has

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from bms.image.v1 import capture_pb2, capture_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common.auth import ServiceCredential, TokenAuthority
 from bms_image.common.config import Settings
-from bms_image.common.flavors import FlavorCatalog, FlavorDirectory, load_flavors
+from bms_image.common.flavors import FlavorCatalog, load_flavors
 from bms_image.common.model import PROVISIONER_IDENTITY
 from bms_image.common.paging import PageTokens
 from bms_image.common.serving import (
@@ -43,6 +43,7 @@ from bms_image.fleet.adapters.firstboot import CloudInitFiles
 from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.adapters.public_images import PublishedImages
 from bms_image.fleet.adapters.servers import SqlServerRepository
+from bms_image.fleet.domain.flavors import FlavorDirectory
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.fleet.domain.servers import ProvisioningStage
 from bms_image.fleet.grpc.capture import CaptureServicer

@@ -20,7 +20,7 @@ from bms_image.common.auth import ServiceCredential
 from bms_image.common.convert import image_from_proto
 from bms_image.common.errors import DataLoss
 from bms_image.common.model import Image
-from bms_image.common.remote import domain_error
+from bms_image.common.remote import bearer, domain_error
 from bms_image.common.staging import PipelinedWriter, StagedUpload, sha256_of_file
 from bms_image.fleet.domain.ports import Progress
 from bms_image.fleet.domain.system_disks import is_sha256
@@ -30,7 +30,7 @@ UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
 def _metadata(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
+    return (bearer(token),)
 
 
 #: What identifies a cache entry's file as this process verified it: any

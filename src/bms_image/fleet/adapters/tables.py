@@ -44,7 +44,7 @@ class ServerRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    #: What makes up the system disk (domain/system_disks.py), the fleet's own
+    #: What makes up the system disk (fleet/domain/system_disks.py), the fleet's own
     #: record, never read from a disk's bytes: "" (none yet), "local" or "evs".
     disk_kind: Mapped[str] = mapped_column(String(8), default="")
     #: The writable file in the server's directory: system.disk or an overlay.

@@ -6,7 +6,7 @@ common.flavors.FlavorCatalog the bootstrap loads)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -175,3 +175,11 @@ class ServerDisks(Protocol):
 
     async def remove_scratch(self) -> None:
         """Flattened disks and partial image downloads a crash left behind."""
+
+
+class PublicImages(Protocol):
+    """The public images published for each flavor, as the caller sees them."""
+
+    async def by_flavor(self, token: str) -> Mapping[str, Sequence[str]]:
+        """Flavor name -> ids of the public images deployable on it (not
+        deleted; deprecated ones too), oldest first."""

@@ -14,7 +14,7 @@ from bms_image.common.convert import (
     image_id_from_name,
     server_id_from_name,
 )
-from bms_image.common.flavors import FlavorDirectory
+from bms_image.fleet.domain.flavors import FlavorDirectory
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.fleet.grpc.convert import (
     deploy_request_from_proto,

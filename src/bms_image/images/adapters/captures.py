@@ -13,7 +13,7 @@ from bms.image.v1 import capture_pb2, capture_pb2_grpc
 from bms_image.common.auth import ServiceCredential
 from bms_image.common.convert import capture_source_from_proto
 from bms_image.common.model import Caller, CaptureSource
-from bms_image.common.remote import domain_error
+from bms_image.common.remote import bearer, domain_error
 
 #: A capture's preparation reads the disk; far less than this in practice.
 CALL_TIMEOUT_SECONDS = 60.0
@@ -43,7 +43,7 @@ class RemoteCaptures:
         try:
             return await method(
                 request,
-                metadata=(("authorization", f"Bearer {token}"), self._credential.metadata()),
+                metadata=(bearer(token), self._credential.metadata()),
                 timeout=CALL_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as error:

@@ -73,17 +73,30 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
 
 
 async def seed_flavors(database: Database, catalog: Catalog | None = None) -> int:
-    """Inserts the flavors that are not stored yet into the image service's
-    `flavors` table (what image_flavors refers to); returns how many."""
+    """Makes the image service's `flavors` table (what image_flavors refers
+    to) say what the catalog file says: adds the flavors it lacks and brings
+    back any whose hardware differs, since the fleet reads the file itself and
+    both must agree on which hardware model a flavor is. Returns how many
+    rows it added or changed."""
     catalog = catalog or load_catalog()
 
     def work(connection: Connection) -> int:
         serialize(connection, SEED_LOCK)
-        known = set(connection.execute(select(FLAVOR_ROWS.c.name)).scalars())
-        missing = [flavor for flavor in catalog.flavors if flavor["name"] not in known]
+        stored = {row.name: dict(row._mapping) for row in connection.execute(select(FLAVOR_ROWS))}
+        missing = [flavor for flavor in catalog.flavors if flavor["name"] not in stored]
         if missing:
             connection.execute(insert(FLAVOR_ROWS), missing)
-        return len(missing)
+        changed = [
+            flavor
+            for flavor in catalog.flavors
+            if flavor["name"] in stored
+            and any(stored[flavor["name"]].get(key) != value for key, value in flavor.items())
+        ]
+        for flavor in changed:
+            connection.execute(
+                update(FLAVOR_ROWS).where(FLAVOR_ROWS.c.name == flavor["name"]).values(**flavor)
+            )
+        return len(missing) + len(changed)
 
     return await database.run(work, write=True)
 

@@ -30,7 +30,6 @@ from bms_image.images.adapters.filters import listing
 from bms_image.images.adapters.inventory import inventory_of
 from bms_image.images.adapters.rows import (
     COUNTED_STATUSES,
-    FLAVORS,
     IMAGES,
     PROJECTS,
     TAGS,
@@ -280,21 +279,16 @@ class SqlImageRepository:
 
 
 class SqlFlavorRepository:
+    """The image service's flavors (the rows image_flavors refers to), as
+    seeded from the catalog file. Which public images each offers is the
+    fleet's question, asked over ListImages (fleet/adapters/public_images.py)."""
+
     def __init__(self, database: Database) -> None:
         self._db = database
 
     async def list_flavors(self) -> list[Flavor]:
         def work(connection: Connection) -> list[Flavor]:
             flavors = connection.execute(select(FLAVOR_ROWS).order_by(FLAVOR_ROWS.c.name))
-            links = connection.execute(
-                select(FLAVORS.c.flavor, FLAVORS.c.image_id)
-                .join(IMAGES, IMAGES.c.id == FLAVORS.c.image_id)
-                .where(IMAGES.c.status != ImageStatus.DELETED.value)
-                .order_by(IMAGES.c.seq)
-            )
-            by_flavor: dict[str, list[str]] = {}
-            for flavor_name, image_id in links:
-                by_flavor.setdefault(flavor_name, []).append(image_id)
             return [
                 Flavor(
                     name=row.name,
@@ -306,7 +300,6 @@ class SqlFlavorRepository:
                     local_disk_gb=row.local_disk_gb,
                     evs_boot=row.evs_boot,
                     description=row.description,
-                    public_image_ids=tuple(by_flavor.get(row.name, [])),
                 )
                 for row in flavors
             ]
