@@ -29,6 +29,7 @@ from bms.image.v1 import (
 )
 from bms_image.common.auth import TokenAuthority
 from bms_image.images.adapters.catalog import public_image_id
+from support.builders import private_image
 from support.processes import ServerProcess
 from support.tokens import bearer
 
@@ -93,16 +94,7 @@ async def image_life(clients: Clients, worker: int) -> int:
     """Create, upload, share and accept, download and verify, delete."""
     owner, member = clients.md(f"owner-{worker}"), clients.md(f"member-{worker}")
     image = await clients.images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name=f"soak-{worker}",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                os_distro="centos",
-                os_version="7.6",
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                hardware_model="s4-2288h-v5",
-            )
-        ),
+        image_pb2.CreateImageRequest(image=private_image(f"soak-{worker}")),
         metadata=owner,
         timeout=10,
     )

@@ -86,6 +86,7 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 from bms_image.common.serving import RunningService
+from support.builders import private_image
 from support.errors import RichError, decode
 from support.tokens import TEST_SECRET
 
@@ -315,11 +316,7 @@ async def probe_get_image(s: Scene, role: str, md: Metadata) -> Cell:
 
 async def probe_create_image(s: Scene, role: str, md: Metadata) -> Cell:
     request = image_pb2.CreateImageRequest(
-        image=image_pb2.Image(
-            display_name="mine", os_type=image_pb2.OS_TYPE_LINUX, os_distro="centos",
-            os_version="7.6", architecture=image_pb2.ARCHITECTURE_X86_64,
-            hardware_model="s4-2288h-v5",
-        )
+        image=private_image("mine")
     )  # fmt: skip
     return await attempt(
         [request], one(s.images.CreateImage(request, metadata=md, timeout=CALL_TIMEOUT))
