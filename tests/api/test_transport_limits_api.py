@@ -23,9 +23,8 @@ from bms_image.common.serving import MAX_METADATA_BYTES, RunningService, server_
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
 from support.services import make_settings
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
-Metadata = tuple[tuple[str, str], ...]
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 GET_CENTOS = image_pb2.GetImageRequest(name=CENTOS)
 

@@ -41,9 +41,12 @@ from support.builders import random_bytes, sha256_hex  # noqa: F401
 from support.disks import PLUGIN_PROTO, recorded_disk, server_dir, system_disk  # noqa: F401
 from support.errors import Code, decode, expect_error
 from support.processes import ServerProcess
-from support.tokens import TEST_SECRET, metadata_for
+from support.tokens import (
+    TEST_SECRET,
+    Metadata,
+    metadata_for,
+)
 
-Metadata = tuple[tuple[str, str], ...]
 pb = provisioning_pb2
 
 MiB = 1024 * 1024

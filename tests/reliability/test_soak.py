@@ -31,7 +31,7 @@ from bms_image.common.auth import TokenAuthority
 from bms_image.images.adapters.catalog import public_image_id
 from support.builders import private_image
 from support.processes import ServerProcess
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +44,6 @@ RSS_GROWTH_LIMIT_MIB = 48
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 RESULTS = Path(__file__).resolve().parents[2] / ".soak.json"
 PAYLOAD = os.urandom(256 * 1024)
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 def rss_mib(pid: int) -> float:
