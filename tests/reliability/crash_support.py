@@ -311,19 +311,11 @@ async def connect(image_address: str, fleet_address: str = "") -> AsyncIterator[
 
 
 def private_image(display_name: str, **overrides: Any) -> image_pb2.Image:
-    values: dict[str, Any] = {
-        "display_name": display_name,
-        "os_type": image_pb2.OS_TYPE_LINUX,
-        "os_distro": "centos",
-        "os_version": "7.6",
-        "architecture": image_pb2.ARCHITECTURE_X86_64,
-        "hardware_model": S4_MODEL,
-        "plugins": [
-            image_pb2.Plugin(kind=_PLUGIN_PROTO[p.kind], version=p.version) for p in CENTOS_PLUGINS
-        ],
-    }
-    values.update(overrides)
-    return image_pb2.Image(**values)
+    """builders.private_image, carrying the plug-ins of the catalog's CentOS disk."""
+    plugins = [
+        image_pb2.Plugin(kind=_PLUGIN_PROTO[p.kind], version=p.version) for p in CENTOS_PLUGINS
+    ]
+    return builders.private_image(display_name, **{"plugins": plugins, **overrides})
 
 
 async def create_image(
