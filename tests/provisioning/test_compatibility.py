@@ -93,14 +93,9 @@ async def test_public_image_on_a_flavor_that_does_not_list_it(
         Code.FAILED_PRECONDITION,
         "IMAGE_FLAVOR_INCOMPATIBLE",
     )
+    request = create_request(CENTOS, KI1)
     await refused(
-        provisioning,
-        md,
-        settings,
-        create_request(CENTOS, KI1),
-        "IMAGE_FLAVOR_INCOMPATIBLE",
-        CENTOS,
-        f"flavors/{KI1}",
+        provisioning, md, settings, request, "IMAGE_FLAVOR_INCOMPATIBLE", CENTOS, f"flavors/{KI1}"
     )
 
 
@@ -109,16 +104,18 @@ async def test_private_image_only_on_its_hardware_model(
 ) -> None:
     md = as_project("alpha")
     image, _ = await create_disk_image(images, md, hardware_model=S4_MODEL)
+    request = create_request(image.name, H2)
+    # the message also says where it can go instead: flavors/S4
     await refused(
         provisioning,
         md,
         settings,
-        create_request(image.name, H2),
+        request,
         "IMAGE_FLAVOR_INCOMPATIBLE",
         image.name,
         f"flavors/{H2}",
         S4_MODEL,
-        f"flavors/{S4}",  # where it can go instead
+        f"flavors/{S4}",
     )
     # on its own model it deploys
     deployment = await deploy(provisioning, md, create_request(image.name, S4))
@@ -155,14 +152,8 @@ async def test_image_without_cloud_init_takes_no_key(
     image, _ = await create_disk_image(
         images, md, plugins=(NETWORK_CONFIG, SDI_DRIVER), display_name="no-cloud-init"
     )
-    await refused(
-        provisioning,
-        md,
-        settings,
-        create_request(image.name, S4, 2, "bare", new_ssh_key().line),
-        "IMAGE_WITHOUT_CLOUD_INIT",
-        image.name,
-    )
+    request = create_request(image.name, S4, 2, "bare", new_ssh_key().line)
+    await refused(provisioning, md, settings, request, "IMAGE_WITHOUT_CLOUD_INIT", image.name)
 
     deployment = await deploy(provisioning, md, create_request(image.name, S4, 1, "bare"))
     (server_name,) = deployment.servers
@@ -203,14 +194,8 @@ async def test_evs_needs_an_evs_flavor_and_the_sdi_driver(
     no_driver, _ = await create_disk_image(
         images, md, plugins=(CLOUD_INIT, NETWORK_CONFIG), display_name="no-sdi"
     )
-    await refused(
-        provisioning,
-        md,
-        settings,
-        create_request(no_driver.name, S4, boot_source=EVS),
-        "EVS_BOOT_UNAVAILABLE",
-        no_driver.name,
-    )
+    request = create_request(no_driver.name, S4, boot_source=EVS)
+    await refused(provisioning, md, settings, request, "EVS_BOOT_UNAVAILABLE", no_driver.name)
     # unset, the same image simply streams onto the local disk
     deployment = await deploy(provisioning, md, create_request(no_driver.name, S4))
     (server_name,) = deployment.servers
