@@ -23,12 +23,11 @@ from support.services import (  # noqa: F401 - the fixtures of every test folder
     service,
     settings,
 )
+from support.tokens import Metadata  # noqa: F401 - re-exported
 
 POSTGRES_URL = os.environ.get(
     "BMS_IMAGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 def _postgres_dsn(url: str, database: str | None = None) -> str:

@@ -6,7 +6,6 @@ compatible additions through."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,28 +13,17 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
+from support.processes import buf_binary
+
 ROOT = Path(__file__).resolve().parents[1]
-BUF = ROOT / "node_modules" / ".bin" / "buf"
 BASELINE = ROOT / "api" / "bms-image-v1.binpb"
 V1 = Path("bms/image/v1")
-
-
-def _buf() -> str:
-    if BUF.exists():
-        return str(BUF)
-    found = shutil.which("buf")
-    if found:
-        return found
-    message = "buf is not installed: run `npm ci` (make test does)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def buf_breaking(workspace: Path) -> subprocess.CompletedProcess[str]:
     """`buf breaking protos --against api/bms-image-v1.binpb`, run in `workspace`."""
     return subprocess.run(
-        [_buf(), "breaking", "protos", "--against", str(BASELINE)],
+        [buf_binary(), "breaking", "protos", "--against", str(BASELINE)],
         cwd=workspace,
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ from google.protobuf import field_mask_pb2
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import builders, errors, services
-from support.builders import (  # noqa: F401  # noqa: F401
+from support.builders import (  # noqa: F401
     H2_MODEL,
     KI1_MODEL,
     PUBLIC_NAMES,
@@ -24,12 +24,12 @@ from support.builders import (  # noqa: F401  # noqa: F401
 )
 from support.errors import RichError, decode_status, expect_invalid  # noqa: F401
 from support.services import ProjectMetadata, fresh_project  # noqa: F401
+from support.tokens import Metadata
 
 #: Every FAILED_PRECONDITION these tests provoke names its condition.
 expect_error = functools.partial(errors.expect_error, precondition="failure")
 
 ERROR_DOMAIN = "image.bms.cloud"
-Metadata = tuple[tuple[str, str], ...]
 
 S4 = builders.S4_FLAVOR
 H2 = builders.H2_FLAVOR

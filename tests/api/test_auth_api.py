@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.auth import TokenAuthority
+from support.builders import private_image
 from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -110,16 +111,7 @@ def _every_rpc(images, provisioning, image_name: str):
             image_pb2.GetImageRequest(name=image_name), metadata=md
         ),
         "ImageService/CreateImage": lambda md: images.CreateImage(
-            image_pb2.CreateImageRequest(
-                image=image_pb2.Image(
-                    display_name="x",
-                    os_type=image_pb2.OS_TYPE_LINUX,
-                    os_distro="centos",
-                    os_version="7.6",
-                    architecture=image_pb2.ARCHITECTURE_X86_64,
-                    hardware_model="s4-2288h-v5",
-                )
-            ),
+            image_pb2.CreateImageRequest(image=private_image("x")),
             metadata=md,
         ),
         "ImageService/UpdateImage": lambda md: images.UpdateImage(

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 from api_support import (
+    RichError,
     create,
     expect_error,
     expect_invalid,
@@ -132,20 +133,28 @@ UPDATE_ERRORS = [
 ]
 
 
+async def update_refused(
+    images, metadata, image, path: str, values: dict, reason: str | None = None
+) -> RichError:
+    """UpdateImage of `image` setting `values` under mask `path`, which must
+    fail INVALID_ARGUMENT (with `reason`, when given)."""
+    return await expect_error(
+        images.UpdateImage(
+            image_pb2.UpdateImageRequest(
+                image=image_pb2.Image(name=image.name, **values), update_mask=mask(path)
+            ),
+            metadata=metadata,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        reason,
+    )
+
+
 async def test_update_rejects_invalid_values(images, as_project) -> None:
     metadata = as_project(fresh_project())
     image = await create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
-        rich = await expect_error(
-            images.UpdateImage(
-                image_pb2.UpdateImageRequest(
-                    image=image_pb2.Image(name=image.name, **values), update_mask=mask(path)
-                ),
-                metadata=metadata,
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_IMAGE",
-        )
+        rich = await update_refused(images, metadata, image, path, values, "INVALID_IMAGE")
         assert any(_matches(f, field) for f in rich.fields), (values, rich.fields)
     unchanged = await images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=metadata)
     assert unchanged == image
@@ -168,15 +177,7 @@ async def test_violations_name_request_paths(images, as_project) -> None:
             bare.append(f"CreateImage {case}: {rich.fields}")
     image = await create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
-        rich = await expect_error(
-            images.UpdateImage(
-                image_pb2.UpdateImageRequest(
-                    image=image_pb2.Image(name=image.name, **values), update_mask=mask(path)
-                ),
-                metadata=metadata,
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        )
+        rich = await update_refused(images, metadata, image, path, values)
         if f"image.{field}" not in rich.fields:
             bare.append(f"UpdateImage {path}={str(values)[:40]}: {rich.fields}")
     assert not bare, "violations not naming a request path:\n" + "\n".join(bare)

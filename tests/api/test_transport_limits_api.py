@@ -23,9 +23,8 @@ from bms_image.common.serving import MAX_METADATA_BYTES, RunningService, server_
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
 from support.services import make_settings
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
-Metadata = tuple[tuple[str, str], ...]
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 GET_CENTOS = image_pb2.GetImageRequest(name=CENTOS)
 
@@ -76,66 +75,67 @@ async def _until(probe: Any, want: grpc.StatusCode, attempts: int = 200) -> grpc
     return code
 
 
-async def test_rpcs_beyond_the_process_limit_are_refused_with_resource_exhausted(
-    tmp_path: Path,
-) -> None:
+@asynccontextmanager
+async def _crowded(
+    tmp_path: Path, held_calls: int, **overrides: object
+) -> AsyncIterator[tuple[Any, Any, Metadata, list[Any]]]:
+    """A service with `overrides`, two channels with a connection each, and
+    `held_calls` open calls on the first: (first, second, metadata, held).
+    The calls still held at the end are cancelled."""
     async with (
-        _serving(tmp_path, max_concurrent_rpcs=4) as service,
-        _channel(service) as holder,
-        _channel(service) as prober,
+        _serving(tmp_path, **overrides) as service,
+        _channel(service) as first,
+        _channel(service) as second,
     ):
         md = _metadata(service)
-        held = [_held(holder, md) for _ in range(4)]
+        held = [_held(first, md) for _ in range(held_calls)]
         try:
-
-            async def probe() -> None:
-                await prober.GetImage(GET_CENTOS, metadata=md, timeout=30)
-
-            assert await _until(probe, grpc.StatusCode.RESOURCE_EXHAUSTED) == (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-            )
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await probe()
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "limit" in (refused.value.details() or "").lower()
-
-            held.pop().cancel()  # one RPC ends: a new one is served again
-            assert await _until(probe, grpc.StatusCode.OK) == grpc.StatusCode.OK
+            yield first, second, md, held
         finally:
             for call in held:
                 call.cancel()
+
+
+async def test_rpcs_beyond_the_process_limit_are_refused_with_resource_exhausted(
+    tmp_path: Path,
+) -> None:
+    async with _crowded(tmp_path, 4, max_concurrent_rpcs=4) as (_holder, prober, md, held):
+
+        async def probe() -> None:
+            await prober.GetImage(GET_CENTOS, metadata=md, timeout=30)
+
+        assert await _until(probe, grpc.StatusCode.RESOURCE_EXHAUSTED) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await probe()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit" in (refused.value.details() or "").lower()
+
+        held.pop().cancel()  # one RPC ends: a new one is served again
+        assert await _until(probe, grpc.StatusCode.OK) == grpc.StatusCode.OK
 
 
 async def test_calls_beyond_the_streams_of_a_connection_wait_for_one_to_end(
     tmp_path: Path,
 ) -> None:
-    async with (
-        _serving(tmp_path, max_streams_per_connection=2) as service,
-        _channel(service) as crowded,
-        _channel(service) as other,
-    ):
-        md = _metadata(service)
-        held = [_held(crowded, md) for _ in range(2)]
-        try:
-            waiting = asyncio.ensure_future(crowded.GetImage(GET_CENTOS, metadata=md, timeout=60))
-            # Another connection is not held up: its calls are answered while
-            # the third call of the crowded one still waits for a stream.
-            for _ in range(5):
-                await other.GetImage(GET_CENTOS, metadata=md, timeout=30)
-            assert not waiting.done()
+    async with _crowded(tmp_path, 2, max_streams_per_connection=2) as (crowded, other, md, held):
+        waiting = asyncio.ensure_future(crowded.GetImage(GET_CENTOS, metadata=md, timeout=60))
+        # Another connection is not held up: its calls are answered while
+        # the third call of the crowded one still waits for a stream.
+        for _ in range(5):
+            await other.GetImage(GET_CENTOS, metadata=md, timeout=30)
+        assert not waiting.done()
 
-            # One held stream ends (an upload without metadata is refused):
-            # the waiting call gets its stream.
-            ended = held.pop()
-            await ended.done_writing()
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await ended
-            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            image = await asyncio.wait_for(waiting, 60)
-            assert image.name == CENTOS
-        finally:
-            for call in held:
-                call.cancel()
+        # One held stream ends (an upload without metadata is refused):
+        # the waiting call gets its stream.
+        ended = held.pop()
+        await ended.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ended
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        image = await asyncio.wait_for(waiting, 60)
+        assert image.name == CENTOS
 
 
 async def test_300_open_streams_on_one_channel_under_a_limit_of_400(tmp_path: Path) -> None:

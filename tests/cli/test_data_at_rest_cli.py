@@ -20,6 +20,7 @@ import pytest
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common.config import SECRET_FILE, InsecureSecretFile, Settings
 from bms_image.images.adapters.catalog import public_image_id
+from support.builders import private_image
 from support.processes import BMS_IMAGE, ServerProcess, clean_environ
 from support.tokens import bearer
 
@@ -32,16 +33,7 @@ pb = provisioning_pb2
 def _upload(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> None:
     images = image_pb2_grpc.ImageServiceStub(channel)
     created = images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name="at-rest",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                os_distro="centos",
-                os_version="7.6",
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                hardware_model="s4-2288h-v5",
-            )
-        ),
+        image_pb2.CreateImageRequest(image=private_image("at-rest")),
         metadata=md,
         timeout=30,
     )

@@ -24,8 +24,8 @@ from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
 from support.errors import RichError, decode, expect_code  # noqa: F401
 from support.processes import BMS_IMAGE, ServeProcess, clean_environ, free_port  # noqa: F401
 from support.services import Serving, fresh_project, make_settings, serving  # noqa: F401
+from support.tokens import Metadata
 
-Metadata = tuple[tuple[str, str], ...]
 Stub = image_pb2_grpc.ImageServiceStub
 #: A FAILED_PRECONDITION of the data plane names its condition or carries metadata.
 expect_error = functools.partial(errors.expect_error, precondition="detail")

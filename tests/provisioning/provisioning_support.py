@@ -20,11 +20,8 @@ from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import (
     image_pb2,
-    image_pb2_grpc,
     provisioning_pb2,
-    provisioning_pb2_grpc,
     sharing_pb2,
-    sharing_pb2_grpc,
 )
 from bms_image.common import disk_format as disks
 from bms_image.common.config import Settings
@@ -34,14 +31,24 @@ from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.builders import SshKey, new_ssh_key  # noqa: F401
 from support.disks import recorded_disk
-from support.errors import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401
-from support.services import Serving, serving, token_metadata  # noqa: F401
+from support.errors import (  # noqa: F401
+    Code,
+    RichError,
+    decode,
+    expect_error,
+    expect_invalid,
+    outcome,
+)
+from support.services import (  # noqa: F401 - re-exported
+    ImageStub,
+    ProvisioningStub,
+    Serving,
+    SharingStub,
+    serving,
+    token_metadata,
+)
+from support.tokens import Metadata
 
-Metadata = tuple[tuple[str, str], ...]
-ImageStub = image_pb2_grpc.ImageServiceStub
-SharingStub = sharing_pb2_grpc.SharingServiceStub
-ProvisioningStub = provisioning_pb2_grpc.ProvisioningServiceStub
-Code = grpc.StatusCode
 pb = provisioning_pb2
 
 

@@ -56,6 +56,16 @@ async def assert_nothing_created(provisioning, md, settings) -> None:
     assert not servers.exists() or list(servers.iterdir()) == []
 
 
+async def refused(provisioning, md, settings, request, reason: str, *named: str):
+    """CreateServers refused FAILED_PRECONDITION `reason` with a message naming
+    each of `named`, and nothing created; the RichError."""
+    rich = await create_error(provisioning, md, request, Code.FAILED_PRECONDITION, reason)
+    for name in named:
+        assert name in rich.message, rich.message
+    await assert_nothing_created(provisioning, md, settings)
+    return rich
+
+
 async def test_public_image_on_a_flavor_that_does_not_list_it(
     provisioning, images, as_project, settings
 ) -> None:
@@ -83,15 +93,10 @@ async def test_public_image_on_a_flavor_that_does_not_list_it(
         Code.FAILED_PRECONDITION,
         "IMAGE_FLAVOR_INCOMPATIBLE",
     )
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(CENTOS, KI1),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_FLAVOR_INCOMPATIBLE",
+    request = create_request(CENTOS, KI1)
+    await refused(
+        provisioning, md, settings, request, "IMAGE_FLAVOR_INCOMPATIBLE", CENTOS, f"flavors/{KI1}"
     )
-    assert CENTOS in rich.message and f"flavors/{KI1}" in rich.message
-    await assert_nothing_created(provisioning, md, settings)
 
 
 async def test_private_image_only_on_its_hardware_model(
@@ -99,18 +104,19 @@ async def test_private_image_only_on_its_hardware_model(
 ) -> None:
     md = as_project("alpha")
     image, _ = await create_disk_image(images, md, hardware_model=S4_MODEL)
-    rich = await create_error(
+    request = create_request(image.name, H2)
+    # the message also says where it can go instead: flavors/S4
+    await refused(
         provisioning,
         md,
-        create_request(image.name, H2),
-        Code.FAILED_PRECONDITION,
+        settings,
+        request,
         "IMAGE_FLAVOR_INCOMPATIBLE",
+        image.name,
+        f"flavors/{H2}",
+        S4_MODEL,
+        f"flavors/{S4}",
     )
-    assert image.name in rich.message
-    assert f"flavors/{H2}" in rich.message
-    assert S4_MODEL in rich.message
-    assert f"flavors/{S4}" in rich.message  # where it can go instead
-    await assert_nothing_created(provisioning, md, settings)
     # on its own model it deploys
     deployment = await deploy(provisioning, md, create_request(image.name, S4))
     (server,) = deployment.servers
@@ -120,15 +126,9 @@ async def test_private_image_only_on_its_hardware_model(
 async def test_queued_image_is_not_deployable(provisioning, images, as_project, settings) -> None:
     md = as_project("alpha")
     queued = await create_queued(images, md)
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(queued.name, S4),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_NOT_ACTIVE",
+    await refused(
+        provisioning, md, settings, create_request(queued.name, S4), "IMAGE_NOT_ACTIVE", queued.name
     )
-    assert queued.name in rich.message
-    await assert_nothing_created(provisioning, md, settings)
 
 
 async def test_deprecated_public_image_is_not_deployable(
@@ -139,11 +139,7 @@ async def test_deprecated_public_image_is_not_deployable(
         image_pb2.DeprecateImageRequest(name=SLES), metadata=as_project("ops", admin=True)
     )
     assert deprecated.deprecated
-    rich = await create_error(
-        provisioning, md, create_request(SLES, S4), Code.FAILED_PRECONDITION, "IMAGE_DEPRECATED"
-    )
-    assert SLES in rich.message
-    await assert_nothing_created(provisioning, md, settings)
+    await refused(provisioning, md, settings, create_request(SLES, S4), "IMAGE_DEPRECATED", SLES)
     # the other public images are still fine
     deployment = await deploy(provisioning, md, create_request(CENTOS, S4))
     assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
@@ -156,15 +152,8 @@ async def test_image_without_cloud_init_takes_no_key(
     image, _ = await create_disk_image(
         images, md, plugins=(NETWORK_CONFIG, SDI_DRIVER), display_name="no-cloud-init"
     )
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(image.name, S4, 2, "bare", new_ssh_key().line),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_WITHOUT_CLOUD_INIT",
-    )
-    assert image.name in rich.message
-    await assert_nothing_created(provisioning, md, settings)
+    request = create_request(image.name, S4, 2, "bare", new_ssh_key().line)
+    await refused(provisioning, md, settings, request, "IMAGE_WITHOUT_CLOUD_INIT", image.name)
 
     deployment = await deploy(provisioning, md, create_request(image.name, S4, 1, "bare"))
     (server_name,) = deployment.servers
@@ -205,15 +194,8 @@ async def test_evs_needs_an_evs_flavor_and_the_sdi_driver(
     no_driver, _ = await create_disk_image(
         images, md, plugins=(CLOUD_INIT, NETWORK_CONFIG), display_name="no-sdi"
     )
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(no_driver.name, S4, boot_source=EVS),
-        Code.FAILED_PRECONDITION,
-        "EVS_BOOT_UNAVAILABLE",
-    )
-    assert no_driver.name in rich.message
-    await assert_nothing_created(provisioning, md, settings)
+    request = create_request(no_driver.name, S4, boot_source=EVS)
+    await refused(provisioning, md, settings, request, "EVS_BOOT_UNAVAILABLE", no_driver.name)
     # unset, the same image simply streams onto the local disk
     deployment = await deploy(provisioning, md, create_request(no_driver.name, S4))
     (server_name,) = deployment.servers

@@ -41,9 +41,12 @@ from support.builders import random_bytes, sha256_hex  # noqa: F401
 from support.disks import PLUGIN_PROTO, recorded_disk, server_dir, system_disk  # noqa: F401
 from support.errors import Code, decode, expect_error
 from support.processes import ServerProcess
-from support.tokens import TEST_SECRET, metadata_for
+from support.tokens import (
+    TEST_SECRET,
+    Metadata,
+    metadata_for,
+)
 
-Metadata = tuple[tuple[str, str], ...]
 pb = provisioning_pb2
 
 MiB = 1024 * 1024
@@ -308,19 +311,11 @@ async def connect(image_address: str, fleet_address: str = "") -> AsyncIterator[
 
 
 def private_image(display_name: str, **overrides: Any) -> image_pb2.Image:
-    values: dict[str, Any] = {
-        "display_name": display_name,
-        "os_type": image_pb2.OS_TYPE_LINUX,
-        "os_distro": "centos",
-        "os_version": "7.6",
-        "architecture": image_pb2.ARCHITECTURE_X86_64,
-        "hardware_model": S4_MODEL,
-        "plugins": [
-            image_pb2.Plugin(kind=_PLUGIN_PROTO[p.kind], version=p.version) for p in CENTOS_PLUGINS
-        ],
-    }
-    values.update(overrides)
-    return image_pb2.Image(**values)
+    """builders.private_image, carrying the plug-ins of the catalog's CentOS disk."""
+    plugins = [
+        image_pb2.Plugin(kind=_PLUGIN_PROTO[p.kind], version=p.version) for p in CENTOS_PLUGINS
+    ]
+    return builders.private_image(display_name, **{"plugins": plugins, **overrides})
 
 
 async def create_image(

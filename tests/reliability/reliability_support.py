@@ -26,24 +26,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bms.image.v1 import (
     image_pb2,
-    image_pb2_grpc,
     provisioning_pb2,
-    provisioning_pb2_grpc,
     sharing_pb2,
-    sharing_pb2_grpc,
 )
 from bms_image.common import disk_format as disks
 from bms_image.common.model import Plugin, PluginKind
 from bms_image.common.serving import RunningService
 from support import builders
-from support.services import Serving, serving  # noqa: F401
-from support.tokens import bearer
-
-Metadata = tuple[tuple[str, str], ...]
-ImageStub = image_pb2_grpc.ImageServiceStub
-SharingStub = sharing_pb2_grpc.SharingServiceStub
-ProvisioningStub = provisioning_pb2_grpc.ProvisioningServiceStub
-Code = grpc.StatusCode
+from support.errors import Code
+from support.services import ImageStub, ProvisioningStub, Serving, SharingStub, serving  # noqa: F401 - re-exported
+from support.tokens import (
+    Metadata,
+    bearer,
+)
 
 #: Every call gets a deadline this long: a guard against hangs, never a
 #: measure of speed (a call that reaches it fails the test as a hang).

@@ -61,9 +61,9 @@ from bms_image.common.serving import RunningService
 from bms_image.fleet.domain.fleet import Fleet
 from bms_image.images.adapters.blobs.local import LocalBlobStore
 from bms_image.images.adapters.repository import SqlImageRepository
+from support.errors import Code
 from support.services import make_settings
 
-Code = grpc.StatusCode
 CHUNK = 16 * 1024
 #: A deadline that passes while the server is held by a gate: long enough
 #: for the first messages to arrive, and certain to pass (the gate stays shut).

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.images.adapters.catalog import public_image_id
+from support.builders import private_image
 from support.processes import ServerProcess
 from support.tokens import bearer
 
@@ -36,16 +37,7 @@ def auth(server: ServerProcess) -> tuple[tuple[str, str]]:
 
 async def create_queued(images: image_pb2_grpc.ImageServiceStub, md: tuple[tuple[str, str]]) -> str:
     image = await images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name="uploaded-during-shutdown",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                os_distro="centos",
-                os_version="7.6",
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                hardware_model="s4-2288h-v5",
-            )
-        ),
+        image_pb2.CreateImageRequest(image=private_image("uploaded-during-shutdown")),
         metadata=md,
     )
     return str(image.name)

@@ -99,10 +99,8 @@ from bms.image.v1 import (
 )
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
-from support.errors import decode
+from support.errors import Code, decode
 from support.services import make_settings
-
-Code = grpc.StatusCode
 
 #: The client errors the API documents; OK where the request is valid after all.
 ALLOWED = frozenset(

@@ -21,7 +21,7 @@ from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
 from support.errors import decode
 from support.services import make_settings
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
@@ -29,7 +29,6 @@ S4 = "flavors/physical.s4.large"
 LOSING_REASONS = {"SERVER_BUSY", "SERVER_STATE_CONFLICT"}
 
 Stub = provisioning_pb2_grpc.ProvisioningServiceStub
-Metadata = tuple[tuple[str, str], ...]
 
 
 @pytest.fixture

@@ -29,8 +29,9 @@ from bms.image.v1 import (
 )
 from bms_image.common.auth import TokenAuthority
 from bms_image.images.adapters.catalog import public_image_id
+from support.builders import private_image
 from support.processes import ServerProcess
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +44,6 @@ RSS_GROWTH_LIMIT_MIB = 48
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 RESULTS = Path(__file__).resolve().parents[2] / ".soak.json"
 PAYLOAD = os.urandom(256 * 1024)
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 def rss_mib(pid: int) -> float:
@@ -93,16 +92,7 @@ async def image_life(clients: Clients, worker: int) -> int:
     """Create, upload, share and accept, download and verify, delete."""
     owner, member = clients.md(f"owner-{worker}"), clients.md(f"member-{worker}")
     image = await clients.images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name=f"soak-{worker}",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                os_distro="centos",
-                os_version="7.6",
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                hardware_model="s4-2288h-v5",
-            )
-        ),
+        image_pb2.CreateImageRequest(image=private_image(f"soak-{worker}")),
         metadata=owner,
         timeout=10,
     )

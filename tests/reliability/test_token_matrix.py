@@ -45,6 +45,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -86,6 +87,7 @@ from bms.image.v1 import (
     sharing_pb2_grpc,
 )
 from bms_image.common.serving import RunningService
+from support.builders import private_image
 from support.errors import RichError, decode
 from support.tokens import TEST_SECRET
 
@@ -295,42 +297,37 @@ def _names(messages: list[Message], attribute: str) -> list[str]:
     return [item.name for m in messages for item in getattr(m, attribute)]
 
 
+#: How a probe gathers a call's responses: `one`, `stream` or `first_of`.
+Reader = Callable[[Any], Awaitable[list[Message]]]
+
+
+async def call(
+    s: Scene, md: Metadata, stub: str, method: str, request: Message, read: Reader = one
+) -> Cell:
+    """`request` sent to `s.<stub>.<method>` with `md`, its responses gathered by `read`."""
+    rpc = getattr(getattr(s, stub), method)
+    return await attempt([request], read(rpc(request, metadata=md, timeout=CALL_TIMEOUT)))
+
+
+def probe(stub: str, method: str, build: Callable[[Scene], Message], read: Reader = one) -> Probe:
+    """The probe that sends `build(scene)` and only labels the outcome."""
+
+    async def run(s: Scene, role: str, md: Metadata) -> Cell:
+        return await call(s, md, stub, method, build(s), read)
+
+    return run
+
+
+def first_of(responses: grpc.aio.UnaryStreamCall) -> Awaitable[list[Message]]:
+    return stream(responses, 1)
+
+
 async def probe_list_images(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.ListImagesRequest(page_size=1000)
-    cell = await attempt(
-        [request], one(s.images.ListImages(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    cell = await call(s, md, "images", "ListImages", image_pb2.ListImagesRequest(page_size=1000))
     if cell.label == OK:
         listed = s.shared in _names(cell.outcome.responses, "images")
         cell.label = LISTED if listed else HIDDEN
     return cell
-
-
-async def probe_get_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.GetImageRequest(name=s.shared)
-    return await attempt(
-        [request], one(s.images.GetImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_create_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.CreateImageRequest(
-        image=image_pb2.Image(
-            display_name="mine", os_type=image_pb2.OS_TYPE_LINUX, os_distro="centos",
-            os_version="7.6", architecture=image_pb2.ARCHITECTURE_X86_64,
-            hardware_model="s4-2288h-v5",
-        )
-    )  # fmt: skip
-    return await attempt(
-        [request], one(s.images.CreateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_create_public_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.CreateImageRequest(image=public_image(display_name="published"))
-    return await attempt(
-        [request], one(s.images.CreateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
 
 
 def _update(name: str) -> image_pb2.UpdateImageRequest:
@@ -339,70 +336,54 @@ def _update(name: str) -> image_pb2.UpdateImageRequest:
     )
 
 
-async def probe_update_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = _update(s.shared)
-    return await attempt(
-        [request], one(s.images.UpdateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_update_public_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = _update(s.public)
-    return await attempt(
-        [request], one(s.images.UpdateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_delete_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.DeleteImageRequest(name=s.shared)
-    return await attempt(
-        [request], one(s.images.DeleteImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_delete_public_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.DeleteImageRequest(name=s.public)
-    return await attempt(
-        [request], one(s.images.DeleteImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_deprecate_image(s: Scene, role: str, md: Metadata) -> Cell:
-    request = image_pb2.DeprecateImageRequest(name=s.shared)
-    return await attempt(
-        [request], one(s.images.DeprecateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+probe_get_image = probe("images", "GetImage", lambda s: image_pb2.GetImageRequest(name=s.shared))
+probe_create_image = probe(
+    "images", "CreateImage", lambda s: image_pb2.CreateImageRequest(image=private_image("mine"))
+)
+probe_create_public_image = probe(
+    "images",
+    "CreateImage",
+    lambda s: image_pb2.CreateImageRequest(image=public_image(display_name="published")),
+)
+probe_update_image = probe("images", "UpdateImage", lambda s: _update(s.shared))
+probe_update_public_image = probe("images", "UpdateImage", lambda s: _update(s.public))
+probe_delete_image = probe(
+    "images", "DeleteImage", lambda s: image_pb2.DeleteImageRequest(name=s.shared)
+)
+probe_delete_public_image = probe(
+    "images", "DeleteImage", lambda s: image_pb2.DeleteImageRequest(name=s.public)
+)
+probe_deprecate_image = probe(
+    "images", "DeprecateImage", lambda s: image_pb2.DeprecateImageRequest(name=s.shared)
+)
 
 
 async def probe_deprecate_public_image(s: Scene, role: str, md: Metadata) -> Cell:
     request = image_pb2.DeprecateImageRequest(name=s.public)
-    cell = await attempt(
-        [request], one(s.images.DeprecateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    cell = await call(s, md, "images", "DeprecateImage", request)
     if cell.label == OK:
         assert cell.outcome.responses[0].deprecated  # type: ignore[attr-defined]
     return cell
 
 
-async def probe_upload_queued(s: Scene, role: str, md: Metadata) -> Cell:
-    requests = list(upload_requests(s.queued, b"\x01" * 4096))
+async def _upload(s: Scene, md: Metadata, name: str) -> Cell:
+    requests = list(upload_requests(name, b"\x01" * 4096))
     return await attempt(
         requests, one(s.images.UploadImageData(iter(requests), metadata=md, timeout=CALL_TIMEOUT))
     )
+
+
+async def probe_upload_queued(s: Scene, role: str, md: Metadata) -> Cell:
+    return await _upload(s, md, s.queued)
 
 
 async def probe_upload_shared(s: Scene, role: str, md: Metadata) -> Cell:
-    requests = list(upload_requests(s.shared, b"\x01" * 4096))
-    return await attempt(
-        requests, one(s.images.UploadImageData(iter(requests), metadata=md, timeout=CALL_TIMEOUT))
-    )
+    return await _upload(s, md, s.shared)
 
 
 async def probe_download(s: Scene, role: str, md: Metadata) -> Cell:
     request = image_pb2.DownloadImageDataRequest(name=s.shared)
-    cell = await attempt(
-        [request], stream(s.images.DownloadImageData(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    cell = await call(s, md, "images", "DownloadImageData", request, stream)
     if cell.label == OK:
         data = b"".join(m.chunk for m in cell.outcome.responses)  # type: ignore[attr-defined]
         if data != SHARED_DATA:
@@ -410,20 +391,18 @@ async def probe_download(s: Scene, role: str, md: Metadata) -> Cell:
     return cell
 
 
-async def probe_create_member(s: Scene, role: str, md: Metadata) -> Cell:
-    request = sharing_pb2.CreateImageMemberRequest(
+probe_create_member = probe(
+    "sharing",
+    "CreateImageMember",
+    lambda s: sharing_pb2.CreateImageMemberRequest(
         parent=s.shared, member=sharing_pb2.ImageMember(member_project=unique("newcomer"))
-    )
-    return await attempt(
-        [request], one(s.sharing.CreateImageMember(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    ),
+)
 
 
 async def probe_list_members(s: Scene, role: str, md: Metadata) -> Cell:
     request = sharing_pb2.ListImageMembersRequest(parent=s.shared, page_size=1000)
-    cell = await attempt(
-        [request], one(s.sharing.ListImageMembers(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    cell = await call(s, md, "sharing", "ListImageMembers", request)
     if cell.label == OK:
         listed = sorted(m.member_project for r in cell.outcome.responses for m in r.members)  # type: ignore[attr-defined]
         if listed == sorted([s.project["pending"], s.project["accepted"]]):
@@ -435,49 +414,33 @@ async def probe_list_members(s: Scene, role: str, md: Metadata) -> Cell:
     return cell
 
 
-async def probe_get_member(s: Scene, role: str, md: Metadata) -> Cell:
-    # Everybody asks for the accepted member's membership: a pending member
-    # may not see it (a member sees only its own).
-    request = sharing_pb2.GetImageMemberRequest(name=s.member("accepted"))
-    return await attempt(
-        [request], one(s.sharing.GetImageMember(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_update_member(s: Scene, role: str, md: Metadata) -> Cell:
-    # Everybody tries to accept the pending member's invitation.
-    request = answer_request(s.member("pending"), sharing_pb2.MEMBER_STATUS_ACCEPTED)
-    return await attempt(
-        [request], one(s.sharing.UpdateImageMember(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_delete_member(s: Scene, role: str, md: Metadata) -> Cell:
-    request = sharing_pb2.DeleteImageMemberRequest(name=s.member("accepted"))
-    return await attempt(
-        [request], one(s.sharing.DeleteImageMember(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_replicate(s: Scene, role: str, md: Metadata) -> Cell:
-    request = sharing_pb2.ReplicateImageRequest(name=s.shared)
-    return await attempt(
-        [request], one(s.sharing.ReplicateImage(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_list_flavors(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.ListFlavorsRequest()
-    return await attempt(
-        [request], one(s.provisioning.ListFlavors(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_get_flavor(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.GetFlavorRequest(name=S4_FLAVOR)
-    return await attempt(
-        [request], one(s.provisioning.GetFlavor(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+# Everybody asks for the accepted member's membership: a pending member
+# may not see it (a member sees only its own).
+probe_get_member = probe(
+    "sharing",
+    "GetImageMember",
+    lambda s: sharing_pb2.GetImageMemberRequest(name=s.member("accepted")),
+)
+# Everybody tries to accept the pending member's invitation.
+probe_update_member = probe(
+    "sharing",
+    "UpdateImageMember",
+    lambda s: answer_request(s.member("pending"), sharing_pb2.MEMBER_STATUS_ACCEPTED),
+)
+probe_delete_member = probe(
+    "sharing",
+    "DeleteImageMember",
+    lambda s: sharing_pb2.DeleteImageMemberRequest(name=s.member("accepted")),
+)
+probe_replicate = probe(
+    "sharing", "ReplicateImage", lambda s: sharing_pb2.ReplicateImageRequest(name=s.shared)
+)
+probe_list_flavors = probe(
+    "provisioning", "ListFlavors", lambda s: provisioning_pb2.ListFlavorsRequest()
+)
+probe_get_flavor = probe(
+    "provisioning", "GetFlavor", lambda s: provisioning_pb2.GetFlavorRequest(name=S4_FLAVOR)
+)
 
 
 async def probe_create_servers(s: Scene, role: str, md: Metadata) -> Cell:
@@ -485,10 +448,7 @@ async def probe_create_servers(s: Scene, role: str, md: Metadata) -> Cell:
     # The first event says the request was accepted; the stream is then
     # dropped (the deployment goes on by itself).
     request = deploy_request(image=s.shared, prefix="probe")
-    cell = await attempt(
-        [request],
-        stream(s.provisioning.CreateServers(request, metadata=md, timeout=CALL_TIMEOUT), 1),
-    )
+    cell = await call(s, md, "provisioning", "CreateServers", request, first_of)
     if cell.label == OK:
         first = cell.outcome.responses[0]
         if first.stage != provisioning_pb2.PROVISIONING_STAGE_VALIDATING:  # type: ignore[attr-defined]
@@ -496,66 +456,28 @@ async def probe_create_servers(s: Scene, role: str, md: Metadata) -> Cell:
     return cell
 
 
-async def probe_get_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.GetServerRequest(name=s.server)
-    return await attempt(
-        [request], one(s.provisioning.GetServer(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
 async def probe_list_servers(s: Scene, role: str, md: Metadata) -> Cell:
     request = provisioning_pb2.ListServersRequest(page_size=1000)
-    cell = await attempt(
-        [request], one(s.provisioning.ListServers(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+    cell = await call(s, md, "provisioning", "ListServers", request)
     if cell.label == OK:
         listed = s.server in _names(cell.outcome.responses, "servers")
         cell.label = LISTED if listed else HIDDEN
     return cell
 
 
-async def probe_start_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.StartServerRequest(name=s.server)
-    return await attempt(
-        [request], one(s.provisioning.StartServer(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
+def server_probe(method: str, read: Reader = one) -> Probe:
+    """The probe that sends `<method>Request(name=<the owner's server>)`."""
+    request_type = getattr(provisioning_pb2, f"{method}Request")
+    return probe("provisioning", method, lambda s: request_type(name=s.server), read)
 
 
-async def probe_stop_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.StopServerRequest(name=s.server)
-    return await attempt(
-        [request], one(s.provisioning.StopServer(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_delete_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.DeleteServerRequest(name=s.server)
-    return await attempt(
-        [request], one(s.provisioning.DeleteServer(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_reinstall_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.ReinstallServerRequest(name=s.server)
-    return await attempt(
-        [request],
-        stream(s.provisioning.ReinstallServer(request, metadata=md, timeout=CALL_TIMEOUT), 1),
-    )
-
-
-async def probe_watch_server(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.WatchServerRequest(name=s.server)
-    return await attempt(
-        [request], stream(s.provisioning.WatchServer(request, metadata=md, timeout=CALL_TIMEOUT))
-    )
-
-
-async def probe_inject_fault(s: Scene, role: str, md: Metadata) -> Cell:
-    request = provisioning_pb2.InjectNetworkFaultRequest(name=s.server)
-    return await attempt(
-        [request],
-        one(s.provisioning.InjectNetworkFault(request, metadata=md, timeout=CALL_TIMEOUT)),
-    )
+probe_get_server = server_probe("GetServer")
+probe_start_server = server_probe("StartServer")
+probe_stop_server = server_probe("StopServer")
+probe_delete_server = server_probe("DeleteServer")
+probe_reinstall_server = server_probe("ReinstallServer", first_of)
+probe_watch_server = server_probe("WatchServer", stream)
+probe_inject_fault = server_probe("InjectNetworkFault")
 
 
 # -- the matrix ------------------------------------------------------------------------------

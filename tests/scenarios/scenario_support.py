@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common import disk_format as disks
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
@@ -34,17 +32,15 @@ from support.disks import (  # noqa: F401 - re-exported
     write_disk_file,
 )
 from support.errors import (  # noqa: F401 - re-exported
+    Code,
     RichError,
     decode,
     expect_error,
     expect_stream_error,
 )
-from support.services import Serving, make_settings, serving
+from support.services import ImageStub, ProvisioningStub, Serving, make_settings, serving  # noqa: F401 - re-exported
+from support.tokens import Metadata
 
-Metadata = tuple[tuple[str, str], ...]
-ImageStub = image_pb2_grpc.ImageServiceStub
-ProvisioningStub = provisioning_pb2_grpc.ProvisioningServiceStub
-Code = grpc.StatusCode
 pb = provisioning_pb2
 
 ERROR_DOMAIN = "image.bms.cloud"

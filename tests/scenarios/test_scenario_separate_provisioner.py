@@ -36,6 +36,7 @@ from scenario_support import (
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
+from support.builders import private_image
 from support.errors import expect_error_sync as expect_error
 from support.processes import ServerProcess
 from support.tokens import bearer
@@ -76,13 +77,8 @@ def upload_private_image(images: image_pb2_grpc.ImageServiceStub, md: Any) -> im
         data = path.read_bytes()
     created = images.CreateImage(
         image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name="beta-golden",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                os_distro="centos",
-                os_version="7.6",
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                hardware_model="s4-2288h-v5",
+            image=private_image(
+                "beta-golden",
                 plugins=[
                     image_pb2.Plugin(kind=image_pb2.PLUGIN_KIND_CLOUD_INIT, version="0.7.9"),
                     image_pb2.Plugin(

@@ -42,11 +42,10 @@ from bms_image.processes import start, start_provisioner
 from support.errors import decode
 from support.processes import free_port
 from support.services import make_settings
-from support.tokens import TEST_SECRET, bearer
+from support.tokens import TEST_SECRET, Metadata, bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
 S4 = "flavors/physical.s4.large"
-Metadata = tuple[tuple[str, str], ...]
 #: A hang guard only: nothing here should take more than a fraction of it.
 PATIENCE_SECONDS = 60.0
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
 from bms_image.images.adapters.catalog import public_image_id
+from support.builders import private_image
 from support.processes import ServerProcess
 from support.tokens import bearer
 
@@ -97,13 +98,8 @@ class Tenant:
         (so a key may be passed) and the SDI driver (so EVS is possible)."""
         created = self.images.CreateImage(
             image_pb2.CreateImageRequest(
-                image=image_pb2.Image(
-                    display_name=display_name,
-                    os_type=image_pb2.OS_TYPE_LINUX,
-                    os_distro="centos",
-                    os_version="7.6",
-                    architecture=image_pb2.ARCHITECTURE_X86_64,
-                    hardware_model="s4-2288h-v5",
+                image=private_image(
+                    display_name,
                     plugins=[
                         image_pb2.Plugin(kind=image_pb2.PLUGIN_KIND_CLOUD_INIT, version="0.7.9"),
                         image_pb2.Plugin(

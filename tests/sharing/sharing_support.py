@@ -15,24 +15,28 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
+from bms.image.v1 import image_pb2, sharing_pb2
 from bms_image.common.serving import RunningService
 from support import builders, services
 from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
-from support.errors import RichError, decode, expect_error, expect_invalid, outcome  # noqa: F401 - re-exported for this folder's tests
-from support.services import (  # noqa: F401
+from support.errors import (  # noqa: F401 - re-exported for this folder's tests
+    Code,
+    RichError,
+    decode,
+    expect_error,
+    expect_invalid,
+    outcome,
+)
+from support.services import (  # noqa: F401 - re-exported
+    ImageStub,
     ProjectMetadata,
     Serving,
+    SharingStub,
     make_settings,
     serving,
     token_metadata,
 )
-
-Metadata = tuple[tuple[str, str], ...]
-ImageStub = image_pb2_grpc.ImageServiceStub
-SharingStub = sharing_pb2_grpc.SharingServiceStub
-Code = grpc.StatusCode
-
+from support.tokens import Metadata
 
 PENDING = sharing_pb2.MEMBER_STATUS_PENDING
 ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED

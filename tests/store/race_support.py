@@ -19,9 +19,10 @@ from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import services
 from support.services import make_settings
-from support.tokens import bearer
-
-Metadata = tuple[tuple[str, str], ...]
+from support.tokens import (
+    Metadata,
+    bearer,
+)
 
 HARDWARE_MODEL = "s4-2288h-v5"
 

