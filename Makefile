@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LOCK := requirements/dev.lock
 RUNTIME_LOCK := requirements/runtime.lock
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
-	--custom-compile-command "make lock" --quiet
+	--custom-compile-command "make lock" --no-config --quiet
 
 .PHONY: run test lint lock lock-check proto install tools clean help bench bench-tools docs
 

@@ -39,6 +39,7 @@ COMPILE_FLAGS = (
     "x86_64-unknown-linux-gnu",
     "--custom-compile-command",
     "make lock",
+    "--no-config",  # no machine or user uv settings
     "--quiet",
 )
 
