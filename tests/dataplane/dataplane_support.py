@@ -1,7 +1,10 @@
 """Helpers of the data-plane tests (uploads, downloads, formats, crashes):
-request builders, a verifying downloader, rich-status decoding, qemu-img
-wrappers and a `bms-image serve` subprocess. Plain functions and classes, so
-no second conftest.py; import them as `from dataplane_support import ...`."""
+request builders, a verifying downloader, the data directory's files, qemu-img
+wrappers and a service of a test's own. Plain functions and classes; the
+tests use them as `import dataplane_support as dp`, `dp.upload(...)`, and
+take what is not the data plane's own (random bytes, projects, tokens,
+processes, rich errors) from `support.*` itself. The shared service is a
+fixture of conftest.py."""
 
 from __future__ import annotations
 
@@ -20,10 +23,8 @@ import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from support import builders, errors, services
-from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
-from support.errors import RichError, decode, expect_code  # noqa: F401
-from support.processes import BMS_IMAGE, ServeProcess, clean_environ, free_port  # noqa: F401
-from support.services import Serving, fresh_project, make_settings, serving  # noqa: F401
+from support.builders import sha256_hex
+from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 
 Stub = image_pb2_grpc.ImageServiceStub
