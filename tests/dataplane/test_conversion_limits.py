@@ -26,7 +26,8 @@ from bms_image.images.adapters.formats import (
     ContentInspector,
 )
 from support.builders import MiB, random_bytes
-from support.errors import decode
+from support.errors import RichError, decode
+from support.tokens import Metadata
 
 pytestmark = dp.needs_qemu_img
 
@@ -46,10 +47,21 @@ def qcow2(directory: Path, name: str, size: str, content: bytes = b"") -> Path:
     return path
 
 
-async def assert_killed(own, md, name: str) -> None:
-    image = await dp.get_image(own.images, md, name)
-    assert image.status == dp.KILLED, dp.status_name(image.status)
-    assert dp.files_of(own.data_dir, name) == []
+async def refused_and_killed(
+    own: dp.OwnService, md: Metadata, content: bytes, reason: str, within: float | None = None
+) -> RichError:
+    """An upload of `content` to a new image of `own` refused with
+    FAILED_PRECONDITION `reason`; the image is KILLED and clean."""
+    killed = await dp.killed_upload(
+        own.images,
+        md,
+        own.data_dir,
+        content,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        reason,
+        within=within,
+    )
+    return killed.error
 
 
 def qemu_img_processes_under(directory: Path) -> list[int]:
@@ -76,17 +88,11 @@ async def test_a_small_qcow2_claiming_1_tib_is_too_large(tmp_path: Path) -> None
     assert big.stat().st_size < 1 * MiB
     async with dp.own_service(tmp_path / "service") as own:
         md = own.metadata("alpha")
-        created = await dp.create_image(own.images, md)
-        rich = await dp.expect_error(
-            asyncio.wait_for(
-                dp.upload(own.images, md, created.name, big.read_bytes()), UPLOAD_GUARD
-            ),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
+        rich = await refused_and_killed(
+            own, md, big.read_bytes(), "IMAGE_TOO_LARGE", within=UPLOAD_GUARD
         )
         assert "BMS_IMAGE_MAX_VIRTUAL_BYTES" in rich.status.message
         assert str(MAX_VIRTUAL_BYTES) in rich.status.message
-        await assert_killed(own, md, created.name)
 
 
 async def test_max_virtual_bytes_is_a_setting(tmp_path: Path) -> None:
@@ -94,13 +100,7 @@ async def test_max_virtual_bytes_is_a_setting(tmp_path: Path) -> None:
     fits = qcow2(tmp_path, "1m.qcow2", "", random_bytes(MiB))
     async with dp.own_service(tmp_path / "service", max_virtual_bytes=2 * MiB) as own:
         md = own.metadata("alpha")
-        refused = await dp.create_image(own.images, md)
-        await dp.expect_error(
-            dp.upload(own.images, md, refused.name, over.read_bytes()),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
-        )
-        await assert_killed(own, md, refused.name)
+        await refused_and_killed(own, md, over.read_bytes(), "IMAGE_TOO_LARGE")
         accepted = await dp.create_image(own.images, md, display_name="fits")
         active = await dp.upload(own.images, md, accepted.name, fits.read_bytes())
         assert (active.status, active.size_bytes) == (dp.ACTIVE, MiB)
@@ -139,14 +139,8 @@ async def test_a_conversion_over_the_timeout_is_killed(tmp_path: Path) -> None:
     disk = qcow2(tmp_path, "disk.qcow2", "", random_bytes(4 * MiB))
     async with dp.own_service(tmp_path / "service", convert_timeout_seconds=0.001) as own:
         md = own.metadata("alpha")
-        created = await dp.create_image(own.images, md)
-        rich = await dp.expect_error(
-            dp.upload(own.images, md, created.name, disk.read_bytes()),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_CONVERSION_TIMEOUT",
-        )
+        rich = await refused_and_killed(own, md, disk.read_bytes(), "IMAGE_CONVERSION_TIMEOUT")
         assert "BMS_IMAGE_CONVERT_TIMEOUT_SECONDS" in rich.status.message
-        await assert_killed(own, md, created.name)
         assert qemu_img_processes_under(own.data_dir) == []
 
 
@@ -158,13 +152,7 @@ async def test_a_vmdk_header_without_its_descriptor_is_refused(tmp_path: Path) -
     ).ljust(4096, b"\0")  # fmt: skip
     async with dp.own_service(tmp_path / "service") as own:
         md = own.metadata("alpha")
-        created = await dp.create_image(own.images, md)
-        await dp.expect_error(
-            dp.upload(own.images, md, created.name, header),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_UNSAFE",
-        )
-        await assert_killed(own, md, created.name)
+        await refused_and_killed(own, md, header, "IMAGE_UNSAFE")
 
 
 # -- the conversion itself, with a qemu-img that never ends ---------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +48,6 @@ async def assert_only_active_blobs(
     assert on_disk <= active, f"orphan blobs: {on_disk - active}"
 
 
-def paced_requests(
-    name: str, content: bytes, sent: int, more: asyncio.Event, piece: int = MiB
-) -> Callable[[], AsyncIterator[image_pb2.UploadImageDataRequest]]:
-    """A request stream declaring all of `content`, sending its first `sent`
-    bytes, then waiting for `more` before it sends the rest."""
-
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield dp.upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content))
-        for chunk in dp.split(content[:sent], [piece]):
-            yield dp.chunk_message(chunk)
-        await more.wait()
-        for chunk in dp.split(content[sent:], [piece]):
-            yield dp.chunk_message(chunk)
-
-    return requests
-
-
 @dataclass
 class InFlight:
     """One upload the crash interrupts."""
@@ -97,7 +80,7 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
         for label, upload_ in uploads.items():
             upload_.name = (await dp.create_image(images, alpha, display_name=label)).name
             upload_.call = images.UploadImageData(
-                paced_requests(upload_.name, upload_.content, upload_.sent, more)(),
+                dp.paced_requests(upload_.name, upload_.content, upload_.sent, more)(),
                 metadata=alpha,
             )
         for upload_ in uploads.values():
@@ -143,15 +126,8 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
             assert staged == upload_.content[: upload_.sent], label
             assert not dp.blob_path(data_dir, upload_.name).exists(), label
 
-            resumed = await dp.upload(
-                images,
-                alpha,
-                upload_.name,
-                upload_.content[upload_.sent :],
-                offset=upload_.sent,
-                size_bytes=len(upload_.content),
-                sha256=sha256_hex(upload_.content),
-                chunk_sizes=[4 * MiB],
+            resumed = await dp.resume_upload(
+                images, alpha, upload_.name, upload_.content, upload_.sent, chunk_sizes=[4 * MiB]
             )
 
             assert resumed.status == dp.ACTIVE, (label, dp.status_name(resumed.status))
@@ -202,15 +178,8 @@ async def test_sigkill_while_bytes_are_flowing(serve: ServeProcess) -> None:
         assert dp.staged_path(data_dir, created.name).read_bytes() == content[:offset]
         assert not dp.blob_path(data_dir, created.name).exists()
 
-        resumed = await dp.upload(
-            images,
-            alpha,
-            created.name,
-            content[offset:],
-            offset=offset,
-            size_bytes=len(content),
-            sha256=sha256_hex(content),
-            chunk_sizes=[4 * MiB],
+        resumed = await dp.resume_upload(
+            images, alpha, created.name, content, offset, chunk_sizes=[4 * MiB]
         )
         assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
         await assert_only_active_blobs(images, alpha, data_dir)

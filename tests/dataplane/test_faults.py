@@ -27,11 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
-from support.builders import MiB, random_bytes, sha256_hex
+from support.builders import MiB, random_bytes
 from support.disks import remount, tmpfs
-from support.errors import expect_error
+from support.errors import RichError, expect_error
 from support.processes import free_port
 from support.services import fresh_project
+from support.tokens import Metadata
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -60,6 +61,20 @@ def assert_no_internals(text: str, *internals: str) -> None:
         assert internal not in text, f"{internal!r} leaked into {text!r}"
 
 
+async def storage_full(
+    own: dp.OwnService, metadata: Metadata, name: str, content: bytes, subject: str
+) -> RichError:
+    """An upload of `content` refused as RESOURCE_EXHAUSTED STORAGE_FULL, its
+    QuotaFailure naming the storage `subject` and its message no path."""
+    refused = await expect_error(
+        dp.upload(own.images, metadata, name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
+    )
+    assert refused.quota_failure is not None
+    assert [v.subject for v in refused.quota_failure.violations] == [subject]
+    assert_no_internals(refused.message, str(own.data_dir))
+    return refused
+
+
 async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
     tmp_path: Path,
 ) -> None:
@@ -72,16 +87,8 @@ async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
             descriptors = open_descriptors()
             content = random_bytes(6 * MiB)
 
-            refused = await expect_error(
-                dp.upload(own.images, alpha, created.name, content),
-                RESOURCE_EXHAUSTED,
-                "STORAGE_FULL",
-            )
+            refused = await storage_full(own, alpha, created.name, content, "storage/staging-area")
 
-            assert refused.quota_failure is not None
-            subjects = [v.subject for v in refused.quota_failure.violations]
-            assert subjects == ["storage/staging-area"]
-            assert_no_internals(refused.message, str(tmp_path))
             image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
             durable = dp.staged_path(tmp_path, created.name).read_bytes()
             assert 0 < len(durable) <= 4 * MiB
@@ -114,32 +121,16 @@ async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
             created = await dp.create_image(own.images, alpha)
             content = random_bytes(3 * MiB + 5)
 
-            refused = await expect_error(
-                dp.upload(own.images, alpha, created.name, content),
-                RESOURCE_EXHAUSTED,
-                "STORAGE_FULL",
-            )
+            await storage_full(own, alpha, created.name, content, "storage/image-store")
 
-            assert refused.quota_failure is not None
-            assert [v.subject for v in refused.quota_failure.violations] == ["storage/image-store"]
-            assert_no_internals(refused.message, str(tmp_path))
             image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
             assert image.uploaded_bytes == len(content)
             assert dp.temp_blobs(tmp_path) == [], "a partial copy holds the space"
             assert descriptors_under(blobs) == []
 
             remount(blobs, 16 * MiB)  # an operator makes room
-            resumed = await dp.upload(
-                own.images,
-                alpha,
-                created.name,
-                b"",
-                offset=len(content),
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            )
-            assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
-            assert await dp.download_verified(own.images, alpha, created.name) == content
+            resumed = await dp.resume_upload(own.images, alpha, created.name, content, len(content))
+            await dp.assert_stored(own.images, alpha, resumed, content)
 
 
 # -- an S3 store that goes away -------------------------------------------------
@@ -245,17 +236,8 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             assert await image_health(own) == health_pb2.HealthCheckResponse.NOT_SERVING
 
             moto = start_moto(moto_port)  # back, with its buckets (moto keeps them in memory)
-            resumed = await dp.upload(
-                own.images,
-                alpha,
-                pending.name,
-                b"",
-                offset=len(content),
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            )
-            assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
-            assert await dp.download_verified(own.images, alpha, pending.name) == content
+            resumed = await dp.resume_upload(own.images, alpha, pending.name, content, len(content))
+            await dp.assert_stored(own.images, alpha, resumed, content)
             await own.service.monitor.check_once()
             assert await image_health(own) == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -304,15 +286,7 @@ async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
 
         monkeypatch.setattr(os, "fsync", fsync)
         await expect_error(
-            dp.upload(
-                own.images,
-                alpha,
-                created.name,
-                content[written:],
-                offset=written,
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            ),
+            dp.resume_upload(own.images, alpha, created.name, content, written),
             RESOURCE_EXHAUSTED,
             "STORAGE_FULL",
         )
@@ -321,14 +295,6 @@ async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
         assert queued.uploaded_bytes == written, "bytes whose fsync failed were counted"
         assert dp.staged_path(tmp_path, created.name).read_bytes() == content[:written]
 
-        resumed = await dp.upload(
-            own.images,
-            alpha,
-            created.name,
-            content[written:],
-            offset=written,
-            size_bytes=len(content),
-            sha256=sha256_hex(content),
-        )
+        resumed = await dp.resume_upload(own.images, alpha, created.name, content, written)
         assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
         assert descriptors_under(tmp_path / "staging") == []

@@ -5,7 +5,6 @@ match the content; unsafe or oversized images are refused."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
 from support.builders import MiB, random_bytes, sha256_hex
-from support.services import fresh_project
 from support.tokens import Metadata
 
 pytestmark = [dp.needs_qemu_img, pytest.mark.asyncio(loop_scope="module")]
@@ -90,18 +88,8 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> DiskFiles:
     (directory / "corrupt.qcow2").write_bytes(bytes(corrupt))
     # A format the service does not take.
     dp.qemu_img("convert", "-f", "raw", "-O", "vdi", str(directory / "disk.raw"),
-             str(directory / "disk.vdi"))  # fmt: skip
+                str(directory / "disk.vdi"))  # fmt: skip
     return DiskFiles(directory, raw)
-
-
-async def assert_killed_and_clean(
-    images: dp.Stub, metadata: Metadata, name: str, data_dir: Path
-) -> None:
-    image = await dp.get_image(images, metadata, name)
-    assert image.status == dp.KILLED, dp.status_name(image.status)
-    assert image.status_reason
-    assert dp.files_of(data_dir, name) == []
-    assert dp.temp_blobs(data_dir) == []
 
 
 @pytest.mark.parametrize("file_name", list(CONVERSIONS))
@@ -109,12 +97,11 @@ async def assert_killed_and_clean(
 async def test_format_is_detected_and_stored_as_raw(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
     file_name: str,
     declare: bool,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     expected_format = CONVERSIONS[file_name][2]
     uploaded_bytes = disks.read(file_name)
     size = virtual_size(disks.path(file_name))
@@ -146,14 +133,16 @@ async def test_format_is_detected_and_stored_as_raw(
 async def test_raw_is_detected_as_raw(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     active = await dp.upload(images, alpha, created.name, disks.raw, disk_format=RAW)
     assert (active.status, active.disk_format) == (dp.ACTIVE, RAW)
     assert active.sha256 == sha256_hex(disks.raw)
+
+
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize(
@@ -169,61 +158,48 @@ async def test_raw_is_detected_as_raw(
 async def test_declared_format_that_differs_from_the_content_kills_the_upload(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
     file_name: str,
     declared: int,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await dp.create_image(images, alpha)
-
-    await dp.expect_error(
-        dp.upload(images, alpha, created.name, disks.read(file_name), disk_format=declared),
-        grpc.StatusCode.FAILED_PRECONDITION,
+    content = disks.read(file_name)
+    await dp.killed_upload(
+        images,
+        alpha,
+        service.settings.data_dir,
+        content,
+        FAILED_PRECONDITION,
         "IMAGE_FORMAT_MISMATCH",
+        disk_format=declared,
     )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
 
 
 @pytest.mark.parametrize("file_name", ["top.qcow2", "external.qcow2"])
 async def test_qcow2_referring_to_other_files_is_unsafe(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
     file_name: str,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await dp.create_image(images, alpha)
-
-    rich = await dp.expect_error(
-        dp.upload(images, alpha, created.name, disks.read(file_name)),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_UNSAFE",
+    data_dir = service.settings.data_dir
+    unsafe = await dp.killed_upload(
+        images, alpha, data_dir, disks.read(file_name), FAILED_PRECONDITION, "IMAGE_UNSAFE"
     )
-
-    assert rich.precondition_failure is not None
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    assert unsafe.error.precondition_failure is not None
 
 
 async def test_qcow2_claiming_more_than_the_default_maximum_is_too_large(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     assert virtual_size(disks.path("2t.qcow2")) > service.settings.max_image_bytes
-    created = await dp.create_image(images, alpha)
-
-    await dp.expect_error(
-        dp.upload(images, alpha, created.name, disks.read("2t.qcow2")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_TOO_LARGE",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    data_dir = service.settings.data_dir
+    huge = disks.read("2t.qcow2")
+    await dp.killed_upload(images, alpha, data_dir, huge, FAILED_PRECONDITION, "IMAGE_TOO_LARGE")
 
 
 async def test_qcow2_claiming_more_than_a_configured_maximum_is_too_large(
@@ -234,13 +210,9 @@ async def test_qcow2_claiming_more_than_a_configured_maximum_is_too_large(
         small_file = disks.read("20m.qcow2")
         assert len(small_file) < MiB
 
-        created = await dp.create_image(own.images, alpha)
-        await dp.expect_error(
-            dp.upload(own.images, alpha, created.name, small_file),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
+        await dp.killed_upload(
+            own.images, alpha, own.data_dir, small_file, FAILED_PRECONDITION, "IMAGE_TOO_LARGE"
         )
-        await assert_killed_and_clean(own.images, alpha, created.name, own.data_dir)
 
         # A 3 MiB disk in QCOW2 fits under the same limit.
         fits = await dp.create_image(own.images, alpha, display_name="fits")
@@ -248,51 +220,36 @@ async def test_qcow2_claiming_more_than_a_configured_maximum_is_too_large(
         assert (active.status, active.size_bytes) == (dp.ACTIVE, len(disks.raw))
 
 
-async def test_unsupported_format_is_refused(
+@pytest.mark.parametrize(
+    ("file_name", "reason"),
+    [
+        pytest.param("disk.vdi", "IMAGE_FORMAT_UNSUPPORTED", id="unsupported-format"),
+        pytest.param("corrupt.qcow2", "IMAGE_CONVERSION_FAILED", id="qemu-img-cannot-convert"),
+    ],
+)
+async def test_content_the_service_cannot_take_kills_the_upload(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
+    file_name: str,
+    reason: str,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await dp.create_image(images, alpha)
-
-    await dp.expect_error(
-        dp.upload(images, alpha, created.name, disks.read("disk.vdi")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_FORMAT_UNSUPPORTED",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
-
-
-async def test_content_qemu_img_cannot_convert_kills_the_upload(
-    service: RunningService,
-    images: dp.Stub,
-    as_project: Callable[..., Metadata],
-    disks: DiskFiles,
-) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await dp.create_image(images, alpha)
-
-    await dp.expect_error(
-        dp.upload(images, alpha, created.name, disks.read("corrupt.qcow2")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_CONVERSION_FAILED",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    """A format the service does not take (VDI), and content qemu-img
+    cannot convert (a corrupt QCOW2)."""
+    content = disks.read(file_name)
+    data_dir = service.settings.data_dir
+    await dp.killed_upload(images, alpha, data_dir, content, FAILED_PRECONDITION, reason)
 
 
 async def test_conversion_errors_do_not_reveal_server_paths(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     disks: DiskFiles,
 ) -> None:
     """The client learns why its image was refused, not where the server
     keeps its files (qemu-img's stderr names the staging file's full path)."""
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
 
     rich = await dp.expect_error(

@@ -66,122 +66,103 @@ async def break_off_upload(
             await call
 
 
+async def interrupted_upload(
+    images: dp.Stub,
+    metadata: Metadata,
+    content: bytes,
+    sent: int,
+    data_dir: Path,
+    how: str = "cancel",
+) -> image_pb2.Image:
+    """A new image whose upload of `content` broke off (`break_off_upload`)
+    after `sent` bytes, once the server has put it back to QUEUED."""
+    created = await dp.create_image(images, metadata)
+    await break_off_upload(images, metadata, created.name, content, 0, sent, data_dir, how)
+    return await dp.wait_for_image(images, metadata, created.name, dp.QUEUED)
+
+
 @pytest.mark.parametrize("how", ["cancel", "raise"])
 async def test_broken_upload_resumes_from_uploaded_bytes(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata], how: str
+    service: RunningService, images: dp.Stub, alpha: Metadata, how: str
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(5 * MiB + 77)
     sent = 2 * MiB + 1234
-    created = await dp.create_image(images, alpha)
 
-    await break_off_upload(images, alpha, created.name, content, 0, sent, data_dir, how)
+    image = await interrupted_upload(images, alpha, content, sent, data_dir, how)
 
-    image = await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)
     assert image.uploaded_bytes == sent
     assert str(sent) in image.status_reason
     assert (image.size_bytes, image.sha256) == (0, "")
     assert dp.staged_path(data_dir, image.name).read_bytes() == content[:sent]
     assert not dp.blob_path(data_dir, image.name).exists()
     await dp.expect_error(
-        dp.download_all(images, alpha, created.name),
+        dp.download_all(images, alpha, image.name),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_ACTIVE",
     )
 
-    resumed = await dp.upload(
-        images,
-        alpha,
-        created.name,
-        content[sent:],
-        offset=sent,
-        size_bytes=len(content),
-        sha256=sha256_hex(content),
-    )
+    resumed = await dp.resume_upload(images, alpha, image.name, content, sent)
 
     assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
     assert (resumed.size_bytes, resumed.sha256) == (len(content), sha256_hex(content))
     assert resumed.uploaded_bytes == 0
     assert resumed.status_reason == ""
-    assert await dp.download_verified(images, alpha, created.name) == content
-    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
+    assert await dp.download_verified(images, alpha, image.name) == content
+    assert dp.files_of(data_dir, image.name) == [dp.blob_path(data_dir, image.name)]
 
 
 async def test_upload_resumes_after_two_breaks(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(3 * MiB)
-    created = await dp.create_image(images, alpha)
 
-    await break_off_upload(images, alpha, created.name, content, 0, MiB, data_dir)
-    assert (await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)).uploaded_bytes == MiB
-    await break_off_upload(images, alpha, created.name, content, MiB, 2 * MiB + 1, data_dir)
-    image = await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)
+    queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
+    assert queued.uploaded_bytes == MiB
+    await break_off_upload(images, alpha, queued.name, content, MiB, 2 * MiB + 1, data_dir)
+    image = await dp.wait_for_image(images, alpha, queued.name, dp.QUEUED)
     assert image.uploaded_bytes == 2 * MiB + 1
 
     # Resuming without a declared checksum still yields the checksum of everything.
     resumed = await dp.upload(
         images,
         alpha,
-        created.name,
+        queued.name,
         content[2 * MiB + 1 :],
         offset=2 * MiB + 1,
         sha256="",
         size_bytes=0,
     )
-    assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
-    assert await dp.download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, resumed, content)
 
 
 async def test_resume_with_a_wrong_offset_is_refused_and_keeps_the_bytes(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     sent = MiB + 7
-    created = await dp.create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, sent, data_dir)
-    await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)
+    queued = await interrupted_upload(images, alpha, content, sent, data_dir)
 
     for wrong in (0, sent - 1, sent + 1):
         rich = await dp.expect_error(
-            dp.upload(
-                images,
-                alpha,
-                created.name,
-                content[wrong:],
-                offset=wrong,
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            ),
+            dp.resume_upload(images, alpha, queued.name, content, wrong),
             grpc.StatusCode.FAILED_PRECONDITION,
             "UPLOAD_OFFSET_MISMATCH",
         )
         assert rich.info.metadata["uploaded_bytes"] == str(sent)
-        image = await dp.get_image(images, alpha, created.name)
+        image = await dp.get_image(images, alpha, queued.name)
         assert (image.status, image.uploaded_bytes) == (dp.QUEUED, sent)
-        assert dp.staged_path(data_dir, created.name).read_bytes() == content[:sent]
+        assert dp.staged_path(data_dir, queued.name).read_bytes() == content[:sent]
 
-    resumed = await dp.upload(
-        images,
-        alpha,
-        created.name,
-        content[sent:],
-        offset=sent,
-        size_bytes=len(content),
-        sha256=sha256_hex(content),
-    )
+    resumed = await dp.resume_upload(images, alpha, queued.name, content, sent)
     assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
 
 
 async def test_fresh_upload_with_a_nonzero_offset_is_refused(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
 
     rich = await dp.expect_error(
@@ -191,26 +172,21 @@ async def test_fresh_upload_with_a_nonzero_offset_is_refused(
     )
 
     assert rich.info.metadata["uploaded_bytes"] == "0"
-    image = await dp.get_image(images, alpha, created.name)
-    assert (image.status, image.uploaded_bytes) == (dp.QUEUED, 0)
-    assert dp.files_of(service.settings.data_dir, created.name) == []
+    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_resume_with_different_bytes_fails_the_checksum(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
-    created = await dp.create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, MiB, data_dir)
-    await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)
+    queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
 
     await dp.expect_error(
         dp.upload(
             images,
             alpha,
-            created.name,
+            queued.name,
             random_bytes(MiB),
             offset=MiB,
             size_bytes=len(content),
@@ -220,28 +196,19 @@ async def test_resume_with_different_bytes_fails_the_checksum(
         "IMAGE_CHECKSUM_MISMATCH",
     )
 
-    image = await dp.get_image(images, alpha, created.name)
+    image = await dp.get_image(images, alpha, queued.name)
     assert image.status == dp.KILLED
-    assert dp.files_of(data_dir, created.name) == []
+    assert dp.files_of(data_dir, queued.name) == []
 
 
 async def test_a_second_upload_while_one_is_in_progress_is_refused(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
-
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield dp.upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
-        yield dp.chunk_message(content[:MiB])
-        await rest.wait()
-        yield dp.chunk_message(content[MiB:])
-
-    first = images.UploadImageData(requests(), metadata=alpha)
-    await dp.wait_for_file_size(dp.staged_path(data_dir, created.name), MiB)
+    first = await dp.held_upload(images, alpha, created.name, content, MiB, data_dir, rest)
 
     rich = await dp.expect_error(
         dp.upload(images, alpha, created.name, content),
@@ -252,33 +219,28 @@ async def test_a_second_upload_while_one_is_in_progress_is_refused(
 
     rest.set()
     done = await first
-    assert (done.status, done.sha256) == (dp.ACTIVE, sha256_hex(content))
-    assert await dp.download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, done, content)
 
 
 async def test_deleting_an_interrupted_upload_removes_its_staged_bytes(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(MiB)
-    created = await dp.create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, 100_000, data_dir)
-    await dp.wait_for_image(images, alpha, created.name, dp.QUEUED)
-    assert dp.staged_path(data_dir, created.name).exists()
+    queued = await interrupted_upload(images, alpha, content, 100_000, data_dir)
+    assert dp.staged_path(data_dir, queued.name).exists()
 
-    await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
+    await images.DeleteImage(image_pb2.DeleteImageRequest(name=queued.name), metadata=alpha)
 
-    assert dp.files_of(data_dir, created.name) == []
+    assert dp.files_of(data_dir, queued.name) == []
 
 
 # -- downloads ---------------------------------------------------------------
 
 
 async def test_download_resumes_from_any_offset(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     chunk = service.settings.chunk_bytes
     content = random_bytes(3 * chunk + 5)
     created = await dp.create_image(images, alpha)
@@ -292,9 +254,8 @@ async def test_download_resumes_from_any_offset(
 
 
 async def test_broken_download_is_completed_by_a_resumed_one(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(4 * MiB + 999)
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, content)
@@ -318,9 +279,8 @@ async def test_broken_download_is_completed_by_a_resumed_one(
 
 
 async def test_download_offset_out_of_range_is_invalid(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(5000))
 
@@ -332,9 +292,8 @@ async def test_download_offset_out_of_range_is_invalid(
 
 
 async def test_download_of_an_image_without_data_is_a_failed_precondition(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     queued = await dp.create_image(images, alpha)
     await dp.expect_error(
         dp.download_all(images, alpha, queued.name),
@@ -390,25 +349,16 @@ async def test_public_catalog_images_download_and_verify(
 
 
 async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
     """DeleteImage while bytes are arriving: the image is gone at once, the
     upload ends with NOT_FOUND (the servicer's own `_finish` says so for a
     deletion that lands while the blob is stored) and nothing stays on disk."""
-    alpha = as_project(fresh_project("alpha"))
     data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
-
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield dp.upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
-        yield dp.chunk_message(content[:MiB])
-        await rest.wait()
-        yield dp.chunk_message(content[MiB:])
-
-    call = images.UploadImageData(requests(), metadata=alpha)
-    await dp.wait_for_file_size(dp.staged_path(data_dir, created.name), MiB)
+    call = await dp.held_upload(images, alpha, created.name, content, MiB, data_dir, rest)
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
     await dp.expect_error(dp.get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
 
@@ -420,9 +370,8 @@ async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
 
 
 async def test_download_of_an_image_whose_blob_is_gone_is_data_loss(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(3000))
     dp.blob_path(service.settings.data_dir, created.name).unlink()

@@ -4,8 +4,6 @@ comes back byte for byte and the image reports its real size and SHA-256."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import dataplane_support as dp
 import grpc
 import pytest
@@ -13,7 +11,6 @@ import pytest
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
 from support.builders import MiB, random_bytes, sha256_hex
-from support.services import fresh_project
 from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -32,10 +29,9 @@ SIZES = {
 async def test_round_trip_of_random_raw_content(
     service: RunningService,
     images: dp.Stub,
-    as_project: Callable[..., Metadata],
+    alpha: Metadata,
     size_name: str,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     chunk = service.settings.chunk_bytes
     content = random_bytes(SIZES[size_name](chunk))
     created = await dp.create_image(images, alpha)
@@ -74,9 +70,8 @@ async def test_round_trip_of_random_raw_content(
 
 
 async def test_round_trip_without_declared_size_or_checksum(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(2 * MiB + 17)
     created = await dp.create_image(images, alpha)
 
@@ -84,31 +79,23 @@ async def test_round_trip_without_declared_size_or_checksum(
         images, alpha, created.name, content, size_bytes=0, sha256="", chunk_sizes=[MiB - 5]
     )
 
-    assert uploaded.status == dp.ACTIVE
-    assert (uploaded.size_bytes, uploaded.sha256) == (len(content), sha256_hex(content))
-    assert await dp.download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, uploaded, content)
 
 
 async def test_chunks_of_exactly_the_upload_limit_are_accepted(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(8 * MiB + 1)
     created = await dp.create_image(images, alpha)
 
     uploaded = await dp.upload(images, alpha, created.name, content, chunk_sizes=[4 * MiB])
 
-    assert uploaded.status == dp.ACTIVE
-    assert uploaded.sha256 == sha256_hex(content)
-    assert await dp.download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, uploaded, content)
 
 
-async def test_empty_upload(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
-) -> None:
+async def test_empty_upload(service: RunningService, images: dp.Stub, alpha: Metadata) -> None:
     """Zero bytes is not an image (it cannot boot, and size 0 means "not
     uploaded"): INVALID_ARGUMENT, and the image stays QUEUED for a real upload."""
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -122,9 +109,8 @@ async def test_empty_upload(
 
 
 async def test_deleted_image_loses_its_blob_and_download(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(3000))
     assert dp.blob_path(service.settings.data_dir, created.name).exists()

@@ -14,85 +14,78 @@ import pytest
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
 from support.builders import MiB, random_bytes, sha256_hex
-from support.errors import expect_code
+from support.errors import RichError, expect_code
 from support.services import fresh_project
 from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
+DATA_LOSS = grpc.StatusCode.DATA_LOSS
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
-async def assert_killed_and_clean(
-    images: dp.Stub, metadata: Metadata, name: str, data_dir: Path
-) -> image_pb2.Image:
-    """KILLED with a reason, no upload pending, and no byte of it left on disk."""
-    image = await dp.get_image(images, metadata, name)
-    assert image.status == dp.KILLED, dp.status_name(image.status)
-    assert image.status_reason
-    assert image.uploaded_bytes == 0
-    assert image.sha256 == ""
-    assert image.size_bytes == 0
-    assert dp.files_of(data_dir, name) == []
-    assert dp.temp_blobs(data_dir) == []
-    return image
+
+async def invalid_stream(
+    images: dp.Stub, metadata: Metadata, *messages: image_pb2.UploadImageDataRequest
+) -> RichError:
+    """An upload stream of exactly `messages`, refused as INVALID_ARGUMENT."""
+    return await dp.expect_error(
+        images.UploadImageData(dp.request_stream(messages), metadata=metadata),
+        INVALID_ARGUMENT,
+    )
 
 
 # -- verification at the end of the stream -----------------------------------
 
 
 async def test_checksum_mismatch_is_data_loss_and_kills_the_image(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(2 * MiB + 3)
-    created = await dp.create_image(images, alpha)
+    data_dir = service.settings.data_dir
+    wrong = sha256_hex(content + b"x")
 
-    rich = await dp.expect_error(
-        dp.upload(images, alpha, created.name, content, sha256=sha256_hex(content + b"x")),
-        grpc.StatusCode.DATA_LOSS,
-        "IMAGE_CHECKSUM_MISMATCH",
+    killed = await dp.killed_upload(
+        images, alpha, data_dir, content, DATA_LOSS, "IMAGE_CHECKSUM_MISMATCH", sha256=wrong
     )
 
-    assert sha256_hex(content) in rich.status.message
-    killed = await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
-    assert "SHA-256" in killed.status_reason
+    assert sha256_hex(content) in killed.error.status.message
+    assert "SHA-256" in killed.image.status_reason
     # A killed image takes no more data.
     await dp.expect_error(
-        dp.upload(images, alpha, created.name, content),
+        dp.upload(images, alpha, killed.image.name, content),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_QUEUED",
     )
 
 
 async def test_fewer_bytes_than_declared_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(MiB)
-    created = await dp.create_image(images, alpha)
+    data_dir = service.settings.data_dir
 
-    rich = await dp.expect_error(
-        dp.upload(images, alpha, created.name, content, size_bytes=len(content) + 1),
-        grpc.StatusCode.INVALID_ARGUMENT,
+    killed = await dp.killed_upload(
+        images,
+        alpha,
+        data_dir,
+        content,
+        INVALID_ARGUMENT,
         "IMAGE_SIZE_MISMATCH",
+        size_bytes=len(content) + 1,
     )
 
-    assert "metadata.size_bytes" in rich.fields
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    assert "metadata.size_bytes" in killed.error.fields
 
 
 async def test_more_bytes_than_declared_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(MiB + 1)
-    created = await dp.create_image(images, alpha)
+    data_dir = service.settings.data_dir
 
-    await dp.expect_error(
-        dp.upload(images, alpha, created.name, content, size_bytes=MiB, sha256=""),
-        grpc.StatusCode.INVALID_ARGUMENT,
+    await dp.killed_upload(
+        images, alpha, data_dir, content, INVALID_ARGUMENT, size_bytes=MiB, sha256=""
     )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_killed_image_frees_its_quota_slot(tmp_path: Path) -> None:
@@ -105,9 +98,9 @@ async def test_killed_image_frees_its_quota_slot(tmp_path: Path) -> None:
         )
         await dp.expect_error(
             dp.upload(own.images, alpha, first.name, b"abc", sha256="0" * 64),
-            grpc.StatusCode.DATA_LOSS,
+            DATA_LOSS,
         )
-        await assert_killed_and_clean(own.images, alpha, first.name, own.data_dir)
+        await dp.assert_killed_and_clean(own.images, alpha, first.name, own.data_dir)
 
         second = await dp.create_image(own.images, alpha, display_name="second")
         uploaded = await dp.upload(own.images, alpha, second.name, b"abc")
@@ -118,9 +111,8 @@ async def test_killed_image_frees_its_quota_slot(tmp_path: Path) -> None:
 
 
 async def test_upload_to_an_active_image_fails_and_keeps_its_bytes(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(100_000)
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, content)
@@ -132,8 +124,7 @@ async def test_upload_to_an_active_image_fails_and_keeps_its_bytes(
     )
 
     image = await dp.get_image(images, alpha, created.name)
-    assert (image.status, image.sha256) == (dp.ACTIVE, sha256_hex(content))
-    assert await dp.download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, image, content)
 
 
 async def test_upload_by_another_project_is_not_found(
@@ -148,15 +139,12 @@ async def test_upload_by_another_project_is_not_found(
         "IMAGE_NOT_FOUND",
     )
 
-    image = await dp.get_image(images, alpha, created.name)
-    assert (image.status, image.uploaded_bytes) == (dp.QUEUED, 0)
-    assert dp.files_of(service.settings.data_dir, created.name) == []
+    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_upload_to_a_public_image_is_refused(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     listed = await images.ListImages(
         image_pb2.ListImagesRequest(filter="type = public"), metadata=alpha
     )
@@ -170,16 +158,13 @@ async def test_upload_to_a_public_image_is_refused(
 
 
 async def test_upload_to_a_missing_or_malformed_name(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     await dp.expect_error(
         dp.upload(images, alpha, "images/00000000-0000-4000-8000-000000000000", b"x"),
         grpc.StatusCode.NOT_FOUND,
     )
-    rich = await dp.expect_error(
-        dp.upload(images, alpha, "flavors/nope", b"x"), grpc.StatusCode.INVALID_ARGUMENT
-    )
+    rich = await dp.expect_error(dp.upload(images, alpha, "flavors/nope", b"x"), INVALID_ARGUMENT)
     assert "metadata.name" in rich.fields
 
 
@@ -187,57 +172,37 @@ async def test_upload_to_a_missing_or_malformed_name(
 
 
 async def test_first_message_must_be_metadata(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
 
-    rich = await dp.expect_error(
-        images.UploadImageData(
-            dp.request_stream([dp.chunk_message(b"data"), dp.upload_metadata(created.name)]),
-            metadata=alpha,
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
-    assert "metadata" in rich.fields
-    rich = await dp.expect_error(
-        images.UploadImageData(dp.request_stream([]), metadata=alpha),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
-    assert "metadata" in rich.fields
+    chunk_first = dp.chunk_message(b"data"), dp.upload_metadata(created.name)
+    assert "metadata" in (await invalid_stream(images, alpha, *chunk_first)).fields
+    assert "metadata" in (await invalid_stream(images, alpha)).fields
 
-    image = await dp.get_image(images, alpha, created.name)
-    assert (image.status, image.uploaded_bytes) == (dp.QUEUED, 0)
+    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_metadata_in_the_middle_of_the_stream_is_invalid(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
 
-    await dp.expect_error(
-        images.UploadImageData(
-            dp.request_stream(
-                [
-                    dp.upload_metadata(created.name),
-                    dp.chunk_message(b"a" * 1000),
-                    dp.upload_metadata(created.name),
-                    dp.chunk_message(b"b" * 1000),
-                ]
-            ),
-            metadata=alpha,
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+    await invalid_stream(
+        images,
+        alpha,
+        dp.upload_metadata(created.name),
+        dp.chunk_message(b"a" * 1000),
+        dp.upload_metadata(created.name),
+        dp.chunk_message(b"b" * 1000),
     )
 
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_invalid_declarations_are_refused_before_any_byte_is_taken(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     cases = [
         (dp.upload_metadata(created.name, sha256="ABC"), "metadata.sha256"),
@@ -247,47 +212,33 @@ async def test_invalid_declarations_are_refused_before_any_byte_is_taken(
         (dp.upload_metadata(created.name, disk_format=99), "metadata.disk_format"),
     ]
     for first, field in cases:
-        rich = await dp.expect_error(
-            images.UploadImageData(
-                dp.request_stream([first, dp.chunk_message(b"x")]), metadata=alpha
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        )
+        rich = await invalid_stream(images, alpha, first, dp.chunk_message(b"x"))
         assert field in rich.fields, (first, rich.fields)
 
-    image = await dp.get_image(images, alpha, created.name)
-    assert (image.status, image.uploaded_bytes) == (dp.QUEUED, 0)
+    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_chunk_over_four_mib_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     assert dp.MAX_UPLOAD_CHUNK + 1 < service.settings.max_message_bytes
 
-    rich = await dp.expect_error(
-        images.UploadImageData(
-            dp.request_stream(
-                [
-                    dp.upload_metadata(created.name),
-                    dp.chunk_message(random_bytes(1000)),
-                    dp.chunk_message(random_bytes(dp.MAX_UPLOAD_CHUNK + 1)),
-                ]
-            ),
-            metadata=alpha,
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+    rich = await invalid_stream(
+        images,
+        alpha,
+        dp.upload_metadata(created.name),
+        dp.chunk_message(random_bytes(1000)),
+        dp.chunk_message(random_bytes(dp.MAX_UPLOAD_CHUNK + 1)),
     )
 
     assert "chunk" in rich.fields
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
 
 
 async def test_message_over_the_transport_limit_is_resource_exhausted(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     created = await dp.create_image(images, alpha)
     too_big = service.settings.max_message_bytes + 1
 
@@ -319,21 +270,10 @@ async def test_maximum_image_size(tmp_path: Path) -> None:
 
         # Declaring too much is refused up front; the image stays queued.
         declared = await dp.create_image(own.images, alpha)
-        rich = await dp.expect_error(
-            own.images.UploadImageData(
-                dp.request_stream(
-                    [
-                        dp.upload_metadata(declared.name, size_bytes=limit + 1),
-                        dp.chunk_message(b"x"),
-                    ]
-                ),
-                metadata=alpha,
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        )
+        too_much = dp.upload_metadata(declared.name, size_bytes=limit + 1)
+        rich = await invalid_stream(own.images, alpha, too_much, dp.chunk_message(b"x"))
         assert "metadata.size_bytes" in rich.fields
-        image = await dp.get_image(own.images, alpha, declared.name)
-        assert (image.status, image.uploaded_bytes) == (dp.QUEUED, 0)
+        await dp.assert_untouched(own.images, alpha, declared.name, own.data_dir)
 
         # Exactly the limit is fine.
         content = random_bytes(limit)
@@ -341,18 +281,14 @@ async def test_maximum_image_size(tmp_path: Path) -> None:
         assert (uploaded.status, uploaded.size_bytes) == (dp.ACTIVE, limit)
 
         # Sending more than the limit without declaring a size kills the upload.
-        undeclared = await dp.create_image(own.images, alpha, display_name="undeclared")
-        await dp.expect_error(
-            dp.upload(
-                own.images,
-                alpha,
-                undeclared.name,
-                content + b"!",
-                size_bytes=0,
-                sha256="",
-                chunk_sizes=[4 * MiB],
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
+        await dp.killed_upload(
+            own.images,
+            alpha,
+            own.data_dir,
+            content + b"!",
+            INVALID_ARGUMENT,
             "IMAGE_TOO_LARGE",
+            size_bytes=0,
+            sha256="",
+            chunk_sizes=[4 * MiB],
         )
-        await assert_killed_and_clean(own.images, alpha, undeclared.name, own.data_dir)
