@@ -95,9 +95,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> DiskFiles:
 @pytest.mark.parametrize("file_name", list(CONVERSIONS))
 @pytest.mark.parametrize("declare", [False, True], ids=["detected", "declared"])
 async def test_format_is_detected_and_stored_as_raw(
-    service: RunningService,
     images: dp.Stub,
     alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
     declare: bool,
@@ -125,7 +125,6 @@ async def test_format_is_detected_and_stored_as_raw(
     assert active.sha256 == sha256_hex(expected)
     data = await dp.download_verified(images, alpha, created.name)
     assert data == expected
-    data_dir = service.settings.data_dir
     assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
     assert dp.blob_path(data_dir, created.name).read_bytes() == expected
 
@@ -156,9 +155,9 @@ FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
     ],
 )
 async def test_declared_format_that_differs_from_the_content_kills_the_upload(
-    service: RunningService,
     images: dp.Stub,
     alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
     declared: int,
@@ -167,7 +166,7 @@ async def test_declared_format_that_differs_from_the_content_kills_the_upload(
     await dp.killed_upload(
         images,
         alpha,
-        service.settings.data_dir,
+        data_dir,
         content,
         FAILED_PRECONDITION,
         "IMAGE_FORMAT_MISMATCH",
@@ -177,13 +176,12 @@ async def test_declared_format_that_differs_from_the_content_kills_the_upload(
 
 @pytest.mark.parametrize("file_name", ["top.qcow2", "external.qcow2"])
 async def test_qcow2_referring_to_other_files_is_unsafe(
-    service: RunningService,
     images: dp.Stub,
     alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
 ) -> None:
-    data_dir = service.settings.data_dir
     unsafe = await dp.killed_upload(
         images, alpha, data_dir, disks.read(file_name), FAILED_PRECONDITION, "IMAGE_UNSAFE"
     )
@@ -194,10 +192,10 @@ async def test_qcow2_claiming_more_than_the_default_maximum_is_too_large(
     service: RunningService,
     images: dp.Stub,
     alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
 ) -> None:
     assert virtual_size(disks.path("2t.qcow2")) > service.settings.max_image_bytes
-    data_dir = service.settings.data_dir
     huge = disks.read("2t.qcow2")
     await dp.killed_upload(images, alpha, data_dir, huge, FAILED_PRECONDITION, "IMAGE_TOO_LARGE")
 
@@ -231,6 +229,7 @@ async def test_content_the_service_cannot_take_kills_the_upload(
     service: RunningService,
     images: dp.Stub,
     alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
     reason: str,
@@ -238,7 +237,6 @@ async def test_content_the_service_cannot_take_kills_the_upload(
     """A format the service does not take (VDI), and content qemu-img
     cannot convert (a corrupt QCOW2)."""
     content = disks.read(file_name)
-    data_dir = service.settings.data_dir
     await dp.killed_upload(images, alpha, data_dir, content, FAILED_PRECONDITION, reason)
 
 

@@ -83,9 +83,8 @@ async def interrupted_upload(
 
 @pytest.mark.parametrize("how", ["cancel", "raise"])
 async def test_broken_upload_resumes_from_uploaded_bytes(
-    service: RunningService, images: dp.Stub, alpha: Metadata, how: str
+    images: dp.Stub, alpha: Metadata, how: str, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(5 * MiB + 77)
     sent = 2 * MiB + 1234
 
@@ -113,9 +112,8 @@ async def test_broken_upload_resumes_from_uploaded_bytes(
 
 
 async def test_upload_resumes_after_two_breaks(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(3 * MiB)
 
     queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
@@ -138,9 +136,8 @@ async def test_upload_resumes_after_two_breaks(
 
 
 async def test_resume_with_a_wrong_offset_is_refused_and_keeps_the_bytes(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     sent = MiB + 7
     queued = await interrupted_upload(images, alpha, content, sent, data_dir)
@@ -161,7 +158,7 @@ async def test_resume_with_a_wrong_offset_is_refused_and_keeps_the_bytes(
 
 
 async def test_fresh_upload_with_a_nonzero_offset_is_refused(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
 
@@ -172,13 +169,12 @@ async def test_fresh_upload_with_a_nonzero_offset_is_refused(
     )
 
     assert rich.info.metadata["uploaded_bytes"] == "0"
-    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_untouched(images, alpha, created.name, data_dir)
 
 
 async def test_resume_with_different_bytes_fails_the_checksum(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
 
@@ -202,9 +198,8 @@ async def test_resume_with_different_bytes_fails_the_checksum(
 
 
 async def test_a_second_upload_while_one_is_in_progress_is_refused(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
@@ -223,9 +218,8 @@ async def test_a_second_upload_while_one_is_in_progress_is_refused(
 
 
 async def test_deleting_an_interrupted_upload_removes_its_staged_bytes(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    data_dir = service.settings.data_dir
     content = random_bytes(MiB)
     queued = await interrupted_upload(images, alpha, content, 100_000, data_dir)
     assert dp.staged_path(data_dir, queued.name).exists()
@@ -349,12 +343,11 @@ async def test_public_catalog_images_download_and_verify(
 
 
 async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     """DeleteImage while bytes are arriving: the image is gone at once, the
     upload ends with NOT_FOUND (the servicer's own `_finish` says so for a
     deletion that lands while the blob is stored) and nothing stays on disk."""
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
@@ -370,11 +363,11 @@ async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
 
 
 async def test_download_of_an_image_whose_blob_is_gone_is_data_loss(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(3000))
-    dp.blob_path(service.settings.data_dir, created.name).unlink()
+    dp.blob_path(data_dir, created.name).unlink()
 
     await dp.expect_error(
         dp.download_all(images, alpha, created.name),

@@ -4,6 +4,8 @@ comes back byte for byte and the image reports its real size and SHA-256."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataplane_support as dp
 import grpc
 import pytest
@@ -27,10 +29,7 @@ SIZES = {
 
 @pytest.mark.parametrize("size_name", [name for name in SIZES if name != "empty"])
 async def test_round_trip_of_random_raw_content(
-    service: RunningService,
-    images: dp.Stub,
-    alpha: Metadata,
-    size_name: str,
+    service: RunningService, images: dp.Stub, alpha: Metadata, size_name: str, data_dir: Path
 ) -> None:
     chunk = service.settings.chunk_bytes
     content = random_bytes(SIZES[size_name](chunk))
@@ -64,9 +63,7 @@ async def test_round_trip_of_random_raw_content(
     assert got.messages == len(expected_chunks) + 1
 
     # The bytes live in exactly one place: the blob; nothing is left staged.
-    assert dp.files_of(service.settings.data_dir, created.name) == [
-        dp.blob_path(service.settings.data_dir, created.name)
-    ]
+    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
 
 
 async def test_round_trip_without_declared_size_or_checksum(
@@ -109,13 +106,13 @@ async def test_empty_upload(service: RunningService, images: dp.Stub, alpha: Met
 
 
 async def test_deleted_image_loses_its_blob_and_download(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(3000))
-    assert dp.blob_path(service.settings.data_dir, created.name).exists()
+    assert dp.blob_path(data_dir, created.name).exists()
 
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
 
-    assert dp.files_of(service.settings.data_dir, created.name) == []
+    assert dp.files_of(data_dir, created.name) == []
     await dp.expect_error(dp.download_all(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)

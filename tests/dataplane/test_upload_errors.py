@@ -38,10 +38,9 @@ async def invalid_stream(
 
 
 async def test_checksum_mismatch_is_data_loss_and_kills_the_image(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     content = random_bytes(2 * MiB + 3)
-    data_dir = service.settings.data_dir
     wrong = sha256_hex(content + b"x")
 
     killed = await dp.killed_upload(
@@ -59,10 +58,9 @@ async def test_checksum_mismatch_is_data_loss_and_kills_the_image(
 
 
 async def test_fewer_bytes_than_declared_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     content = random_bytes(MiB)
-    data_dir = service.settings.data_dir
 
     killed = await dp.killed_upload(
         images,
@@ -78,10 +76,9 @@ async def test_fewer_bytes_than_declared_is_invalid_and_kills_the_image(
 
 
 async def test_more_bytes_than_declared_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     content = random_bytes(MiB + 1)
-    data_dir = service.settings.data_dir
 
     await dp.killed_upload(
         images, alpha, data_dir, content, INVALID_ARGUMENT, size_bytes=MiB, sha256=""
@@ -128,7 +125,7 @@ async def test_upload_to_an_active_image_fails_and_keeps_its_bytes(
 
 
 async def test_upload_by_another_project_is_not_found(
-    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, as_project: Callable[..., Metadata], data_dir: Path
 ) -> None:
     alpha, beta = as_project(fresh_project("alpha")), as_project(fresh_project("beta"))
     created = await dp.create_image(images, alpha)
@@ -139,7 +136,7 @@ async def test_upload_by_another_project_is_not_found(
         "IMAGE_NOT_FOUND",
     )
 
-    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_untouched(images, alpha, created.name, data_dir)
 
 
 async def test_upload_to_a_public_image_is_refused(
@@ -172,7 +169,7 @@ async def test_upload_to_a_missing_or_malformed_name(
 
 
 async def test_first_message_must_be_metadata(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
 
@@ -180,11 +177,11 @@ async def test_first_message_must_be_metadata(
     assert "metadata" in (await invalid_stream(images, alpha, *chunk_first)).fields
     assert "metadata" in (await invalid_stream(images, alpha)).fields
 
-    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_untouched(images, alpha, created.name, data_dir)
 
 
 async def test_metadata_in_the_middle_of_the_stream_is_invalid(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
 
@@ -197,11 +194,11 @@ async def test_metadata_in_the_middle_of_the_stream_is_invalid(
         dp.chunk_message(b"b" * 1000),
     )
 
-    await dp.assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_killed_and_clean(images, alpha, created.name, data_dir)
 
 
 async def test_invalid_declarations_are_refused_before_any_byte_is_taken(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
     cases = [
@@ -215,11 +212,11 @@ async def test_invalid_declarations_are_refused_before_any_byte_is_taken(
         rich = await invalid_stream(images, alpha, first, dp.chunk_message(b"x"))
         assert field in rich.fields, (first, rich.fields)
 
-    await dp.assert_untouched(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_untouched(images, alpha, created.name, data_dir)
 
 
 async def test_chunk_over_four_mib_is_invalid_and_kills_the_image(
-    service: RunningService, images: dp.Stub, alpha: Metadata
+    service: RunningService, images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     created = await dp.create_image(images, alpha)
     assert dp.MAX_UPLOAD_CHUNK + 1 < service.settings.max_message_bytes
@@ -233,7 +230,7 @@ async def test_chunk_over_four_mib_is_invalid_and_kills_the_image(
     )
 
     assert "chunk" in rich.fields
-    await dp.assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    await dp.assert_killed_and_clean(images, alpha, created.name, data_dir)
 
 
 async def test_message_over_the_transport_limit_is_resource_exhausted(
