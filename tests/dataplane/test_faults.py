@@ -17,7 +17,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import dataplane_support as dp
@@ -61,6 +62,18 @@ def assert_no_internals(text: str, *internals: str) -> None:
         assert internal not in text, f"{internal!r} leaked into {text!r}"
 
 
+@asynccontextmanager
+async def tiny_storage(
+    tmp_path: Path, folder: Path, size: int
+) -> AsyncIterator[tuple[dp.OwnService, Metadata, image_pb2.Image]]:
+    """A service on `tmp_path` whose `folder` is a tmpfs of `size` bytes,
+    the metadata of a project of its own and a new image of that project."""
+    async with dp.own_service(tmp_path) as own:
+        with tmpfs(folder, size):
+            alpha = own.metadata(fresh_project("full"))
+            yield own, alpha, await dp.create_image(own.images, alpha)
+
+
 async def storage_full(
     own: dp.OwnService, metadata: Metadata, name: str, content: bytes, subject: str
 ) -> RichError:
@@ -78,59 +91,53 @@ async def storage_full(
 async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
     tmp_path: Path,
 ) -> None:
-    async with dp.own_service(tmp_path) as own:
-        staging = tmp_path / "staging"
-        with tmpfs(staging, 4 * MiB):
-            alpha = own.metadata(fresh_project("full"))
-            created = await dp.create_image(own.images, alpha)
-            await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
-            descriptors = open_descriptors()
-            content = random_bytes(6 * MiB)
+    staging = tmp_path / "staging"
+    async with tiny_storage(tmp_path, staging, 4 * MiB) as (own, alpha, created):
+        await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
+        descriptors = open_descriptors()
+        content = random_bytes(6 * MiB)
 
-            refused = await storage_full(own, alpha, created.name, content, "storage/staging-area")
+        refused = await storage_full(own, alpha, created.name, content, "storage/staging-area")
 
-            image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
-            durable = dp.staged_path(tmp_path, created.name).read_bytes()
-            assert 0 < len(durable) <= 4 * MiB
-            assert image.uploaded_bytes == len(durable), "the offset is the durable bytes"
-            assert durable == content[: len(durable)], "no partial chunk, no zeros"
-            assert refused.info.metadata["uploaded_bytes"] == str(len(durable))
-            assert_no_internals(image.status_reason, str(tmp_path))
-            assert descriptors_under(staging) == [], "the staging file was left open"
-            assert open_descriptors() <= descriptors
+        image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
+        durable = dp.staged_path(tmp_path, created.name).read_bytes()
+        assert 0 < len(durable) <= 4 * MiB
+        assert image.uploaded_bytes == len(durable), "the offset is the durable bytes"
+        assert durable == content[: len(durable)], "no partial chunk, no zeros"
+        assert refused.info.metadata["uploaded_bytes"] == str(len(durable))
+        assert_no_internals(image.status_reason, str(tmp_path))
+        assert descriptors_under(staging) == [], "the staging file was left open"
+        assert open_descriptors() <= descriptors
 
-            await own.images.DeleteImage(
-                image_pb2.DeleteImageRequest(name=created.name), metadata=alpha
-            )
-            assert shutil.disk_usage(staging).used == 0, "the delete did not free the space"
+        await own.images.DeleteImage(
+            image_pb2.DeleteImageRequest(name=created.name), metadata=alpha
+        )
+        assert shutil.disk_usage(staging).used == 0, "the delete did not free the space"
 
-            # The space is back: the next upload goes through.
-            again = await dp.create_image(own.images, alpha)
-            small = random_bytes(MiB)
-            done = await dp.upload(own.images, alpha, again.name, small)
-            assert done.status == dp.ACTIVE, dp.status_name(done.status)
+        # The space is back: the next upload goes through.
+        again = await dp.create_image(own.images, alpha)
+        small = random_bytes(MiB)
+        done = await dp.upload(own.images, alpha, again.name, small)
+        assert done.status == dp.ACTIVE, dp.status_name(done.status)
 
 
 async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
     tmp_path: Path,
 ) -> None:
-    async with dp.own_service(tmp_path) as own:
-        blobs = tmp_path / "blobs"
-        with tmpfs(blobs, 2 * MiB):
-            alpha = own.metadata(fresh_project("full"))
-            created = await dp.create_image(own.images, alpha)
-            content = random_bytes(3 * MiB + 5)
+    blobs = tmp_path / "blobs"
+    async with tiny_storage(tmp_path, blobs, 2 * MiB) as (own, alpha, created):
+        content = random_bytes(3 * MiB + 5)
 
-            await storage_full(own, alpha, created.name, content, "storage/image-store")
+        await storage_full(own, alpha, created.name, content, "storage/image-store")
 
-            image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
-            assert image.uploaded_bytes == len(content)
-            assert dp.temp_blobs(tmp_path) == [], "a partial copy holds the space"
-            assert descriptors_under(blobs) == []
+        image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
+        assert image.uploaded_bytes == len(content)
+        assert dp.temp_blobs(tmp_path) == [], "a partial copy holds the space"
+        assert descriptors_under(blobs) == []
 
-            remount(blobs, 16 * MiB)  # an operator makes room
-            resumed = await dp.resume_upload(own.images, alpha, created.name, content, len(content))
-            await dp.assert_stored(own.images, alpha, resumed, content)
+        remount(blobs, 16 * MiB)  # an operator makes room
+        resumed = await dp.resume_upload(own.images, alpha, created.name, content, len(content))
+        await dp.assert_stored(own.images, alpha, resumed, content)
 
 
 # -- an S3 store that goes away -------------------------------------------------
