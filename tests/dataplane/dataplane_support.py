@@ -1,7 +1,10 @@
 """Helpers of the data-plane tests (uploads, downloads, formats, crashes):
-request builders, a verifying downloader, rich-status decoding, qemu-img
-wrappers and a `bms-image serve` subprocess. Plain functions and classes, so
-no second conftest.py; import them as `from dataplane_support import ...`."""
+request builders, a verifying downloader, the data directory's files, qemu-img
+wrappers and a service of a test's own. Plain functions and classes; the
+tests use them as `import dataplane_support as dp`, `dp.upload(...)`, and
+take what is not the data plane's own (random bytes, projects, tokens,
+processes, rich errors) from `support.*` itself. The shared service is a
+fixture of conftest.py."""
 
 from __future__ import annotations
 
@@ -10,20 +13,20 @@ import functools
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from support import builders, errors, services
-from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
-from support.errors import RichError, decode, expect_code  # noqa: F401
-from support.processes import BMS_IMAGE, ServeProcess, clean_environ, free_port  # noqa: F401
-from support.services import Serving, fresh_project, make_settings, serving  # noqa: F401
+from support.builders import sha256_hex
+from support.errors import RichError
+from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 
 Stub = image_pb2_grpc.ImageServiceStub
@@ -164,6 +167,56 @@ async def upload(
     return result
 
 
+async def resume_upload(
+    images: Stub, metadata: Metadata, name: str, content: bytes, offset: int, **options: Any
+) -> image_pb2.Image:
+    """Uploads the rest of `content` from `offset`, declaring the size and
+    SHA-256 of all of `content` (`options` as of `upload`)."""
+    return await upload(
+        images,
+        metadata,
+        name,
+        content[offset:],
+        offset=offset,
+        size_bytes=len(content),
+        sha256=sha256_hex(content),
+        **options,
+    )
+
+
+def paced_requests(
+    name: str, content: bytes, sent: int, more: asyncio.Event, piece: int = MiB
+) -> Callable[[], AsyncIterator[image_pb2.UploadImageDataRequest]]:
+    """A request stream declaring all of `content`, sending its first `sent`
+    bytes, then waiting for `more` before it sends the rest."""
+
+    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
+        yield upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content))
+        for chunk in split(content[:sent], [piece]):
+            yield chunk_message(chunk)
+        await more.wait()
+        for chunk in split(content[sent:], [piece]):
+            yield chunk_message(chunk)
+
+    return requests
+
+
+async def held_upload(
+    images: Stub,
+    metadata: Metadata,
+    name: str,
+    content: bytes,
+    sent: int,
+    data_dir: Path,
+    more: asyncio.Event,
+) -> grpc.aio.StreamUnaryCall:
+    """An upload of `content` (see `paced_requests`) whose first `sent` bytes
+    the server has staged; the rest follows once `more` is set."""
+    call = images.UploadImageData(paced_requests(name, content, sent, more)(), metadata=metadata)
+    await wait_for_file_size(staged_path(data_dir, name), sent)
+    return call
+
+
 # -- downloads ----------------------------------------------------------------
 
 
@@ -235,6 +288,16 @@ async def download_verified(
     return got.data
 
 
+async def assert_stored(
+    images: Stub, metadata: Metadata, image: image_pb2.Image, content: bytes
+) -> None:
+    """`image` (an upload's answer, or GetImage's) is ACTIVE with the size
+    and SHA-256 of `content`, and downloads as exactly `content`."""
+    assert image.status == ACTIVE, status_name(image.status)
+    assert (image.size_bytes, image.sha256) == (len(content), sha256_hex(content))
+    assert await download_verified(images, metadata, image.name) == content
+
+
 # -- rich errors --------------------------------------------------------------
 
 
@@ -295,6 +358,63 @@ async def wait_for_file_size(path: Path, size: int, within: float = 5.0) -> None
                 f"{path} has {file_size(path)} bytes after {within}s, expected {size}"
             )
         await asyncio.sleep(0.01)
+
+
+# -- refused uploads ----------------------------------------------------------
+
+
+async def assert_killed_and_clean(
+    images: Stub, metadata: Metadata, name: str, data_dir: Path
+) -> image_pb2.Image:
+    """KILLED with a reason, no upload pending, and no byte of it left on disk."""
+    image = await get_image(images, metadata, name)
+    assert image.status == KILLED, status_name(image.status)
+    assert image.status_reason
+    assert image.uploaded_bytes == 0
+    assert image.sha256 == ""
+    assert image.size_bytes == 0
+    assert files_of(data_dir, name) == []
+    assert temp_blobs(data_dir) == []
+    return image
+
+
+async def assert_untouched(images: Stub, metadata: Metadata, name: str, data_dir: Path) -> None:
+    """Still QUEUED with no byte taken, and nothing of it on disk."""
+    image = await get_image(images, metadata, name)
+    assert (image.status, image.uploaded_bytes) == (QUEUED, 0), status_name(image.status)
+    assert files_of(data_dir, name) == []
+
+
+@dataclass
+class Killed:
+    """An upload the service refused and the image it killed."""
+
+    image: image_pb2.Image
+    error: RichError
+
+
+async def killed_upload(
+    images: Stub,
+    metadata: Metadata,
+    data_dir: Path,
+    content: bytes,
+    code: grpc.StatusCode,
+    reason: str | None = None,
+    *,
+    within: float | None = None,
+    **options: Any,
+) -> Killed:
+    """A new image and an upload of `content` to it (`options` as of
+    `upload`, at most `within` seconds) that fails with `code` (and `reason`)
+    and leaves the image KILLED and clean (`assert_killed_and_clean`)."""
+    created = await create_image(images, metadata)
+    error = await expect_error(
+        asyncio.wait_for(upload(images, metadata, created.name, content, **options), within),
+        code,
+        reason,
+    )
+    image = await assert_killed_and_clean(images, metadata, created.name, data_dir)
+    return Killed(image, error)
 
 
 # -- qemu-img -----------------------------------------------------------------

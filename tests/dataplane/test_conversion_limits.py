@@ -13,23 +13,9 @@ import struct
 import time
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    KILLED,
-    MiB,
-    create_image,
-    expect_error,
-    files_of,
-    get_image,
-    needs_qemu_img,
-    own_service,
-    qemu_img,
-    random_bytes,
-    status_name,
-    upload,
-)
 
 from bms.image.v1 import image_pb2
 from bms_image.common.errors import FailedPrecondition
@@ -39,9 +25,11 @@ from bms_image.images.adapters.formats import (
     MAX_VIRTUAL_BYTES,
     ContentInspector,
 )
-from support.errors import decode
+from support.builders import MiB, random_bytes
+from support.errors import RichError, decode
+from support.tokens import Metadata
 
-pytestmark = needs_qemu_img
+pytestmark = dp.needs_qemu_img
 
 #: Hang guard of one upload: before the bound, the 1 TiB qcow2 was
 #: converted and its terabyte of zeros hashed, which takes hours.
@@ -53,16 +41,27 @@ def qcow2(directory: Path, name: str, size: str, content: bytes = b"") -> Path:
     if content:
         raw = directory / f"{name}.raw"
         raw.write_bytes(content)
-        qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+        dp.qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
     else:
-        qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+        dp.qemu_img("create", "-q", "-f", "qcow2", str(path), size)
     return path
 
 
-async def assert_killed(own, md, name: str) -> None:
-    image = await get_image(own.images, md, name)
-    assert image.status == KILLED, status_name(image.status)
-    assert files_of(own.data_dir, name) == []
+async def refused_and_killed(
+    own: dp.OwnService, md: Metadata, content: bytes, reason: str, within: float | None = None
+) -> RichError:
+    """An upload of `content` to a new image of `own` refused with
+    FAILED_PRECONDITION `reason`; the image is KILLED and clean."""
+    killed = await dp.killed_upload(
+        own.images,
+        md,
+        own.data_dir,
+        content,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        reason,
+        within=within,
+    )
+    return killed.error
 
 
 def qemu_img_processes_under(directory: Path) -> list[int]:
@@ -87,34 +86,24 @@ async def test_a_small_qcow2_claiming_1_tib_is_too_large(tmp_path: Path) -> None
     (1 TiB) but over BMS_IMAGE_MAX_VIRTUAL_BYTES (256 GiB)."""
     big = qcow2(tmp_path, "1t.qcow2", "1T")
     assert big.stat().st_size < 1 * MiB
-    async with own_service(tmp_path / "service") as own:
+    async with dp.own_service(tmp_path / "service") as own:
         md = own.metadata("alpha")
-        created = await create_image(own.images, md)
-        rich = await expect_error(
-            asyncio.wait_for(upload(own.images, md, created.name, big.read_bytes()), UPLOAD_GUARD),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
+        rich = await refused_and_killed(
+            own, md, big.read_bytes(), "IMAGE_TOO_LARGE", within=UPLOAD_GUARD
         )
         assert "BMS_IMAGE_MAX_VIRTUAL_BYTES" in rich.status.message
         assert str(MAX_VIRTUAL_BYTES) in rich.status.message
-        await assert_killed(own, md, created.name)
 
 
 async def test_max_virtual_bytes_is_a_setting(tmp_path: Path) -> None:
     over = qcow2(tmp_path, "3m.qcow2", "", random_bytes(3 * MiB))
     fits = qcow2(tmp_path, "1m.qcow2", "", random_bytes(MiB))
-    async with own_service(tmp_path / "service", max_virtual_bytes=2 * MiB) as own:
+    async with dp.own_service(tmp_path / "service", max_virtual_bytes=2 * MiB) as own:
         md = own.metadata("alpha")
-        refused = await create_image(own.images, md)
-        await expect_error(
-            upload(own.images, md, refused.name, over.read_bytes()),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
-        )
-        await assert_killed(own, md, refused.name)
-        accepted = await create_image(own.images, md, display_name="fits")
-        active = await upload(own.images, md, accepted.name, fits.read_bytes())
-        assert (active.status, active.size_bytes) == (ACTIVE, MiB)
+        await refused_and_killed(own, md, over.read_bytes(), "IMAGE_TOO_LARGE")
+        accepted = await dp.create_image(own.images, md, display_name="fits")
+        active = await dp.upload(own.images, md, accepted.name, fits.read_bytes())
+        assert (active.status, active.size_bytes) == (dp.ACTIVE, MiB)
 
 
 async def test_a_raw_disk_the_staging_area_cannot_hold_is_refused(tmp_path: Path) -> None:
@@ -123,13 +112,15 @@ async def test_a_raw_disk_the_staging_area_cannot_hold_is_refused(tmp_path: Path
     free = space.f_bavail * space.f_frsize
     claimed = (free * 2 // MiB + 1) * MiB
     huge = qcow2(tmp_path, "huge.qcow2", str(claimed))
-    async with own_service(
+    async with dp.own_service(
         tmp_path / "service", max_virtual_bytes=2**62, max_image_bytes=2**62
     ) as own:
         md = own.metadata("alpha")
-        created = await create_image(own.images, md)
-        rich = await expect_error(
-            asyncio.wait_for(upload(own.images, md, created.name, huge.read_bytes()), UPLOAD_GUARD),
+        created = await dp.create_image(own.images, md)
+        rich = await dp.expect_error(
+            asyncio.wait_for(
+                dp.upload(own.images, md, created.name, huge.read_bytes()), UPLOAD_GUARD
+            ),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "STAGING_SPACE_EXHAUSTED",
         )
@@ -146,16 +137,10 @@ async def test_a_raw_disk_the_staging_area_cannot_hold_is_refused(tmp_path: Path
 async def test_a_conversion_over_the_timeout_is_killed(tmp_path: Path) -> None:
     """A timeout no qemu-img can meet (it takes longer to start)."""
     disk = qcow2(tmp_path, "disk.qcow2", "", random_bytes(4 * MiB))
-    async with own_service(tmp_path / "service", convert_timeout_seconds=0.001) as own:
+    async with dp.own_service(tmp_path / "service", convert_timeout_seconds=0.001) as own:
         md = own.metadata("alpha")
-        created = await create_image(own.images, md)
-        rich = await expect_error(
-            upload(own.images, md, created.name, disk.read_bytes()),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_CONVERSION_TIMEOUT",
-        )
+        rich = await refused_and_killed(own, md, disk.read_bytes(), "IMAGE_CONVERSION_TIMEOUT")
         assert "BMS_IMAGE_CONVERT_TIMEOUT_SECONDS" in rich.status.message
-        await assert_killed(own, md, created.name)
         assert qemu_img_processes_under(own.data_dir) == []
 
 
@@ -165,15 +150,9 @@ async def test_a_vmdk_header_without_its_descriptor_is_refused(tmp_path: Path) -
         "<4sIIQQQQIQQQBccccH",
         b"KDMV", 1, 3, 2**40, 128, 1, 2**40, 512, 0, 0, 0, 0, b"\n", b" ", b"\r", b"\n", 0,
     ).ljust(4096, b"\0")  # fmt: skip
-    async with own_service(tmp_path / "service") as own:
+    async with dp.own_service(tmp_path / "service") as own:
         md = own.metadata("alpha")
-        created = await create_image(own.images, md)
-        await expect_error(
-            upload(own.images, md, created.name, header),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_UNSAFE",
-        )
-        await assert_killed(own, md, created.name)
+        await refused_and_killed(own, md, header, "IMAGE_UNSAFE")
 
 
 # -- the conversion itself, with a qemu-img that never ends ---------------------------------------

@@ -7,41 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    KILLED,
-    QUEUED,
-    SAVING,
-    MiB,
-    ServeProcess,
-    blob_path,
-    chunk_message,
-    create_image,
-    download_verified,
-    expect_error,
-    file_size,
-    files_of,
-    get_image,
-    own_service,
-    random_bytes,
-    sha256_hex,
-    split,
-    staged_path,
-    status_name,
-    temp_blobs,
-    upload,
-    upload_metadata,
-    wait_for_file_size,
-)
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
+from support.builders import MiB, random_bytes, sha256_hex
+from support.processes import ServeProcess
 
 
 @pytest.fixture
@@ -62,30 +39,13 @@ async def assert_only_active_blobs(
 ) -> None:
     """Every blob on disk belongs to an ACTIVE image the caller can see (its
     own or a public one), and no temporary file is left from a copy."""
-    assert temp_blobs(data_dir) == []
+    assert dp.temp_blobs(data_dir) == []
     listed = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=1000, filter="status = active"), metadata=metadata
     )
     active = {image.name.removeprefix("images/") for image in listed.images}
     on_disk = {p.name.removesuffix(".blob") for p in (data_dir / "blobs").glob("*.blob")}
     assert on_disk <= active, f"orphan blobs: {on_disk - active}"
-
-
-def paced_requests(
-    name: str, content: bytes, sent: int, more: asyncio.Event, piece: int = MiB
-) -> Callable[[], AsyncIterator[image_pb2.UploadImageDataRequest]]:
-    """A request stream declaring all of `content`, sending its first `sent`
-    bytes, then waiting for `more` before it sends the rest."""
-
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content))
-        for chunk in split(content[:sent], [piece]):
-            yield chunk_message(chunk)
-        await more.wait()
-        for chunk in split(content[sent:], [piece]):
-            yield chunk_message(chunk)
-
-    return requests
 
 
 @dataclass
@@ -118,27 +78,27 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
     async with grpc.aio.insecure_channel(serve.address) as channel:
         images = image_pb2_grpc.ImageServiceStub(channel)
         for label, upload_ in uploads.items():
-            upload_.name = (await create_image(images, alpha, display_name=label)).name
+            upload_.name = (await dp.create_image(images, alpha, display_name=label)).name
             upload_.call = images.UploadImageData(
-                paced_requests(upload_.name, upload_.content, upload_.sent, more)(),
+                dp.paced_requests(upload_.name, upload_.content, upload_.sent, more)(),
                 metadata=alpha,
             )
         for upload_ in uploads.values():
-            await wait_for_file_size(staged_path(data_dir, upload_.name), upload_.sent)
-            assert (await get_image(images, alpha, upload_.name)).status == SAVING
+            await dp.wait_for_file_size(dp.staged_path(data_dir, upload_.name), upload_.sent)
+            assert (await dp.get_image(images, alpha, upload_.name)).status == dp.SAVING
 
         broken = uploads["broken-before"]
         broken.call.cancel()
         for _ in range(250):
-            image = await get_image(images, alpha, broken.name)
-            if image.status == QUEUED:
+            image = await dp.get_image(images, alpha, broken.name)
+            if image.status == dp.QUEUED:
                 break
             await asyncio.sleep(0.02)
-        assert (image.status, image.uploaded_bytes) == (QUEUED, broken.sent)
+        assert (image.status, image.uploaded_bytes) == (dp.QUEUED, broken.sent)
 
         deleted = uploads["deleted"]
         await images.DeleteImage(image_pb2.DeleteImageRequest(name=deleted.name), metadata=alpha)
-        assert files_of(data_dir, deleted.name) == []
+        assert dp.files_of(data_dir, deleted.name) == []
 
         serve.kill()
         for label in ("half-sent", "all-sent", "deleted"):
@@ -149,40 +109,33 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
     serve.start()  # the same data directory, a new port
     async with grpc.aio.insecure_channel(serve.address) as channel:
         images = image_pb2_grpc.ImageServiceStub(channel)
-        await expect_error(get_image(images, alpha, deleted.name), grpc.StatusCode.NOT_FOUND)
-        assert files_of(data_dir, deleted.name) == []
+        await dp.expect_error(dp.get_image(images, alpha, deleted.name), grpc.StatusCode.NOT_FOUND)
+        assert dp.files_of(data_dir, deleted.name) == []
         await assert_only_active_blobs(images, alpha, data_dir)
 
         for label in ("half-sent", "all-sent", "broken-before"):
             upload_ = uploads[label]
-            image = await get_image(images, alpha, upload_.name)
-            assert image.status == QUEUED, (label, status_name(image.status))
+            image = await dp.get_image(images, alpha, upload_.name)
+            assert image.status == dp.QUEUED, (label, dp.status_name(image.status))
             assert image.uploaded_bytes == upload_.sent, label
-            assert file_size(staged_path(data_dir, upload_.name)) == upload_.sent, label
+            assert dp.file_size(dp.staged_path(data_dir, upload_.name)) == upload_.sent, label
             assert (image.size_bytes, image.sha256) == (0, ""), label
             if label != "broken-before":
                 assert "restart" in image.status_reason, label
-            staged = staged_path(data_dir, upload_.name).read_bytes()
+            staged = dp.staged_path(data_dir, upload_.name).read_bytes()
             assert staged == upload_.content[: upload_.sent], label
-            assert not blob_path(data_dir, upload_.name).exists(), label
+            assert not dp.blob_path(data_dir, upload_.name).exists(), label
 
-            resumed = await upload(
-                images,
-                alpha,
-                upload_.name,
-                upload_.content[upload_.sent :],
-                offset=upload_.sent,
-                size_bytes=len(upload_.content),
-                sha256=sha256_hex(upload_.content),
-                chunk_sizes=[4 * MiB],
+            resumed = await dp.resume_upload(
+                images, alpha, upload_.name, upload_.content, upload_.sent, chunk_sizes=[4 * MiB]
             )
 
-            assert resumed.status == ACTIVE, (label, status_name(resumed.status))
+            assert resumed.status == dp.ACTIVE, (label, dp.status_name(resumed.status))
             assert resumed.size_bytes == len(upload_.content), label
             assert resumed.sha256 == sha256_hex(upload_.content), label
-            data = await download_verified(images, alpha, upload_.name)
+            data = await dp.download_verified(images, alpha, upload_.name)
             assert data == upload_.content, label
-            assert files_of(data_dir, upload_.name) == [blob_path(data_dir, upload_.name)]
+            assert dp.files_of(data_dir, upload_.name) == [dp.blob_path(data_dir, upload_.name)]
         await assert_only_active_blobs(images, alpha, data_dir)
 
 
@@ -196,44 +149,39 @@ async def test_sigkill_while_bytes_are_flowing(serve: ServeProcess) -> None:
 
     async with grpc.aio.insecure_channel(serve.address) as channel:
         images = image_pb2_grpc.ImageServiceStub(channel)
-        created = await create_image(images, alpha)
+        created = await dp.create_image(images, alpha)
 
         async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-            yield upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
-            for piece in split(content, [MiB - 1]):
-                yield chunk_message(piece)
+            yield dp.upload_metadata(
+                created.name, size_bytes=len(content), sha256=sha256_hex(content)
+            )
+            for piece in dp.split(content, [MiB - 1]):
+                yield dp.chunk_message(piece)
                 await asyncio.sleep(0.005)  # keep the stream going while the test kills
 
         call = images.UploadImageData(requests(), metadata=alpha)
-        await wait_for_file_size(staged_path(data_dir, created.name), 3 * MiB)
+        await dp.wait_for_file_size(dp.staged_path(data_dir, created.name), 3 * MiB)
         serve.kill()
         with pytest.raises(grpc.aio.AioRpcError):
             await call
 
-    staged_at_crash = file_size(staged_path(data_dir, created.name))
+    staged_at_crash = dp.file_size(dp.staged_path(data_dir, created.name))
     assert staged_at_crash is not None and 3 * MiB <= staged_at_crash < len(content)
 
     serve.start()
     async with grpc.aio.insecure_channel(serve.address) as channel:
         images = image_pb2_grpc.ImageServiceStub(channel)
-        image = await get_image(images, alpha, created.name)
-        assert image.status == QUEUED, status_name(image.status)
+        image = await dp.get_image(images, alpha, created.name)
+        assert image.status == dp.QUEUED, dp.status_name(image.status)
         assert image.uploaded_bytes == staged_at_crash
         offset = image.uploaded_bytes
-        assert staged_path(data_dir, created.name).read_bytes() == content[:offset]
-        assert not blob_path(data_dir, created.name).exists()
+        assert dp.staged_path(data_dir, created.name).read_bytes() == content[:offset]
+        assert not dp.blob_path(data_dir, created.name).exists()
 
-        resumed = await upload(
-            images,
-            alpha,
-            created.name,
-            content[offset:],
-            offset=offset,
-            size_bytes=len(content),
-            sha256=sha256_hex(content),
-            chunk_sizes=[4 * MiB],
+        resumed = await dp.resume_upload(
+            images, alpha, created.name, content, offset, chunk_sizes=[4 * MiB]
         )
-        assert (resumed.status, resumed.sha256) == (ACTIVE, sha256_hex(content))
+        assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
         await assert_only_active_blobs(images, alpha, data_dir)
 
 
@@ -242,18 +190,18 @@ async def test_sigkill_while_bytes_are_flowing(serve: ServeProcess) -> None:
 
 async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
     data_dir = tmp_path
-    async with own_service(data_dir) as own:
+    async with dp.own_service(data_dir) as own:
         alpha = own.metadata("alpha")
-        active = await create_image(own.images, alpha, display_name="active")
+        active = await dp.create_image(own.images, alpha, display_name="active")
         active_content = random_bytes(MiB + 1)
-        await upload(own.images, alpha, active.name, active_content)
-        killed = await create_image(own.images, alpha, display_name="killed")
-        await expect_error(
-            upload(own.images, alpha, killed.name, b"abc", sha256="0" * 64),
+        await dp.upload(own.images, alpha, active.name, active_content)
+        killed = await dp.create_image(own.images, alpha, display_name="killed")
+        await dp.expect_error(
+            dp.upload(own.images, alpha, killed.name, b"abc", sha256="0" * 64),
             grpc.StatusCode.DATA_LOSS,
         )
-        queued = await create_image(own.images, alpha, display_name="queued")
-        deleted = await create_image(own.images, alpha, display_name="deleted")
+        queued = await dp.create_image(own.images, alpha, display_name="queued")
+        deleted = await dp.create_image(own.images, alpha, display_name="deleted")
         await own.images.DeleteImage(
             image_pb2.DeleteImageRequest(name=deleted.name), metadata=alpha
         )
@@ -261,32 +209,32 @@ async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
     # What a crash or an operator could leave behind.
     nobody = f"images/{uuid.uuid4()}"
     planted = {
-        "unknown blob": blob_path(data_dir, nobody),
-        "unknown staged upload": staged_path(data_dir, nobody),
+        "unknown blob": dp.blob_path(data_dir, nobody),
+        "unknown staged upload": dp.staged_path(data_dir, nobody),
         "temporary blob copy": data_dir / "blobs" / f".tmp-{uuid.uuid4().hex}",
-        "killed image's blob": blob_path(data_dir, killed.name),
-        "killed image's staged upload": staged_path(data_dir, killed.name),
-        "deleted image's blob": blob_path(data_dir, deleted.name),
-        "deleted image's staged upload": staged_path(data_dir, deleted.name),
-        "queued image's blob": blob_path(data_dir, queued.name),
-        "active image's stale staged upload": staged_path(data_dir, active.name),
+        "killed image's blob": dp.blob_path(data_dir, killed.name),
+        "killed image's staged upload": dp.staged_path(data_dir, killed.name),
+        "deleted image's blob": dp.blob_path(data_dir, deleted.name),
+        "deleted image's staged upload": dp.staged_path(data_dir, deleted.name),
+        "queued image's blob": dp.blob_path(data_dir, queued.name),
+        "active image's stale staged upload": dp.staged_path(data_dir, active.name),
     }
     for path in planted.values():
         path.write_bytes(random_bytes(4096))
     queued_prefix = random_bytes(10_000)
-    staged_path(data_dir, queued.name).write_bytes(queued_prefix)
+    dp.staged_path(data_dir, queued.name).write_bytes(queued_prefix)
 
-    async with own_service(data_dir) as own:
+    async with dp.own_service(data_dir) as own:
         left = {what: path for what, path in planted.items() if path.exists()}
         assert left == {}, f"not collected at start: {sorted(left)}"
 
         # The active image keeps its blob; the queued one keeps its staged bytes,
         # which become its uploaded_bytes.
-        assert await download_verified(own.images, alpha, active.name) == active_content
-        image = await get_image(own.images, alpha, queued.name)
-        assert (image.status, image.uploaded_bytes) == (QUEUED, len(queued_prefix))
+        assert await dp.download_verified(own.images, alpha, active.name) == active_content
+        image = await dp.get_image(own.images, alpha, queued.name)
+        assert (image.status, image.uploaded_bytes) == (dp.QUEUED, len(queued_prefix))
         rest = random_bytes(5000)
-        resumed = await upload(
+        resumed = await dp.upload(
             own.images,
             alpha,
             queued.name,
@@ -295,21 +243,21 @@ async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
             size_bytes=len(queued_prefix) + len(rest),
             sha256=sha256_hex(queued_prefix + rest),
         )
-        assert resumed.status == ACTIVE
-        assert (await get_image(own.images, alpha, killed.name)).status == KILLED
+        assert resumed.status == dp.ACTIVE
+        assert (await dp.get_image(own.images, alpha, killed.name)).status == dp.KILLED
         await assert_only_active_blobs(own.images, alpha, data_dir)
 
 
 async def test_restart_rebuilds_a_lost_public_blob(tmp_path: Path) -> None:
-    async with own_service(tmp_path) as own:
+    async with dp.own_service(tmp_path) as own:
         beta = own.metadata("beta")
         listed = await own.images.ListImages(
             image_pb2.ListImagesRequest(filter="type = public"), metadata=beta
         )
         public = listed.images[0]
-    blob_path(tmp_path, public.name).unlink()
+    dp.blob_path(tmp_path, public.name).unlink()
 
-    async with own_service(tmp_path) as own:
-        data = await download_verified(own.images, beta, public.name)
+    async with dp.own_service(tmp_path) as own:
+        data = await dp.download_verified(own.images, beta, public.name)
         assert sha256_hex(data) == public.sha256
         assert len(data) == public.size_bytes

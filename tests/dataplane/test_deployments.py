@@ -12,20 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import dataplane_support as dp
 import pytest
-from dataplane_support import (
-    create_image,
-    download_verified,
-    fresh_project,
-    own_service,
-    random_bytes,
-    upload,
-)
 
 from bms_image.images.adapters.blobs.s3 import S3BlobStore
 from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
 from bms_image.processes import start
-from support.services import make_settings
+from support.builders import random_bytes
+from support.services import fresh_project, make_settings
 
 
 def s3_settings(endpoint: str, bucket: str, **overrides: Any) -> dict[str, Any]:
@@ -50,11 +44,11 @@ async def test_a_second_deployment_on_the_same_prefix_refuses_to_start(
 ) -> None:
     bucket = f"deploy-{uuid.uuid4().hex[:12]}"
     settings = s3_settings(s3_endpoint, bucket)
-    async with own_service(tmp_path / "first", **settings) as own:
+    async with dp.own_service(tmp_path / "first", **settings) as own:
         alpha = own.metadata(fresh_project("alpha"))
-        created = await create_image(own.images, alpha)
+        created = await dp.create_image(own.images, alpha)
         content = random_bytes(70_000)
-        await upload(own.images, alpha, created.name, content)
+        await dp.upload(own.images, alpha, created.name, content)
     image_id = created.name.removeprefix("images/")
 
     # Another database (another deployment) on the same bucket and prefix:
@@ -66,12 +60,12 @@ async def test_a_second_deployment_on_the_same_prefix_refuses_to_start(
         assert image_id in await store.keys(), "the second deployment deleted the first's blob"
 
     # With a prefix of its own it starts, and both keep their images.
-    async with own_service(tmp_path / "third", **settings, s3_prefix="other/") as other:
+    async with dp.own_service(tmp_path / "third", **settings, s3_prefix="other/") as other:
         beta = other.metadata(fresh_project("beta"))
-        theirs = await create_image(other.images, beta)
-        await upload(other.images, beta, theirs.name, random_bytes(1000))
-    async with own_service(tmp_path / "first", **settings) as again:
-        assert await download_verified(again.images, alpha, created.name) == content
+        theirs = await dp.create_image(other.images, beta)
+        await dp.upload(other.images, beta, theirs.name, random_bytes(1000))
+    async with dp.own_service(tmp_path / "first", **settings) as again:
+        assert await dp.download_verified(again.images, alpha, created.name) == content
 
 
 async def test_a_prefix_from_before_marks_is_claimed_by_its_first_start(
@@ -82,9 +76,9 @@ async def test_a_prefix_from_before_marks_is_claimed_by_its_first_start(
         await store.ensure_bucket()
         assert not [k async for k in _all_keys(store) if k.endswith(DEPLOYMENT_MARKER)]
     settings = s3_settings(s3_endpoint, bucket)
-    async with own_service(tmp_path / "old", **settings):
+    async with dp.own_service(tmp_path / "old", **settings):
         pass
-    async with own_service(tmp_path / "old", **settings):
+    async with dp.own_service(tmp_path / "old", **settings):
         pass  # its own mark: it starts again
     with pytest.raises(RuntimeError, match="another deployment"):
         await start(make_settings(tmp_path / "new", **settings))
@@ -106,7 +100,7 @@ async def test_a_start_aborts_the_uploads_a_crash_left_and_only_its_own(
         for key in (f"images/{left}", f"images/deeper/{left}", f"elsewhere/{left}"):
             await store._s3.create_multipart_upload(Bucket=bucket, Key=key)
     settings = s3_settings(s3_endpoint, bucket, s3_abort_incomplete_after_seconds=0.0)
-    async with own_service(tmp_path, **settings):
+    async with dp.own_service(tmp_path, **settings):
         pass
     async with s3_store(s3_endpoint, bucket, prefix="") as everything:
         remaining = sorted(key for key, _ in await everything.incomplete_uploads())
@@ -118,12 +112,12 @@ async def test_a_second_deployment_on_the_same_blob_directory_refuses_to_start(
 ) -> None:
     """The local backend too: two databases sharing one data directory."""
     first = {"database_url": f"sqlite:///{tmp_path / 'first.db'}"}
-    async with own_service(tmp_path, **first) as own:
+    async with dp.own_service(tmp_path, **first) as own:
         alpha = own.metadata(fresh_project("alpha"))
-        created = await create_image(own.images, alpha)
+        created = await dp.create_image(own.images, alpha)
         content = random_bytes(10_000)
-        await upload(own.images, alpha, created.name, content)
+        await dp.upload(own.images, alpha, created.name, content)
     with pytest.raises(RuntimeError, match="BMS_IMAGE_DATA_DIR"):
         await start(make_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'second.db'}"))
-    async with own_service(tmp_path, **first) as again:
-        assert await download_verified(again.images, alpha, created.name) == content
+    async with dp.own_service(tmp_path, **first) as again:
+        assert await dp.download_verified(again.images, alpha, created.name) == content

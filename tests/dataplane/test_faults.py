@@ -17,37 +17,23 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    KILLED,
-    QUEUED,
-    MiB,
-    OwnService,
-    create_image,
-    download_all,
-    download_verified,
-    fresh_project,
-    own_service,
-    random_bytes,
-    sha256_hex,
-    staged_path,
-    status_name,
-    temp_blobs,
-    upload,
-    wait_for_image,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
+from support.builders import MiB, random_bytes
 from support.disks import remount, tmpfs
-from support.errors import expect_error
+from support.errors import RichError, expect_error
 from support.processes import free_port
+from support.services import fresh_project
+from support.tokens import Metadata
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -76,86 +62,82 @@ def assert_no_internals(text: str, *internals: str) -> None:
         assert internal not in text, f"{internal!r} leaked into {text!r}"
 
 
+@asynccontextmanager
+async def tiny_storage(
+    tmp_path: Path, folder: Path, size: int
+) -> AsyncIterator[tuple[dp.OwnService, Metadata, image_pb2.Image]]:
+    """A service on `tmp_path` whose `folder` is a tmpfs of `size` bytes,
+    the metadata of a project of its own and a new image of that project."""
+    async with dp.own_service(tmp_path) as own:
+        with tmpfs(folder, size):
+            alpha = own.metadata(fresh_project("full"))
+            yield own, alpha, await dp.create_image(own.images, alpha)
+
+
+async def storage_full(
+    own: dp.OwnService, metadata: Metadata, name: str, content: bytes, subject: str
+) -> RichError:
+    """An upload of `content` refused as RESOURCE_EXHAUSTED STORAGE_FULL, its
+    QuotaFailure naming the storage `subject` and its message no path."""
+    refused = await expect_error(
+        dp.upload(own.images, metadata, name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
+    )
+    assert refused.quota_failure is not None
+    assert [v.subject for v in refused.quota_failure.violations] == [subject]
+    assert_no_internals(refused.message, str(own.data_dir))
+    return refused
+
+
 async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
     tmp_path: Path,
 ) -> None:
-    async with own_service(tmp_path) as own:
-        staging = tmp_path / "staging"
-        with tmpfs(staging, 4 * MiB):
-            alpha = own.metadata(fresh_project("full"))
-            created = await create_image(own.images, alpha)
-            await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
-            descriptors = open_descriptors()
-            content = random_bytes(6 * MiB)
+    staging = tmp_path / "staging"
+    async with tiny_storage(tmp_path, staging, 4 * MiB) as (own, alpha, created):
+        await own.images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
+        descriptors = open_descriptors()
+        content = random_bytes(6 * MiB)
 
-            refused = await expect_error(
-                upload(own.images, alpha, created.name, content),
-                RESOURCE_EXHAUSTED,
-                "STORAGE_FULL",
-            )
+        refused = await storage_full(own, alpha, created.name, content, "storage/staging-area")
 
-            assert refused.quota_failure is not None
-            subjects = [v.subject for v in refused.quota_failure.violations]
-            assert subjects == ["storage/staging-area"]
-            assert_no_internals(refused.message, str(tmp_path))
-            image = await wait_for_image(own.images, alpha, created.name, QUEUED)
-            durable = staged_path(tmp_path, created.name).read_bytes()
-            assert 0 < len(durable) <= 4 * MiB
-            assert image.uploaded_bytes == len(durable), "the offset is the durable bytes"
-            assert durable == content[: len(durable)], "no partial chunk, no zeros"
-            assert refused.info.metadata["uploaded_bytes"] == str(len(durable))
-            assert_no_internals(image.status_reason, str(tmp_path))
-            assert descriptors_under(staging) == [], "the staging file was left open"
-            assert open_descriptors() <= descriptors
+        image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
+        durable = dp.staged_path(tmp_path, created.name).read_bytes()
+        assert 0 < len(durable) <= 4 * MiB
+        assert image.uploaded_bytes == len(durable), "the offset is the durable bytes"
+        assert durable == content[: len(durable)], "no partial chunk, no zeros"
+        assert refused.info.metadata["uploaded_bytes"] == str(len(durable))
+        assert_no_internals(image.status_reason, str(tmp_path))
+        assert descriptors_under(staging) == [], "the staging file was left open"
+        assert open_descriptors() <= descriptors
 
-            await own.images.DeleteImage(
-                image_pb2.DeleteImageRequest(name=created.name), metadata=alpha
-            )
-            assert shutil.disk_usage(staging).used == 0, "the delete did not free the space"
+        await own.images.DeleteImage(
+            image_pb2.DeleteImageRequest(name=created.name), metadata=alpha
+        )
+        assert shutil.disk_usage(staging).used == 0, "the delete did not free the space"
 
-            # The space is back: the next upload goes through.
-            again = await create_image(own.images, alpha)
-            small = random_bytes(MiB)
-            done = await upload(own.images, alpha, again.name, small)
-            assert done.status == ACTIVE, status_name(done.status)
+        # The space is back: the next upload goes through.
+        again = await dp.create_image(own.images, alpha)
+        small = random_bytes(MiB)
+        done = await dp.upload(own.images, alpha, again.name, small)
+        assert done.status == dp.ACTIVE, dp.status_name(done.status)
 
 
 async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
     tmp_path: Path,
 ) -> None:
-    async with own_service(tmp_path) as own:
-        blobs = tmp_path / "blobs"
-        with tmpfs(blobs, 2 * MiB):
-            alpha = own.metadata(fresh_project("full"))
-            created = await create_image(own.images, alpha)
-            content = random_bytes(3 * MiB + 5)
+    blobs = tmp_path / "blobs"
+    async with tiny_storage(tmp_path, blobs, 2 * MiB) as (own, alpha, created):
+        content = random_bytes(3 * MiB + 5)
 
-            refused = await expect_error(
-                upload(own.images, alpha, created.name, content),
-                RESOURCE_EXHAUSTED,
-                "STORAGE_FULL",
-            )
+        await storage_full(own, alpha, created.name, content, "storage/image-store")
 
-            assert refused.quota_failure is not None
-            assert [v.subject for v in refused.quota_failure.violations] == ["storage/image-store"]
-            assert_no_internals(refused.message, str(tmp_path))
-            image = await wait_for_image(own.images, alpha, created.name, QUEUED)
-            assert image.uploaded_bytes == len(content)
-            assert temp_blobs(tmp_path) == [], "a partial copy holds the space"
-            assert descriptors_under(blobs) == []
+        image = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
+        assert image.uploaded_bytes == len(content)
+        assert dp.temp_blobs(tmp_path) == [], "a partial copy holds the space"
+        assert descriptors_under(blobs) == []
 
-            remount(blobs, 16 * MiB)  # an operator makes room
-            resumed = await upload(
-                own.images,
-                alpha,
-                created.name,
-                b"",
-                offset=len(content),
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            )
-            assert resumed.status == ACTIVE, status_name(resumed.status)
-            assert await download_verified(own.images, alpha, created.name) == content
+        remount(blobs, 16 * MiB)  # an operator makes room
+        resumed = await dp.resume_upload(own.images, alpha, created.name, content, len(content))
+        await dp.assert_stored(own.images, alpha, resumed, content)
 
 
 # -- an S3 store that goes away -------------------------------------------------
@@ -174,7 +156,7 @@ def start_moto(port: int) -> ThreadedMotoServer:
     return server
 
 
-async def image_health(own: OwnService) -> int:
+async def image_health(own: dp.OwnService) -> int:
     answer = await health_pb2_grpc.HealthStub(own.channel).Check(
         health_pb2.HealthCheckRequest(service=IMAGE_SERVICE), timeout=10
     )
@@ -189,7 +171,7 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
     bucket = f"faults-{uuid.uuid4().hex[:12]}"
     moto = start_moto(moto_port)
     try:
-        async with own_service(
+        async with dp.own_service(
             tmp_path,
             blob_backend="s3",
             s3_endpoint_url=endpoint,
@@ -200,9 +182,9 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             alpha_project, beta_project = fresh_project("alpha"), fresh_project("beta")
             alpha, beta = own.metadata(alpha_project), own.metadata(beta_project)
             sharing = sharing_pb2_grpc.SharingServiceStub(own.channel)
-            stored = await create_image(own.images, alpha)
+            stored = await dp.create_image(own.images, alpha)
             stored_content = random_bytes(100_000)
-            await upload(own.images, alpha, stored.name, stored_content)
+            await dp.upload(own.images, alpha, stored.name, stored_content)
             await sharing.CreateImageMember(
                 sharing_pb2.CreateImageMemberRequest(
                     parent=stored.name, member=sharing_pb2.ImageMember(member_project=beta_project)
@@ -219,23 +201,25 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
                 ),
                 metadata=beta,
             )
-            pending = await create_image(own.images, alpha)
+            pending = await dp.create_image(own.images, alpha)
             content = random_bytes(200_000)
             moto.stop()
             internals = (endpoint, f"127.0.0.1:{moto_port}", bucket, "Endpoint", "http")
 
             refused = await expect_error(
-                upload(own.images, alpha, pending.name, content),
+                dp.upload(own.images, alpha, pending.name, content),
                 UNAVAILABLE,
                 "BLOB_STORE_UNAVAILABLE",
             )
             assert_no_internals(refused.message, *internals)
-            image = await wait_for_image(own.images, alpha, pending.name, QUEUED)
+            image = await dp.wait_for_image(own.images, alpha, pending.name, dp.QUEUED)
             assert image.uploaded_bytes == len(content), "the upload is kept for a retry"
             assert_no_internals(image.status_reason, *internals)
 
             unread = await expect_error(
-                download_all(own.images, alpha, stored.name), UNAVAILABLE, "BLOB_STORE_UNAVAILABLE"
+                dp.download_all(own.images, alpha, stored.name),
+                UNAVAILABLE,
+                "BLOB_STORE_UNAVAILABLE",
             )
             assert_no_internals(unread.message, *internals)
 
@@ -251,7 +235,7 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             killed = await own.images.ListImages(
                 image_pb2.ListImagesRequest(filter="status = killed"), metadata=beta
             )
-            assert [i.status for i in killed.images] == [KILLED]
+            assert [i.status for i in killed.images] == [dp.KILLED]
             assert_no_internals(killed.images[0].status_reason, *internals)
 
             failing = await own.service.monitor.check_once()
@@ -259,17 +243,8 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             assert await image_health(own) == health_pb2.HealthCheckResponse.NOT_SERVING
 
             moto = start_moto(moto_port)  # back, with its buckets (moto keeps them in memory)
-            resumed = await upload(
-                own.images,
-                alpha,
-                pending.name,
-                b"",
-                offset=len(content),
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            )
-            assert resumed.status == ACTIVE, status_name(resumed.status)
-            assert await download_verified(own.images, alpha, pending.name) == content
+            resumed = await dp.resume_upload(own.images, alpha, pending.name, content, len(content))
+            await dp.assert_stored(own.images, alpha, resumed, content)
             await own.service.monitor.check_once()
             assert await image_health(own) == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -286,14 +261,14 @@ async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
     the bytes durable fails, the bytes this stream wrote cannot be trusted:
     the offset falls back to what was durable before it (here, a first
     resumed half), never further."""
-    async with own_service(tmp_path) as own:
+    async with dp.own_service(tmp_path) as own:
         alpha = own.metadata(fresh_project("quota"))
-        created = await create_image(own.images, alpha)
+        created = await dp.create_image(own.images, alpha)
         content = random_bytes(3 * MiB)
         half = MiB + 7
-        await upload(own.images, alpha, created.name, content[:half], size_bytes=0, sha256="")
+        await dp.upload(own.images, alpha, created.name, content[:half], size_bytes=0, sha256="")
         # (a first upload of `half` bytes made the image ACTIVE: take another)
-        created = await create_image(own.images, alpha)
+        created = await dp.create_image(own.images, alpha)
         real_pwrite, real_fsync = os.pwrite, os.fsync
         written = 0
 
@@ -306,10 +281,10 @@ async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
 
         monkeypatch.setattr(os, "pwrite", pwrite)
         quota = await expect_error(
-            upload(own.images, alpha, created.name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
+            dp.upload(own.images, alpha, created.name, content), RESOURCE_EXHAUSTED, "STORAGE_FULL"
         )
         assert quota.info.metadata["uploaded_bytes"] == str(written)
-        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        queued = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
         assert queued.uploaded_bytes == written
         monkeypatch.setattr(os, "pwrite", real_pwrite)
 
@@ -318,31 +293,15 @@ async def test_a_full_quota_and_a_failed_fsync_keep_only_durable_bytes(
 
         monkeypatch.setattr(os, "fsync", fsync)
         await expect_error(
-            upload(
-                own.images,
-                alpha,
-                created.name,
-                content[written:],
-                offset=written,
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            ),
+            dp.resume_upload(own.images, alpha, created.name, content, written),
             RESOURCE_EXHAUSTED,
             "STORAGE_FULL",
         )
         monkeypatch.setattr(os, "fsync", real_fsync)
-        queued = await wait_for_image(own.images, alpha, created.name, QUEUED)
+        queued = await dp.wait_for_image(own.images, alpha, created.name, dp.QUEUED)
         assert queued.uploaded_bytes == written, "bytes whose fsync failed were counted"
-        assert staged_path(tmp_path, created.name).read_bytes() == content[:written]
+        assert dp.staged_path(tmp_path, created.name).read_bytes() == content[:written]
 
-        resumed = await upload(
-            own.images,
-            alpha,
-            created.name,
-            content[written:],
-            offset=written,
-            size_bytes=len(content),
-            sha256=sha256_hex(content),
-        )
-        assert resumed.status == ACTIVE, status_name(resumed.status)
+        resumed = await dp.resume_upload(own.images, alpha, created.name, content, written)
+        assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
         assert descriptors_under(tmp_path / "staging") == []

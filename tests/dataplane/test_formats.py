@@ -5,42 +5,19 @@ match the content; unsafe or oversized images are refused."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    KILLED,
-    Metadata,
-    MiB,
-    Stub,
-    blob_path,
-    create_image,
-    download_verified,
-    expect_error,
-    files_of,
-    fresh_project,
-    get_image,
-    needs_qemu_img,
-    own_service,
-    qemu_img,
-    random_bytes,
-    sha256_hex,
-    shared_service_fixtures,
-    status_name,
-    temp_blobs,
-    upload,
-)
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support.builders import MiB, random_bytes, sha256_hex
+from support.tokens import Metadata
 
-service, channel = shared_service_fixtures()
-
-pytestmark = [needs_qemu_img, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [dp.needs_qemu_img, pytest.mark.asyncio(loop_scope="module")]
 
 QCOW2 = image_pb2.DISK_FORMAT_QCOW2
 VMDK = image_pb2.DISK_FORMAT_VMDK
@@ -64,7 +41,7 @@ class DiskFiles:
 
 
 def virtual_size(path: Path) -> int:
-    return int(json.loads(qemu_img("info", "--output=json", str(path)))["virtual-size"])
+    return int(json.loads(dp.qemu_img("info", "--output=json", str(path)))["virtual-size"])
 
 
 #: file name -> (qemu-img output format, its -o options, the format reported)
@@ -89,63 +66,52 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> DiskFiles:
         argv = ["convert", "-f", "raw", "-O", fmt]
         if options:
             argv += ["-o", options]
-        qemu_img(*argv, str(directory / "disk.raw"), str(directory / name))
+        dp.qemu_img(*argv, str(directory / "disk.raw"), str(directory / name))
     # A QCOW2 whose content lives in a backing file.
     (directory / "base.raw").write_bytes(random_bytes(MiB))
-    qemu_img(
+    dp.qemu_img(
         "create", "-f", "qcow2", "-b", str(directory / "base.raw"), "-F", "raw",
         str(directory / "top.qcow2"),
     )  # fmt: skip
     # A QCOW2 whose clusters live in an external data file.
-    qemu_img(
+    dp.qemu_img(
         "create", "-f", "qcow2", "-o", f"data_file={directory / 'x.raw'}",
         str(directory / "external.qcow2"), "1M",
     )  # fmt: skip
     # Tiny files that claim huge disks.
-    qemu_img("create", "-f", "qcow2", str(directory / "20m.qcow2"), "20M")
-    qemu_img("create", "-f", "qcow2", str(directory / "2t.qcow2"), "2T")
+    dp.qemu_img("create", "-f", "qcow2", str(directory / "20m.qcow2"), "20M")
+    dp.qemu_img("create", "-f", "qcow2", str(directory / "2t.qcow2"), "2T")
     # A QCOW2 whose header passes inspection but whose L1 table offset is
     # not cluster-aligned: qemu-img refuses to open it.
     corrupt = bytearray((directory / "disk.qcow2").read_bytes())
     corrupt[40:48] = (0x1234).to_bytes(8, "big")
     (directory / "corrupt.qcow2").write_bytes(bytes(corrupt))
     # A format the service does not take.
-    qemu_img("convert", "-f", "raw", "-O", "vdi", str(directory / "disk.raw"),
-             str(directory / "disk.vdi"))  # fmt: skip
+    dp.qemu_img("convert", "-f", "raw", "-O", "vdi", str(directory / "disk.raw"),
+                str(directory / "disk.vdi"))  # fmt: skip
     return DiskFiles(directory, raw)
-
-
-async def assert_killed_and_clean(
-    images: Stub, metadata: Metadata, name: str, data_dir: Path
-) -> None:
-    image = await get_image(images, metadata, name)
-    assert image.status == KILLED, status_name(image.status)
-    assert image.status_reason
-    assert files_of(data_dir, name) == []
-    assert temp_blobs(data_dir) == []
 
 
 @pytest.mark.parametrize("file_name", list(CONVERSIONS))
 @pytest.mark.parametrize("declare", [False, True], ids=["detected", "declared"])
 async def test_format_is_detected_and_stored_as_raw(
-    service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
     declare: bool,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     expected_format = CONVERSIONS[file_name][2]
     uploaded_bytes = disks.read(file_name)
     size = virtual_size(disks.path(file_name))
     assert size >= len(disks.raw)
     expected = disks.raw + bytes(size - len(disks.raw))  # the CHS VHD is zero-padded
     assert uploaded_bytes != expected
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
     # The declared size and checksum are those of the uploaded file.
-    active = await upload(
+    active = await dp.upload(
         images,
         alpha,
         created.name,
@@ -153,28 +119,29 @@ async def test_format_is_detected_and_stored_as_raw(
         disk_format=expected_format if declare else image_pb2.DISK_FORMAT_UNSPECIFIED,
     )
 
-    assert active.status == ACTIVE, status_name(active.status)
+    assert active.status == dp.ACTIVE, dp.status_name(active.status)
     assert active.disk_format == expected_format
     assert active.size_bytes == size
     assert active.sha256 == sha256_hex(expected)
-    data = await download_verified(images, alpha, created.name)
+    data = await dp.download_verified(images, alpha, created.name)
     assert data == expected
-    data_dir = service.settings.data_dir
-    assert files_of(data_dir, created.name) == [blob_path(data_dir, created.name)]
-    assert blob_path(data_dir, created.name).read_bytes() == expected
+    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
+    assert dp.blob_path(data_dir, created.name).read_bytes() == expected
 
 
 async def test_raw_is_detected_as_raw(
     service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
     disks: DiskFiles,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-    active = await upload(images, alpha, created.name, disks.raw, disk_format=RAW)
-    assert (active.status, active.disk_format) == (ACTIVE, RAW)
+    created = await dp.create_image(images, alpha)
+    active = await dp.upload(images, alpha, created.name, disks.raw, disk_format=RAW)
+    assert (active.status, active.disk_format) == (dp.ACTIVE, RAW)
     assert active.sha256 == sha256_hex(disks.raw)
+
+
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize(
@@ -188,141 +155,108 @@ async def test_raw_is_detected_as_raw(
     ],
 )
 async def test_declared_format_that_differs_from_the_content_kills_the_upload(
-    service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
     declared: int,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-
-    await expect_error(
-        upload(images, alpha, created.name, disks.read(file_name), disk_format=declared),
-        grpc.StatusCode.FAILED_PRECONDITION,
+    content = disks.read(file_name)
+    await dp.killed_upload(
+        images,
+        alpha,
+        data_dir,
+        content,
+        FAILED_PRECONDITION,
         "IMAGE_FORMAT_MISMATCH",
+        disk_format=declared,
     )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
 
 
 @pytest.mark.parametrize("file_name", ["top.qcow2", "external.qcow2"])
 async def test_qcow2_referring_to_other_files_is_unsafe(
-    service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
     file_name: str,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-
-    rich = await expect_error(
-        upload(images, alpha, created.name, disks.read(file_name)),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_UNSAFE",
+    unsafe = await dp.killed_upload(
+        images, alpha, data_dir, disks.read(file_name), FAILED_PRECONDITION, "IMAGE_UNSAFE"
     )
-
-    assert rich.precondition_failure is not None
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    assert unsafe.error.precondition_failure is not None
 
 
 async def test_qcow2_claiming_more_than_the_default_maximum_is_too_large(
     service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     assert virtual_size(disks.path("2t.qcow2")) > service.settings.max_image_bytes
-    created = await create_image(images, alpha)
-
-    await expect_error(
-        upload(images, alpha, created.name, disks.read("2t.qcow2")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_TOO_LARGE",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    huge = disks.read("2t.qcow2")
+    await dp.killed_upload(images, alpha, data_dir, huge, FAILED_PRECONDITION, "IMAGE_TOO_LARGE")
 
 
 async def test_qcow2_claiming_more_than_a_configured_maximum_is_too_large(
     tmp_path: Path, disks: DiskFiles
 ) -> None:
-    async with own_service(tmp_path, max_image_bytes=10 * MiB) as own:
+    async with dp.own_service(tmp_path, max_image_bytes=10 * MiB) as own:
         alpha = own.metadata("alpha")
         small_file = disks.read("20m.qcow2")
         assert len(small_file) < MiB
 
-        created = await create_image(own.images, alpha)
-        await expect_error(
-            upload(own.images, alpha, created.name, small_file),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "IMAGE_TOO_LARGE",
+        await dp.killed_upload(
+            own.images, alpha, own.data_dir, small_file, FAILED_PRECONDITION, "IMAGE_TOO_LARGE"
         )
-        await assert_killed_and_clean(own.images, alpha, created.name, own.data_dir)
 
         # A 3 MiB disk in QCOW2 fits under the same limit.
-        fits = await create_image(own.images, alpha, display_name="fits")
-        active = await upload(own.images, alpha, fits.name, disks.read("disk.qcow2"))
-        assert (active.status, active.size_bytes) == (ACTIVE, len(disks.raw))
+        fits = await dp.create_image(own.images, alpha, display_name="fits")
+        active = await dp.upload(own.images, alpha, fits.name, disks.read("disk.qcow2"))
+        assert (active.status, active.size_bytes) == (dp.ACTIVE, len(disks.raw))
 
 
-async def test_unsupported_format_is_refused(
+@pytest.mark.parametrize(
+    ("file_name", "reason"),
+    [
+        pytest.param("disk.vdi", "IMAGE_FORMAT_UNSUPPORTED", id="unsupported-format"),
+        pytest.param("corrupt.qcow2", "IMAGE_CONVERSION_FAILED", id="qemu-img-cannot-convert"),
+    ],
+)
+async def test_content_the_service_cannot_take_kills_the_upload(
     service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
+    data_dir: Path,
     disks: DiskFiles,
+    file_name: str,
+    reason: str,
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-
-    await expect_error(
-        upload(images, alpha, created.name, disks.read("disk.vdi")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_FORMAT_UNSUPPORTED",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
-
-
-async def test_content_qemu_img_cannot_convert_kills_the_upload(
-    service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
-    disks: DiskFiles,
-) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-
-    await expect_error(
-        upload(images, alpha, created.name, disks.read("corrupt.qcow2")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "IMAGE_CONVERSION_FAILED",
-    )
-
-    await assert_killed_and_clean(images, alpha, created.name, service.settings.data_dir)
+    """A format the service does not take (VDI), and content qemu-img
+    cannot convert (a corrupt QCOW2)."""
+    content = disks.read(file_name)
+    await dp.killed_upload(images, alpha, data_dir, content, FAILED_PRECONDITION, reason)
 
 
 async def test_conversion_errors_do_not_reveal_server_paths(
     service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
+    images: dp.Stub,
+    alpha: Metadata,
     disks: DiskFiles,
 ) -> None:
     """The client learns why its image was refused, not where the server
     keeps its files (qemu-img's stderr names the staging file's full path)."""
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
-    rich = await expect_error(
-        upload(images, alpha, created.name, disks.read("corrupt.qcow2")),
+    rich = await dp.expect_error(
+        dp.upload(images, alpha, created.name, disks.read("corrupt.qcow2")),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
 
     data_dir = str(service.settings.data_dir)
     assert data_dir not in rich.status.message
     assert data_dir not in str(rich.precondition_failure)
-    image = await get_image(images, alpha, created.name)
+    image = await dp.get_image(images, alpha, created.name)
     assert data_dir not in image.status_reason

@@ -15,44 +15,24 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    QUEUED,
-    Metadata,
-    MiB,
-    Stub,
-    chunk_message,
-    create_image,
-    download_verified,
-    expect_error,
-    fresh_project,
-    random_bytes,
-    sha256_hex,
-    shared_service_fixtures,
-    split,
-    staged_path,
-    status_name,
-    upload,
-    upload_metadata,
-    wait_for_file_size,
-    wait_for_image,
-)
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
+from support.builders import MiB, random_bytes, sha256_hex
 from support.processes import ServerProcess
-from support.tokens import bearer
+from support.services import fresh_project
+from support.tokens import Metadata, bearer
 
-service, channel = shared_service_fixtures()
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def lose_staged_bytes(data_dir: Path, name: str, keep: int) -> None:
     """What a lost or restored staging area does to an upload: only the
     first `keep` bytes of it are left (0: nothing at all)."""
-    path = staged_path(data_dir, name)
+    path = dp.staged_path(data_dir, name)
     if keep == 0:
         path.unlink()
     else:
@@ -61,53 +41,53 @@ def lose_staged_bytes(data_dir: Path, name: str, keep: int) -> None:
 
 
 async def upload_first_part(
-    images: Stub, metadata: Metadata, name: str, part: bytes, data_dir: Path
+    images: dp.Stub, metadata: Metadata, name: str, part: bytes, data_dir: Path
 ) -> None:
     """Sends `part` (declaring neither size nor checksum, as a plain client
     may), waits until the service holds it, then breaks the stream off."""
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(name)
-        for piece in split(part, [300_001, 65_536]):
-            yield chunk_message(piece)
+        yield dp.upload_metadata(name)
+        for piece in dp.split(part, [300_001, 65_536]):
+            yield dp.chunk_message(piece)
         await asyncio.Event().wait()  # the client hangs until cancelled
 
     call = images.UploadImageData(requests(), metadata=metadata)
-    await wait_for_file_size(staged_path(data_dir, name), len(part), within=30)
+    await dp.wait_for_file_size(dp.staged_path(data_dir, name), len(part), within=30)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    image = await wait_for_image(images, metadata, name, QUEUED, within=30)
+    image = await dp.wait_for_image(images, metadata, name, dp.QUEUED, within=30)
     assert image.uploaded_bytes == len(part)
 
 
 async def resume_after_loss(
-    images: Stub, metadata: Metadata, data_dir: Path, content: bytes, sent: int, keep: int
+    images: dp.Stub, metadata: Metadata, data_dir: Path, content: bytes, sent: int, keep: int
 ) -> None:
-    created = await create_image(images, metadata)
+    created = await dp.create_image(images, metadata)
     await upload_first_part(images, metadata, created.name, content[:sent], data_dir)
     lose_staged_bytes(data_dir, created.name, keep)
 
     # The resume is refused on its first message: sending no bytes after it
     # spares the client library a race between its writes and the status.
-    refused = await expect_error(
-        upload(images, metadata, created.name, b"", offset=sent, size_bytes=0, sha256=""),
+    refused = await dp.expect_error(
+        dp.upload(images, metadata, created.name, b"", offset=sent, size_bytes=0, sha256=""),
         grpc.StatusCode.FAILED_PRECONDITION,
         "UPLOAD_OFFSET_MISMATCH",
     )
     assert refused.info.metadata["uploaded_bytes"] == str(keep)
     assert f"metadata.offset = {keep}" in refused.status.message
     image = await images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=metadata)
-    assert image.status == QUEUED, status_name(image.status)
+    assert image.status == dp.QUEUED, dp.status_name(image.status)
     assert image.uploaded_bytes == keep, "the corrected offset is what GetImage reports"
 
     # No size or checksum declared: the service alone keeps zeros out.
-    resumed = await upload(
+    resumed = await dp.upload(
         images, metadata, created.name, content[keep:], offset=keep, size_bytes=0, sha256=""
     )
-    assert resumed.status == ACTIVE, status_name(resumed.status)
+    assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
     assert (resumed.size_bytes, resumed.sha256) == (len(content), sha256_hex(content))
-    assert await download_verified(images, metadata, created.name) == content
+    assert await dp.download_verified(images, metadata, created.name) == content
 
 
 @pytest.mark.parametrize("keep", [0, 1 * MiB + 3], ids=["deleted", "truncated"])

@@ -8,42 +8,16 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    KILLED,
-    QUEUED,
-    SAVING,
-    Metadata,
-    MiB,
-    Stub,
-    blob_path,
-    chunk_message,
-    create_image,
-    download,
-    download_all,
-    download_verified,
-    expect_error,
-    files_of,
-    fresh_project,
-    get_image,
-    random_bytes,
-    sha256_hex,
-    shared_service_fixtures,
-    split,
-    staged_path,
-    status_name,
-    upload,
-    upload_metadata,
-    wait_for_file_size,
-    wait_for_image,
-)
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support.builders import MiB, random_bytes, sha256_hex
+from support.services import fresh_project
+from support.tokens import Metadata
 
-service, channel = shared_service_fixtures()
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -52,7 +26,7 @@ class ClientGaveUp(Exception):
 
 
 async def break_off_upload(
-    images: Stub,
+    images: dp.Stub,
     metadata: Metadata,
     name: str,
     content: bytes,
@@ -68,20 +42,20 @@ async def break_off_upload(
     proceed = asyncio.Event()
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(
+        yield dp.upload_metadata(
             name, offset=offset, size_bytes=len(content), sha256=sha256_hex(content)
         )
-        for piece in split(content[offset:sent_until], [300_001, 65_536]):
-            yield chunk_message(piece)
+        for piece in dp.split(content[offset:sent_until], [300_001, 65_536]):
+            yield dp.chunk_message(piece)
         await proceed.wait()
         if how == "raise":
             raise ClientGaveUp("the client lost its source file")
         await asyncio.Event().wait()  # hangs until cancelled
 
     call = images.UploadImageData(requests(), metadata=metadata)
-    await wait_for_file_size(staged_path(data_dir, name), sent_until)
-    image = await get_image(images, metadata, name)
-    assert image.status == SAVING, status_name(image.status)
+    await dp.wait_for_file_size(dp.staged_path(data_dir, name), sent_until)
+    image = await dp.get_image(images, metadata, name)
+    assert image.status == dp.SAVING, dp.status_name(image.status)
     if how == "cancel":
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -92,151 +66,123 @@ async def break_off_upload(
             await call
 
 
+async def interrupted_upload(
+    images: dp.Stub,
+    metadata: Metadata,
+    content: bytes,
+    sent: int,
+    data_dir: Path,
+    how: str = "cancel",
+) -> image_pb2.Image:
+    """A new image whose upload of `content` broke off (`break_off_upload`)
+    after `sent` bytes, once the server has put it back to QUEUED."""
+    created = await dp.create_image(images, metadata)
+    await break_off_upload(images, metadata, created.name, content, 0, sent, data_dir, how)
+    return await dp.wait_for_image(images, metadata, created.name, dp.QUEUED)
+
+
 @pytest.mark.parametrize("how", ["cancel", "raise"])
 async def test_broken_upload_resumes_from_uploaded_bytes(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata], how: str
+    images: dp.Stub, alpha: Metadata, how: str, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(5 * MiB + 77)
     sent = 2 * MiB + 1234
-    created = await create_image(images, alpha)
 
-    await break_off_upload(images, alpha, created.name, content, 0, sent, data_dir, how)
+    image = await interrupted_upload(images, alpha, content, sent, data_dir, how)
 
-    image = await wait_for_image(images, alpha, created.name, QUEUED)
     assert image.uploaded_bytes == sent
     assert str(sent) in image.status_reason
     assert (image.size_bytes, image.sha256) == (0, "")
-    assert staged_path(data_dir, image.name).read_bytes() == content[:sent]
-    assert not blob_path(data_dir, image.name).exists()
-    await expect_error(
-        download_all(images, alpha, created.name),
+    assert dp.staged_path(data_dir, image.name).read_bytes() == content[:sent]
+    assert not dp.blob_path(data_dir, image.name).exists()
+    await dp.expect_error(
+        dp.download_all(images, alpha, image.name),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_ACTIVE",
     )
 
-    resumed = await upload(
-        images,
-        alpha,
-        created.name,
-        content[sent:],
-        offset=sent,
-        size_bytes=len(content),
-        sha256=sha256_hex(content),
-    )
+    resumed = await dp.resume_upload(images, alpha, image.name, content, sent)
 
-    assert resumed.status == ACTIVE, status_name(resumed.status)
+    assert resumed.status == dp.ACTIVE, dp.status_name(resumed.status)
     assert (resumed.size_bytes, resumed.sha256) == (len(content), sha256_hex(content))
     assert resumed.uploaded_bytes == 0
     assert resumed.status_reason == ""
-    assert await download_verified(images, alpha, created.name) == content
-    assert files_of(data_dir, created.name) == [blob_path(data_dir, created.name)]
+    assert await dp.download_verified(images, alpha, image.name) == content
+    assert dp.files_of(data_dir, image.name) == [dp.blob_path(data_dir, image.name)]
 
 
 async def test_upload_resumes_after_two_breaks(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(3 * MiB)
-    created = await create_image(images, alpha)
 
-    await break_off_upload(images, alpha, created.name, content, 0, MiB, data_dir)
-    assert (await wait_for_image(images, alpha, created.name, QUEUED)).uploaded_bytes == MiB
-    await break_off_upload(images, alpha, created.name, content, MiB, 2 * MiB + 1, data_dir)
-    image = await wait_for_image(images, alpha, created.name, QUEUED)
+    queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
+    assert queued.uploaded_bytes == MiB
+    await break_off_upload(images, alpha, queued.name, content, MiB, 2 * MiB + 1, data_dir)
+    image = await dp.wait_for_image(images, alpha, queued.name, dp.QUEUED)
     assert image.uploaded_bytes == 2 * MiB + 1
 
     # Resuming without a declared checksum still yields the checksum of everything.
-    resumed = await upload(
+    resumed = await dp.upload(
         images,
         alpha,
-        created.name,
+        queued.name,
         content[2 * MiB + 1 :],
         offset=2 * MiB + 1,
         sha256="",
         size_bytes=0,
     )
-    assert (resumed.status, resumed.sha256) == (ACTIVE, sha256_hex(content))
-    assert await download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, resumed, content)
 
 
 async def test_resume_with_a_wrong_offset_is_refused_and_keeps_the_bytes(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
     sent = MiB + 7
-    created = await create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, sent, data_dir)
-    await wait_for_image(images, alpha, created.name, QUEUED)
+    queued = await interrupted_upload(images, alpha, content, sent, data_dir)
 
     for wrong in (0, sent - 1, sent + 1):
-        rich = await expect_error(
-            upload(
-                images,
-                alpha,
-                created.name,
-                content[wrong:],
-                offset=wrong,
-                size_bytes=len(content),
-                sha256=sha256_hex(content),
-            ),
+        rich = await dp.expect_error(
+            dp.resume_upload(images, alpha, queued.name, content, wrong),
             grpc.StatusCode.FAILED_PRECONDITION,
             "UPLOAD_OFFSET_MISMATCH",
         )
         assert rich.info.metadata["uploaded_bytes"] == str(sent)
-        image = await get_image(images, alpha, created.name)
-        assert (image.status, image.uploaded_bytes) == (QUEUED, sent)
-        assert staged_path(data_dir, created.name).read_bytes() == content[:sent]
+        image = await dp.get_image(images, alpha, queued.name)
+        assert (image.status, image.uploaded_bytes) == (dp.QUEUED, sent)
+        assert dp.staged_path(data_dir, queued.name).read_bytes() == content[:sent]
 
-    resumed = await upload(
-        images,
-        alpha,
-        created.name,
-        content[sent:],
-        offset=sent,
-        size_bytes=len(content),
-        sha256=sha256_hex(content),
-    )
-    assert (resumed.status, resumed.sha256) == (ACTIVE, sha256_hex(content))
+    resumed = await dp.resume_upload(images, alpha, queued.name, content, sent)
+    assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
 
 
 async def test_fresh_upload_with_a_nonzero_offset_is_refused(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
-    rich = await expect_error(
-        upload(images, alpha, created.name, b"tail", offset=10),
+    rich = await dp.expect_error(
+        dp.upload(images, alpha, created.name, b"tail", offset=10),
         grpc.StatusCode.FAILED_PRECONDITION,
         "UPLOAD_OFFSET_MISMATCH",
     )
 
     assert rich.info.metadata["uploaded_bytes"] == "0"
-    image = await get_image(images, alpha, created.name)
-    assert (image.status, image.uploaded_bytes) == (QUEUED, 0)
-    assert files_of(service.settings.data_dir, created.name) == []
+    await dp.assert_untouched(images, alpha, created.name, data_dir)
 
 
 async def test_resume_with_different_bytes_fails_the_checksum(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
-    created = await create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, MiB, data_dir)
-    await wait_for_image(images, alpha, created.name, QUEUED)
+    queued = await interrupted_upload(images, alpha, content, MiB, data_dir)
 
-    await expect_error(
-        upload(
+    await dp.expect_error(
+        dp.upload(
             images,
             alpha,
-            created.name,
+            queued.name,
             random_bytes(MiB),
             offset=MiB,
             size_bytes=len(content),
@@ -246,31 +192,21 @@ async def test_resume_with_different_bytes_fails_the_checksum(
         "IMAGE_CHECKSUM_MISMATCH",
     )
 
-    image = await get_image(images, alpha, created.name)
-    assert image.status == KILLED
-    assert files_of(data_dir, created.name) == []
+    image = await dp.get_image(images, alpha, queued.name)
+    assert image.status == dp.KILLED
+    assert dp.files_of(data_dir, queued.name) == []
 
 
 async def test_a_second_upload_while_one_is_in_progress_is_refused(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
+    first = await dp.held_upload(images, alpha, created.name, content, MiB, data_dir, rest)
 
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
-        yield chunk_message(content[:MiB])
-        await rest.wait()
-        yield chunk_message(content[MiB:])
-
-    first = images.UploadImageData(requests(), metadata=alpha)
-    await wait_for_file_size(staged_path(data_dir, created.name), MiB)
-
-    rich = await expect_error(
-        upload(images, alpha, created.name, content),
+    rich = await dp.expect_error(
+        dp.upload(images, alpha, created.name, content),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_QUEUED",
     )
@@ -278,52 +214,45 @@ async def test_a_second_upload_while_one_is_in_progress_is_refused(
 
     rest.set()
     done = await first
-    assert (done.status, done.sha256) == (ACTIVE, sha256_hex(content))
-    assert await download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, done, content)
 
 
 async def test_deleting_an_interrupted_upload_removes_its_staged_bytes(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(MiB)
-    created = await create_image(images, alpha)
-    await break_off_upload(images, alpha, created.name, content, 0, 100_000, data_dir)
-    await wait_for_image(images, alpha, created.name, QUEUED)
-    assert staged_path(data_dir, created.name).exists()
+    queued = await interrupted_upload(images, alpha, content, 100_000, data_dir)
+    assert dp.staged_path(data_dir, queued.name).exists()
 
-    await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
+    await images.DeleteImage(image_pb2.DeleteImageRequest(name=queued.name), metadata=alpha)
 
-    assert files_of(data_dir, created.name) == []
+    assert dp.files_of(data_dir, queued.name) == []
 
 
 # -- downloads ---------------------------------------------------------------
 
 
 async def test_download_resumes_from_any_offset(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     chunk = service.settings.chunk_bytes
     content = random_bytes(3 * chunk + 5)
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, content)
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, content)
 
     for offset in (0, 1, chunk - 1, chunk, 2 * chunk + 7, len(content) - 1, len(content)):
-        got = await download(images, alpha, created.name, offset, max_chunk=chunk)
+        got = await dp.download(images, alpha, created.name, offset, max_chunk=chunk)
         assert got.data == content[offset:], offset
         assert got.size_bytes == len(content)
         assert got.sha256 == sha256_hex(content), "the final sha256 is of the whole image"
 
 
 async def test_broken_download_is_completed_by_a_resumed_one(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(4 * MiB + 999)
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, content)
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, content)
 
     call = images.DownloadImageData(
         image_pb2.DownloadImageDataRequest(name=created.name), metadata=alpha
@@ -337,64 +266,64 @@ async def test_broken_download_is_completed_by_a_resumed_one(
             break
     assert 0 < len(received) < len(content)
 
-    rest = await download(images, alpha, created.name, len(received))
+    rest = await dp.download(images, alpha, created.name, len(received))
     whole = received + rest.data
     assert sha256_hex(whole) == rest.sha256
     assert whole == content
 
 
 async def test_download_offset_out_of_range_is_invalid(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, random_bytes(5000))
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, random_bytes(5000))
 
     for offset in (5001, 1 << 40, -1):
-        rich = await expect_error(
-            download_all(images, alpha, created.name, offset), grpc.StatusCode.INVALID_ARGUMENT
+        rich = await dp.expect_error(
+            dp.download_all(images, alpha, created.name, offset), grpc.StatusCode.INVALID_ARGUMENT
         )
         assert "offset" in rich.fields
 
 
 async def test_download_of_an_image_without_data_is_a_failed_precondition(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    queued = await create_image(images, alpha)
-    await expect_error(
-        download_all(images, alpha, queued.name),
+    queued = await dp.create_image(images, alpha)
+    await dp.expect_error(
+        dp.download_all(images, alpha, queued.name),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_ACTIVE",
     )
-    killed = await create_image(images, alpha, display_name="killed")
-    await expect_error(
-        upload(images, alpha, killed.name, b"abc", sha256="0" * 64), grpc.StatusCode.DATA_LOSS
+    killed = await dp.create_image(images, alpha, display_name="killed")
+    await dp.expect_error(
+        dp.upload(images, alpha, killed.name, b"abc", sha256="0" * 64), grpc.StatusCode.DATA_LOSS
     )
-    await expect_error(
-        download_all(images, alpha, killed.name),
+    await dp.expect_error(
+        dp.download_all(images, alpha, killed.name),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_NOT_ACTIVE",
     )
 
 
 async def test_download_of_another_projects_private_image_is_not_found(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
 ) -> None:
     alpha, beta = as_project(fresh_project("alpha")), as_project(fresh_project("beta"))
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, random_bytes(1000))
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, random_bytes(1000))
 
-    await expect_error(
-        download_all(images, beta, created.name), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+    await dp.expect_error(
+        dp.download_all(images, beta, created.name), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
     )
-    await expect_error(
-        download_all(images, beta, created.name, 10), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+    await dp.expect_error(
+        dp.download_all(images, beta, created.name, 10),
+        grpc.StatusCode.NOT_FOUND,
+        "IMAGE_NOT_FOUND",
     )
 
 
 async def test_public_catalog_images_download_and_verify(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, as_project: Callable[..., Metadata]
 ) -> None:
     beta = as_project(fresh_project("beta"))
     listed = await images.ListImages(
@@ -402,55 +331,46 @@ async def test_public_catalog_images_download_and_verify(
     )
     assert len(listed.images) >= 5
     for public in listed.images:
-        assert public.status == ACTIVE
+        assert public.status == dp.ACTIVE
         assert public.size_bytes >= MiB, public.display_name  # catalog_image_mib = 1
-        data = await download_verified(images, beta, public.name, service.settings.chunk_bytes)
+        data = await dp.download_verified(images, beta, public.name, service.settings.chunk_bytes)
         assert len(data) == public.size_bytes, public.display_name
         assert sha256_hex(data) == public.sha256, public.display_name
         middle = public.size_bytes // 2 + 3
-        tail = await download(images, beta, public.name, middle)
+        tail = await dp.download(images, beta, public.name, middle)
         assert tail.data == data[middle:]
         assert tail.sha256 == public.sha256
 
 
 async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
     """DeleteImage while bytes are arriving: the image is gone at once, the
     upload ends with NOT_FOUND (the servicer's own `_finish` says so for a
     deletion that lands while the blob is stored) and nothing stays on disk."""
-    alpha = as_project(fresh_project("alpha"))
-    data_dir = service.settings.data_dir
     content = random_bytes(2 * MiB)
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
     rest = asyncio.Event()
-
-    async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(created.name, size_bytes=len(content), sha256=sha256_hex(content))
-        yield chunk_message(content[:MiB])
-        await rest.wait()
-        yield chunk_message(content[MiB:])
-
-    call = images.UploadImageData(requests(), metadata=alpha)
-    await wait_for_file_size(staged_path(data_dir, created.name), MiB)
+    call = await dp.held_upload(images, alpha, created.name, content, MiB, data_dir, rest)
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
-    await expect_error(get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
+    await dp.expect_error(dp.get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
 
     rest.set()
-    await expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await dp.expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
 
-    assert files_of(data_dir, created.name) == []
-    await expect_error(get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
+    assert dp.files_of(data_dir, created.name) == []
+    await dp.expect_error(dp.get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
 
 
 async def test_download_of_an_image_whose_blob_is_gone_is_data_loss(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, random_bytes(3000))
-    blob_path(service.settings.data_dir, created.name).unlink()
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, random_bytes(3000))
+    dp.blob_path(data_dir, created.name).unlink()
 
-    await expect_error(
-        download_all(images, alpha, created.name), grpc.StatusCode.DATA_LOSS, "IMAGE_DATA_MISSING"
+    await dp.expect_error(
+        dp.download_all(images, alpha, created.name),
+        grpc.StatusCode.DATA_LOSS,
+        "IMAGE_DATA_MISSING",
     )

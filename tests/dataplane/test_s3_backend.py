@@ -7,21 +7,14 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    create_image,
-    download_verified,
-    expect_error,
-    fresh_project,
-    own_service,
-    random_bytes,
-    sha256_hex,
-    upload,
-)
 
 from bms.image.v1 import image_pb2
 from bms_image.images.adapters.blobs.s3 import S3BlobStore
+from support.builders import random_bytes, sha256_hex
+from support.services import fresh_project
 
 
 def _s3_settings(endpoint: str) -> dict[str, object]:
@@ -46,14 +39,14 @@ async def test_round_trip_on_s3(
     tmp_path: Path, s3_endpoint: str, isolated_aws_config: None, size: int
 ) -> None:
     settings = _s3_settings(s3_endpoint)
-    async with own_service(tmp_path, **settings) as own:
+    async with dp.own_service(tmp_path, **settings) as own:
         alpha = own.metadata(fresh_project("alpha"))
-        created = await create_image(own.images, alpha)
+        created = await dp.create_image(own.images, alpha)
         content = random_bytes(size)
-        uploaded = await upload(own.images, alpha, created.name, content)
+        uploaded = await dp.upload(own.images, alpha, created.name, content)
         assert uploaded.status == image_pb2.IMAGE_STATUS_ACTIVE
         assert (uploaded.size_bytes, uploaded.sha256) == (size, sha256_hex(content))
-        got = await download_verified(own.images, alpha, created.name)
+        got = await dp.download_verified(own.images, alpha, created.name)
         assert got == content
         image_id = created.name.removeprefix("images/")
         assert image_id in await _object_keys(s3_endpoint, str(settings["s3_bucket"]))
@@ -69,11 +62,11 @@ async def test_checksum_mismatch_on_s3_leaves_no_object(
     tmp_path: Path, s3_endpoint: str, isolated_aws_config: None
 ) -> None:
     settings = _s3_settings(s3_endpoint)
-    async with own_service(tmp_path, **settings) as own:
+    async with dp.own_service(tmp_path, **settings) as own:
         alpha = own.metadata(fresh_project("alpha"))
-        created = await create_image(own.images, alpha)
-        await expect_error(
-            upload(own.images, alpha, created.name, random_bytes(5000), sha256="0" * 64),
+        created = await dp.create_image(own.images, alpha)
+        await dp.expect_error(
+            dp.upload(own.images, alpha, created.name, random_bytes(5000), sha256="0" * 64),
             grpc.StatusCode.DATA_LOSS,
         )
         catalog_keys = await _object_keys(s3_endpoint, str(settings["s3_bucket"]))

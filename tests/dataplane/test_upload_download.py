@@ -4,35 +4,17 @@ comes back byte for byte and the image reports its real size and SHA-256."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 
+import dataplane_support as dp
 import grpc
 import pytest
-from dataplane_support import (
-    ACTIVE,
-    Metadata,
-    MiB,
-    Stub,
-    blob_path,
-    create_image,
-    download,
-    download_all,
-    download_verified,
-    expect_error,
-    files_of,
-    fresh_project,
-    get_image,
-    random_bytes,
-    sha256_hex,
-    shared_service_fixtures,
-    status_name,
-    upload,
-)
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support.builders import MiB, random_bytes, sha256_hex
+from support.tokens import Metadata
 
-service, channel = shared_service_fixtures()
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SIZES = {
@@ -47,33 +29,29 @@ SIZES = {
 
 @pytest.mark.parametrize("size_name", [name for name in SIZES if name != "empty"])
 async def test_round_trip_of_random_raw_content(
-    service: RunningService,
-    images: Stub,
-    as_project: Callable[..., Metadata],
-    size_name: str,
+    service: RunningService, images: dp.Stub, alpha: Metadata, size_name: str, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     chunk = service.settings.chunk_bytes
     content = random_bytes(SIZES[size_name](chunk))
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
-    uploaded = await upload(images, alpha, created.name, content)
+    uploaded = await dp.upload(images, alpha, created.name, content)
 
     assert uploaded.name == created.name
-    assert uploaded.status == ACTIVE, status_name(uploaded.status)
+    assert uploaded.status == dp.ACTIVE, dp.status_name(uploaded.status)
     assert uploaded.size_bytes == len(content)
     assert uploaded.sha256 == sha256_hex(content)
     assert uploaded.disk_format == image_pb2.DISK_FORMAT_RAW
     assert uploaded.uploaded_bytes == 0
     assert uploaded.status_reason == ""
-    stored = await get_image(images, alpha, created.name)
+    stored = await dp.get_image(images, alpha, created.name)
     assert (stored.status, stored.size_bytes, stored.sha256) == (
-        ACTIVE,
+        dp.ACTIVE,
         len(content),
         sha256_hex(content),
     )
 
-    got = await download(images, alpha, created.name, max_chunk=chunk)
+    got = await dp.download(images, alpha, created.name, max_chunk=chunk)
     assert got.size_bytes == len(content)
     assert got.sha256 == sha256_hex(got.data) == sha256_hex(content)
     assert got.data == content
@@ -85,68 +63,56 @@ async def test_round_trip_of_random_raw_content(
     assert got.messages == len(expected_chunks) + 1
 
     # The bytes live in exactly one place: the blob; nothing is left staged.
-    assert files_of(service.settings.data_dir, created.name) == [
-        blob_path(service.settings.data_dir, created.name)
-    ]
+    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
 
 
 async def test_round_trip_without_declared_size_or_checksum(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(2 * MiB + 17)
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
-    uploaded = await upload(
+    uploaded = await dp.upload(
         images, alpha, created.name, content, size_bytes=0, sha256="", chunk_sizes=[MiB - 5]
     )
 
-    assert uploaded.status == ACTIVE
-    assert (uploaded.size_bytes, uploaded.sha256) == (len(content), sha256_hex(content))
-    assert await download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, uploaded, content)
 
 
 async def test_chunks_of_exactly_the_upload_limit_are_accepted(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    service: RunningService, images: dp.Stub, alpha: Metadata
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
     content = random_bytes(8 * MiB + 1)
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
-    uploaded = await upload(images, alpha, created.name, content, chunk_sizes=[4 * MiB])
+    uploaded = await dp.upload(images, alpha, created.name, content, chunk_sizes=[4 * MiB])
 
-    assert uploaded.status == ACTIVE
-    assert uploaded.sha256 == sha256_hex(content)
-    assert await download_verified(images, alpha, created.name) == content
+    await dp.assert_stored(images, alpha, uploaded, content)
 
 
-async def test_empty_upload(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
-) -> None:
+async def test_empty_upload(service: RunningService, images: dp.Stub, alpha: Metadata) -> None:
     """Zero bytes is not an image (it cannot boot, and size 0 means "not
     uploaded"): INVALID_ARGUMENT, and the image stays QUEUED for a real upload."""
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
+    created = await dp.create_image(images, alpha)
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await upload(images, alpha, created.name, b"")
+        await dp.upload(images, alpha, created.name, b"")
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     after = await images.GetImage(image_pb2.GetImageRequest(name=created.name), metadata=alpha)
     assert after.status == image_pb2.IMAGE_STATUS_QUEUED
-    uploaded = await upload(images, alpha, created.name, random_bytes(4096))
-    assert uploaded.status == ACTIVE
+    uploaded = await dp.upload(images, alpha, created.name, random_bytes(4096))
+    assert uploaded.status == dp.ACTIVE
 
 
 async def test_deleted_image_loses_its_blob_and_download(
-    service: RunningService, images: Stub, as_project: Callable[..., Metadata]
+    images: dp.Stub, alpha: Metadata, data_dir: Path
 ) -> None:
-    alpha = as_project(fresh_project("alpha"))
-    created = await create_image(images, alpha)
-    await upload(images, alpha, created.name, random_bytes(3000))
-    assert blob_path(service.settings.data_dir, created.name).exists()
+    created = await dp.create_image(images, alpha)
+    await dp.upload(images, alpha, created.name, random_bytes(3000))
+    assert dp.blob_path(data_dir, created.name).exists()
 
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
 
-    assert files_of(service.settings.data_dir, created.name) == []
-    await expect_error(download_all(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
+    assert dp.files_of(data_dir, created.name) == []
+    await dp.expect_error(dp.download_all(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
