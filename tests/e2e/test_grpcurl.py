@@ -1,78 +1,64 @@
 """The README's grpcurl walkthrough, run for real: a `bms-image serve`
 process, tokens from `bms-image token`, and the grpcurl binary using server
-reflection (no proto files). Each call is written as a person types it."""
+reflection (no proto files). Each call is the command a person types
+(support/rel_grpcurl.py spells it out)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from support.processes import GRPCURL
+from support.rel_grpcurl import (
+    EXIT_NOT_FOUND,
+    EXIT_PERMISSION_DENIED,
+    EXIT_UNAUTHENTICATED,
+    Caller,
+    by_name,
+    ok,
+)
 
 if TYPE_CHECKING:
     from conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
-# grpcurl exits with 64 + the gRPC status code when the call fails.
-EXIT_NOT_FOUND = 64 + 5
-EXIT_PERMISSION_DENIED = 64 + 7
-EXIT_UNAUTHENTICATED = 64 + 16
-
-
 CREATE_WEB_SERVER = (
     '{"image": {"display_name": "web-server-golden", "os_type": "OS_TYPE_LINUX", '
     '"os_distro": "centos", "os_version": "7.6", "architecture": "ARCHITECTURE_X86_64", '
     '"hardware_model": "s4-2288h-v5", "tags": ["web", "golden"]}}'
 )
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    """Runs `grpcurl <args>` with the grpcurl binary of this environment."""
-    return subprocess.run(
-        [str(GRPCURL), *args], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def ok(*args: str) -> Any:
-    """A grpcurl call that must succeed; its JSON output, parsed."""
-    done = grpcurl(*args)
-    assert done.returncode == 0, f"grpcurl {args} failed ({done.returncode}):\n{done.stderr}"
-    return json.loads(done.stdout) if done.stdout.strip().startswith("{") else done.stdout
-
-
-def fails(expected_exit: int, code: str, *args: str) -> str:
-    """A grpcurl call that must fail with the status grpcurl prints as `Code: <code>`."""
-    done = grpcurl(*args)
-    assert done.returncode == expected_exit, (
-        f"grpcurl {args}: exit {done.returncode}, expected {expected_exit}\n"
-        f"stdout: {done.stdout}\nstderr: {done.stderr}"
-    )
-    assert f"Code: {code}" in done.stderr, done.stderr
-    return done.stderr
+LIST_IMAGES = "bms.image.v1.ImageService/ListImages"
+GET_IMAGE = "bms.image.v1.ImageService/GetImage"
+CREATE_IMAGE = "bms.image.v1.ImageService/CreateImage"
+DELETE_IMAGE = "bms.image.v1.ImageService/DeleteImage"
+GET_FLAVOR = "bms.image.v1.ProvisioningService/GetFlavor"
+HEALTH_CHECK = "grpc.health.v1.Health/Check"
 
 
 @pytest.fixture(scope="module")
-def alpha(server: ServerProcess) -> str:
-    return server.token("alpha")
+def anonymous(server: ServerProcess) -> Caller:
+    return Caller(server.address)
 
 
 @pytest.fixture(scope="module")
-def beta(server: ServerProcess) -> str:
-    return server.token("beta")
+def alpha(server: ServerProcess) -> Caller:
+    return Caller(server.address, server.token("alpha"))
 
 
 @pytest.fixture(scope="module")
-def admin(server: ServerProcess) -> str:
-    return server.token("ops", admin=True)
+def beta(server: ServerProcess) -> Caller:
+    return Caller(server.address, server.token("beta"))
 
 
-def test_list_shows_the_services_through_reflection(server: ServerProcess) -> None:
-    listed = ok("-plaintext", server.address, "list").split()
+@pytest.fixture(scope="module")
+def admin(server: ServerProcess) -> Caller:
+    return Caller(server.address, server.token("ops", admin=True))
+
+
+def test_list_shows_the_services_through_reflection(anonymous: Caller) -> None:
+    listed = anonymous.ok("list").split()
 
     assert {
         "bms.image.v1.ImageService",
@@ -99,29 +85,15 @@ def test_describe_image_service(server: ServerProcess) -> None:
 @pytest.mark.parametrize(
     "service", [None, "bms.image.v1.ImageService", "bms.image.v1.ProvisioningService"]
 )
-def test_health_check_needs_no_token(server: ServerProcess, service: str | None) -> None:
-    if service is None:
-        health = ok("-plaintext", server.address, "grpc.health.v1.Health/Check")
-    else:
-        health = ok(
-            "-plaintext",
-            "-d",
-            f'{{"service": "{service}"}}',
-            server.address,
-            "grpc.health.v1.Health/Check",
-        )
+def test_health_check_needs_no_token(anonymous: Caller, service: str | None) -> None:
+    body = None if service is None else f'{{"service": "{service}"}}'
+    health = anonymous.ok(HEALTH_CHECK, body)
 
     assert health == {"status": "SERVING"}
 
 
-def test_list_images_shows_the_public_catalog(server: ServerProcess, alpha: str) -> None:
-    listed = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )
+def test_list_images_shows_the_public_catalog(alpha: Caller) -> None:
+    listed = alpha.ok(LIST_IMAGES)
 
     images = listed["images"]
     assert len(images) >= 6
@@ -130,24 +102,12 @@ def test_list_images_shows_the_public_catalog(server: ServerProcess, alpha: str)
     assert "next_page_token" not in listed
 
 
-def test_list_images_with_a_filter(server: ServerProcess, alpha: str) -> None:
-    everything = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]
+def test_list_images_with_a_filter(alpha: Caller) -> None:
+    everything = alpha.ok(LIST_IMAGES)["images"]
 
-    filtered = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        '{"filter": "type = public AND flavor = physical.s4.large"}',
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]
+    filtered = alpha.ok(LIST_IMAGES, '{"filter": "type = public AND flavor = physical.s4.large"}')[
+        "images"
+    ]
 
     assert filtered
     for image in filtered:
@@ -160,79 +120,33 @@ def test_list_images_with_a_filter(server: ServerProcess, alpha: str) -> None:
     assert len(filtered) < len(everything), "the Arm-only images do not run on physical.s4.large"
 
 
-def test_get_image(server: ServerProcess, alpha: str) -> None:
-    listed = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]
+def test_get_image(alpha: Caller) -> None:
+    listed = alpha.ok(LIST_IMAGES)["images"]
     name = listed[0]["name"]
 
-    image = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/GetImage",
-    )
+    image = alpha.ok(GET_IMAGE, by_name(name))
 
     assert image == listed[0]
     assert image["status"] == "IMAGE_STATUS_ACTIVE"
 
 
-def test_list_and_get_flavors(server: ServerProcess, alpha: str) -> None:
-    flavors = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        server.address,
-        "bms.image.v1.ProvisioningService/ListFlavors",
-    )["flavors"]
+def test_list_and_get_flavors(alpha: Caller) -> None:
+    flavors = alpha.ok("bms.image.v1.ProvisioningService/ListFlavors")["flavors"]
     names = [flavor["name"] for flavor in flavors]
     assert "flavors/physical.s4.large" in names
     assert names == sorted(names)
 
-    flavor = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        '{"name": "flavors/physical.s4.large"}',
-        server.address,
-        "bms.image.v1.ProvisioningService/GetFlavor",
-    )
+    flavor = alpha.ok(GET_FLAVOR, by_name("flavors/physical.s4.large"))
 
     assert flavor == flavors[names.index("flavors/physical.s4.large")]
     assert flavor["hardware_model"] == "s4-2288h-v5"
     assert flavor["public_images"]
 
-    fails(
-        EXIT_NOT_FOUND,
-        "NotFound",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        '{"name": "flavors/physical.nope"}',
-        server.address,
-        "bms.image.v1.ProvisioningService/GetFlavor",
-    )
+    alpha.fails(EXIT_NOT_FOUND, "NotFound", GET_FLAVOR, by_name("flavors/physical.nope"))
 
 
-def test_private_image_create_update_delete(server: ServerProcess, alpha: str) -> None:
-    created = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        CREATE_WEB_SERVER,
-        server.address,
-        "bms.image.v1.ImageService/CreateImage",
-    )
+def test_private_image_create_update_delete(alpha: Caller) -> None:
+    created = alpha.ok(CREATE_IMAGE, CREATE_WEB_SERVER)
     name = created["name"]
     assert name.startswith("images/")
     assert created["display_name"] == "web-server-golden"
@@ -246,67 +160,30 @@ def test_private_image_create_update_delete(server: ServerProcess, alpha: str) -
     assert created["supported_flavors"] == ["flavors/physical.s4.large"]
     assert created["tags"] == ["web", "golden"]
 
-    mine = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        '{"filter": "type = private"}',
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]
+    mine = alpha.ok(LIST_IMAGES, '{"filter": "type = private"}')["images"]
     assert name in [image["name"] for image in mine]
 
     # grpcurl (1.8.x, golang/protobuf jsonpb) cannot read the proto3 JSON
     # string form of a FieldMask ("update_mask": "description,tags"): it needs
     # the object form. See https://github.com/fullstorydev/grpcurl/issues/393
-    updated = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
+    updated = alpha.ok(
+        "bms.image.v1.ImageService/UpdateImage",
         f'{{"image": {{"name": "{name}", "description": "Nginx on CentOS 7.6", '
         '"tags": ["web", "nginx"]}, "update_mask": {"paths": ["description", "tags"]}}',
-        server.address,
-        "bms.image.v1.ImageService/UpdateImage",
     )
     assert updated["description"] == "Nginx on CentOS 7.6"
     assert updated["tags"] == ["web", "nginx"]
     assert updated["display_name"] == "web-server-golden", "not in the mask: unchanged"
     assert updated["etag"] != created["etag"]
 
-    deleted = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/DeleteImage",
-    )
+    deleted = alpha.ok(DELETE_IMAGE, by_name(name))
     assert deleted == {}
 
-    fails(
-        EXIT_NOT_FOUND,
-        "NotFound",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/GetImage",
-    )
+    alpha.fails(EXIT_NOT_FOUND, "NotFound", GET_IMAGE, by_name(name))
 
 
-def test_a_call_without_a_token_is_unauthenticated(server: ServerProcess) -> None:
-    stderr = fails(
-        EXIT_UNAUTHENTICATED,
-        "Unauthenticated",
-        "-plaintext",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )
+def test_a_call_without_a_token_is_unauthenticated(anonymous: Caller) -> None:
+    stderr = anonymous.fails(EXIT_UNAUTHENTICATED, "Unauthenticated", LIST_IMAGES)
 
     assert "TOKEN_MISSING" in stderr
 
@@ -314,139 +191,51 @@ def test_a_call_without_a_token_is_unauthenticated(server: ServerProcess) -> Non
 def test_a_token_signed_elsewhere_is_unauthenticated(
     server: ServerProcess, foreign_token: str
 ) -> None:
-    stderr = fails(
-        EXIT_UNAUTHENTICATED,
-        "Unauthenticated",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {foreign_token}",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )
+    stranger = Caller(server.address, foreign_token)
+    stderr = stranger.fails(EXIT_UNAUTHENTICATED, "Unauthenticated", LIST_IMAGES)
 
     assert "TOKEN_INVALID_SIGNATURE" in stderr
 
 
-def test_another_projects_private_image_is_not_found(
-    server: ServerProcess, alpha: str, beta: str
-) -> None:
-    created = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        CREATE_WEB_SERVER,
-        server.address,
-        "bms.image.v1.ImageService/CreateImage",
-    )
+def test_another_projects_private_image_is_not_found(alpha: Caller, beta: Caller) -> None:
+    created = alpha.ok(CREATE_IMAGE, CREATE_WEB_SERVER)
     name = created["name"]
 
-    stderr = fails(
-        EXIT_NOT_FOUND,
-        "NotFound",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {beta}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/GetImage",
-    )
+    stderr = beta.fails(EXIT_NOT_FOUND, "NotFound", GET_IMAGE, by_name(name))
     assert "IMAGE_NOT_FOUND" in stderr
 
-    seen_by_beta = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {beta}",
-        server.address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]
+    seen_by_beta = beta.ok(LIST_IMAGES)["images"]
     assert name not in [image["name"] for image in seen_by_beta]
 
-    fails(
-        EXIT_NOT_FOUND,
-        "NotFound",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {beta}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/DeleteImage",
-    )
-    assert (
-        ok(
-            "-plaintext",
-            "-H",
-            f"authorization: Bearer {alpha}",
-            "-d",
-            f'{{"name": "{name}"}}',
-            server.address,
-            "bms.image.v1.ImageService/GetImage",
-        )
-        == created
-    ), "beta's failed delete left alpha's image alone"
+    beta.fails(EXIT_NOT_FOUND, "NotFound", DELETE_IMAGE, by_name(name))
+    still = alpha.ok(GET_IMAGE, by_name(name))
+    assert still == created, "beta's failed delete left alpha's image alone"
 
 
-def test_only_an_admin_publishes_an_image(
-    server: ServerProcess, alpha: str, beta: str, admin: str
-) -> None:
+def test_only_an_admin_publishes_an_image(alpha: Caller, beta: Caller, admin: Caller) -> None:
     request = (
         '{"image": {"display_name": "Rocky Linux 9 64bit", "type": "IMAGE_TYPE_PUBLIC", '
         '"os_type": "OS_TYPE_LINUX", "os_distro": "rocky", "os_version": "9", '
         '"architecture": "ARCHITECTURE_X86_64", '
         '"supported_flavors": ["flavors/physical.s4.large"]}}'
     )
-    fails(
-        EXIT_PERMISSION_DENIED,
-        "PermissionDenied",
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {alpha}",
-        "-d",
-        request,
-        server.address,
-        "bms.image.v1.ImageService/CreateImage",
-    )
+    alpha.fails(EXIT_PERMISSION_DENIED, "PermissionDenied", CREATE_IMAGE, request)
 
-    published = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {admin}",
-        "-d",
-        request,
-        server.address,
-        "bms.image.v1.ImageService/CreateImage",
-    )
+    published = admin.ok(CREATE_IMAGE, request)
     name = published["name"]
     assert published["type"] == "IMAGE_TYPE_PUBLIC"
     assert "owner_project" not in published
 
-    seen_by_beta = ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {beta}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/GetImage",
-    )
+    seen_by_beta = beta.ok(GET_IMAGE, by_name(name))
     assert seen_by_beta["type"] == "IMAGE_TYPE_PUBLIC"
 
-    ok(
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {admin}",
-        "-d",
-        f'{{"name": "{name}"}}',
-        server.address,
-        "bms.image.v1.ImageService/DeleteImage",
-    )
+    admin.ok(DELETE_IMAGE, by_name(name))
 
 
 def test_sigterm_shuts_down_gracefully(start_server: Callable[[], ServerProcess]) -> None:
     server = start_server()
-    health = ok("-plaintext", server.address, "grpc.health.v1.Health/Check")
+    anonymous = Caller(server.address)
+    health = anonymous.ok(HEALTH_CHECK)
     assert health == {"status": "SERVING"}
 
     code, seconds = server.terminate()
@@ -454,6 +243,6 @@ def test_sigterm_shuts_down_gracefully(start_server: Callable[[], ServerProcess]
     assert code == 0, f"exit code {code}\n{server.output()}"
     assert seconds < server.grace_seconds, f"took {seconds:.1f}s with nothing in flight"
     assert "shutting down" in server.output()
-    after = grpcurl("-plaintext", server.address, "grpc.health.v1.Health/Check")
+    after = anonymous.run(HEALTH_CHECK)
     assert after.returncode != 0
     assert "Failed to dial target host" in after.stderr, after.stderr

@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from google.rpc import status_pb2
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).parent / "node" / "client.mjs"
 NODE_MODULES = ROOT / "node_modules"
+#: Where google/rpc/{status,error_details}.proto are, for the client to decode
+#: the error details: the googleapis-common-protos wheel's copy (the directory
+#: that holds google/rpc/).
+GOOGLEAPIS = Path(status_pb2.__file__).resolve().parents[2]
 PROJECT_A = "node-a"
 PROJECT_B = "node-b"
 CLIENT_TIMEOUT = 120
@@ -65,6 +70,7 @@ def run_client(
             "BMS_TOKEN_A": token_a,
             "BMS_TOKEN_B": token_b,
             "BMS_PROJECT_B": PROJECT_B,
+            "BMS_GOOGLEAPIS_DIR": str(GOOGLEAPIS),
             **env,
         },
         cwd=ROOT,

@@ -24,14 +24,7 @@ from typing import Any
 
 import grpc
 
-from bms.image.v1 import (
-    image_pb2,
-    image_pb2_grpc,
-    provisioning_pb2,
-    provisioning_pb2_grpc,
-    sharing_pb2,
-    sharing_pb2_grpc,
-)
+from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 from bms_image.common import disk_format as disks
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
@@ -41,6 +34,7 @@ from support.builders import random_bytes, sha256_hex  # noqa: F401
 from support.disks import PLUGIN_PROTO, recorded_disk, server_dir, system_disk  # noqa: F401
 from support.errors import Code, decode, expect_error
 from support.processes import ServerProcess
+from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import (
     TEST_SECRET,
     Metadata,
@@ -300,11 +294,7 @@ async def connect(image_address: str, fleet_address: str = "") -> AsyncIterator[
         grpc.aio.insecure_channel(image_address, options=_CHANNEL_OPTIONS) as images,
         grpc.aio.insecure_channel(fleet_address, options=_CHANNEL_OPTIONS) as fleet,
     ):
-        yield Client(
-            image_pb2_grpc.ImageServiceStub(images),
-            sharing_pb2_grpc.SharingServiceStub(images),
-            provisioning_pb2_grpc.ProvisioningServiceStub(fleet),
-        )
+        yield Client(ImageStub(images), SharingStub(images), ProvisioningStub(fleet))
 
 
 # -- images -----------------------------------------------------------------------------
@@ -416,12 +406,7 @@ def disk_image_bytes(scratch: Path, bulk_bytes: int, seed: str) -> bytes:
         bulk_bytes=bulk_bytes,
         seed=seed,
     )
-    path = scratch / f"disk-{uuid.uuid4().hex}"
-    try:
-        disks.write_disk(path, spec)
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
+    return written_bytes(scratch, "disk", lambda path: disks.write_disk(path, spec))
 
 
 # -- servers ----------------------------------------------------------------------------
@@ -784,9 +769,14 @@ def staged_size(data_dir: Path, image: str) -> int:
 
 def flattened(disk: disks.Disk, scratch: Path) -> bytes:
     """What a capture of `disk` uploads: the disk with its layers merged."""
-    target = scratch / f"flat-{uuid.uuid4().hex}"
+    return written_bytes(scratch, "flat", lambda path: disks.flatten(disk, path))
+
+
+def written_bytes(scratch: Path, prefix: str, write: Callable[[Path], object]) -> bytes:
+    """What `write(path)` writes to a fresh file under `scratch`; the file is removed."""
+    path = scratch / f"{prefix}-{uuid.uuid4().hex}"
     try:
-        disks.flatten(disk, target)
-        return target.read_bytes()
+        write(path)
+        return path.read_bytes()
     finally:
-        target.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)

@@ -183,6 +183,23 @@ async def call_raw(
     return await _invoke(channel, method, request, metadata, deadline, 4, None, None)
 
 
+async def read_stream(
+    call: Any, limit: int = 1_000_000, into: list[Any] | None = None
+) -> list[Any]:
+    """Up to `limit` messages of a streaming call, then the call is cancelled.
+    They are appended to `into` as they come, so what arrived before an
+    error is kept there."""
+    got: list[Any] = [] if into is None else into
+    try:
+        async for message in call:
+            got.append(message)
+            if len(got) >= limit:
+                break
+    finally:
+        call.cancel()
+    return got
+
+
 async def _invoke(
     channel: grpc.aio.Channel,
     method: MethodDescriptor,
@@ -222,13 +239,7 @@ async def _invoke(
                 call = channel.stream_stream(path, **options)(
                     iter(list(request)), metadata=metadata, timeout=deadline
                 )
-            try:
-                async for message in call:
-                    responses.append(message)
-                    if len(responses) >= max_messages:
-                        break
-            finally:
-                call.cancel()
+            await read_stream(call, max_messages, into=responses)
     except grpc.aio.AioRpcError as error:
         return Outcome(error.code(), responses, error)
     return Outcome(Code.OK, responses)

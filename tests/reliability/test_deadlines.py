@@ -28,33 +28,9 @@ from typing import Any
 
 import grpc
 import pytest
-from reliability_support import (
-    CALL_TIMEOUT,
-    CENTOS,
-    FINAL_STAGES,
-    Metadata,
-    ProvisioningStub,
-    active_handlers,
-    call_rpc,
-    create_active,
-    create_private,
-    deploy,
-    deploy_request,
-    eventually,
-    every_method,
-    healthy,
-    identity,
-    message_class,
-    open_files_under,
-    private_image,
-    random_payload,
-    rpc_id,
-    still_serving,
-    stop_server,
-    upload,
-)
+import reliability_support as rs
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.config import Settings
 from bms_image.common.guard import CallGuard
 from bms_image.common.serving import RunningService
@@ -62,7 +38,8 @@ from bms_image.fleet.domain.fleet import Fleet
 from bms_image.images.adapters.blobs.local import LocalBlobStore
 from bms_image.images.adapters.repository import SqlImageRepository
 from support.errors import Code
-from support.services import make_settings
+from support.services import ImageStub, ProvisioningStub, make_settings
+from support.tokens import Metadata
 
 CHUNK = 16 * 1024
 #: A deadline that passes while the server is held by a gate: long enough
@@ -78,17 +55,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def owner(service: RunningService) -> Metadata:
-    return identity(service, "deadline-owner")
-
-
-@pytest.fixture
-def images(channel: grpc.aio.Channel) -> image_pb2_grpc.ImageServiceStub:
-    return image_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture
-def provisioning(channel: grpc.aio.Channel) -> ProvisioningStub:
-    return provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+    return rs.identity(service, "deadline-owner")
 
 
 class Gate:
@@ -135,45 +102,43 @@ def slow_blobs(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> Gate:
     return gate
 
 
+def held_before(monkeypatch: pytest.MonkeyPatch, gate: Gate, owner: type, method: str) -> Gate:
+    """`owner.method` waits for the gate, then runs unchanged."""
+    original = getattr(owner, method)
+
+    async def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, held)
+    return gate
+
+
 @pytest.fixture
 def slow_deployments(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> Gate:
     """Deployments (and reinstalls) wait for the gate before writing a disk."""
-    original = Fleet._deploy_one
-
-    async def deploy_one(self: Fleet, *args: Any, **kwargs: Any) -> None:
-        await gate.wait()
-        await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Fleet, "_deploy_one", deploy_one)
-    return gate
+    return held_before(monkeypatch, gate, Fleet, "_deploy_one")
 
 
 @pytest.fixture
 def slow_creates(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> Gate:
     """Private images wait for the gate before they reach the database."""
-    original = SqlImageRepository.create_private
-
-    async def create_private(self: SqlImageRepository, *args: Any, **kwargs: Any) -> Any:
-        await gate.wait()
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SqlImageRepository, "create_private", create_private)
-    return gate
+    return held_before(monkeypatch, gate, SqlImageRepository, "create_private")
 
 
 def blob_files(service: RunningService) -> list[str]:
-    return open_files_under(service.settings.data_dir / "blobs")
+    return rs.open_files_under(service.settings.data_dir / "blobs")
 
 
 async def no_handlers(method: str = "") -> None:
-    await eventually(lambda: not active_handlers(method), f"no handler of {method or 'any RPC'}")
+    await rs.eventually(
+        lambda: not rs.active_handlers(method), f"no handler of {method or 'any RPC'}"
+    )
 
 
-async def get_image(
-    images: image_pb2_grpc.ImageServiceStub, md: Metadata, name: str
-) -> image_pb2.Image:
+async def get_image(images: ImageStub, md: Metadata, name: str) -> image_pb2.Image:
     image: image_pb2.Image = await images.GetImage(
-        image_pb2.GetImageRequest(name=name), metadata=md, timeout=CALL_TIMEOUT
+        image_pb2.GetImageRequest(name=name), metadata=md, timeout=rs.CALL_TIMEOUT
     )
     return image
 
@@ -182,17 +147,19 @@ async def get_image(
 
 
 async def test_the_server_handler_of_a_call_is_visible_while_it_runs(
-    images: image_pb2_grpc.ImageServiceStub, owner: Metadata, slow_blobs: Gate
+    images: ImageStub, owner: Metadata, slow_blobs: Gate
 ) -> None:
     """What the other tests rely on: grpc.aio still names the task serving a
     call `HandleExceptions[<method>]` (an implementation detail of grpcio)."""
-    image = await create_active(images, owner, random_payload(4 * CHUNK))
-    assert not active_handlers()
+    image = await rs.create_active(images, owner, rs.random_payload(4 * CHUNK))
+    assert not rs.active_handlers()
     call = images.DownloadImageData(
-        image_pb2.DownloadImageDataRequest(name=image.name), metadata=owner, timeout=CALL_TIMEOUT
+        image_pb2.DownloadImageDataRequest(name=image.name), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
     await call.read()
-    assert active_handlers() == ["HandleExceptions[/bms.image.v1.ImageService/DownloadImageData]"]
+    assert rs.active_handlers() == [
+        "HandleExceptions[/bms.image.v1.ImageService/DownloadImageData]"
+    ]
     slow_blobs.open()
     await drain(call)
     await no_handlers()
@@ -206,23 +173,23 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
     ending: str,
     service: RunningService,
     channel: grpc.aio.Channel,
-    images: image_pb2_grpc.ImageServiceStub,
+    images: ImageStub,
     owner: Metadata,
     slow_blobs: Gate,
 ) -> None:
-    data = random_payload(40 * CHUNK + 5)
-    image = await create_active(images, owner, data)
+    data = rs.random_payload(40 * CHUNK + 5)
+    image = await rs.create_active(images, owner, data)
     image_id = image.name.removeprefix("images/")
-    timeout = SHORT_DEADLINE if ending == "deadline" else CALL_TIMEOUT
+    timeout = SHORT_DEADLINE if ending == "deadline" else rs.CALL_TIMEOUT
     call = images.DownloadImageData(
         image_pb2.DownloadImageDataRequest(name=image.name), metadata=owner, timeout=timeout
     )
     first = await call.read()
     assert isinstance(first, image_pb2.DownloadImageDataResponse)
     assert first.offset == 0 and first.chunk == data[:CHUNK]
-    await eventually(lambda: slow_blobs.waiting == 1, "the server holds the download")
+    await rs.eventually(lambda: slow_blobs.waiting == 1, "the server holds the download")
     # Held mid-stream: the server serves the call and has the image file open.
-    assert active_handlers("ImageService/DownloadImageData")
+    assert rs.active_handlers("ImageService/DownloadImageData")
     assert any(image_id in path for path in blob_files(service))
 
     if ending == "cancel":
@@ -233,8 +200,8 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
             await drain(call)
         assert raised.value.code() == Code.DEADLINE_EXCEEDED
     await no_handlers("ImageService/DownloadImageData")
-    await eventually(lambda: slow_blobs.waiting == 0, "the held read was abandoned")
-    await eventually(lambda: not blob_files(service), "the image file is closed")
+    await rs.eventually(lambda: slow_blobs.waiting == 0, "the held read was abandoned")
+    await rs.eventually(lambda: not blob_files(service), "the image file is closed")
 
     # Nothing holds the image: another client downloads it whole, and it can be deleted.
     slow_blobs.open()
@@ -243,38 +210,38 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
         async for message in images.DownloadImageData(
             image_pb2.DownloadImageDataRequest(name=image.name),
             metadata=owner,
-            timeout=CALL_TIMEOUT,
+            timeout=rs.CALL_TIMEOUT,
         )
     ]
     assert b"".join(parts) == data
     await images.DeleteImage(
-        image_pb2.DeleteImageRequest(name=image.name), metadata=owner, timeout=CALL_TIMEOUT
+        image_pb2.DeleteImageRequest(name=image.name), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
     assert not list((service.settings.data_dir / "blobs").glob(f"{image_id}*"))
-    await still_serving(channel, owner)
+    await rs.still_serving(channel, owner)
 
 
 async def test_a_client_that_stops_reading_a_download_and_cancels_leaks_nothing(
     service: RunningService,
     channel: grpc.aio.Channel,
-    images: image_pb2_grpc.ImageServiceStub,
+    images: ImageStub,
     owner: Metadata,
 ) -> None:
     """No gate: a client reads one message of a 4 MiB download (256
     messages), stops reading, and cancels. Wherever the server was (blocked
     by flow control, or done), nothing of the call remains."""
-    data = random_payload(256 * CHUNK)
-    image = await create_active(images, owner, data)
+    data = rs.random_payload(256 * CHUNK)
+    image = await rs.create_active(images, owner, data)
     call = images.DownloadImageData(
-        image_pb2.DownloadImageDataRequest(name=image.name), metadata=owner, timeout=CALL_TIMEOUT
+        image_pb2.DownloadImageDataRequest(name=image.name), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
     first = await call.read()
     assert isinstance(first, image_pb2.DownloadImageDataResponse)
     assert first.chunk == data[:CHUNK]
     call.cancel()
     await no_handlers()
-    await eventually(lambda: not blob_files(service), "the image file is closed")
-    await still_serving(channel, owner)
+    await rs.eventually(lambda: not blob_files(service), "the image file is closed")
+    await rs.still_serving(channel, owner)
 
 
 # -- uploads -----------------------------------------------------------------------------------
@@ -291,16 +258,16 @@ async def test_an_upload_broken_off_stays_resumable(
     ending: str,
     service: RunningService,
     channel: grpc.aio.Channel,
-    images: image_pb2_grpc.ImageServiceStub,
+    images: ImageStub,
     owner: Metadata,
 ) -> None:
     """A client sends the first part of an image and stalls; the call is
     cancelled (or its deadline passes). The image goes back to QUEUED with
     `uploaded_bytes` = what arrived, and a second stream from that offset
     completes it."""
-    data = random_payload(300_000)
+    data = rs.random_payload(300_000)
     sent = 5 * 32 * 1024
-    queued = await create_private(images, owner)
+    queued = await rs.create_private(images, owner)
     stalled = asyncio.Event()
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
@@ -311,14 +278,14 @@ async def test_an_upload_broken_off_stays_resumable(
             yield image_pb2.UploadImageDataRequest(chunk=data[start : start + 32 * 1024])
         await stalled.wait()  # the client stalls: never set
 
-    timeout = SHORT_DEADLINE if ending == "deadline" else CALL_TIMEOUT
+    timeout = SHORT_DEADLINE if ending == "deadline" else rs.CALL_TIMEOUT
     call = images.UploadImageData(requests(), metadata=owner, timeout=timeout)
-    await eventually(
+    await rs.eventually(
         lambda: staged_bytes(service, queued.name) == sent, "the server staged what was sent"
     )
     saving = await get_image(images, owner, queued.name)
     assert saving.status == image_pb2.IMAGE_STATUS_SAVING
-    assert active_handlers("ImageService/UploadImageData")
+    assert rs.active_handlers("ImageService/UploadImageData")
 
     if ending == "cancel":
         assert call.cancel()
@@ -333,16 +300,16 @@ async def test_an_upload_broken_off_stays_resumable(
         image = await get_image(images, owner, queued.name)
         return bool(image.status == image_pb2.IMAGE_STATUS_QUEUED)
 
-    await eventually(queued_again, "the broken-off upload is QUEUED again")
+    await rs.eventually(queued_again, "the broken-off rs.upload is QUEUED again")
     broken = await get_image(images, owner, queued.name)
     assert broken.uploaded_bytes == sent
     assert str(sent) in broken.status_reason
 
-    active = await upload(images, owner, queued.name, data[sent:], offset=sent)
+    active = await rs.upload(images, owner, queued.name, data[sent:], offset=sent)
     assert active.status == image_pb2.IMAGE_STATUS_ACTIVE
     assert active.size_bytes == len(data)
     assert active.sha256 == hashlib.sha256(data).hexdigest()
-    await still_serving(channel, owner)
+    await rs.still_serving(channel, owner)
 
 
 # -- deployments, reinstalls, watching -----------------------------------------------------------
@@ -370,7 +337,7 @@ async def first_events(
 
 async def server_state(provisioning: ProvisioningStub, md: Metadata, name: str) -> int:
     server = await provisioning.GetServer(
-        provisioning_pb2.GetServerRequest(name=name), metadata=md, timeout=CALL_TIMEOUT
+        provisioning_pb2.GetServerRequest(name=name), metadata=md, timeout=rs.CALL_TIMEOUT
     )
     return int(server.state)
 
@@ -381,7 +348,7 @@ async def watch_to_the_end(
     return [
         event
         async for event in provisioning.WatchServer(
-            provisioning_pb2.WatchServerRequest(name=name), metadata=md, timeout=CALL_TIMEOUT
+            provisioning_pb2.WatchServerRequest(name=name), metadata=md, timeout=rs.CALL_TIMEOUT
         )
     ]
 
@@ -397,22 +364,22 @@ async def test_dropped_deployment_and_watch_streams_let_go_and_the_work_goes_on(
     WatchServer runs into its deadline. Each call's handler goes away, the
     deployment goes on once let go, and a last WatchServer follows it to ACTIVE."""
     create = provisioning.CreateServers(
-        deploy_request(image=CENTOS, prefix="held"), metadata=owner, timeout=CALL_TIMEOUT
+        rs.deploy_request(image=rs.CENTOS, prefix="held"), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
     (validating,) = await first_events(create, 1)
     assert validating.stage == provisioning_pb2.PROVISIONING_STAGE_VALIDATING
     server = validating.server
-    await eventually(lambda: slow_deployments.waiting == 1, "the deployment is held")
-    assert active_handlers("ProvisioningService/CreateServers")
+    await rs.eventually(lambda: slow_deployments.waiting == 1, "the deployment is held")
+    assert rs.active_handlers("ProvisioningService/CreateServers")
     assert create.cancel()
     await no_handlers("ProvisioningService/CreateServers")
 
     watch = provisioning.WatchServer(
-        provisioning_pb2.WatchServerRequest(name=server), metadata=owner, timeout=CALL_TIMEOUT
+        provisioning_pb2.WatchServerRequest(name=server), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
     (replayed,) = await first_events(watch, 1)
     assert (replayed.server, replayed.stage) == (server, validating.stage)
-    assert active_handlers("ProvisioningService/WatchServer")
+    assert rs.active_handlers("ProvisioningService/WatchServer")
     assert watch.cancel()
     await no_handlers("ProvisioningService/WatchServer")
 
@@ -421,7 +388,7 @@ async def test_dropped_deployment_and_watch_streams_let_go_and_the_work_goes_on(
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for event in late:
-            assert event.stage not in FINAL_STAGES, "the held deployment ended"
+            assert event.stage not in rs.FINAL_STAGES, "the held deployment ended"
     assert raised.value.code() == Code.DEADLINE_EXCEEDED
     await no_handlers("ProvisioningService/WatchServer")
     assert await server_state(provisioning, owner, server) == provisioning_pb2.SERVER_STATE_BUILDING
@@ -432,9 +399,9 @@ async def test_dropped_deployment_and_watch_streams_let_go_and_the_work_goes_on(
     assert await server_state(provisioning, owner, server) == provisioning_pb2.SERVER_STATE_ACTIVE
     await no_handlers()
     await provisioning.DeleteServer(
-        provisioning_pb2.DeleteServerRequest(name=server), metadata=owner, timeout=CALL_TIMEOUT
+        provisioning_pb2.DeleteServerRequest(name=server), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
-    await still_serving(channel, owner)
+    await rs.still_serving(channel, owner)
 
 
 @pytest.mark.parametrize("ending", ["cancel", "deadline"])
@@ -446,8 +413,8 @@ async def test_a_dropped_reinstall_stream_lets_go_and_the_reinstall_goes_on(
     gate: Gate,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    server = await deploy(provisioning, owner)
-    await stop_server(provisioning, owner, server)
+    server = await rs.deploy(provisioning, owner)
+    await rs.stop_server(provisioning, owner, server)
     original = Fleet._deploy_one
 
     async def held(self: Fleet, *args: Any, **kwargs: Any) -> None:
@@ -455,19 +422,19 @@ async def test_a_dropped_reinstall_stream_lets_go_and_the_reinstall_goes_on(
         await original(self, *args, **kwargs)
 
     monkeypatch.setattr(Fleet, "_deploy_one", held)
-    timeout = SHORT_DEADLINE if ending == "deadline" else CALL_TIMEOUT
+    timeout = SHORT_DEADLINE if ending == "deadline" else rs.CALL_TIMEOUT
     call = provisioning.ReinstallServer(
         provisioning_pb2.ReinstallServerRequest(name=server), metadata=owner, timeout=timeout
     )
     (validating,) = await first_events(call, 1)
     assert validating.state == provisioning_pb2.SERVER_STATE_REBUILDING
-    await eventually(lambda: gate.waiting == 1, "the reinstall is held")
+    await rs.eventually(lambda: gate.waiting == 1, "the reinstall is held")
     if ending == "cancel":
         assert call.cancel()
     else:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             for event in await drain(call):
-                assert event.stage not in FINAL_STAGES, "the held reinstall ended"
+                assert event.stage not in rs.FINAL_STAGES, "the held reinstall ended"
         assert raised.value.code() == Code.DEADLINE_EXCEEDED
     await no_handlers("ProvisioningService/ReinstallServer")
     assert (
@@ -478,7 +445,7 @@ async def test_a_dropped_reinstall_stream_lets_go_and_the_reinstall_goes_on(
     events = await watch_to_the_end(provisioning, owner, server)
     assert events[-1].stage == provisioning_pb2.PROVISIONING_STAGE_ACTIVE, events[-1]
     assert await server_state(provisioning, owner, server) == provisioning_pb2.SERVER_STATE_ACTIVE
-    await still_serving(channel, owner)
+    await rs.still_serving(channel, owner)
 
 
 # -- unary calls ---------------------------------------------------------------------------------
@@ -505,25 +472,25 @@ async def test_every_rpc_whose_deadline_passes_is_deadline_exceeded(
     """All 25 RPCs, each held before the service looks at it, with a 50 ms
     deadline: DEADLINE_EXCEEDED at the client; the server abandons every one
     of them and serves on once the door opens."""
-    owner = identity(service, "deadline-owner")
+    owner = rs.identity(service, "deadline-owner")
     wrong: list[str] = []
-    for method in every_method():
-        request = message_class(method.input_type)()
+    for method in rs.every_method():
+        request = rs.message_class(method.input_type)()
         body: Any = [request] if method.client_streaming else request
-        outcome = await call_rpc(channel, method, body, owner, deadline=0.05)
+        outcome = await rs.call_rpc(channel, method, body, owner, deadline=0.05)
         if outcome.code != Code.DEADLINE_EXCEEDED:
-            wrong.append(f"{rpc_id(method)}: {outcome.code.name}")
+            wrong.append(f"{rs.rpc_id(method)}: {outcome.code.name}")
     assert not wrong, wrong
-    await eventually(lambda: held_at_the_door.waiting == 0, "every held call was abandoned")
+    await rs.eventually(lambda: held_at_the_door.waiting == 0, "every held call was abandoned")
     await no_handlers()
     held_at_the_door.open()
-    assert await healthy(channel)
-    await still_serving(channel, owner)
+    assert await rs.healthy(channel)
+    await rs.still_serving(channel, owner)
 
 
 async def test_a_unary_call_whose_deadline_passes_mid_work_is_abandoned(
     channel: grpc.aio.Channel,
-    images: image_pb2_grpc.ImageServiceStub,
+    images: ImageStub,
     owner: Metadata,
     slow_creates: Gate,
 ) -> None:
@@ -532,18 +499,18 @@ async def test_a_unary_call_whose_deadline_passes_mid_work_is_abandoned(
     (its handler is gone, nothing was created), and serves on."""
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await images.CreateImage(
-            image_pb2.CreateImageRequest(image=private_image(display_name="never-created")),
+            image_pb2.CreateImageRequest(image=rs.private_image(display_name="never-created")),
             metadata=owner,
             timeout=SHORT_DEADLINE,
         )
     assert raised.value.code() == Code.DEADLINE_EXCEEDED
     await no_handlers("ImageService/CreateImage")
-    await eventually(lambda: slow_creates.waiting == 0, "the held create was abandoned")
+    await rs.eventually(lambda: slow_creates.waiting == 0, "the held create was abandoned")
     slow_creates.open()
     listed = await images.ListImages(
         image_pb2.ListImagesRequest(filter="name = never-created"),
         metadata=owner,
-        timeout=CALL_TIMEOUT,
+        timeout=rs.CALL_TIMEOUT,
     )
     assert not listed.images
-    await still_serving(channel, owner)
+    await rs.still_serving(channel, owner)

@@ -89,18 +89,11 @@ from reliability_support import (
     upload_requests,
 )
 
-from bms.image.v1 import (
-    image_pb2,
-    image_pb2_grpc,
-    provisioning_pb2,
-    provisioning_pb2_grpc,
-    sharing_pb2,
-    sharing_pb2_grpc,
-)
+from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
 from support.errors import Code, decode
-from support.services import make_settings
+from support.services import ImageStub, ProvisioningStub, SharingStub, make_settings
 
 #: The client errors the API documents; OK where the request is valid after all.
 ALLOWED = frozenset(
@@ -174,9 +167,9 @@ async def targets(service: RunningService, channel: grpc.aio.Channel, database_u
     suffix = uuid.uuid4().hex[:8]
     projects = {role: f"{role}-{suffix}" for role in ("owner", "member", "other", "admin")}
     md = {role: identity(service, projects[role], admin=role == "admin") for role in projects}
-    images = image_pb2_grpc.ImageServiceStub(channel)
-    sharing = sharing_pb2_grpc.SharingServiceStub(channel)
-    provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+    images = ImageStub(channel)
+    sharing = SharingStub(channel)
+    provisioning = ProvisioningStub(channel)
     active = await create_active(images, md["owner"], random_payload(20_000))
     await share(sharing, md["owner"], active.name, projects["member"])
     await answer(
@@ -927,7 +920,7 @@ async def test_nul_in_a_member_name_is_a_client_error(
 async def test_deeply_nested_cloud_config_is_invalid_argument(
     channel: grpc.aio.Channel, targets: Targets
 ) -> None:
-    provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+    provisioning = ProvisioningStub(channel)
     md = targets.md["owner"]
     nested = "#cloud-config\n" + "[" * 2000
     await stop_server(provisioning, md, targets.server)

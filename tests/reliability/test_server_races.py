@@ -15,20 +15,19 @@ import grpc
 import pytest
 
 from bms.image.v1 import provisioning_pb2 as pb
-from bms.image.v1 import provisioning_pb2_grpc
 from bms_image.common.serving import RunningService
-from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
+from support.builders import CENTOS_IMAGE, UBUNTU_IMAGE
 from support.errors import decode
-from support.services import make_settings
+from support.rel_requests import create_servers
+from support.services import ProvisioningStub, make_settings
 from support.tokens import Metadata, bearer
 
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-UBUNTU = f"images/{public_image_id('ubuntu-22.04-x86_64')}"
-S4 = "flavors/physical.s4.large"
+CENTOS = CENTOS_IMAGE
+UBUNTU = UBUNTU_IMAGE
 LOSING_REASONS = {"SERVER_BUSY", "SERVER_STATE_CONFLICT"}
 
-Stub = provisioning_pb2_grpc.ProvisioningServiceStub
+Stub = ProvisioningStub
 
 
 @pytest.fixture
@@ -36,13 +35,13 @@ async def fleet(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[Stub, 
     service: RunningService = await start(make_settings(tmp_path, database_url=database_url))
     md: Metadata = bearer(service.authority.issue("alpha"))
     async with grpc.aio.insecure_channel(service.address) as channel:
-        yield provisioning_pb2_grpc.ProvisioningServiceStub(channel), md
+        yield ProvisioningStub(channel), md
     await service.stop(0)
 
 
 async def deploy(stub: Stub, md: Metadata, count: int = 1) -> list[str]:
     stream = stub.CreateServers(
-        pb.CreateServersRequest(flavor=S4, image=CENTOS, count=count, name_prefix="race"),
+        create_servers("race", count),
         metadata=md,
         timeout=60,
     )
@@ -98,13 +97,7 @@ async def test_deleting_a_server_while_it_is_built_is_refused(
 ) -> None:
     stub, md = fleet
     stream = stub.CreateServers(
-        pb.CreateServersRequest(
-            flavor=S4,
-            image=CENTOS,
-            count=1,
-            name_prefix="race",
-            boot_source=pb.BOOT_SOURCE_LOCAL_DISK,
-        ),
+        create_servers("race", boot_source=pb.BOOT_SOURCE_LOCAL_DISK),
         metadata=md,
         timeout=60,
     )

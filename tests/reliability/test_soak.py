@@ -19,18 +19,12 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from bms.image.v1 import (
-    image_pb2,
-    image_pb2_grpc,
-    provisioning_pb2,
-    provisioning_pb2_grpc,
-    sharing_pb2,
-    sharing_pb2_grpc,
-)
+from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 from bms_image.common.auth import TokenAuthority
 from bms_image.images.adapters.catalog import public_image_id
 from support.builders import private_image
 from support.processes import ServerProcess
+from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import Metadata, bearer
 
 pytestmark = pytest.mark.e2e
@@ -62,9 +56,9 @@ class Tally:
 
 class Clients:
     def __init__(self, channel: grpc.aio.Channel, server: ServerProcess) -> None:
-        self.images = image_pb2_grpc.ImageServiceStub(channel)
-        self.sharing = sharing_pb2_grpc.SharingServiceStub(channel)
-        self.fleet = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+        self.images = ImageStub(channel)
+        self.sharing = SharingStub(channel)
+        self.fleet = ProvisioningStub(channel)
         self.tokens: dict[str, Metadata] = {}
         # Signed in-process with the server's secret: minting through the CLI
         # would block the event loop that drives every worker.

@@ -56,7 +56,6 @@ from reliability_support import (
     S4_FLAVOR,
     Metadata,
     Outcome,
-    ProvisioningStub,
     answer,
     answer_request,
     bearer,
@@ -69,6 +68,7 @@ from reliability_support import (
     mask,
     member_name,
     public_image,
+    read_stream,
     rpc_id,
     share,
     stop_server,
@@ -78,17 +78,11 @@ from reliability_support import (
     upload_requests,
 )
 
-from bms.image.v1 import (
-    image_pb2,
-    image_pb2_grpc,
-    provisioning_pb2,
-    provisioning_pb2_grpc,
-    sharing_pb2,
-    sharing_pb2_grpc,
-)
+from bms.image.v1 import image_pb2, provisioning_pb2, sharing_pb2
 from bms_image.common.serving import RunningService
 from support.builders import private_image
 from support.errors import RichError, decode
+from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import TEST_SECRET
 
 BAD_TOKENS = ("no token", "malformed", "expired", "wrong key")
@@ -125,8 +119,8 @@ class Scene:
     ACTIVE or STOPPED server of the owner and a public image an admin made."""
 
     service: RunningService
-    images: image_pb2_grpc.ImageServiceStub
-    sharing: sharing_pb2_grpc.SharingServiceStub
+    images: ImageStub
+    sharing: SharingStub
     provisioning: ProvisioningStub
     project: dict[str, str]
     md: dict[str, Metadata]
@@ -188,9 +182,9 @@ async def make_scene(service: RunningService, channel: grpc.aio.Channel, row: Ro
         role: bearer(forge_token(secret, project[role], admin=role == "admin"))
         for role in IDENTITIES
     }
-    images = image_pb2_grpc.ImageServiceStub(channel)
-    sharing = sharing_pb2_grpc.SharingServiceStub(channel)
-    provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+    images = ImageStub(channel)
+    sharing = SharingStub(channel)
+    provisioning = ProvisioningStub(channel)
     display_name = f"secret-golden-{suffix}"
     description = f"classified-{uuid.uuid4().hex}"
     active = await create_active(
@@ -280,24 +274,11 @@ async def one(call: Awaitable[Message]) -> list[Message]:
     return [await call]
 
 
-async def stream(call: grpc.aio.UnaryStreamCall, limit: int = 1_000_000) -> list[Message]:
-    """Up to `limit` messages of a server stream, then the call is cancelled."""
-    got: list[Message] = []
-    try:
-        async for message in call:
-            got.append(message)
-            if len(got) >= limit:
-                break
-    finally:
-        call.cancel()
-    return got
-
-
 def _names(messages: list[Message], attribute: str) -> list[str]:
     return [item.name for m in messages for item in getattr(m, attribute)]
 
 
-#: How a probe gathers a call's responses: `one`, `stream` or `first_of`.
+#: How a probe gathers a call's responses: `one`, `read_stream` or `first_of`.
 Reader = Callable[[Any], Awaitable[list[Message]]]
 
 
@@ -319,7 +300,7 @@ def probe(stub: str, method: str, build: Callable[[Scene], Message], read: Reade
 
 
 def first_of(responses: grpc.aio.UnaryStreamCall) -> Awaitable[list[Message]]:
-    return stream(responses, 1)
+    return read_stream(responses, 1)
 
 
 async def probe_list_images(s: Scene, role: str, md: Metadata) -> Cell:
@@ -383,7 +364,7 @@ async def probe_upload_shared(s: Scene, role: str, md: Metadata) -> Cell:
 
 async def probe_download(s: Scene, role: str, md: Metadata) -> Cell:
     request = image_pb2.DownloadImageDataRequest(name=s.shared)
-    cell = await call(s, md, "images", "DownloadImageData", request, stream)
+    cell = await call(s, md, "images", "DownloadImageData", request, read_stream)
     if cell.label == OK:
         data = b"".join(m.chunk for m in cell.outcome.responses)  # type: ignore[attr-defined]
         if data != SHARED_DATA:
@@ -471,15 +452,6 @@ def server_probe(method: str, read: Reader = one) -> Probe:
     return probe("provisioning", method, lambda s: request_type(name=s.server), read)
 
 
-probe_get_server = server_probe("GetServer")
-probe_start_server = server_probe("StartServer")
-probe_stop_server = server_probe("StopServer")
-probe_delete_server = server_probe("DeleteServer")
-probe_reinstall_server = server_probe("ReinstallServer", first_of)
-probe_watch_server = server_probe("WatchServer", stream)
-probe_inject_fault = server_probe("InjectNetworkFault")
-
-
 # -- the matrix ------------------------------------------------------------------------------
 
 
@@ -498,36 +470,47 @@ class Row:
         return self.rpc + (f"[{self.variant}]" if self.variant else "")
 
 
+#: Only the owner of the server may act on it; everybody else gets NOT_FOUND.
+OWNER_ONLY = (NF, NF, NF, OK, NF)
+#: Only a platform admin may publish or change a public image.
+ADMIN_ONLY = (PD, PD, PD, PD, OK)
+
+
+def public_row(rpc: str, probe: Probe) -> Row:
+    """A change of the public image the admin made: admin-only."""
+    return Row(rpc, "public", ADMIN_ONLY, probe, public=True)
+
+
+def server_row(
+    method: str,
+    server: str,
+    read: Reader = one,
+    expected: tuple[str, ...] = OWNER_ONLY,
+    sees_server: tuple[str, ...] = ("owner",),
+) -> Row:
+    """A ProvisioningService call on the owner's `server` ("active" or "stopped")."""
+    return Row(
+        f"ProvisioningService.{method}",
+        "",
+        expected,
+        server_probe(method, read),
+        server=server,
+        sees_server=sees_server,
+    )
+
+
 # expected per identity: (other, pending, accepted, owner, admin)
 ROWS: list[Row] = [
     Row("ImageService.ListImages", "", (HIDDEN, HIDDEN, LISTED, LISTED, HIDDEN), probe_list_images),
     Row("ImageService.GetImage", "", (NF, OK, OK, OK, NF), probe_get_image),
     Row("ImageService.CreateImage", "private", (OK, OK, OK, OK, OK), probe_create_image),
-    Row("ImageService.CreateImage", "public", (PD, PD, PD, PD, OK), probe_create_public_image),
+    Row("ImageService.CreateImage", "public", ADMIN_ONLY, probe_create_public_image),
     Row("ImageService.UpdateImage", "shared", (NF, PD, PD, OK, NF), probe_update_image),
-    Row(
-        "ImageService.UpdateImage",
-        "public",
-        (PD, PD, PD, PD, OK),
-        probe_update_public_image,
-        public=True,
-    ),
+    public_row("ImageService.UpdateImage", probe_update_public_image),
     Row("ImageService.DeleteImage", "shared", (NF, PD, PD, OK, NF), probe_delete_image),
-    Row(
-        "ImageService.DeleteImage",
-        "public",
-        (PD, PD, PD, PD, OK),
-        probe_delete_public_image,
-        public=True,
-    ),
+    public_row("ImageService.DeleteImage", probe_delete_public_image),
     Row("ImageService.DeprecateImage", "shared", (NF, PD, PD, PD, NF), probe_deprecate_image),
-    Row(
-        "ImageService.DeprecateImage",
-        "public",
-        (PD, PD, PD, PD, OK),
-        probe_deprecate_public_image,
-        public=True,
-    ),
+    public_row("ImageService.DeprecateImage", probe_deprecate_public_image),
     Row("ImageService.UploadImageData", "queued", (NF, NF, NF, OK, NF), probe_upload_queued),
     Row("ImageService.UploadImageData", "shared", (NF, PD, PD, FP, NF), probe_upload_shared),
     Row("ImageService.DownloadImageData", "", (NF, FP, OK, OK, NF), probe_download),
@@ -547,9 +530,7 @@ ROWS: list[Row] = [
         (NF, FP, OK, OK, NF),
         probe_create_servers,
     ),
-    Row(
-        "ProvisioningService.GetServer", "", (NF, NF, NF, OK, NF), probe_get_server, server="active"
-    ),
+    server_row("GetServer", "active"),
     Row(
         "ProvisioningService.ListServers",
         "",
@@ -557,47 +538,15 @@ ROWS: list[Row] = [
         probe_list_servers,
         server="active",
     ),
-    Row(
-        "ProvisioningService.StartServer",
-        "",
-        (NF, NF, NF, OK, NF),
-        probe_start_server,
-        server="stopped",
-    ),
-    Row(
-        "ProvisioningService.StopServer",
-        "",
-        (NF, NF, NF, OK, NF),
-        probe_stop_server,
-        server="active",
-    ),
-    Row(
-        "ProvisioningService.DeleteServer",
-        "",
-        (NF, NF, NF, OK, NF),
-        probe_delete_server,
-        server="active",
-    ),
-    Row(
-        "ProvisioningService.ReinstallServer",
-        "",
-        (NF, NF, NF, OK, NF),
-        probe_reinstall_server,
-        server="stopped",
-    ),
-    Row(
-        "ProvisioningService.WatchServer",
-        "",
-        (NF, NF, NF, OK, NF),
-        probe_watch_server,
-        server="active",
-    ),
-    Row(
-        "ProvisioningService.InjectNetworkFault",
-        "",
-        (NF, NF, NF, PD, OK),
-        probe_inject_fault,
-        server="active",
+    server_row("StartServer", "stopped"),
+    server_row("StopServer", "active"),
+    server_row("DeleteServer", "active"),
+    server_row("ReinstallServer", "stopped", first_of),
+    server_row("WatchServer", "active", read_stream),
+    server_row(
+        "InjectNetworkFault",
+        "active",
+        expected=(NF, NF, NF, PD, OK),
         sees_server=("owner", "admin"),
     ),
 ]

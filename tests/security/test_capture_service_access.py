@@ -39,6 +39,7 @@ from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.domain import captures as captures_module
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start, start_provisioner
+from support.builders import private_image
 from support.errors import decode
 from support.processes import free_port
 from support.services import make_settings
@@ -364,16 +365,7 @@ async def test_a_capture_starts_once_into_its_own_image_and_runs_to_its_end(
     )
     assert await task_of(stubs, user, other) == "capture-hold"
     plain = await stubs.images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(
-                display_name="plain",
-                os_type=image_pb2.OS_TYPE_LINUX,
-                architecture=image_pb2.ARCHITECTURE_X86_64,
-                os_distro="centos",
-                os_version="7.6",
-                hardware_model="s4-2288h-v5",
-            )
-        ),
+        image_pb2.CreateImageRequest(image=private_image("plain")),
         metadata=user,
     )
     for unrelated in (plain.name, created.name):

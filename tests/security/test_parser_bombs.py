@@ -23,6 +23,7 @@ from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioni
 from bms_image.images.adapters.catalog import public_image_id
 from support.errors import expect_error
 from support.processes import ServerProcess
+from support.rel_bombs import alias_bomb
 from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
@@ -35,14 +36,6 @@ CALL_DEADLINE = 20.0
 #: alias bomb takes gigabytes).
 RSS_GROWTH_BYTES = 200 * 1024 * 1024
 ROUNDS = 5
-
-
-def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    lines = ["#cloud-config", "a0: &a0 [" + ", ".join(['"lol"'] * width) + "]"]
-    for level in range(1, levels):
-        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
-    lines += ["write_files:", "- path: /etc/motd", f"  content: *a{levels - 1}"]
-    return "\n".join(lines) + "\n"
 
 
 BOMBS = {

@@ -16,18 +16,16 @@ from certificates import Authority, Issued, authority, issue
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner, Result
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
 from bms_image.cli import app
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
 from bms_image.common.tls import image_service_credentials, server_credentials
-from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start, start_provisioner
-from support.services import make_settings
+from support.rel_requests import create_servers
+from support.services import ProvisioningStub, make_settings
 from support.tokens import bearer
 
-CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
-S4 = "flavors/physical.s4.large"
 REFUSED = grpc.StatusCode.UNAVAILABLE
 
 
@@ -133,14 +131,8 @@ async def test_mutual_tls_accepts_only_client_certificates_of_its_ca(
 
 async def deploy_one(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str]]) -> int:
     """The last stage of a one-server CreateServers stream."""
-    stream = provisioning_pb2_grpc.ProvisioningServiceStub(channel).CreateServers(
-        provisioning_pb2.CreateServersRequest(
-            flavor=S4,
-            image=CENTOS,
-            count=1,
-            name_prefix="tls",
-            boot_source=provisioning_pb2.BOOT_SOURCE_LOCAL_DISK,
-        ),
+    stream = ProvisioningStub(channel).CreateServers(
+        create_servers("tls", boot_source=provisioning_pb2.BOOT_SOURCE_LOCAL_DISK),
         metadata=metadata,
         timeout=60,
     )

@@ -2,8 +2,8 @@
 from `bms-image token`, and the grpcurl binary using server reflection (no
 proto files). Project alpha uploads an image and shares it with beta; beta
 finds it pending, cannot use it yet, accepts it and then sees it as SHARED
-and downloads it. Each call is written as a person types it (see the
-README snippet)."""
+and downloads it. Each call is the command a person types (see the README
+snippet; support/rel_grpcurl.py spells the command line out)."""
 
 from __future__ import annotations
 
@@ -11,68 +11,31 @@ import base64
 import hashlib
 import json
 import os
-import subprocess
-from typing import Any
 
 import pytest
 
-from support.processes import GRPCURL, ServerProcess
+from support.processes import ServerProcess
+from support.rel_grpcurl import (
+    EXIT_FAILED_PRECONDITION,
+    EXIT_NOT_FOUND,
+    EXIT_PERMISSION_DENIED,
+    Caller,
+    by_name,
+    grpcurl,
+    json_messages,
+)
 
 pytestmark = pytest.mark.e2e
-
-# grpcurl exits with 64 + the gRPC status code when the call fails.
-EXIT_NOT_FOUND = 64 + 5
-EXIT_PERMISSION_DENIED = 64 + 7
-EXIT_FAILED_PRECONDITION = 64 + 9
 
 CREATE_IMAGE = (
     '{"image": {"display_name": "web-server-golden", "os_type": "OS_TYPE_LINUX", '
     '"os_distro": "centos", "os_version": "7.6", "architecture": "ARCHITECTURE_X86_64", '
     '"hardware_model": "s4-2288h-v5"}}'
 )
-
-
-def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(GRPCURL), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-def json_messages(text: str) -> list[Any]:
-    """grpcurl prints each response message of a stream as its own JSON value."""
-    decoder = json.JSONDecoder()
-    messages: list[Any] = []
-    position = 0
-    while position < len(text):
-        if text[position].isspace():
-            position += 1
-            continue
-        message, position = decoder.raw_decode(text, position)
-        messages.append(message)
-    return messages
-
-
-def ok(*args: str, stdin: str | None = None) -> Any:
-    """A grpcurl call that must succeed: its one JSON response, parsed."""
-    done = grpcurl(*args, stdin=stdin)
-    assert done.returncode == 0, f"grpcurl {args} failed ({done.returncode}):\n{done.stderr}"
-    [message] = json_messages(done.stdout)
-    return message
-
-
-def fails(expected_exit: int, code: str, *args: str) -> str:
-    done = grpcurl(*args)
-    assert done.returncode == expected_exit, (
-        f"grpcurl {args}: exit {done.returncode}, expected {expected_exit}\n"
-        f"stdout: {done.stdout}\nstderr: {done.stderr}"
-    )
-    assert f"Code: {code}" in done.stderr, done.stderr
-    return done.stderr
+LIST_IMAGES = "bms.image.v1.ImageService/ListImages"
+GET_IMAGE = "bms.image.v1.ImageService/GetImage"
+DOWNLOAD = "bms.image.v1.ImageService/DownloadImageData"
+UPDATE_MEMBER = "bms.image.v1.SharingService/UpdateImageMember"
 
 
 def random_raw_bytes(size: int) -> bytes:
@@ -84,8 +47,8 @@ def random_raw_bytes(size: int) -> bytes:
 
 def test_alpha_shares_an_image_with_beta_through_grpcurl(sharing_server: ServerProcess) -> None:
     address = sharing_server.address
-    alpha = f"authorization: Bearer {sharing_server.token('alpha')}"
-    beta = f"authorization: Bearer {sharing_server.token('beta')}"
+    alpha = Caller(address, sharing_server.token("alpha"))
+    beta = Caller(address, sharing_server.token("beta"))
 
     described = grpcurl("-plaintext", address, "describe", "bms.image.v1.SharingService")
     assert described.returncode == 0, described.stderr
@@ -94,10 +57,7 @@ def test_alpha_shares_an_image_with_beta_through_grpcurl(sharing_server: ServerP
 
     # 1. alpha creates an image and uploads its bytes (a client stream: the
     #    metadata message, then chunk messages, bytes in base64).
-    created = ok(
-        "-plaintext", "-H", alpha, "-d", CREATE_IMAGE, address,
-        "bms.image.v1.ImageService/CreateImage",
-    )  # fmt: skip
+    created = alpha.ok("bms.image.v1.ImageService/CreateImage", CREATE_IMAGE)
     name = created["name"]
     assert created["status"] == "IMAGE_STATUS_QUEUED"
     data = random_raw_bytes(96 * 1024)
@@ -108,50 +68,32 @@ def test_alpha_shares_an_image_with_beta_through_grpcurl(sharing_server: ServerP
             json.dumps({"chunk": base64.b64encode(data[64 * 1024 :]).decode()}),
         ]
     )
-    uploaded = ok(
-        "-plaintext", "-H", alpha, "-d", "@", address,
-        "bms.image.v1.ImageService/UploadImageData",
-        stdin=stream,
-    )  # fmt: skip
+    uploaded = alpha.ok("bms.image.v1.ImageService/UploadImageData", "@", stdin=stream)
     assert uploaded["status"] == "IMAGE_STATUS_ACTIVE"
     assert uploaded["size_bytes"] == str(len(data))  # int64 is a JSON string
     assert uploaded["sha256"] == hashlib.sha256(data).hexdigest()
 
     # beta cannot see alpha's private image yet.
-    fails(
-        EXIT_NOT_FOUND, "NotFound",
-        "-plaintext", "-H", beta, "-d", f'{{"name": "{name}"}}', address,
-        "bms.image.v1.ImageService/GetImage",
-    )  # fmt: skip
+    beta.fails(EXIT_NOT_FOUND, "NotFound", GET_IMAGE, by_name(name))
 
     # 2. alpha shares it with beta: a PENDING member.
-    member = ok(
-        "-plaintext", "-H", alpha,
-        "-d", f'{{"parent": "{name}", "member": {{"member_project": "beta"}}}}',
-        address, "bms.image.v1.SharingService/CreateImageMember",
-    )  # fmt: skip
+    member = alpha.ok(
+        "bms.image.v1.SharingService/CreateImageMember",
+        f'{{"parent": "{name}", "member": {{"member_project": "beta"}}}}',
+    )
     assert member["name"] == f"{name}/members/beta"
     assert (member["member_project"], member["status"]) == ("beta", "MEMBER_STATUS_PENDING")
 
     # 3. beta finds it among its pending shares, not in its default listing.
-    pending = ok(
-        "-plaintext", "-H", beta, "-d", '{"filter": "member_status = pending"}', address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]  # fmt: skip
+    pending = beta.ok(LIST_IMAGES, '{"filter": "member_status = pending"}')["images"]
     assert [i["name"] for i in pending] == [name]
     assert pending[0]["type"] == "IMAGE_TYPE_SHARED"
     assert pending[0]["owner_project"] == "alpha"
-    default = ok(
-        "-plaintext", "-H", beta, address, "bms.image.v1.ImageService/ListImages"
-    )["images"]  # fmt: skip
+    default = beta.ok(LIST_IMAGES)["images"]
     assert name not in [i["name"] for i in default]
 
     # Pending, beta may not download it, and the error says what to do.
-    stderr = fails(
-        EXIT_FAILED_PRECONDITION, "FailedPrecondition",
-        "-plaintext", "-H", beta, "-d", f'{{"name": "{name}"}}', address,
-        "bms.image.v1.ImageService/DownloadImageData",
-    )  # fmt: skip
+    stderr = beta.fails(EXIT_FAILED_PRECONDITION, "FailedPrecondition", DOWNLOAD, by_name(name))
     assert "accept it first" in stderr
     assert "SHARED_IMAGE_NOT_ACCEPTED" in stderr
     # Only beta answers: alpha cannot accept on beta's behalf.
@@ -159,38 +101,22 @@ def test_alpha_shares_an_image_with_beta_through_grpcurl(sharing_server: ServerP
         f'{{"member": {{"name": "{name}/members/beta", "status": "MEMBER_STATUS_ACCEPTED"}}, '
         '"update_mask": {"paths": ["status"]}}'
     )
-    fails(
-        EXIT_PERMISSION_DENIED, "PermissionDenied",
-        "-plaintext", "-H", alpha, "-d", accept, address,
-        "bms.image.v1.SharingService/UpdateImageMember",
-    )  # fmt: skip
+    alpha.fails(EXIT_PERMISSION_DENIED, "PermissionDenied", UPDATE_MEMBER, accept)
 
     # 4. beta accepts (grpcurl 1.8.6 needs the {"paths": [...]} form of the mask).
-    accepted = ok(
-        "-plaintext", "-H", beta, "-d", accept, address,
-        "bms.image.v1.SharingService/UpdateImageMember",
-    )  # fmt: skip
+    accepted = beta.ok(UPDATE_MEMBER, accept)
     assert accepted["status"] == "MEMBER_STATUS_ACCEPTED"
 
     # 5. beta sees it as a SHARED image owned by alpha, and downloads it.
-    shared = ok(
-        "-plaintext", "-H", beta, "-d", '{"filter": "type = shared"}', address,
-        "bms.image.v1.ImageService/ListImages",
-    )["images"]  # fmt: skip
+    shared = beta.ok(LIST_IMAGES, '{"filter": "type = shared"}')["images"]
     assert [i["name"] for i in shared] == [name]
     assert shared[0]["type"] == "IMAGE_TYPE_SHARED"
     assert shared[0]["owner_project"] == "alpha"
     assert shared[0]["status"] == "IMAGE_STATUS_ACTIVE"
-    got = ok(
-        "-plaintext", "-H", beta, "-d", f'{{"name": "{name}"}}', address,
-        "bms.image.v1.ImageService/GetImage",
-    )  # fmt: skip
+    got = beta.ok(GET_IMAGE, by_name(name))
     assert got == shared[0]
 
-    done = grpcurl(
-        "-plaintext", "-H", beta, "-d", f'{{"name": "{name}"}}', address,
-        "bms.image.v1.ImageService/DownloadImageData",
-    )  # fmt: skip
+    done = beta.run(DOWNLOAD, by_name(name))
     assert done.returncode == 0, done.stderr
     messages = json_messages(done.stdout)
     downloaded = b"".join(base64.b64decode(m.get("chunk", "")) for m in messages)
@@ -199,10 +125,8 @@ def test_alpha_shares_an_image_with_beta_through_grpcurl(sharing_server: ServerP
     assert messages[-1]["sha256"] == hashlib.sha256(data).hexdigest()
 
     # alpha sees beta's answer.
-    members = ok(
-        "-plaintext", "-H", alpha, "-d", f'{{"parent": "{name}"}}', address,
-        "bms.image.v1.SharingService/ListImageMembers",
-    )["members"]  # fmt: skip
+    listed = alpha.ok("bms.image.v1.SharingService/ListImageMembers", f'{{"parent": "{name}"}}')
+    members = listed["members"]
     assert [(m["member_project"], m["status"]) for m in members] == [
         ("beta", "MEMBER_STATUS_ACCEPTED")
     ]

@@ -13,11 +13,13 @@ from typing import Any
 import grpc
 import pytest
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.logs import configure_logging, request_id_from
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.images.domain.images import ImageCatalog
+from support.rel_requests import create_servers
+from support.services import ImageStub, ProvisioningStub
 from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
@@ -45,17 +47,29 @@ def trailing(call_error: grpc.aio.AioRpcError) -> dict[str, str]:
     return {key: value for key, value in call_error.trailing_metadata() or ()}
 
 
+@pytest.fixture
+def alpha(service: RunningService) -> str:
+    """A token of project alpha."""
+    return service.authority.issue("alpha")
+
+
+async def failed_get_image(
+    images: ImageStub, token: str, name: str, request_id: str
+) -> grpc.aio.AioRpcError:
+    """The error of GetImage(`name`) sent with `token` and `request_id`."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await images.GetImage(
+            image_pb2.GetImageRequest(name=name),
+            metadata=bearer(token, ("x-request-id", request_id)),
+        )
+    return caught.value
+
+
 async def test_a_failed_call_is_logged_with_the_callers_request_id_and_project(
-    service: RunningService, json_log: io.StringIO
+    images: ImageStub, alpha: str, json_log: io.StringIO
 ) -> None:
-    token = service.authority.issue("alpha")
-    async with grpc.aio.insecure_channel(service.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await image_pb2_grpc.ImageServiceStub(channel).GetImage(
-                image_pb2.GetImageRequest(name=MISSING),
-                metadata=bearer(token, ("x-request-id", "req-4242")),
-            )
-    assert trailing(caught.value)["x-request-id"] == "req-4242"
+    error = await failed_get_image(images, alpha, MISSING, "req-4242")
+    assert trailing(error)["x-request-id"] == "req-4242"
     mine = [r for r in records(json_log) if r.get("request_id") == "req-4242"]
     assert mine, json_log.getvalue()
     line = mine[-1]
@@ -66,46 +80,35 @@ async def test_a_failed_call_is_logged_with_the_callers_request_id_and_project(
 
 
 async def test_without_a_request_id_one_is_generated_and_returned(
-    service: RunningService, json_log: io.StringIO
+    images: ImageStub, alpha: str, json_log: io.StringIO
 ) -> None:
-    token = service.authority.issue("alpha")
-    async with grpc.aio.insecure_channel(service.address) as channel:
-        call = image_pb2_grpc.ImageServiceStub(channel).GetImage(
-            image_pb2.GetImageRequest(name=CENTOS),
-            metadata=bearer(token, ("x-request-id", "bad id <script>")),
-        )
-        await call
-        returned = {key: value for key, value in await call.trailing_metadata()}
+    call = images.GetImage(
+        image_pb2.GetImageRequest(name=CENTOS),
+        metadata=bearer(alpha, ("x-request-id", "bad id <script>")),
+    )
+    await call
+    returned = {key: value for key, value in await call.trailing_metadata()}
     generated = returned["x-request-id"]
     assert generated != "bad id <script>" and len(generated) == 32
     assert any(r.get("request_id") == generated for r in records(json_log))
 
 
 async def test_tokens_and_user_data_never_reach_the_log(
-    service: RunningService, json_log: io.StringIO
+    images: ImageStub, provisioning: ProvisioningStub, alpha: str, json_log: io.StringIO
 ) -> None:
-    token = service.authority.issue("alpha")
-    async with grpc.aio.insecure_channel(service.address) as channel:
-        stream = provisioning_pb2_grpc.ProvisioningServiceStub(channel).CreateServers(
-            provisioning_pb2.CreateServersRequest(
-                flavor="flavors/physical.s4.large",
-                image=CENTOS,
-                count=1,
-                name_prefix="quiet",
-                user_data=SECRET_USER_DATA,
-            ),
-            metadata=bearer(token),
+    stream = provisioning.CreateServers(
+        create_servers("quiet", user_data=SECRET_USER_DATA), metadata=bearer(alpha)
+    )
+    stages = [event.stage async for event in stream]
+    with pytest.raises(grpc.aio.AioRpcError):  # a refused token is not echoed either
+        await images.ListImages(
+            image_pb2.ListImagesRequest(),
+            metadata=(("authorization", f"Bearer {alpha}tampered"),),
         )
-        stages = [event.stage async for event in stream]
-        with pytest.raises(grpc.aio.AioRpcError):  # a refused token is not echoed either
-            await image_pb2_grpc.ImageServiceStub(channel).ListImages(
-                image_pb2.ListImagesRequest(),
-                metadata=(("authorization", f"Bearer {token}tampered"),),
-            )
     assert stages[-1] == provisioning_pb2.PROVISIONING_STAGE_ACTIVE
     text = json_log.getvalue()
     assert "CreateServers OK" in text, "the call was logged"
-    assert token not in text and token.split(".")[1] not in text
+    assert alpha not in text and alpha.split(".")[1] not in text
     assert "hunter2" not in text
 
 
@@ -122,22 +125,16 @@ def test_an_unknown_log_format_is_refused() -> None:
 
 
 async def test_an_internal_error_names_its_request_id_to_the_caller_and_in_the_log(
-    service: RunningService, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
+    images: ImageStub, alpha: str, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(self: ImageCatalog, caller: object, image_id: str) -> None:
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(ImageCatalog, "describe", broken)
-    token = service.authority.issue("alpha")
-    async with grpc.aio.insecure_channel(service.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await image_pb2_grpc.ImageServiceStub(channel).GetImage(
-                image_pb2.GetImageRequest(name=CENTOS),
-                metadata=bearer(token, ("x-request-id", "req-boom")),
-            )
-    assert caught.value.code() == grpc.StatusCode.INTERNAL
-    assert "req-boom" in (caught.value.details() or "")
-    assert "disk on fire" not in (caught.value.details() or ""), "no internals to the caller"
-    assert trailing(caught.value)["x-request-id"] == "req-boom"
+    error = await failed_get_image(images, alpha, CENTOS, "req-boom")
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "req-boom" in (error.details() or "")
+    assert "disk on fire" not in (error.details() or ""), "no internals to the caller"
+    assert trailing(error)["x-request-id"] == "req-boom"
     logged = [r for r in records(json_log) if r.get("request_id") == "req-boom"]
     assert any(r["level"] == "ERROR" and "GetImage" in r["message"] for r in logged), logged

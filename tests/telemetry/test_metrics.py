@@ -14,13 +14,14 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
+from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
 from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
 from support.builders import private_image
-from support.services import make_settings
+from support.rel_requests import create_servers
+from support.services import ProvisioningStub, make_settings
 from support.tokens import bearer
 
 CENTOS = f"images/{public_image_id('centos-7.6-x86_64')}"
@@ -128,14 +129,8 @@ async def test_deployments_are_counted_by_outcome_with_their_duration(
     service: RunningService,
 ) -> None:
     async with grpc.aio.insecure_channel(service.address) as channel:
-        stream = provisioning_pb2_grpc.ProvisioningServiceStub(channel).CreateServers(
-            provisioning_pb2.CreateServersRequest(
-                flavor="flavors/physical.s4.large",
-                image=CENTOS,
-                count=2,
-                name_prefix="metered",
-                boot_source=provisioning_pb2.BOOT_SOURCE_LOCAL_DISK,
-            ),
+        stream = ProvisioningStub(channel).CreateServers(
+            create_servers("metered", 2, boot_source=provisioning_pb2.BOOT_SOURCE_LOCAL_DISK),
             metadata=metadata(service),
         )
         finals = [e async for e in stream if e.stage == provisioning_pb2.PROVISIONING_STAGE_ACTIVE]

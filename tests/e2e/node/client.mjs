@@ -19,7 +19,7 @@
 // fields come back as decimal strings, enums as their names.
 
 import { createHash, randomBytes, randomUUID } from "node:crypto";
-import { readdirSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -32,10 +32,25 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, "..", "..", "..");
 // The API as released: the repository's protos, read as files.
 const PROTOS = process.env.BMS_PROTOS_DIR || path.join(ROOT, "protos");
-// google/rpc/{status,error_details}.proto, vendored from googleapis (Apache
-// 2.0). Our protos import only google/protobuf/{empty,field_mask,timestamp},
-// which protobufjs bundles; this directory is for the error details.
-const GOOGLEAPIS = path.join(HERE, "googleapis");
+// google/rpc/{status,error_details}.proto, for the error details: the copy
+// the googleapis-common-protos wheel (a dependency of grpcio-status) installs
+// in the virtualenv's site-packages, or BMS_GOOGLEAPIS_DIR. Our protos import
+// only google/protobuf/{empty,field_mask,timestamp}, which protobufjs bundles.
+const GOOGLEAPIS = process.env.BMS_GOOGLEAPIS_DIR || installedGoogleapis();
+
+function installedGoogleapis() {
+  const lib = path.join(ROOT, ".venv", "lib");
+  for (const python of existsSync(lib) ? readdirSync(lib).sort() : []) {
+    const sitePackages = path.join(lib, python, "site-packages");
+    if (existsSync(path.join(sitePackages, "google", "rpc", "status.proto"))) {
+      return sitePackages;
+    }
+  }
+  throw new Error(
+    `no google/rpc/status.proto under ${lib} (googleapis-common-protos): ` +
+      "install the project (uv sync) or set BMS_GOOGLEAPIS_DIR",
+  );
+}
 
 const LOADER_OPTIONS = {
   keepCase: true,
