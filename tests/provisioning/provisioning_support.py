@@ -1,9 +1,9 @@
-"""Helpers of the provisioning tests: rich-status decoding, SSH keys, real
-disk images built with bms_image.common.disk_format, image upload and sharing, event
+"""Helpers of the provisioning tests: real disk images built with
+bms_image.common.disk_format, image upload and sharing, deployments, event
 collection and disk inspection. Plain functions, so import them as
-`from provisioning_support import ...` (never from a conftest module). The
-error decoding is copied from tests/sharing/sharing_support.py, which is not
-importable from this folder."""
+`from provisioning_support import ...` (never from a conftest module). Stages,
+states and events come from support.prov_fleet, errors from support.errors,
+SSH keys from support.builders."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,10 @@ from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
 from bms_image.images.adapters.catalog import public_image_id
 from support import builders
-from support.builders import SshKey, new_ssh_key  # noqa: F401
 from support.disks import recorded_disk
-from support.errors import (  # noqa: F401
-    Code,
-    RichError,
-    decode,
-    expect_error,
-    expect_invalid,
-    outcome,
-)
-from support.services import (  # noqa: F401 - re-exported
-    ImageStub,
-    ProvisioningStub,
-    Serving,
-    SharingStub,
-    serving,
-    token_metadata,
-)
+from support.errors import RichError, expect_error
+from support.prov_fleet import Events, collect_events
+from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import Metadata
 
 pb = provisioning_pb2
@@ -64,23 +49,6 @@ UBUNTU = builders.UBUNTU_IMAGE
 SLES = f"images/{public_image_id('sles-12sp3-x86_64')}"  # no SDI driver
 OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 only
 
-LOCAL = pb.BOOT_SOURCE_LOCAL_DISK
-EVS = pb.BOOT_SOURCE_EVS
-
-VALIDATING = pb.PROVISIONING_STAGE_VALIDATING
-STREAMING = pb.PROVISIONING_STAGE_IMAGE_STREAMING
-VERIFYING = pb.PROVISIONING_STAGE_VERIFYING_CHECKSUM
-CLONING = pb.PROVISIONING_STAGE_EVS_CLONING
-FIRST_BOOT = pb.PROVISIONING_STAGE_FIRST_BOOT
-NETWORK = pb.PROVISIONING_STAGE_NETWORK_CONFIGURED
-STAGE_ACTIVE = pb.PROVISIONING_STAGE_ACTIVE
-FAILED = pb.PROVISIONING_STAGE_FAILED
-
-BUILDING = pb.SERVER_STATE_BUILDING
-ACTIVE = pb.SERVER_STATE_ACTIVE
-STOPPED = pb.SERVER_STATE_STOPPED
-ERROR = pb.SERVER_STATE_ERROR
-
 ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED
 REJECTED = sharing_pb2.MEMBER_STATUS_REJECTED
 
@@ -90,23 +58,6 @@ SDI_DRIVER = Plugin(PluginKind.SDI_INIC_DRIVER, "1.2.0")
 ALL_PLUGINS = (CLOUD_INIT, NETWORK_CONFIG, SDI_DRIVER)
 
 CENTOS_RELEASE = {"NAME": "centos", "ID": "centos", "VERSION_ID": "7.6"}
-
-
-def stage_name(stage: int) -> str:
-    return str(pb.ProvisioningStage.Name(stage))  # type: ignore[arg-type]
-
-
-def state_name(state: int) -> str:
-    return str(pb.ServerState.Name(state))  # type: ignore[arg-type]
-
-
-# -- services -------------------------------------------------------------------
-
-
-# -- errors ----------------------------------------------------------------------
-
-
-# -- SSH keys --------------------------------------------------------------------
 
 
 # -- disks and images --------------------------------------------------------------
@@ -255,41 +206,15 @@ def create_request(
     )
 
 
-@dataclass
-class Deployment:
-    """All events of a CreateServers stream, grouped by server in the order
-    the servers first appeared."""
-
-    events: list[provisioning_pb2.ServerEvent]
-    by_server: dict[str, list[provisioning_pb2.ServerEvent]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for event in self.events:
-            self.by_server.setdefault(event.server, []).append(event)
-
-    @property
-    def servers(self) -> list[str]:
-        return list(self.by_server)
-
-    def stages(self, server: str) -> list[int]:
-        return [e.stage for e in self.by_server[server]]
-
-    def final(self, server: str) -> provisioning_pb2.ServerEvent:
-        return self.by_server[server][-1]
-
-
 async def collect(stream: Any, within: float = 30.0) -> list[provisioning_pb2.ServerEvent]:
-    async def run() -> list[provisioning_pb2.ServerEvent]:
-        return [event async for event in stream]
-
-    return await asyncio.wait_for(run(), within)
+    return await collect_events(stream, within)
 
 
 async def deploy(
     provisioning: ProvisioningStub, md: Metadata, request: provisioning_pb2.CreateServersRequest
-) -> Deployment:
+) -> Events:
     """Runs CreateServers to its end."""
-    return Deployment(await collect(provisioning.CreateServers(request, metadata=md)))
+    return Events(await collect(provisioning.CreateServers(request, metadata=md)))
 
 
 async def create_error(

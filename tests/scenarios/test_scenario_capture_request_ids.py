@@ -11,19 +11,18 @@ from pathlib import Path
 
 from scenario_support import (
     CENTOS,
-    LOCAL,
     Cloud,
-    Code,
-    Metadata,
     cloud,
     create_request,
     deploy_one,
-    expect_error,
     get_server,
     stop_server,
 )
 
 from bms.image.v1 import image_pb2
+from support.errors import Code, expect_error
+from support.prov_fleet import LOCAL
+from support.tokens import Metadata
 
 
 def _capture(server: str, request_id: str) -> image_pb2.CreateImageRequest:

@@ -12,32 +12,26 @@ from pathlib import Path
 import grpc
 import pytest
 from scenario_support import (
-    ACTIVE,
     CENTOS,
     CENTOS_PLUGINS,
-    LOCAL,
     NETWORK_CONFIG_PATH,
-    STOPPED,
     Cloud,
-    Code,
-    Metadata,
     add_partition,
     cloud,
     create_request,
     deploy_one,
     disk_spec,
-    expect_error,
-    expect_stream_error,
     get_server,
-    pb,
     stop_server,
-    system_disk,
     wait_released,
-    write_disk_file,
 )
 
 from bms.image.v1 import image_pb2
 from bms_image.common.model import PluginKind
+from support.disks import system_disk, write_disk_file
+from support.errors import Code, expect_error, expect_stream_error
+from support.prov_fleet import ACTIVE, LOCAL, STOPPED, pb
+from support.tokens import Metadata
 
 MIB = 1024 * 1024
 

@@ -11,19 +11,18 @@ from pathlib import Path
 
 from scenario_support import (
     CENTOS,
-    LOCAL,
     cloud,
     create_request,
     deploy_one,
     poll,
     stop_server,
-    system_disk,
     wait_released,
 )
 from scenario_support import capture as capture_active
 
 from bms.image.v1 import image_pb2
-from support.disks import remount, tmpfs
+from support.disks import remount, system_disk, tmpfs
+from support.prov_fleet import LOCAL
 
 MIB = 1024 * 1024
 

@@ -9,6 +9,21 @@ from pathlib import Path
 
 import grpc
 from scenario_support import (
+    cloud,
+    collect,
+    create_request,
+    disk_spec,
+    get_server,
+    image_id,
+    new_ssh_key,
+    overwrite,
+    upload_disk_image,
+)
+
+from bms.image.v1 import image_pb2
+from support.disks import blob_path, cache_dir, server_dir, write_disk_file
+from support.errors import Code, expect_error
+from support.prov_fleet import (
     ACTIVE,
     ERROR,
     FAILED,
@@ -16,27 +31,10 @@ from scenario_support import (
     STAGE_ACTIVE,
     STREAMING,
     VALIDATING,
-    Code,
     Events,
-    blob_path,
-    cache_dir,
-    cloud,
-    collect,
-    create_request,
-    disk_spec,
-    expect_error,
-    get_server,
-    image_id,
-    new_ssh_key,
-    overwrite,
     pb,
-    server_dir,
     stage_name,
-    upload_disk_image,
-    write_disk_file,
 )
-
-from bms.image.v1 import image_pb2
 
 MIB = 1024 * 1024
 

@@ -18,27 +18,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from scenario_support import (
-    ACTIVE,
-    CENTOS,
-    STAGE_ACTIVE,
-    Code,
-    Events,
-    cache_dir,
-    create_request,
-    disk_spec,
-    new_ssh_key,
-    pb,
-    server_dir,
-    system_disk,
-    write_disk_file,
-)
+from scenario_support import CENTOS, create_request, disk_spec, new_ssh_key
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
 from support.builders import private_image
+from support.disks import cache_dir, server_dir, system_disk, write_disk_file
+from support.errors import Code
 from support.errors import expect_error_sync as expect_error
 from support.processes import ServerProcess
+from support.prov_fleet import ACTIVE, STAGE_ACTIVE, Events, pb
 from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
