@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import (
@@ -26,6 +27,7 @@ from bms_image.common import disk_format as disks
 from bms_image.common.config import Settings
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
+from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.disks import recorded_disk
@@ -159,6 +161,22 @@ async def create_disk_image(
     return active, data
 
 
+async def image_without(images: ImageStub, md: Metadata, *missing: Plugin) -> image_pb2.Image:
+    """An ACTIVE private image whose disk and record have every plug-in but
+    `missing`."""
+    plugins = tuple(p for p in ALL_PLUGINS if p not in missing)
+    label = "-".join(p.kind.value.replace("_", "-") for p in missing)
+    image, _ = await create_disk_image(images, md, plugins, display_name=f"no-{label}")
+    return image
+
+
+async def get_image(images: ImageStub, md: Metadata, name: str) -> image_pb2.Image:
+    image: image_pb2.Image = await images.GetImage(
+        image_pb2.GetImageRequest(name=name), metadata=md
+    )
+    return image
+
+
 async def share(sharing: SharingStub, md: Metadata, image_name: str, project: str) -> None:
     await sharing.CreateImageMember(
         sharing_pb2.CreateImageMemberRequest(
@@ -271,6 +289,19 @@ async def watch(
 
 
 # -- the fleet on disk ------------------------------------------------------------------
+
+
+def count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The image ids the fleet downloads from now on, in order."""
+    downloads: list[str] = []
+    real = ImageSource._download
+
+    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+        downloads.append(image_id)
+        return await real(self, image_id, *args, **kwargs)
+
+    monkeypatch.setattr(ImageSource, "_download", counting)
+    return downloads
 
 
 def server_dir(settings: Settings, server_name: str) -> Path:

@@ -13,7 +13,6 @@ from provisioning_support import (
     CLOUD_INIT,
     H2,
     KI1,
-    NETWORK_CONFIG,
     OPENEULER_ARM,
     REJECTED,
     S4,
@@ -53,33 +52,21 @@ async def test_public_image_on_a_flavor_that_does_not_list_it(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    ubuntu = await images.GetImage(image_pb2.GetImageRequest(name=UBUNTU), metadata=md)
+    ubuntu = await prov.get_image(images, md, UBUNTU)
     assert f"flavors/{H2}" not in ubuntu.supported_flavors
-    rich = await prov.create_error(
-        provisioning,
-        md,
-        prov.create_request(UBUNTU, H2),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_FLAVOR_INCOMPATIBLE",
-    )
-    assert UBUNTU in rich.message
-    assert f"flavors/{H2}" in rich.message
     assert ubuntu.supported_flavors, ubuntu
-    for supported in ubuntu.supported_flavors:
-        assert supported in rich.message, rich.message
+    # the message names the image, the flavor and every flavor it lists
+    request = prov.create_request(UBUNTU, H2)
+    supported = ubuntu.supported_flavors
+    incompatible = "IMAGE_FLAVOR_INCOMPATIBLE"
+    rich = await refused(
+        provisioning, md, settings, request, incompatible, UBUNTU, f"flavors/{H2}", *supported
+    )
     assert rich.precondition_failure is not None
     # an Arm image on an x86 flavor, and an x86 image on the Arm flavor
-    await prov.create_error(
-        provisioning,
-        md,
-        prov.create_request(OPENEULER_ARM, S4),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_FLAVOR_INCOMPATIBLE",
-    )
+    await refused(provisioning, md, settings, prov.create_request(OPENEULER_ARM, S4), incompatible)
     request = prov.create_request(CENTOS, KI1)
-    await refused(
-        provisioning, md, settings, request, "IMAGE_FLAVOR_INCOMPATIBLE", CENTOS, f"flavors/{KI1}"
-    )
+    await refused(provisioning, md, settings, request, incompatible, CENTOS, f"flavors/{KI1}")
 
 
 async def test_private_image_only_on_its_hardware_model(
@@ -139,9 +126,7 @@ async def test_image_without_cloud_init_takes_no_key(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    image, _ = await prov.create_disk_image(
-        images, md, plugins=(NETWORK_CONFIG, SDI_DRIVER), display_name="no-cloud-init"
-    )
+    image = await prov.image_without(images, md, CLOUD_INIT)
     request = prov.create_request(image.name, S4, 2, "bare", new_ssh_key().line)
     await refused(provisioning, md, settings, request, "IMAGE_WITHOUT_CLOUD_INIT", image.name)
 
@@ -165,27 +150,14 @@ async def test_evs_needs_an_evs_flavor_and_the_sdi_driver(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    rich = await prov.create_error(
-        provisioning,
-        md,
-        prov.create_request(CENTOS, H2, boot_source=EVS),
-        Code.FAILED_PRECONDITION,
-        "EVS_BOOT_UNAVAILABLE",
-    )
-    assert f"flavors/{H2}" in rich.message
-    rich = await prov.create_error(
-        provisioning,
-        md,
-        prov.create_request(SLES, S4, boot_source=EVS),
-        Code.FAILED_PRECONDITION,
-        "EVS_BOOT_UNAVAILABLE",
-    )
-    assert SLES in rich.message and "SDI" in rich.message
-    no_driver, _ = await prov.create_disk_image(
-        images, md, plugins=(CLOUD_INIT, NETWORK_CONFIG), display_name="no-sdi"
-    )
+    unavailable = "EVS_BOOT_UNAVAILABLE"
+    request = prov.create_request(CENTOS, H2, boot_source=EVS)
+    await refused(provisioning, md, settings, request, unavailable, f"flavors/{H2}")
+    request = prov.create_request(SLES, S4, boot_source=EVS)
+    await refused(provisioning, md, settings, request, unavailable, SLES, "SDI")
+    no_driver = await prov.image_without(images, md, SDI_DRIVER)
     request = prov.create_request(no_driver.name, S4, boot_source=EVS)
-    await refused(provisioning, md, settings, request, "EVS_BOOT_UNAVAILABLE", no_driver.name)
+    await refused(provisioning, md, settings, request, unavailable, no_driver.name)
     # unset, the same image simply streams onto the local disk
     deployment = await prov.deploy(provisioning, md, prov.create_request(no_driver.name, S4))
     (server_name,) = deployment.servers

@@ -11,9 +11,8 @@ import provisioning_support as prov
 import pytest
 from provisioning_support import CENTOS, S4, S4_MODEL, UBUNTU
 
-from bms.image.v1 import image_pb2, provisioning_pb2
+from bms.image.v1 import provisioning_pb2
 from bms_image.common import disk_format as disks
-from bms_image.fleet.adapters.image_source import ImageSource
 from support.builders import new_ssh_key
 from support.prov_fleet import (
     ACTIVE,
@@ -90,7 +89,7 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
     md = as_project("alpha")
     key = new_ssh_key("ops@example")
     user_data = prov.cloud_config({"/etc/motd": "managed by bms\n", "/opt/app/config.ini": "a=1\n"})
-    image = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    image = await prov.get_image(images, md, CENTOS)
     blob_release = disks.read_file(
         Path(settings.data_dir) / "blobs" / f"{CENTOS.removeprefix('images/')}.blob",
         "etc/os-release",
@@ -198,14 +197,7 @@ async def test_twenty_clones_of_a_private_image_fetch_it_once(
     image, data = await prov.create_disk_image(
         images, md, files={"opt/app/bin/app": app}, display_name="golden-app"
     )
-    downloads: list[str] = []
-    real_download = ImageSource._download
-
-    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
-        downloads.append(image_id)
-        return await real_download(self, image_id, *args, **kwargs)
-
-    monkeypatch.setattr(ImageSource, "_download", counting)
+    downloads = prov.count_downloads(monkeypatch)
 
     key = new_ssh_key()
     deployment = await prov.deploy(
@@ -279,7 +271,7 @@ async def test_concurrent_evs_clones_share_the_read_only_cache_entry(
     its SHA-256) under overlays of their own: nothing is linked or copied,
     the entry stays read-only and unchanged, no temporary file is left."""
     md = as_project("alpha")
-    image = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    image = await prov.get_image(images, md, CENTOS)
     deployment = await prov.deploy(
         provisioning, md, prov.create_request(CENTOS, S4, 3, "pool", boot_source=EVS)
     )

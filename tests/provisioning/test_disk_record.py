@@ -18,7 +18,6 @@ from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.fleet.adapters import firstboot
-from bms_image.fleet.adapters.image_source import ImageSource
 from support.builders import new_ssh_key
 from support.prov_fleet import ACTIVE, ERROR, EVS, FAILED, LOCAL, STAGE_ACTIVE, Events
 from support.services import make_settings, serving
@@ -63,23 +62,11 @@ def files_of(settings, name: str) -> set[str]:  # type: ignore[no-untyped-def]
     return {p.name for p in prov.server_dir(settings, name).iterdir()}
 
 
-def count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    downloads: list[str] = []
-    real = ImageSource._download
-
-    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
-        downloads.append(image_id)
-        return await real(self, image_id, *args, **kwargs)
-
-    monkeypatch.setattr(ImageSource, "_download", counting)
-    return downloads
-
-
 async def test_evs_reinstall_swaps_in_a_new_overlay_and_never_writes_the_base(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    centos = await prov.get_image(images, md, CENTOS)
     name = await stopped_server(provisioning, md, EVS)
     before = prov.system_disk(settings, name)
     entry = prov.cache_dir(settings) / f"{centos.sha256}.raw"
@@ -182,7 +169,7 @@ async def test_delete_removes_the_servers_files_never_the_cached_image(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    centos = await prov.get_image(images, md, CENTOS)
     name = await stopped_server(provisioning, md, EVS)
     entry = prov.system_disk(settings, name).base
     assert entry is not None
@@ -202,9 +189,9 @@ async def test_a_tampered_cache_entry_is_hashed_again_and_fetched_afresh(
     the entry's fingerprint (its ctime) no longer matches, so it is hashed
     before use, found wrong and replaced by a fresh download; no server gets
     the changed bytes."""
-    downloads = count_downloads(monkeypatch)
+    downloads = prov.count_downloads(monkeypatch)
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    centos = await prov.get_image(images, md, CENTOS)
     first = await prov.deploy(
         provisioning, md, prov.create_request(CENTOS, S4, 1, "one", boot_source=LOCAL)
     )
@@ -239,11 +226,11 @@ async def test_an_unknown_cache_entry_is_verified_before_its_first_use(
     """After a restart this process has no fingerprint of the entries: a
     right one is hashed and reused, a wrong one (here, changed while the
     service was down) is fetched again."""
-    downloads = count_downloads(monkeypatch)
+    downloads = prov.count_downloads(monkeypatch)
     settings = make_settings(tmp_path)
     async with serving(settings) as running:
         md = running.project("alpha")
-        centos = await running.images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+        centos = await prov.get_image(running.images, md, CENTOS)
         await prov.deploy(
             running.provisioning, md, prov.create_request(CENTOS, S4, 1, "a", boot_source=LOCAL)
         )

@@ -65,9 +65,7 @@ async def test_image_without_network_config_comes_up_without_network(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    image, _ = await prov.create_disk_image(
-        images, md, plugins=(CLOUD_INIT, SDI_DRIVER), display_name="no-network"
-    )
+    image = await prov.image_without(images, md, NETWORK_CONFIG)
     deployment = await prov.deploy(provisioning, md, prov.create_request(image.name, S4, 2, "dark"))
     for server_name in deployment.servers:
         stages = deployment.stages(server_name)

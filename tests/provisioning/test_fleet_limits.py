@@ -11,16 +11,31 @@ from pathlib import Path
 
 import grpc
 import provisioning_support as prov
+from google.rpc.error_details_pb2 import QuotaFailure
 from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.common.config import Settings
 from bms_image.fleet.adapters.image_source import ImageSource
+from support.errors import RichError
 from support.prov_fleet import LOCAL, STAGE_ACTIVE, Events
-from support.services import make_settings, serving
+from support.services import Serving, make_settings, serving
+from support.tokens import Metadata
 
 pb = provisioning_pb2
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def over_quota(
+    running: Serving, md: Metadata, request: pb.CreateServersRequest, reason: str
+) -> tuple[RichError, QuotaFailure.Violation]:
+    """CreateServers refused RESOURCE_EXHAUSTED `reason` with one quota
+    violation, on project alpha."""
+    rich = await prov.create_error(running.provisioning, md, request, EXHAUSTED, reason)
+    assert rich.quota_failure is not None
+    (violation,) = rich.quota_failure.violations
+    assert violation.subject == "projects/alpha"
+    return rich, violation
 
 
 def test_the_defaults_keep_the_benchmarks_working() -> None:
@@ -44,16 +59,8 @@ async def test_servers_per_project_are_limited(tmp_path: Path) -> None:
         )
         assert all(first.final(s).stage == STAGE_ACTIVE for s in first.servers)
 
-        rich = await prov.create_error(
-            running.provisioning,
-            alpha,
-            prov.create_request(CENTOS, S4, 2, "b"),
-            EXHAUSTED,
-            "SERVER_QUOTA_EXCEEDED",
-        )
-        assert rich.quota_failure is not None
-        (violation,) = rich.quota_failure.violations
-        assert violation.subject == "projects/alpha"
+        request = prov.create_request(CENTOS, S4, 2, "b")
+        rich, violation = await over_quota(running, alpha, request, "SERVER_QUOTA_EXCEEDED")
         assert "3" in violation.description and "3" in rich.message, rich.message
         assert len(await prov.list_servers(running.provisioning, alpha)) == 2, "nothing was added"
 
@@ -120,15 +127,9 @@ async def test_deployments_per_project_are_limited(tmp_path: Path, monkeypatch) 
     settings = make_settings(tmp_path, max_deployments_per_project=2)
     async with serving(settings) as running:
         alpha, beta = running.project("alpha"), running.project("beta")
-        rich = await prov.create_error(
-            running.provisioning,
-            alpha,
-            prov.create_request(CENTOS, S4, 3, "big"),
-            EXHAUSTED,
-            "DEPLOYMENT_LIMIT",
+        await over_quota(
+            running, alpha, prov.create_request(CENTOS, S4, 3, "big"), "DEPLOYMENT_LIMIT"
         )
-        assert rich.quota_failure is not None
-        assert rich.quota_failure.violations[0].subject == "projects/alpha"
 
         building = asyncio.create_task(
             prov.collect(
