@@ -318,6 +318,11 @@ def cache_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "fleet" / "image-cache"
 
 
+def cache_file(settings: Settings, sha256: str) -> Path:
+    """The image cache's entry of the bytes with this SHA-256 (named by it)."""
+    return cache_dir(settings) / f"{sha256}.raw"
+
+
 def blob_path(settings: Settings, image_name: str) -> Path:
     return Path(settings.data_dir) / "blobs" / f"{image_name.removeprefix('images/')}.blob"
 

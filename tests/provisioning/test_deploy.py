@@ -146,7 +146,7 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
                 # cached image, whatever the image size
                 assert disk.top.name.startswith("overlay-")
                 assert disk.top.stat().st_size < image.size_bytes
-                assert disk.base == prov.cache_dir(settings) / f"{image.sha256}.raw"
+                assert disk.base == prov.cache_file(settings, image.sha256)
             else:
                 assert disk.top.name == "system.disk"
                 assert disk.top.stat().st_size > image.size_bytes  # image + first boot
@@ -276,7 +276,7 @@ async def test_concurrent_evs_clones_share_the_read_only_cache_entry(
         provisioning, md, prov.create_request(CENTOS, S4, 3, "pool", boot_source=EVS)
     )
     assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
-    entry = prov.cache_dir(settings) / f"{image.sha256}.raw"
+    entry = prov.cache_file(settings, image.sha256)
     assert [p.name for p in prov.cache_dir(settings).iterdir()] == [entry.name]
     assert entry.stat().st_mode & 0o777 == 0o444
     assert entry.stat().st_nlink == 1, "no hard link to the entry anywhere"

@@ -58,18 +58,23 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
+@pytest.fixture
+async def centos(images, as_project) -> image_pb2.Image:  # type: ignore[no-untyped-def]
+    """The public CentOS image, as project alpha reads it."""
+    return await prov.get_image(images, as_project("alpha"), CENTOS)
+
+
 def files_of(settings, name: str) -> set[str]:  # type: ignore[no-untyped-def]
     return {p.name for p in prov.server_dir(settings, name).iterdir()}
 
 
 async def test_evs_reinstall_swaps_in_a_new_overlay_and_never_writes_the_base(
-    provisioning, images, as_project, settings
+    provisioning, as_project, settings, centos
 ) -> None:
     md = as_project("alpha")
-    centos = await prov.get_image(images, md, CENTOS)
     name = await stopped_server(provisioning, md, EVS)
     before = prov.system_disk(settings, name)
-    entry = prov.cache_dir(settings) / f"{centos.sha256}.raw"
+    entry = prov.cache_file(settings, centos.sha256)
     assert before.base == entry
     assert files_of(settings, name) == {before.top.name}
     untouched = entry.stat()
@@ -166,10 +171,9 @@ async def test_recovery_and_a_new_process_read_the_record(tmp_path: Path) -> Non
 
 
 async def test_delete_removes_the_servers_files_never_the_cached_image(
-    provisioning, images, as_project, settings
+    provisioning, as_project, settings, centos
 ) -> None:
     md = as_project("alpha")
-    centos = await prov.get_image(images, md, CENTOS)
     name = await stopped_server(provisioning, md, EVS)
     entry = prov.system_disk(settings, name).base
     assert entry is not None
@@ -183,7 +187,7 @@ async def test_delete_removes_the_servers_files_never_the_cached_image(
 
 
 async def test_a_tampered_cache_entry_is_hashed_again_and_fetched_afresh(
-    provisioning, images, as_project, settings, monkeypatch
+    provisioning, as_project, settings, monkeypatch, centos
 ) -> None:
     """Bytes changed in place, even with the modification time put back:
     the entry's fingerprint (its ctime) no longer matches, so it is hashed
@@ -191,12 +195,11 @@ async def test_a_tampered_cache_entry_is_hashed_again_and_fetched_afresh(
     the changed bytes."""
     downloads = prov.count_downloads(monkeypatch)
     md = as_project("alpha")
-    centos = await prov.get_image(images, md, CENTOS)
     first = await prov.deploy(
         provisioning, md, prov.create_request(CENTOS, S4, 1, "one", boot_source=LOCAL)
     )
     assert all(first.final(s).stage == STAGE_ACTIVE for s in first.servers)
-    entry = prov.cache_dir(settings) / f"{centos.sha256}.raw"
+    entry = prov.cache_file(settings, centos.sha256)
     assert entry.stat().st_mode & 0o777 == 0o444
     assert len(downloads) == 1
 
@@ -234,7 +237,7 @@ async def test_an_unknown_cache_entry_is_verified_before_its_first_use(
         await prov.deploy(
             running.provisioning, md, prov.create_request(CENTOS, S4, 1, "a", boot_source=LOCAL)
         )
-    entry = prov.cache_dir(settings) / f"{centos.sha256}.raw"
+    entry = prov.cache_file(settings, centos.sha256)
     assert len(downloads) == 1
 
     async with serving(settings) as running:  # right: hashed, reused
