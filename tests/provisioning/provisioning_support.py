@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from support import builders
 from support.disks import recorded_disk
 from support.errors import RichError, expect_error
 from support.prov_fleet import Events, collect_events
+from support.prov_paging import every_page
 from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import Metadata
 
@@ -258,17 +259,12 @@ async def list_servers(
     provisioning: ProvisioningStub, md: Metadata, page_size: int = 0
 ) -> list[provisioning_pb2.Server]:
     """Every server of a listing, following next_page_token to the end."""
-    found: list[provisioning_pb2.Server] = []
-    token = ""
-    for _ in range(1000):
-        response = await provisioning.ListServers(
-            pb.ListServersRequest(page_size=page_size, page_token=token), metadata=md
-        )
-        found.extend(response.servers)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+
+    def read_page(token: str) -> Awaitable[provisioning_pb2.ListServersResponse]:
+        request = pb.ListServersRequest(page_size=page_size, page_token=token)
+        return provisioning.ListServers(request, metadata=md)
+
+    return await every_page(read_page, lambda page: page.servers, most_pages=1000)
 
 
 async def get_server(
