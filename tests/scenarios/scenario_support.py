@@ -24,7 +24,7 @@ from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.builders import SshKey
 from support.disks import PLUGIN_PROTO, system_disk
-from support.prov_fleet import ACTIVE, STAGE_ACTIVE, STOPPED, Events, collect_events
+from support.prov_fleet import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, Events, collect_events
 from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 
@@ -154,6 +154,13 @@ async def stop_server(cloud: Cloud, md: Metadata, name: str) -> provisioning_pb2
     return server
 
 
+async def stopped_server(cloud: Cloud, md: Metadata, name_prefix: str) -> provisioning_pb2.Server:
+    """A CentOS server on its local disk, deployed and stopped: ready to be
+    captured."""
+    server = await deploy_one(cloud, md, create_request(CENTOS, 1, name_prefix, boot_source=LOCAL))
+    return await stop_server(cloud, md, server.name)
+
+
 async def poll(
     read: Callable[[], Awaitable[Any]],
     done: Callable[[Any], bool],
@@ -172,15 +179,30 @@ async def poll(
 # -- images -------------------------------------------------------------------------
 
 
+def capture_request(
+    server: str, display_name: str = "snapshot", request_id: str = ""
+) -> image_pb2.CreateImageRequest:
+    """CreateImage of `server`'s system disk."""
+    return image_pb2.CreateImageRequest(
+        image=image_pb2.Image(display_name=display_name),
+        source_server=server,
+        request_id=request_id,
+    )
+
+
+async def private_images(cloud: Cloud, md: Metadata) -> list[image_pb2.Image]:
+    response = await cloud.images.ListImages(
+        image_pb2.ListImagesRequest(filter="type = private"), metadata=md
+    )
+    return list(response.images)
+
+
 async def capture(
     cloud: Cloud, md: Metadata, server: str, display_name: str, within: float = 60.0
 ) -> image_pb2.Image:
     """CreateImage with source_server, then GetImage until the image is ACTIVE."""
     created: image_pb2.Image = await cloud.images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(display_name=display_name), source_server=server
-        ),
-        metadata=md,
+        capture_request(server, display_name), metadata=md
     )
     assert created.status == image_pb2.IMAGE_STATUS_QUEUED, created
     assert created.source_server == server

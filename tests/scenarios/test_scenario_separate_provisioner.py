@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,6 @@ pytestmark = pytest.mark.e2e
 IMAGE_SERVICE = "bms.image.v1.ImageService"
 PROVISIONING_SERVICE = "bms.image.v1.ProvisioningService"
 SETTINGS = {"catalog_image_mib": "1", "shutdown_grace_seconds": "2"}
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    """Whatever a test started is killed at teardown if it is still running."""
-    started: list[ServerProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.kill()
 
 
 def listed_services(channel: grpc.Channel) -> set[str]:
@@ -93,7 +81,7 @@ def upload_private_image(images: image_pb2_grpc.ImageServiceStub, md: Any) -> im
 
 
 def test_provisioner_process_deploys_through_the_image_service_process(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     data_dir = tmp_path / "shared"
     data_dir.mkdir()
@@ -105,7 +93,8 @@ def test_provisioner_process_deploys_through_the_image_service_process(
     )  # fmt: skip
     image_address = serve.address
     provisioner.command += ["--image-service", image_address]
-    processes += [serve, provisioner]
+    for process in (serve, provisioner):  # killed at teardown if still running
+        request.addfinalizer(process.kill)
     serve.start()
     provisioner.start()
 
