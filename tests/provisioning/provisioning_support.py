@@ -1,21 +1,21 @@
-"""Helpers of the provisioning tests: rich-status decoding, SSH keys, real
-disk images built with bms_image.common.disk_format, image upload and sharing, event
+"""Helpers of the provisioning tests: real disk images built with
+bms_image.common.disk_format, image upload and sharing, deployments, event
 collection and disk inspection. Plain functions, so import them as
-`from provisioning_support import ...` (never from a conftest module). The
-error decoding is copied from tests/sharing/sharing_support.py, which is not
-importable from this folder."""
+`from provisioning_support import ...` (never from a conftest module). Stages,
+states and events come from support.prov_fleet, errors from support.errors,
+SSH keys from support.builders."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import (
@@ -27,26 +27,14 @@ from bms_image.common import disk_format as disks
 from bms_image.common.config import Settings
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
+from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.images.adapters.catalog import public_image_id
 from support import builders
-from support.builders import SshKey, new_ssh_key  # noqa: F401
 from support.disks import recorded_disk
-from support.errors import (  # noqa: F401
-    Code,
-    RichError,
-    decode,
-    expect_error,
-    expect_invalid,
-    outcome,
-)
-from support.services import (  # noqa: F401 - re-exported
-    ImageStub,
-    ProvisioningStub,
-    Serving,
-    SharingStub,
-    serving,
-    token_metadata,
-)
+from support.errors import RichError, expect_error
+from support.prov_fleet import Events, collect_events
+from support.prov_paging import every_page
+from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import Metadata
 
 pb = provisioning_pb2
@@ -64,23 +52,6 @@ UBUNTU = builders.UBUNTU_IMAGE
 SLES = f"images/{public_image_id('sles-12sp3-x86_64')}"  # no SDI driver
 OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 only
 
-LOCAL = pb.BOOT_SOURCE_LOCAL_DISK
-EVS = pb.BOOT_SOURCE_EVS
-
-VALIDATING = pb.PROVISIONING_STAGE_VALIDATING
-STREAMING = pb.PROVISIONING_STAGE_IMAGE_STREAMING
-VERIFYING = pb.PROVISIONING_STAGE_VERIFYING_CHECKSUM
-CLONING = pb.PROVISIONING_STAGE_EVS_CLONING
-FIRST_BOOT = pb.PROVISIONING_STAGE_FIRST_BOOT
-NETWORK = pb.PROVISIONING_STAGE_NETWORK_CONFIGURED
-STAGE_ACTIVE = pb.PROVISIONING_STAGE_ACTIVE
-FAILED = pb.PROVISIONING_STAGE_FAILED
-
-BUILDING = pb.SERVER_STATE_BUILDING
-ACTIVE = pb.SERVER_STATE_ACTIVE
-STOPPED = pb.SERVER_STATE_STOPPED
-ERROR = pb.SERVER_STATE_ERROR
-
 ACCEPTED = sharing_pb2.MEMBER_STATUS_ACCEPTED
 REJECTED = sharing_pb2.MEMBER_STATUS_REJECTED
 
@@ -90,23 +61,6 @@ SDI_DRIVER = Plugin(PluginKind.SDI_INIC_DRIVER, "1.2.0")
 ALL_PLUGINS = (CLOUD_INIT, NETWORK_CONFIG, SDI_DRIVER)
 
 CENTOS_RELEASE = {"NAME": "centos", "ID": "centos", "VERSION_ID": "7.6"}
-
-
-def stage_name(stage: int) -> str:
-    return str(pb.ProvisioningStage.Name(stage))  # type: ignore[arg-type]
-
-
-def state_name(state: int) -> str:
-    return str(pb.ServerState.Name(state))  # type: ignore[arg-type]
-
-
-# -- services -------------------------------------------------------------------
-
-
-# -- errors ----------------------------------------------------------------------
-
-
-# -- SSH keys --------------------------------------------------------------------
 
 
 # -- disks and images --------------------------------------------------------------
@@ -208,6 +162,22 @@ async def create_disk_image(
     return active, data
 
 
+async def image_without(images: ImageStub, md: Metadata, *missing: Plugin) -> image_pb2.Image:
+    """An ACTIVE private image whose disk and record have every plug-in but
+    `missing`."""
+    plugins = tuple(p for p in ALL_PLUGINS if p not in missing)
+    label = "-".join(p.kind.value.replace("_", "-") for p in missing)
+    image, _ = await create_disk_image(images, md, plugins, display_name=f"no-{label}")
+    return image
+
+
+async def get_image(images: ImageStub, md: Metadata, name: str) -> image_pb2.Image:
+    image: image_pb2.Image = await images.GetImage(
+        image_pb2.GetImageRequest(name=name), metadata=md
+    )
+    return image
+
+
 async def share(sharing: SharingStub, md: Metadata, image_name: str, project: str) -> None:
     await sharing.CreateImageMember(
         sharing_pb2.CreateImageMemberRequest(
@@ -255,41 +225,15 @@ def create_request(
     )
 
 
-@dataclass
-class Deployment:
-    """All events of a CreateServers stream, grouped by server in the order
-    the servers first appeared."""
-
-    events: list[provisioning_pb2.ServerEvent]
-    by_server: dict[str, list[provisioning_pb2.ServerEvent]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for event in self.events:
-            self.by_server.setdefault(event.server, []).append(event)
-
-    @property
-    def servers(self) -> list[str]:
-        return list(self.by_server)
-
-    def stages(self, server: str) -> list[int]:
-        return [e.stage for e in self.by_server[server]]
-
-    def final(self, server: str) -> provisioning_pb2.ServerEvent:
-        return self.by_server[server][-1]
-
-
 async def collect(stream: Any, within: float = 30.0) -> list[provisioning_pb2.ServerEvent]:
-    async def run() -> list[provisioning_pb2.ServerEvent]:
-        return [event async for event in stream]
-
-    return await asyncio.wait_for(run(), within)
+    return await collect_events(stream, within)
 
 
 async def deploy(
     provisioning: ProvisioningStub, md: Metadata, request: provisioning_pb2.CreateServersRequest
-) -> Deployment:
+) -> Events:
     """Runs CreateServers to its end."""
-    return Deployment(await collect(provisioning.CreateServers(request, metadata=md)))
+    return Events(await collect(provisioning.CreateServers(request, metadata=md)))
 
 
 async def create_error(
@@ -315,17 +259,12 @@ async def list_servers(
     provisioning: ProvisioningStub, md: Metadata, page_size: int = 0
 ) -> list[provisioning_pb2.Server]:
     """Every server of a listing, following next_page_token to the end."""
-    found: list[provisioning_pb2.Server] = []
-    token = ""
-    for _ in range(1000):
-        response = await provisioning.ListServers(
-            pb.ListServersRequest(page_size=page_size, page_token=token), metadata=md
-        )
-        found.extend(response.servers)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+
+    def read_page(token: str) -> Awaitable[provisioning_pb2.ListServersResponse]:
+        request = pb.ListServersRequest(page_size=page_size, page_token=token)
+        return provisioning.ListServers(request, metadata=md)
+
+    return await every_page(read_page, lambda page: page.servers, most_pages=1000)
 
 
 async def get_server(
@@ -348,6 +287,19 @@ async def watch(
 # -- the fleet on disk ------------------------------------------------------------------
 
 
+def count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The image ids the fleet downloads from now on, in order."""
+    downloads: list[str] = []
+    real = ImageSource._download
+
+    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+        downloads.append(image_id)
+        return await real(self, image_id, *args, **kwargs)
+
+    monkeypatch.setattr(ImageSource, "_download", counting)
+    return downloads
+
+
 def server_dir(settings: Settings, server_name: str) -> Path:
     return Path(settings.data_dir) / "fleet" / "servers" / server_name.removeprefix("servers/")
 
@@ -360,6 +312,11 @@ def system_disk(settings: Settings, server_name: str) -> disks.Layers:
 
 def cache_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "fleet" / "image-cache"
+
+
+def cache_file(settings: Settings, sha256: str) -> Path:
+    """The image cache's entry of the bytes with this SHA-256 (named by it)."""
+    return cache_dir(settings) / f"{sha256}.raw"
 
 
 def blob_path(settings: Settings, image_name: str) -> Path:

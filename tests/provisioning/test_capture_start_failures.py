@@ -10,13 +10,15 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import provisioning_support as prov
 import pytest
-from provisioning_support import LOCAL, create_request, decode, deploy, get_server
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common import disk_format
 from bms_image.common.errors import Unavailable
 from bms_image.fleet.domain.fleet import Fleet
+from support.errors import decode
+from support.prov_fleet import LOCAL
 
 pb = provisioning_pb2
 #: A hang guard only: a capture image leaves QUEUED/SAVING in well under it.
@@ -24,7 +26,7 @@ PATIENCE_POLLS = 1200
 
 
 async def stopped_server(provisioning, md) -> str:
-    deployment = await deploy(provisioning, md, create_request(boot_source=LOCAL))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(boot_source=LOCAL))
     (name,) = deployment.servers
     await provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md)
     return name
@@ -48,7 +50,7 @@ async def settled(images, md, name: str) -> image_pb2.Image:
 
 async def released(provisioning, md, name: str) -> provisioning_pb2.Server:
     for _ in range(PATIENCE_POLLS):
-        server = await get_server(provisioning, md, name)
+        server = await prov.get_server(provisioning, md, name)
         if not server.task:
             return server
         await asyncio.sleep(0.05)
@@ -101,4 +103,4 @@ async def test_a_capture_that_cannot_start_kills_its_image_and_lets_go(
     assert image.status == image_pb2.IMAGE_STATUS_KILLED, image
     assert "could not start" in image.status_reason, image.status_reason
     assert "connection refused" in image.status_reason, image.status_reason
-    assert (await get_server(provisioning, md, server)).task == ""
+    assert (await prov.get_server(provisioning, md, server)).task == ""

@@ -5,53 +5,35 @@ from __future__ import annotations
 
 import uuid
 
+import provisioning_support as prov
 import pytest
 from provisioning_support import (
     ACCEPTED,
-    ACTIVE,
     CENTOS,
     CLOUD_INIT,
-    EVS,
-    FIRST_BOOT,
     H2,
     KI1,
-    LOCAL,
-    NETWORK_CONFIG,
     OPENEULER_ARM,
     REJECTED,
     S4,
     S4_MODEL,
     SDI_DRIVER,
     SLES,
-    STAGE_ACTIVE,
     UBUNTU,
-    Code,
-    SharingStub,
-    answer,
-    cloud_config,
-    create_disk_image,
-    create_error,
-    create_queued,
-    create_request,
-    deploy,
-    get_server,
-    list_servers,
-    new_ssh_key,
-    outcome,
-    read_disk_file,
-    share,
-    stage_name,
-    system_disk,
 )
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common import disk_format as disks
+from support.builders import new_ssh_key
+from support.errors import Code, outcome
+from support.prov_fleet import ACTIVE, EVS, FIRST_BOOT, LOCAL, STAGE_ACTIVE, stage_name
+from support.services import SharingStub
 
 pb = provisioning_pb2
 
 
 async def assert_nothing_created(provisioning, md, settings) -> None:
-    assert await list_servers(provisioning, md) == []
+    assert await prov.list_servers(provisioning, md) == []
     servers = settings.data_dir / "fleet" / "servers"
     assert not servers.exists() or list(servers.iterdir()) == []
 
@@ -59,7 +41,7 @@ async def assert_nothing_created(provisioning, md, settings) -> None:
 async def refused(provisioning, md, settings, request, reason: str, *named: str):
     """CreateServers refused FAILED_PRECONDITION `reason` with a message naming
     each of `named`, and nothing created; the RichError."""
-    rich = await create_error(provisioning, md, request, Code.FAILED_PRECONDITION, reason)
+    rich = await prov.create_error(provisioning, md, request, Code.FAILED_PRECONDITION, reason)
     for name in named:
         assert name in rich.message, rich.message
     await assert_nothing_created(provisioning, md, settings)
@@ -70,41 +52,29 @@ async def test_public_image_on_a_flavor_that_does_not_list_it(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    ubuntu = await images.GetImage(image_pb2.GetImageRequest(name=UBUNTU), metadata=md)
+    ubuntu = await prov.get_image(images, md, UBUNTU)
     assert f"flavors/{H2}" not in ubuntu.supported_flavors
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(UBUNTU, H2),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_FLAVOR_INCOMPATIBLE",
-    )
-    assert UBUNTU in rich.message
-    assert f"flavors/{H2}" in rich.message
     assert ubuntu.supported_flavors, ubuntu
-    for supported in ubuntu.supported_flavors:
-        assert supported in rich.message, rich.message
+    # the message names the image, the flavor and every flavor it lists
+    request = prov.create_request(UBUNTU, H2)
+    supported = ubuntu.supported_flavors
+    incompatible = "IMAGE_FLAVOR_INCOMPATIBLE"
+    rich = await refused(
+        provisioning, md, settings, request, incompatible, UBUNTU, f"flavors/{H2}", *supported
+    )
     assert rich.precondition_failure is not None
     # an Arm image on an x86 flavor, and an x86 image on the Arm flavor
-    await create_error(
-        provisioning,
-        md,
-        create_request(OPENEULER_ARM, S4),
-        Code.FAILED_PRECONDITION,
-        "IMAGE_FLAVOR_INCOMPATIBLE",
-    )
-    request = create_request(CENTOS, KI1)
-    await refused(
-        provisioning, md, settings, request, "IMAGE_FLAVOR_INCOMPATIBLE", CENTOS, f"flavors/{KI1}"
-    )
+    await refused(provisioning, md, settings, prov.create_request(OPENEULER_ARM, S4), incompatible)
+    request = prov.create_request(CENTOS, KI1)
+    await refused(provisioning, md, settings, request, incompatible, CENTOS, f"flavors/{KI1}")
 
 
 async def test_private_image_only_on_its_hardware_model(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    image, _ = await create_disk_image(images, md, hardware_model=S4_MODEL)
-    request = create_request(image.name, H2)
+    image, _ = await prov.create_disk_image(images, md, hardware_model=S4_MODEL)
+    request = prov.create_request(image.name, H2)
     # the message also says where it can go instead: flavors/S4
     await refused(
         provisioning,
@@ -118,16 +88,21 @@ async def test_private_image_only_on_its_hardware_model(
         f"flavors/{S4}",
     )
     # on its own model it deploys
-    deployment = await deploy(provisioning, md, create_request(image.name, S4))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(image.name, S4))
     (server,) = deployment.servers
     assert deployment.final(server).stage == STAGE_ACTIVE
 
 
 async def test_queued_image_is_not_deployable(provisioning, images, as_project, settings) -> None:
     md = as_project("alpha")
-    queued = await create_queued(images, md)
+    queued = await prov.create_queued(images, md)
     await refused(
-        provisioning, md, settings, create_request(queued.name, S4), "IMAGE_NOT_ACTIVE", queued.name
+        provisioning,
+        md,
+        settings,
+        prov.create_request(queued.name, S4),
+        "IMAGE_NOT_ACTIVE",
+        queued.name,
     )
 
 
@@ -139,9 +114,11 @@ async def test_deprecated_public_image_is_not_deployable(
         image_pb2.DeprecateImageRequest(name=SLES), metadata=as_project("ops", admin=True)
     )
     assert deprecated.deprecated
-    await refused(provisioning, md, settings, create_request(SLES, S4), "IMAGE_DEPRECATED", SLES)
+    await refused(
+        provisioning, md, settings, prov.create_request(SLES, S4), "IMAGE_DEPRECATED", SLES
+    )
     # the other public images are still fine
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4))
     assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
 
 
@@ -149,58 +126,43 @@ async def test_image_without_cloud_init_takes_no_key(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    image, _ = await create_disk_image(
-        images, md, plugins=(NETWORK_CONFIG, SDI_DRIVER), display_name="no-cloud-init"
-    )
-    request = create_request(image.name, S4, 2, "bare", new_ssh_key().line)
+    image = await prov.image_without(images, md, CLOUD_INIT)
+    request = prov.create_request(image.name, S4, 2, "bare", new_ssh_key().line)
     await refused(provisioning, md, settings, request, "IMAGE_WITHOUT_CLOUD_INIT", image.name)
 
-    deployment = await deploy(provisioning, md, create_request(image.name, S4, 1, "bare"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(image.name, S4, 1, "bare"))
     (server_name,) = deployment.servers
     stages = deployment.stages(server_name)
     assert stages[-1] == STAGE_ACTIVE, [stage_name(s) for s in stages]
     first_boot = [e for e in deployment.by_server[server_name] if e.stage == FIRST_BOOT]
     assert len(first_boot) == 1
     assert "without cloud-init" in first_boot[0].message.lower(), first_boot[0].message
-    server = await get_server(provisioning, md, server_name)
+    server = await prov.get_server(provisioning, md, server_name)
     assert server.state == ACTIVE
     assert server.network_state == pb.NETWORK_STATE_UP
     assert server.ssh_key_fingerprint == ""
     # nothing ran at first boot: no host name, no key written on the disk
-    assert read_disk_file(settings, server_name, "etc/hostname") is None
-    assert read_disk_file(settings, server_name, "root/.ssh/authorized_keys") is None
+    assert prov.read_disk_file(settings, server_name, "etc/hostname") is None
+    assert prov.read_disk_file(settings, server_name, "root/.ssh/authorized_keys") is None
 
 
 async def test_evs_needs_an_evs_flavor_and_the_sdi_driver(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(CENTOS, H2, boot_source=EVS),
-        Code.FAILED_PRECONDITION,
-        "EVS_BOOT_UNAVAILABLE",
-    )
-    assert f"flavors/{H2}" in rich.message
-    rich = await create_error(
-        provisioning,
-        md,
-        create_request(SLES, S4, boot_source=EVS),
-        Code.FAILED_PRECONDITION,
-        "EVS_BOOT_UNAVAILABLE",
-    )
-    assert SLES in rich.message and "SDI" in rich.message
-    no_driver, _ = await create_disk_image(
-        images, md, plugins=(CLOUD_INIT, NETWORK_CONFIG), display_name="no-sdi"
-    )
-    request = create_request(no_driver.name, S4, boot_source=EVS)
-    await refused(provisioning, md, settings, request, "EVS_BOOT_UNAVAILABLE", no_driver.name)
+    unavailable = "EVS_BOOT_UNAVAILABLE"
+    request = prov.create_request(CENTOS, H2, boot_source=EVS)
+    await refused(provisioning, md, settings, request, unavailable, f"flavors/{H2}")
+    request = prov.create_request(SLES, S4, boot_source=EVS)
+    await refused(provisioning, md, settings, request, unavailable, SLES, "SDI")
+    no_driver = await prov.image_without(images, md, SDI_DRIVER)
+    request = prov.create_request(no_driver.name, S4, boot_source=EVS)
+    await refused(provisioning, md, settings, request, unavailable, no_driver.name)
     # unset, the same image simply streams onto the local disk
-    deployment = await deploy(provisioning, md, create_request(no_driver.name, S4))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(no_driver.name, S4))
     (server_name,) = deployment.servers
     assert deployment.final(server_name).stage == STAGE_ACTIVE
-    assert (await get_server(provisioning, md, server_name)).boot_source == LOCAL
+    assert (await prov.get_server(provisioning, md, server_name)).boot_source == LOCAL
 
 
 async def test_shared_image_deploys_only_once_accepted(
@@ -208,45 +170,45 @@ async def test_shared_image_deploys_only_once_accepted(
 ) -> None:
     sharing = SharingStub(channel)
     owner, member = as_project("owner"), as_project("member")
-    image, _ = await create_disk_image(images, owner, display_name="shared-golden")
-    await share(sharing, owner, image.name, "member")
+    image, _ = await prov.create_disk_image(images, owner, display_name="shared-golden")
+    await prov.share(sharing, owner, image.name, "member")
     seen = await images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=member)
     assert seen.type == image_pb2.IMAGE_TYPE_SHARED
 
-    request = create_request(image.name, S4, 2, "member")
-    rich = await create_error(
+    request = prov.create_request(image.name, S4, 2, "member")
+    rich = await prov.create_error(
         provisioning, member, request, Code.FAILED_PRECONDITION, "SHARED_IMAGE_NOT_ACCEPTED"
     )
     assert "pending" in rich.message
-    await answer(sharing, member, image.name, "member", REJECTED)
-    await create_error(
+    await prov.answer(sharing, member, image.name, "member", REJECTED)
+    await prov.create_error(
         provisioning, member, request, Code.FAILED_PRECONDITION, "SHARED_IMAGE_NOT_ACCEPTED"
     )
     await assert_nothing_created(provisioning, member, settings)
 
-    await answer(sharing, member, image.name, "member", ACCEPTED)
-    deployment = await deploy(provisioning, member, request)
+    await prov.answer(sharing, member, image.name, "member", ACCEPTED)
+    deployment = await prov.deploy(provisioning, member, request)
     assert len(deployment.servers) == 2
     for server_name in deployment.servers:
         assert deployment.final(server_name).stage == STAGE_ACTIVE
-        server = await get_server(provisioning, member, server_name)
+        server = await prov.get_server(provisioning, member, server_name)
         assert server.project == "member" and server.image == image.name
-    assert await list_servers(provisioning, owner) == []
+    assert await prov.list_servers(provisioning, owner) == []
 
 
 async def test_another_projects_private_image_is_not_found(
     provisioning, images, as_project, settings
 ) -> None:
-    image, _ = await create_disk_image(images, as_project("owner"))
+    image, _ = await prov.create_disk_image(images, as_project("owner"))
     md = as_project("stranger")
-    rich = await create_error(
-        provisioning, md, create_request(image.name, S4), Code.NOT_FOUND, "IMAGE_NOT_FOUND"
+    rich = await prov.create_error(
+        provisioning, md, prov.create_request(image.name, S4), Code.NOT_FOUND, "IMAGE_NOT_FOUND"
     )
     assert "owner" not in rich.message
-    await create_error(
+    await prov.create_error(
         provisioning,
         md,
-        create_request(f"images/{uuid.uuid4()}", S4),
+        prov.create_request(f"images/{uuid.uuid4()}", S4),
         Code.NOT_FOUND,
         "IMAGE_NOT_FOUND",
     )
@@ -283,11 +245,11 @@ BAD_REQUESTS = {
 async def test_bad_requests_are_invalid_argument(provisioning, as_project, settings) -> None:
     md = as_project("alpha")
     for case, (changes, field) in BAD_REQUESTS.items():
-        request = create_request(CENTOS, S4, 2, "web")
+        request = prov.create_request(CENTOS, S4, 2, "web")
         for name, value in changes.items():
             setattr(request, name, value)
         try:
-            rich = await create_error(provisioning, md, request, Code.INVALID_ARGUMENT)
+            rich = await prov.create_error(provisioning, md, request, Code.INVALID_ARGUMENT)
         except AssertionError as error:
             raise AssertionError(f"{case}: {error}") from None
         assert any(f == field or f.startswith(field + ".") for f in rich.fields), (
@@ -305,13 +267,13 @@ async def test_largest_valid_request_values_are_accepted(
     assert len(prefix) == 48
     user_data = "#!/bin/sh\n"
     user_data += "x" * (32 * 1024 - len(user_data))
-    deployment = await deploy(
-        provisioning, md, create_request(CENTOS, S4, 1, prefix, user_data=user_data)
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, prefix, user_data=user_data)
     )
     (server_name,) = deployment.servers
     assert deployment.final(server_name).stage == STAGE_ACTIVE
-    assert (await get_server(provisioning, md, server_name)).host_name == f"{prefix}-1"
-    assert read_disk_file(settings, server_name, "var/lib/cloud/instance/user-data.txt") == (
+    assert (await prov.get_server(provisioning, md, server_name)).host_name == f"{prefix}-1"
+    assert prov.read_disk_file(settings, server_name, "var/lib/cloud/instance/user-data.txt") == (
         user_data.encode()
     )
 
@@ -319,7 +281,7 @@ async def test_largest_valid_request_values_are_accepted(
 @pytest.mark.parametrize(
     "user_data",
     [
-        cloud_config({"etc/relative": "x"}),
+        prov.cloud_config({"etc/relative": "x"}),
         "#cloud-config\nwrite_files:\n  - path: /etc/../../escape\n    content: x\n",
     ],
     ids=["relative path", "dot-dot path"],
@@ -328,8 +290,11 @@ async def test_write_files_outside_the_root_are_refused(
     provisioning, as_project, settings, user_data
 ) -> None:
     md = as_project("alpha")
-    rich = await create_error(
-        provisioning, md, create_request(CENTOS, S4, user_data=user_data), Code.INVALID_ARGUMENT
+    rich = await prov.create_error(
+        provisioning,
+        md,
+        prov.create_request(CENTOS, S4, user_data=user_data),
+        Code.INVALID_ARGUMENT,
     )
     assert any(f.startswith("user_data") for f in rich.fields), rich.fields
     await assert_nothing_created(provisioning, md, settings)
@@ -342,11 +307,11 @@ async def test_write_files_paths_must_name_a_file(provisioning, as_project, sett
     md = as_project("alpha")
     user_data = f"#cloud-config\nwrite_files:\n  - path: {path}\n    content: hi\n"
     deployment, rich = await outcome(
-        deploy(provisioning, md, create_request(CENTOS, S4, user_data=user_data))
+        prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, user_data=user_data))
     )
     if rich is None:
         (server_name,) = deployment.servers
-        listed = sorted(disks.list_files(system_disk(settings, server_name)))
+        listed = sorted(disks.list_files(prov.system_disk(settings, server_name)))
         raise AssertionError(f"write_files path {path!r} was accepted; the disk holds {listed}")
     assert rich.code == Code.INVALID_ARGUMENT, rich.message
     assert any(f.startswith("user_data") for f in rich.fields), rich.fields
@@ -359,23 +324,23 @@ async def test_write_files_paths_are_normalised(provisioning, as_project, settin
     md = as_project("alpha")
     user_data = "#cloud-config\nwrite_files:\n  - path: /etc/./motd\n    content: hi\n"
     deployment, rich = await outcome(
-        deploy(provisioning, md, create_request(CENTOS, S4, user_data=user_data))
+        prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, user_data=user_data))
     )
     if rich is not None:
         assert rich.code == Code.INVALID_ARGUMENT, rich.message
         return
     (server_name,) = deployment.servers
     assert deployment.final(server_name).stage == STAGE_ACTIVE
-    listed = disks.list_files(system_disk(settings, server_name))
-    assert read_disk_file(settings, server_name, "etc/motd") == b"hi", sorted(listed)
+    listed = disks.list_files(prov.system_disk(settings, server_name))
+    assert prov.read_disk_file(settings, server_name, "etc/motd") == b"hi", sorted(listed)
 
 
 async def test_unknown_flavor_is_not_found(provisioning, as_project, settings) -> None:
     md = as_project("alpha")
-    rich = await create_error(
+    rich = await prov.create_error(
         provisioning,
         md,
-        create_request(CENTOS, "physical.z9.huge"),
+        prov.create_request(CENTOS, "physical.z9.huge"),
         Code.NOT_FOUND,
         "FLAVOR_NOT_FOUND",
     )

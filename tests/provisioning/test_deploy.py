@@ -7,43 +7,29 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
+from provisioning_support import CENTOS, S4, S4_MODEL, UBUNTU
+
+from bms.image.v1 import provisioning_pb2
+from bms_image.common import disk_format as disks
+from support.builders import new_ssh_key
+from support.prov_fleet import (
     ACTIVE,
     BUILDING,
-    CENTOS,
     CLONING,
     EVS,
     FAILED,
     FIRST_BOOT,
     LOCAL,
     NETWORK,
-    S4,
-    S4_MODEL,
     STAGE_ACTIVE,
     STREAMING,
-    UBUNTU,
     VALIDATING,
     VERIFYING,
-    Deployment,
-    cache_dir,
-    cloud_config,
-    create_disk_image,
-    create_request,
-    deploy,
-    get_server,
-    list_servers,
-    new_ssh_key,
-    read_disk_file,
-    server_dir,
-    sha256_file,
+    Events,
     stage_name,
-    system_disk,
 )
-
-from bms.image.v1 import image_pb2, provisioning_pb2
-from bms_image.common import disk_format as disks
-from bms_image.fleet.adapters.image_source import ImageSource
 
 pb = provisioning_pb2
 
@@ -62,9 +48,7 @@ def folded(stages: list[int]) -> list[int]:
     return out
 
 
-def check_server_events(
-    deployment: Deployment, server: str, boot_source: int, image_size: int
-) -> None:
+def check_server_events(deployment: Events, server: str, boot_source: int, image_size: int) -> None:
     """One server's events: documented stage order, BUILDING until the final
     ACTIVE, percent never decreasing, bytes growing up to the image size."""
     events = deployment.by_server[server]
@@ -104,8 +88,8 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
 ) -> None:
     md = as_project("alpha")
     key = new_ssh_key("ops@example")
-    user_data = cloud_config({"/etc/motd": "managed by bms\n", "/opt/app/config.ini": "a=1\n"})
-    image = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
+    user_data = prov.cloud_config({"/etc/motd": "managed by bms\n", "/opt/app/config.ini": "a=1\n"})
+    image = await prov.get_image(images, md, CENTOS)
     blob_release = disks.read_file(
         Path(settings.data_dir) / "blobs" / f"{CENTOS.removeprefix('images/')}.blob",
         "etc/os-release",
@@ -114,10 +98,12 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
 
     sizes = {}
     for boot_source, prefix in ((LOCAL, "local"), (EVS, "quick")):
-        deployment = await deploy(
+        deployment = await prov.deploy(
             provisioning,
             md,
-            create_request(CENTOS, S4, 3, prefix, key.line, user_data, boot_source=boot_source),
+            prov.create_request(
+                CENTOS, S4, 3, prefix, key.line, user_data, boot_source=boot_source
+            ),
         )
         assert len(deployment.servers) == 3
         streaming = [e for e in deployment.events if e.stage == STREAMING]
@@ -129,7 +115,7 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
 
         host_names = set()
         for server_name in deployment.servers:
-            server = await get_server(provisioning, md, server_name)
+            server = await prov.get_server(provisioning, md, server_name)
             host_names.add(server.host_name)
             assert server.state == ACTIVE
             assert server.network_state == pb.NETWORK_STATE_UP
@@ -144,36 +130,36 @@ async def test_public_image_with_key_and_user_data_on_both_boot_sources(
             assert server.create_time.seconds > 0
             assert server.update_time.ToDatetime() >= server.create_time.ToDatetime()
 
-            disk = system_disk(settings, server_name)
-            assert disk.top.parent == server_dir(settings, server_name)
+            disk = prov.system_disk(settings, server_name)
+            assert disk.top.parent == prov.server_dir(settings, server_name)
             assert (disk.base is None) == (boot_source == LOCAL)
-            hostname = read_disk_file(settings, server_name, "etc/hostname")
+            hostname = prov.read_disk_file(settings, server_name, "etc/hostname")
             assert hostname == f"{server.host_name}\n".encode()
-            keys = read_disk_file(settings, server_name, "root/.ssh/authorized_keys")
+            keys = prov.read_disk_file(settings, server_name, "root/.ssh/authorized_keys")
             assert keys is not None and key.line.encode() in keys.splitlines()
-            assert read_disk_file(settings, server_name, "etc/motd") == b"managed by bms\n"
-            assert read_disk_file(settings, server_name, "opt/app/config.ini") == b"a=1\n"
-            assert read_disk_file(settings, server_name, "etc/os-release") == blob_release
+            assert prov.read_disk_file(settings, server_name, "etc/motd") == b"managed by bms\n"
+            assert prov.read_disk_file(settings, server_name, "opt/app/config.ini") == b"a=1\n"
+            assert prov.read_disk_file(settings, server_name, "etc/os-release") == blob_release
             sizes[server_name] = disk.top.stat().st_size
             if boot_source == EVS:
                 # a copy-on-write clone: an overlay of its own over the
                 # cached image, whatever the image size
                 assert disk.top.name.startswith("overlay-")
                 assert disk.top.stat().st_size < image.size_bytes
-                assert disk.base == cache_dir(settings) / f"{image.sha256}.raw"
+                assert disk.base == prov.cache_file(settings, image.sha256)
             else:
                 assert disk.top.name == "system.disk"
                 assert disk.top.stat().st_size > image.size_bytes  # image + first boot
         assert host_names == {f"{prefix}-{n}" for n in (1, 2, 3)}
 
     # first boot never wrote to the cached image, the EVS clones' base
-    cached = [p for p in cache_dir(settings).iterdir() if not p.name.startswith(".")]
+    cached = [p for p in prov.cache_dir(settings).iterdir() if not p.name.startswith(".")]
     assert [p.name for p in cached] == [f"{image.sha256}.raw"]
-    assert sha256_file(cached[0]) == image.sha256
+    assert prov.sha256_file(cached[0]) == image.sha256
     assert cached[0].stat().st_mode & 0o777 == 0o444
     for server_name in deployment.servers:
-        assert system_disk(settings, server_name).base == cached[0]
-    listed = await list_servers(provisioning, md)
+        assert prov.system_disk(settings, server_name).base == cached[0]
+    listed = await prov.list_servers(provisioning, md)
     assert len(listed) == 6
     assert sorted(s.host_name for s in listed) == sorted(
         [f"local-{n}" for n in (1, 2, 3)] + [f"quick-{n}" for n in (1, 2, 3)]
@@ -184,20 +170,22 @@ async def test_unset_boot_source_picks_evs_when_possible(
     provisioning, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "auto"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 1, "auto"))
     (server_name,) = deployment.servers
     assert deployment.final(server_name).boot_source == EVS
-    server = await get_server(provisioning, md, server_name)
+    server = await prov.get_server(provisioning, md, server_name)
     assert server.boot_source == EVS
     assert server.ssh_key_fingerprint == ""
-    assert read_disk_file(settings, server_name, "root/.ssh/authorized_keys") is None
-    assert read_disk_file(settings, server_name, "etc/hostname") == b"auto-1\n"
+    assert prov.read_disk_file(settings, server_name, "root/.ssh/authorized_keys") is None
+    assert prov.read_disk_file(settings, server_name, "etc/hostname") == b"auto-1\n"
     # h2 cannot boot from EVS: the same request streams onto the local disk
-    deployment = await deploy(provisioning, md, create_request(CENTOS, "physical.h2.large", 1))
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, "physical.h2.large", 1)
+    )
     (server_name,) = deployment.servers
-    server = await get_server(provisioning, md, server_name)
+    server = await prov.get_server(provisioning, md, server_name)
     assert server.boot_source == LOCAL
-    assert system_disk(settings, server_name).top.name == "system.disk"
+    assert prov.system_disk(settings, server_name).top.name == "system.disk"
 
 
 @pytest.mark.parametrize("boot_source", [pb.BOOT_SOURCE_UNSPECIFIED, LOCAL])
@@ -206,57 +194,50 @@ async def test_twenty_clones_of_a_private_image_fetch_it_once(
 ) -> None:
     md = as_project("alpha")
     app = b"#!/bin/sh\necho golden app v3\n"
-    image, data = await create_disk_image(
+    image, data = await prov.create_disk_image(
         images, md, files={"opt/app/bin/app": app}, display_name="golden-app"
     )
-    downloads: list[str] = []
-    real_download = ImageSource._download
-
-    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
-        downloads.append(image_id)
-        return await real_download(self, image_id, *args, **kwargs)
-
-    monkeypatch.setattr(ImageSource, "_download", counting)
+    downloads = prov.count_downloads(monkeypatch)
 
     key = new_ssh_key()
-    deployment = await deploy(
+    deployment = await prov.deploy(
         provisioning,
         md,
-        create_request(image.name, S4, 20, "clone", key.line, boot_source=boot_source),
+        prov.create_request(image.name, S4, 20, "clone", key.line, boot_source=boot_source),
     )
     expected_source = EVS if boot_source == pb.BOOT_SOURCE_UNSPECIFIED else LOCAL
     assert len(deployment.servers) == 20
     names = set()
     for server_name in deployment.servers:
         check_server_events(deployment, server_name, expected_source, len(data))
-        server = await get_server(provisioning, md, server_name)
+        server = await prov.get_server(provisioning, md, server_name)
         assert server.state == ACTIVE and server.network_state == pb.NETWORK_STATE_UP
         assert server.image == image.name
         assert server.boot_source == expected_source
         assert server.ssh_key_fingerprint == key.fingerprint
         names.add(server.host_name)
-        assert read_disk_file(settings, server_name, "opt/app/bin/app") == app
-        assert read_disk_file(settings, server_name, "etc/hostname") == (
+        assert prov.read_disk_file(settings, server_name, "opt/app/bin/app") == app
+        assert prov.read_disk_file(settings, server_name, "etc/hostname") == (
             f"{server.host_name}\n".encode()
         )
-        assert read_disk_file(settings, server_name, "root/.ssh/authorized_keys") == (
+        assert prov.read_disk_file(settings, server_name, "root/.ssh/authorized_keys") == (
             key.line.encode() + b"\n"
         )
-        assert (server_dir(settings, server_name)).is_dir()
+        assert (prov.server_dir(settings, server_name)).is_dir()
     assert names == {f"clone-{n}" for n in range(1, 21)}
 
     image_id = image.name.removeprefix("images/")
     assert downloads == [image_id], "the image bytes must be pulled once for the batch"
-    cached = [p for p in cache_dir(settings).iterdir() if p.name == f"{image.sha256}.raw"]
+    cached = [p for p in prov.cache_dir(settings).iterdir() if p.name == f"{image.sha256}.raw"]
     assert len(cached) == 1
-    assert sha256_file(cached[0]) == hashlib.sha256(data).hexdigest() == image.sha256
-    assert not [p for p in cache_dir(settings).iterdir() if p.name.startswith(".part-")]
+    assert prov.sha256_file(cached[0]) == hashlib.sha256(data).hexdigest() == image.sha256
+    assert not [p for p in prov.cache_dir(settings).iterdir() if p.name.startswith(".part-")]
 
     # a later batch of the same image is served from the cache
-    again = await deploy(provisioning, md, create_request(image.name, S4, 2, "more"))
+    again = await prov.deploy(provisioning, md, prov.create_request(image.name, S4, 2, "more"))
     assert all(again.final(s).stage == STAGE_ACTIVE for s in again.servers)
     assert downloads == [image_id]
-    assert len(await list_servers(provisioning, md)) == 22
+    assert len(await prov.list_servers(provisioning, md)) == 22
 
 
 async def test_stages_follow_the_documented_order(provisioning, as_project) -> None:
@@ -267,8 +248,8 @@ async def test_stages_follow_the_documented_order(provisioning, as_project) -> N
     md = as_project("alpha")
     seen = {}
     for image, boot_source in ((CENTOS, LOCAL), (UBUNTU, EVS)):  # each fetched afresh
-        deployment = await deploy(
-            provisioning, md, create_request(image, S4, 1, "order", boot_source=boot_source)
+        deployment = await prov.deploy(
+            provisioning, md, prov.create_request(image, S4, 1, "order", boot_source=boot_source)
         )
         (server,) = deployment.servers
         seen[source_name(boot_source)] = short(folded(deployment.stages(server)))
@@ -290,21 +271,21 @@ async def test_concurrent_evs_clones_share_the_read_only_cache_entry(
     its SHA-256) under overlays of their own: nothing is linked or copied,
     the entry stays read-only and unchanged, no temporary file is left."""
     md = as_project("alpha")
-    image = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
-    deployment = await deploy(
-        provisioning, md, create_request(CENTOS, S4, 3, "pool", boot_source=EVS)
+    image = await prov.get_image(images, md, CENTOS)
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 3, "pool", boot_source=EVS)
     )
     assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
-    entry = cache_dir(settings) / f"{image.sha256}.raw"
-    assert [p.name for p in cache_dir(settings).iterdir()] == [entry.name]
+    entry = prov.cache_file(settings, image.sha256)
+    assert [p.name for p in prov.cache_dir(settings).iterdir()] == [entry.name]
     assert entry.stat().st_mode & 0o777 == 0o444
     assert entry.stat().st_nlink == 1, "no hard link to the entry anywhere"
-    assert sha256_file(entry) == image.sha256
+    assert prov.sha256_file(entry) == image.sha256
     overlays = set()
     for server_name in deployment.servers:
-        disk = system_disk(settings, server_name)
+        disk = prov.system_disk(settings, server_name)
         assert disk.base == entry
-        assert disk.top.parent == server_dir(settings, server_name)
+        assert disk.top.parent == prov.server_dir(settings, server_name)
         overlays.add(disk.top)
     assert len(overlays) == 3
     assert not (Path(settings.data_dir) / "fleet" / "evs-pool").exists()

@@ -12,46 +12,26 @@ import os
 import sqlite3
 from pathlib import Path
 
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
-    ACTIVE,
-    CENTOS,
-    ERROR,
-    EVS,
-    FAILED,
-    LOCAL,
-    S4,
-    STAGE_ACTIVE,
-    Deployment,
-    cache_dir,
-    collect,
-    corrupt,
-    create_request,
-    deploy,
-    get_server,
-    new_ssh_key,
-    read_disk_file,
-    server_dir,
-    serving,
-    sha256_file,
-    system_disk,
-)
+from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.fleet.adapters import firstboot
-from bms_image.fleet.adapters.image_source import ImageSource
-from support.services import make_settings
+from support.builders import new_ssh_key
+from support.prov_fleet import ACTIVE, ERROR, EVS, FAILED, LOCAL, STAGE_ACTIVE, Events
+from support.services import make_settings, serving
 
 pb = provisioning_pb2
 
 
-async def reinstall(provisioning, md, request: pb.ReinstallServerRequest) -> Deployment:  # type: ignore[no-untyped-def]
-    return Deployment(await collect(provisioning.ReinstallServer(request, metadata=md)))
+async def reinstall(provisioning, md, request: pb.ReinstallServerRequest) -> Events:  # type: ignore[no-untyped-def]
+    return Events(await prov.collect(provisioning.ReinstallServer(request, metadata=md)))
 
 
 async def stopped_server(provisioning, md, boot_source: int, prefix: str = "rec") -> str:  # type: ignore[no-untyped-def]
-    deployment = await deploy(
-        provisioning, md, create_request(CENTOS, S4, 1, prefix, boot_source=boot_source)
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, prefix, boot_source=boot_source)
     )
     (name,) = deployment.servers
     assert deployment.final(name).stage == STAGE_ACTIVE, deployment.final(name)
@@ -78,30 +58,23 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
+@pytest.fixture
+async def centos(images, as_project) -> image_pb2.Image:  # type: ignore[no-untyped-def]
+    """The public CentOS image, as project alpha reads it."""
+    return await prov.get_image(images, as_project("alpha"), CENTOS)
+
+
 def files_of(settings, name: str) -> set[str]:  # type: ignore[no-untyped-def]
-    return {p.name for p in server_dir(settings, name).iterdir()}
-
-
-def count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    downloads: list[str] = []
-    real = ImageSource._download
-
-    async def counting(self, image_id, *args, **kwargs):  # type: ignore[no-untyped-def]
-        downloads.append(image_id)
-        return await real(self, image_id, *args, **kwargs)
-
-    monkeypatch.setattr(ImageSource, "_download", counting)
-    return downloads
+    return {p.name for p in prov.server_dir(settings, name).iterdir()}
 
 
 async def test_evs_reinstall_swaps_in_a_new_overlay_and_never_writes_the_base(
-    provisioning, images, as_project, settings
+    provisioning, as_project, settings, centos
 ) -> None:
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
     name = await stopped_server(provisioning, md, EVS)
-    before = system_disk(settings, name)
-    entry = cache_dir(settings) / f"{centos.sha256}.raw"
+    before = prov.system_disk(settings, name)
+    entry = prov.cache_file(settings, centos.sha256)
     assert before.base == entry
     assert files_of(settings, name) == {before.top.name}
     untouched = entry.stat()
@@ -111,11 +84,14 @@ async def test_evs_reinstall_swaps_in_a_new_overlay_and_never_writes_the_base(
         provisioning, md, pb.ReinstallServerRequest(name=name, ssh_public_key=key.line)
     )
     assert done.final(name).stage == STAGE_ACTIVE, done.final(name)
-    after = system_disk(settings, name)
+    after = prov.system_disk(settings, name)
     assert after.base == entry and after.top != before.top
     assert files_of(settings, name) == {after.top.name}, "the old overlay was not removed"
-    assert read_disk_file(settings, name, "root/.ssh/authorized_keys") == key.line.encode() + b"\n"
-    assert read_disk_file(settings, name, "etc/hostname") == b"rec-1\n"
+    assert (
+        prov.read_disk_file(settings, name, "root/.ssh/authorized_keys")
+        == key.line.encode() + b"\n"
+    )
+    assert prov.read_disk_file(settings, name, "etc/hostname") == b"rec-1\n"
     now = entry.stat()
     assert (now.st_ino, now.st_mtime_ns, now.st_ctime_ns) == (
         untouched.st_ino,
@@ -123,7 +99,7 @@ async def test_evs_reinstall_swaps_in_a_new_overlay_and_never_writes_the_base(
         untouched.st_ctime_ns,
     ), "the base was written"
     assert (now.st_mode & 0o777, now.st_nlink) == (0o444, 1)
-    assert sha256_file(entry) == centos.sha256
+    assert prov.sha256_file(entry) == centos.sha256
 
 
 @pytest.mark.parametrize("boot_source", [LOCAL, EVS])
@@ -132,8 +108,8 @@ async def test_a_failed_reinstall_discards_only_the_new_disk(
 ) -> None:
     md = as_project("alpha")
     name = await stopped_server(provisioning, md, boot_source)
-    before = system_disk(settings, name)
-    kept = sha256_file(before.top)
+    before = prov.system_disk(settings, name)
+    kept = prov.sha256_file(before.top)
 
     def broken(*args: object) -> dict[str, bytes]:
         raise RuntimeError("first boot broke")
@@ -144,15 +120,15 @@ async def test_a_failed_reinstall_discards_only_the_new_disk(
     )
     final = done.final(name)
     assert (final.stage, final.state, final.error_reason) == (FAILED, ERROR, "DEPLOYMENT_FAILED")
-    assert system_disk(settings, name) == before, "the record changed"
+    assert prov.system_disk(settings, name) == before, "the record changed"
     assert files_of(settings, name) == {before.top.name}, "the new disk was left"
-    assert sha256_file(before.top) == kept, "the disk in use was written"
-    assert read_disk_file(settings, name, "root/.ssh/authorized_keys") is None
+    assert prov.sha256_file(before.top) == kept, "the disk in use was written"
+    assert prov.read_disk_file(settings, name, "root/.ssh/authorized_keys") is None
 
     monkeypatch.undo()  # the server can be reinstalled again, from its record
     done = await reinstall(provisioning, md, pb.ReinstallServerRequest(name=name))
     assert done.final(name).stage == STAGE_ACTIVE, done.final(name)
-    assert files_of(settings, name) == {system_disk(settings, name).top.name}
+    assert files_of(settings, name) == {prov.system_disk(settings, name).top.name}
 
 
 async def test_recovery_and_a_new_process_read_the_record(tmp_path: Path) -> None:
@@ -163,8 +139,8 @@ async def test_recovery_and_a_new_process_read_the_record(tmp_path: Path) -> Non
     async with serving(settings) as running:
         md = running.project("alpha")
         name = await stopped_server(running.provisioning, md, EVS)
-    recorded = system_disk(settings, name)
-    directory = server_dir(settings, name)
+    recorded = prov.system_disk(settings, name)
+    directory = prov.server_dir(settings, name)
     for stray in ("system.disk.new", "overlay-" + "0" * 32 + ".disk", "system.disk"):
         (directory / stray).write_bytes(b"half-written")
     with sqlite3.connect(tmp_path / "bms-image.db") as connection:
@@ -176,11 +152,11 @@ async def test_recovery_and_a_new_process_read_the_record(tmp_path: Path) -> Non
 
     async with serving(settings) as running:
         md = running.project("alpha")
-        server = await get_server(running.provisioning, md, name)
+        server = await prov.get_server(running.provisioning, md, name)
         assert server.state == ERROR and "interrupted" in server.state_reason, server
-        assert system_disk(settings, name) == recorded
+        assert prov.system_disk(settings, name) == recorded
         assert files_of(settings, name) == {recorded.top.name}
-        assert read_disk_file(settings, name, "etc/hostname") == b"rec-1\n"
+        assert prov.read_disk_file(settings, name, "etc/hostname") == b"rec-1\n"
         done = await reinstall(running.provisioning, md, pb.ReinstallServerRequest(name=name))
         assert done.final(name).stage == STAGE_ACTIVE, done.final(name)
         await running.provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md)
@@ -195,53 +171,55 @@ async def test_recovery_and_a_new_process_read_the_record(tmp_path: Path) -> Non
 
 
 async def test_delete_removes_the_servers_files_never_the_cached_image(
-    provisioning, images, as_project, settings
+    provisioning, as_project, settings, centos
 ) -> None:
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
     name = await stopped_server(provisioning, md, EVS)
-    entry = system_disk(settings, name).base
+    entry = prov.system_disk(settings, name).base
     assert entry is not None
     await provisioning.DeleteServer(pb.DeleteServerRequest(name=name), metadata=md)
-    assert not server_dir(settings, name).exists()
-    assert sha256_file(entry) == centos.sha256
-    again = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "next", boot_source=EVS))
+    assert not prov.server_dir(settings, name).exists()
+    assert prov.sha256_file(entry) == centos.sha256
+    again = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, "next", boot_source=EVS)
+    )
     assert all(again.final(s).stage == STAGE_ACTIVE for s in again.servers)
 
 
 async def test_a_tampered_cache_entry_is_hashed_again_and_fetched_afresh(
-    provisioning, images, as_project, settings, monkeypatch
+    provisioning, as_project, settings, monkeypatch, centos
 ) -> None:
     """Bytes changed in place, even with the modification time put back:
     the entry's fingerprint (its ctime) no longer matches, so it is hashed
     before use, found wrong and replaced by a fresh download; no server gets
     the changed bytes."""
-    downloads = count_downloads(monkeypatch)
+    downloads = prov.count_downloads(monkeypatch)
     md = as_project("alpha")
-    centos = await images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
-    first = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "one", boot_source=LOCAL))
+    first = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, "one", boot_source=LOCAL)
+    )
     assert all(first.final(s).stage == STAGE_ACTIVE for s in first.servers)
-    entry = cache_dir(settings) / f"{centos.sha256}.raw"
+    entry = prov.cache_file(settings, centos.sha256)
     assert entry.stat().st_mode & 0o777 == 0o444
     assert len(downloads) == 1
 
     offset = centos.size_bytes // 2
     original = read_at(entry, offset, 16)
     status = entry.stat()
-    corrupt(entry, offset, b"\xee" * 16)  # root writes through 0o444
+    prov.corrupt(entry, offset, b"\xee" * 16)  # root writes through 0o444
     os.utime(entry, ns=(status.st_atime_ns, status.st_mtime_ns))
 
     for boot_source, prefix in ((LOCAL, "two"), (EVS, "three")):
-        again = await deploy(
-            provisioning, md, create_request(CENTOS, S4, 1, prefix, boot_source=boot_source)
+        again = await prov.deploy(
+            provisioning, md, prov.create_request(CENTOS, S4, 1, prefix, boot_source=boot_source)
         )
         (name,) = again.servers
         assert again.final(name).stage == STAGE_ACTIVE, again.final(name)
-        disk = system_disk(settings, name)
+        disk = prov.system_disk(settings, name)
         got = read_at(disk.base or disk.top, offset, 16)
         assert got == original, "a server got the tampered bytes"
     assert len(downloads) == 2, "fetched again once, then reused"
-    assert sha256_file(entry) == centos.sha256
+    assert prov.sha256_file(entry) == centos.sha256
     assert entry.stat().st_mode & 0o777 == 0o444
 
 
@@ -251,21 +229,21 @@ async def test_an_unknown_cache_entry_is_verified_before_its_first_use(
     """After a restart this process has no fingerprint of the entries: a
     right one is hashed and reused, a wrong one (here, changed while the
     service was down) is fetched again."""
-    downloads = count_downloads(monkeypatch)
+    downloads = prov.count_downloads(monkeypatch)
     settings = make_settings(tmp_path)
     async with serving(settings) as running:
         md = running.project("alpha")
-        centos = await running.images.GetImage(image_pb2.GetImageRequest(name=CENTOS), metadata=md)
-        await deploy(
-            running.provisioning, md, create_request(CENTOS, S4, 1, "a", boot_source=LOCAL)
+        centos = await prov.get_image(running.images, md, CENTOS)
+        await prov.deploy(
+            running.provisioning, md, prov.create_request(CENTOS, S4, 1, "a", boot_source=LOCAL)
         )
-    entry = cache_dir(settings) / f"{centos.sha256}.raw"
+    entry = prov.cache_file(settings, centos.sha256)
     assert len(downloads) == 1
 
     async with serving(settings) as running:  # right: hashed, reused
         md = running.project("alpha")
-        done = await deploy(
-            running.provisioning, md, create_request(CENTOS, S4, 1, "b", boot_source=EVS)
+        done = await prov.deploy(
+            running.provisioning, md, prov.create_request(CENTOS, S4, 1, "b", boot_source=EVS)
         )
         assert all(done.final(s).stage == STAGE_ACTIVE for s in done.servers)
     assert len(downloads) == 1
@@ -274,13 +252,13 @@ async def test_an_unknown_cache_entry_is_verified_before_its_first_use(
     entry.write_bytes(os.urandom(centos.size_bytes))
     async with serving(settings) as running:  # wrong: fetched again
         md = running.project("alpha")
-        done = await deploy(
-            running.provisioning, md, create_request(CENTOS, S4, 1, "c", boot_source=LOCAL)
+        done = await prov.deploy(
+            running.provisioning, md, prov.create_request(CENTOS, S4, 1, "c", boot_source=LOCAL)
         )
         (name,) = done.servers
         assert done.final(name).stage == STAGE_ACTIVE, done.final(name)
-        server = await get_server(running.provisioning, md, name)
+        server = await prov.get_server(running.provisioning, md, name)
         assert server.state == ACTIVE
     assert len(downloads) == 2
-    assert sha256_file(entry) == centos.sha256
+    assert prov.sha256_file(entry) == centos.sha256
     assert entry.stat().st_mode & 0o777 == 0o444

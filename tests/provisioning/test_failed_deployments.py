@@ -6,41 +6,16 @@ the server up without a network."""
 from __future__ import annotations
 
 import grpc
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
-    ACTIVE,
-    CLOUD_INIT,
-    ERROR,
-    EVS,
-    FAILED,
-    LOCAL,
-    NETWORK,
-    NETWORK_CONFIG,
-    S4,
-    SDI_DRIVER,
-    STAGE_ACTIVE,
-    blob_path,
-    cache_dir,
-    corrupt,
-    create_disk_image,
-    create_queued,
-    create_request,
-    decode,
-    deploy,
-    get_server,
-    list_servers,
-    new_ssh_key,
-    read_disk_file,
-    server_dir,
-    stage_name,
-    system_disk,
-    upload,
-    watch,
-)
+from provisioning_support import CLOUD_INIT, NETWORK_CONFIG, S4, SDI_DRIVER
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.disk_format import PLUGIN_PATHS, plugin_content
 from bms_image.common.model import PluginKind
+from support.builders import new_ssh_key
+from support.errors import decode
+from support.prov_fleet import ACTIVE, ERROR, EVS, FAILED, LOCAL, NETWORK, STAGE_ACTIVE, stage_name
 
 pb = provisioning_pb2
 
@@ -50,16 +25,16 @@ async def test_corrupted_image_fails_every_server_with_data_loss(
     provisioning, images, as_project, settings, boot_source
 ) -> None:
     md = as_project("alpha")
-    image, data = await create_disk_image(images, md, bulk_bytes=256 * 1024)
-    blob = blob_path(settings, image.name)
+    image, data = await prov.create_disk_image(images, md, bulk_bytes=256 * 1024)
+    blob = prov.blob_path(settings, image.name)
     assert blob.read_bytes() == data
-    corrupt(blob, len(data) // 2, b"\xde\xad\xbe\xef" * 16)  # rot in the bulk data
+    prov.corrupt(blob, len(data) // 2, b"\xde\xad\xbe\xef" * 16)  # rot in the bulk data
     assert blob.stat().st_size == len(data)
 
-    deployment = await deploy(
+    deployment = await prov.deploy(
         provisioning,
         md,
-        create_request(image.name, S4, 3, "rot", new_ssh_key().line, boot_source=boot_source),
+        prov.create_request(image.name, S4, 3, "rot", new_ssh_key().line, boot_source=boot_source),
     )
     assert len(deployment.servers) == 3
     for server_name in deployment.servers:
@@ -73,16 +48,16 @@ async def test_corrupted_image_fails_every_server_with_data_loss(
         assert final.error_reason == "IMAGE_CHECKSUM_MISMATCH"
         assert final.message
         assert [e for e in deployment.by_server[server_name] if e.stage == FAILED] == [final]
-        server = await get_server(provisioning, md, server_name)
+        server = await prov.get_server(provisioning, md, server_name)
         assert server.state == ERROR
         assert server.state_reason
         assert server.network_state != pb.NETWORK_STATE_UP
-        assert not server_dir(settings, server_name).exists()
-        watched = await watch(provisioning, md, server_name)
+        assert not prov.server_dir(settings, server_name).exists()
+        watched = await prov.watch(provisioning, md, server_name)
         assert watched[-1].stage == FAILED and watched[-1].state == ERROR
     # nothing unverified was kept for later deployments
-    assert [p.name for p in cache_dir(settings).iterdir()] == []
-    states = {s.name: s.state for s in await list_servers(provisioning, md)}
+    assert [p.name for p in prov.cache_dir(settings).iterdir()] == []
+    states = {s.name: s.state for s in await prov.list_servers(provisioning, md)}
     assert states == dict.fromkeys(deployment.servers, ERROR)
 
 
@@ -90,21 +65,19 @@ async def test_image_without_network_config_comes_up_without_network(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    image, _ = await create_disk_image(
-        images, md, plugins=(CLOUD_INIT, SDI_DRIVER), display_name="no-network"
-    )
-    deployment = await deploy(provisioning, md, create_request(image.name, S4, 2, "dark"))
+    image = await prov.image_without(images, md, NETWORK_CONFIG)
+    deployment = await prov.deploy(provisioning, md, prov.create_request(image.name, S4, 2, "dark"))
     for server_name in deployment.servers:
         stages = deployment.stages(server_name)
         assert stages[-1] == STAGE_ACTIVE, [stage_name(s) for s in stages]
         assert NETWORK not in stages, "no network was configured"
-        server = await get_server(provisioning, md, server_name)
+        server = await prov.get_server(provisioning, md, server_name)
         assert server.state == ACTIVE
         assert server.network_state == pb.NETWORK_STATE_DOWN
         assert "bms-network-config" in server.state_reason
         assert "missing" in server.state_reason
         # Cloud-Init still ran
-        assert read_disk_file(settings, server_name, "etc/hostname") == (
+        assert prov.read_disk_file(settings, server_name, "etc/hostname") == (
             f"{server.host_name}\n".encode()
         )
 
@@ -117,7 +90,7 @@ async def test_altered_network_config_counts_as_broken(
     md = as_project("alpha")
     genuine = plugin_content(NETWORK_CONFIG)
     tampered = genuine[:-8] + b"tampered"
-    image, _ = await create_disk_image(
+    image, _ = await prov.create_disk_image(
         images,
         md,
         plugins=(CLOUD_INIT, SDI_DRIVER),
@@ -127,10 +100,10 @@ async def test_altered_network_config_counts_as_broken(
     )
     # the record claims the plug-in: only the disk tells the truth
     assert image_pb2.PLUGIN_KIND_BMS_NETWORK_CONFIG in [p.kind for p in image.plugins]
-    deployment = await deploy(provisioning, md, create_request(image.name, S4, 1, "odd"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(image.name, S4, 1, "odd"))
     (server_name,) = deployment.servers
     assert NETWORK not in deployment.stages(server_name)
-    server = await get_server(provisioning, md, server_name)
+    server = await prov.get_server(provisioning, md, server_name)
     assert server.state == ACTIVE
     assert server.network_state == pb.NETWORK_STATE_DOWN
     assert "bms-network-config" in server.state_reason and "modified" in server.state_reason
@@ -140,31 +113,31 @@ async def test_altered_network_config_counts_as_broken(
 async def test_an_image_that_is_no_system_disk_fails_clearly(
     provisioning, images, as_project, settings, boot_source
 ) -> None:
-    """Bytes anyone can upload (here random ones) verify fine but boot
+    """Bytes anyone can prov.upload (here random ones) verify fine but boot
     nothing: the deployment fails FAILED_PRECONDITION IMAGE_NOT_BOOTABLE."""
     md = as_project("alpha")
-    queued = await create_queued(images, md, display_name="not-a-disk")
-    active = await upload(images, md, queued.name, bytes(range(256)) * 1024)
+    queued = await prov.create_queued(images, md, display_name="not-a-disk")
+    active = await prov.upload(images, md, queued.name, bytes(range(256)) * 1024)
     assert active.status == image_pb2.IMAGE_STATUS_ACTIVE
-    deployment = await deploy(
-        provisioning, md, create_request(active.name, S4, 1, "junk", boot_source=boot_source)
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(active.name, S4, 1, "junk", boot_source=boot_source)
     )
     (server_name,) = deployment.servers
     final = deployment.final(server_name)
     assert final.stage == FAILED and final.state == ERROR
     assert (final.error_code, final.error_reason) == ("FAILED_PRECONDITION", "IMAGE_NOT_BOOTABLE")
     assert active.name in final.message
-    assert not server_dir(settings, server_name).exists()
+    assert not prov.server_dir(settings, server_name).exists()
 
 
 async def test_a_server_whose_disk_is_unreadable_cannot_be_captured(
     provisioning, images, as_project, settings
 ) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(boot_source=LOCAL))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(boot_source=LOCAL))
     (server_name,) = deployment.servers
     await provisioning.StopServer(pb.StopServerRequest(name=server_name), metadata=md)
-    corrupt(system_disk(settings, server_name).top, 0, b"garbage!")  # the partition table
+    prov.corrupt(prov.system_disk(settings, server_name).top, 0, b"garbage!")  # the partition table
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await images.CreateImage(
             image_pb2.CreateImageRequest(
@@ -178,5 +151,5 @@ async def test_a_server_whose_disk_is_unreadable_cannot_be_captured(
         grpc.StatusCode.FAILED_PRECONDITION,
         "SERVER_DISK_UNREADABLE",
     )
-    server = await get_server(provisioning, md, server_name)
+    server = await prov.get_server(provisioning, md, server_name)
     assert server.task == "", "the refused capture does not hold the server"

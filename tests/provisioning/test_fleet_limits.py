@@ -10,27 +10,32 @@ import asyncio
 from pathlib import Path
 
 import grpc
-from provisioning_support import (
-    CENTOS,
-    LOCAL,
-    S4,
-    STAGE_ACTIVE,
-    Deployment,
-    collect,
-    create_error,
-    create_request,
-    deploy,
-    list_servers,
-    serving,
-)
+import provisioning_support as prov
+from google.rpc.error_details_pb2 import QuotaFailure
+from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.common.config import Settings
 from bms_image.fleet.adapters.image_source import ImageSource
-from support.services import make_settings
+from support.errors import RichError
+from support.prov_fleet import LOCAL, STAGE_ACTIVE, Events
+from support.services import Serving, make_settings, serving
+from support.tokens import Metadata
 
 pb = provisioning_pb2
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def over_quota(
+    running: Serving, md: Metadata, request: pb.CreateServersRequest, reason: str
+) -> tuple[RichError, QuotaFailure.Violation]:
+    """CreateServers refused RESOURCE_EXHAUSTED `reason` with one quota
+    violation, on project alpha."""
+    rich = await prov.create_error(running.provisioning, md, request, EXHAUSTED, reason)
+    assert rich.quota_failure is not None
+    (violation,) = rich.quota_failure.violations
+    assert violation.subject == "projects/alpha"
+    return rich, violation
 
 
 def test_the_defaults_keep_the_benchmarks_working() -> None:
@@ -49,35 +54,35 @@ def test_the_defaults_keep_the_benchmarks_working() -> None:
 async def test_servers_per_project_are_limited(tmp_path: Path) -> None:
     async with serving(make_settings(tmp_path, max_servers_per_project=3)) as running:
         alpha, beta = running.project("alpha"), running.project("beta")
-        first = await deploy(running.provisioning, alpha, create_request(CENTOS, S4, 2, "a"))
+        first = await prov.deploy(
+            running.provisioning, alpha, prov.create_request(CENTOS, S4, 2, "a")
+        )
         assert all(first.final(s).stage == STAGE_ACTIVE for s in first.servers)
 
-        rich = await create_error(
-            running.provisioning,
-            alpha,
-            create_request(CENTOS, S4, 2, "b"),
-            EXHAUSTED,
-            "SERVER_QUOTA_EXCEEDED",
-        )
-        assert rich.quota_failure is not None
-        (violation,) = rich.quota_failure.violations
-        assert violation.subject == "projects/alpha"
+        request = prov.create_request(CENTOS, S4, 2, "b")
+        rich, violation = await over_quota(running, alpha, request, "SERVER_QUOTA_EXCEEDED")
         assert "3" in violation.description and "3" in rich.message, rich.message
-        assert len(await list_servers(running.provisioning, alpha)) == 2, "nothing was added"
+        assert len(await prov.list_servers(running.provisioning, alpha)) == 2, "nothing was added"
 
         # another project has its own count; the last place can be taken
-        other = await deploy(running.provisioning, beta, create_request(CENTOS, S4, 2, "c"))
+        other = await prov.deploy(
+            running.provisioning, beta, prov.create_request(CENTOS, S4, 2, "c")
+        )
         assert all(other.final(s).stage == STAGE_ACTIVE for s in other.servers)
-        last = await deploy(running.provisioning, alpha, create_request(CENTOS, S4, 1, "d"))
+        last = await prov.deploy(
+            running.provisioning, alpha, prov.create_request(CENTOS, S4, 1, "d")
+        )
         assert all(last.final(s).stage == STAGE_ACTIVE for s in last.servers)
-        await create_error(
-            running.provisioning, alpha, create_request(CENTOS, S4, 1, "e"), EXHAUSTED
+        await prov.create_error(
+            running.provisioning, alpha, prov.create_request(CENTOS, S4, 1, "e"), EXHAUSTED
         )
         # a deleted server frees its place
         await running.provisioning.DeleteServer(
             pb.DeleteServerRequest(name=first.servers[0]), metadata=alpha
         )
-        freed = await deploy(running.provisioning, alpha, create_request(CENTOS, S4, 1, "f"))
+        freed = await prov.deploy(
+            running.provisioning, alpha, prov.create_request(CENTOS, S4, 1, "f")
+        )
         assert all(freed.final(s).stage == STAGE_ACTIVE for s in freed.servers)
 
 
@@ -92,9 +97,9 @@ async def test_concurrent_servers_per_project_never_pass_the_limit(
 
         async def one(n: int) -> bool:
             try:
-                await collect(
+                await prov.collect(
                     running.provisioning.CreateServers(
-                        create_request(CENTOS, S4, 2, f"r{n}"), metadata=alpha
+                        prov.create_request(CENTOS, S4, 2, f"r{n}"), metadata=alpha
                     )
                 )
             except grpc.aio.AioRpcError as error:
@@ -104,7 +109,7 @@ async def test_concurrent_servers_per_project_never_pass_the_limit(
 
         accepted = await asyncio.gather(*(one(n) for n in range(6)))
         assert sum(accepted) == 2
-        assert len(await list_servers(running.provisioning, alpha)) == 4
+        assert len(await prov.list_servers(running.provisioning, alpha)) == 4
 
 
 async def test_deployments_per_project_are_limited(tmp_path: Path, monkeypatch) -> None:
@@ -122,46 +127,42 @@ async def test_deployments_per_project_are_limited(tmp_path: Path, monkeypatch) 
     settings = make_settings(tmp_path, max_deployments_per_project=2)
     async with serving(settings) as running:
         alpha, beta = running.project("alpha"), running.project("beta")
-        rich = await create_error(
-            running.provisioning,
-            alpha,
-            create_request(CENTOS, S4, 3, "big"),
-            EXHAUSTED,
-            "DEPLOYMENT_LIMIT",
+        await over_quota(
+            running, alpha, prov.create_request(CENTOS, S4, 3, "big"), "DEPLOYMENT_LIMIT"
         )
-        assert rich.quota_failure is not None
-        assert rich.quota_failure.violations[0].subject == "projects/alpha"
 
         building = asyncio.create_task(
-            collect(
+            prov.collect(
                 running.provisioning.CreateServers(
-                    create_request(CENTOS, S4, 2, "slow", boot_source=LOCAL), metadata=alpha
+                    prov.create_request(CENTOS, S4, 2, "slow", boot_source=LOCAL), metadata=alpha
                 ),
                 within=60,
             )
         )
         await asyncio.wait_for(fetching.wait(), 60)  # a hang guard only
-        assert len(await list_servers(running.provisioning, alpha)) == 2
-        await create_error(
+        assert len(await prov.list_servers(running.provisioning, alpha)) == 2
+        await prov.create_error(
             running.provisioning,
             alpha,
-            create_request(CENTOS, S4, 1, "more"),
+            prov.create_request(CENTOS, S4, 1, "more"),
             EXHAUSTED,
             "DEPLOYMENT_LIMIT",
         )
         elsewhere = asyncio.create_task(
-            collect(
+            prov.collect(
                 running.provisioning.CreateServers(
-                    create_request(CENTOS, S4, 2, "beta"), metadata=beta
+                    prov.create_request(CENTOS, S4, 2, "beta"), metadata=beta
                 ),
                 within=60,
             )
         )
         gate.set()
         for events in await asyncio.gather(building, elsewhere):
-            done = Deployment(events)
+            done = Events(events)
             assert len(done.servers) == 2
             assert all(done.final(s).stage == STAGE_ACTIVE for s in done.servers), events
         # done: the places are free again
-        again = await deploy(running.provisioning, alpha, create_request(CENTOS, S4, 2, "again"))
+        again = await prov.deploy(
+            running.provisioning, alpha, prov.create_request(CENTOS, S4, 2, "again")
+        )
         assert all(again.final(s).stage == STAGE_ACTIVE for s in again.servers)

@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import asyncio
 
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
-    CENTOS,
-    S4,
-    STAGE_ACTIVE,
-    STOPPED,
-    Code,
-    create_error,
-    create_request,
-    deploy,
-    expect_error,
-    get_server,
-    list_servers,
-    new_ssh_key,
-    read_disk_file,
-    server_dir,
-)
+from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.fleet.adapters.firstboot import MAX_YAML_DEPTH, MAX_YAML_NODES
 from bms_image.fleet.domain.servers import MAX_DATA_DISK_GB, MAX_DATA_DISKS
+from support.builders import new_ssh_key
+from support.errors import Code, expect_error
+from support.prov_fleet import STAGE_ACTIVE, STOPPED
 
 pb = provisioning_pb2
 
@@ -58,7 +47,7 @@ HOSTILE_USER_DATA = {
 
 
 async def assert_nothing_created(provisioning, md, settings) -> None:
-    assert await list_servers(provisioning, md) == []
+    assert await prov.list_servers(provisioning, md) == []
     servers = settings.data_dir / "fleet" / "servers"
     assert not servers.exists() or list(servers.iterdir()) == []
 
@@ -68,8 +57,10 @@ async def test_hostile_cloud_config_is_refused_up_front(
     provisioning, as_project, settings, case
 ) -> None:
     md = as_project("alpha")
-    request = create_request(CENTOS, S4, 2, "web", user_data=HOSTILE_USER_DATA[case])
-    rich = await create_error(provisioning, md, request, Code.INVALID_ARGUMENT, "INVALID_USER_DATA")
+    request = prov.create_request(CENTOS, S4, 2, "web", user_data=HOSTILE_USER_DATA[case])
+    rich = await prov.create_error(
+        provisioning, md, request, Code.INVALID_ARGUMENT, "INVALID_USER_DATA"
+    )
     assert rich.fields == ["user_data"]
     assert rich.message.startswith("user_data: #cloud-config")
     await assert_nothing_created(provisioning, md, settings)
@@ -77,7 +68,7 @@ async def test_hostile_cloud_config_is_refused_up_front(
 
 async def test_hostile_cloud_config_is_refused_by_a_reinstall(provisioning, as_project) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "re"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 1, "re"))
     (name,) = deployment.servers
     await provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md)
     for case, user_data in HOSTILE_USER_DATA.items():
@@ -94,7 +85,7 @@ async def test_hostile_cloud_config_is_refused_by_a_reinstall(provisioning, as_p
         except AssertionError as error:
             raise AssertionError(f"{case}: {error}") from None
         assert rich.fields == ["user_data"], case
-    assert (await get_server(provisioning, md, name)).state == STOPPED
+    assert (await prov.get_server(provisioning, md, name)).state == STOPPED
 
 
 async def test_cloud_config_within_the_bounds_deploys(provisioning, as_project, settings) -> None:
@@ -106,20 +97,20 @@ async def test_cloud_config_within_the_bounds_deploys(provisioning, as_project, 
     )
     assert len(user_data.encode()) < 32 * 1024
     md = as_project("alpha")
-    deployment = await deploy(
-        provisioning, md, create_request(CENTOS, S4, 1, "ok", user_data=user_data)
+    deployment = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, "ok", user_data=user_data)
     )
     (name,) = deployment.servers
     assert deployment.final(name).stage == STAGE_ACTIVE, deployment.final(name)
-    assert read_disk_file(settings, name, "etc/motd") == b"within the bounds"
+    assert prov.read_disk_file(settings, name, "etc/motd") == b"within the bounds"
 
 
 async def test_an_ssh_key_line_over_16_kib_is_refused(provisioning, as_project, settings) -> None:
     """A real key with a 16 KiB comment: the key itself is valid, its line is not."""
     md = as_project("alpha")
     key = new_ssh_key("c" * 16 * 1024).line
-    rich = await create_error(
-        provisioning, md, create_request(CENTOS, S4, 1, "k", ssh_public_key=key),
+    rich = await prov.create_error(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, "k", ssh_public_key=key),
         Code.INVALID_ARGUMENT,
     )  # fmt: skip
     assert rich.fields == ["ssh_public_key"]
@@ -128,7 +119,7 @@ async def test_an_ssh_key_line_over_16_kib_is_refused(provisioning, as_project, 
 
 
 def with_disks(sizes: list[int]) -> pb.CreateServersRequest:
-    request = create_request(CENTOS, S4, 1, "d")
+    request = prov.create_request(CENTOS, S4, 1, "d")
     request.data_disks_gb.extend(sizes)
     return request
 
@@ -151,7 +142,7 @@ async def test_data_disks_the_file_system_cannot_hold_are_refused_up_front(
     files end one block short) and more were accepted, and the server failed
     only after its image was fetched."""
     md = as_project("alpha")
-    rich = await create_error(provisioning, md, with_disks(sizes), Code.INVALID_ARGUMENT)
+    rich = await prov.create_error(provisioning, md, with_disks(sizes), Code.INVALID_ARGUMENT)
     assert field in rich.fields, rich.fields
     await assert_nothing_created(provisioning, md, settings)
 
@@ -159,8 +150,8 @@ async def test_data_disks_the_file_system_cannot_hold_are_refused_up_front(
 async def test_the_largest_data_disk_is_created(provisioning, as_project, settings) -> None:
     """16,383 GiB: a sparse file the fleet's file system can hold."""
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, with_disks([MAX_DATA_DISK_GB]))
+    deployment = await prov.deploy(provisioning, md, with_disks([MAX_DATA_DISK_GB]))
     (name,) = deployment.servers
     assert deployment.final(name).stage == STAGE_ACTIVE, deployment.final(name)
-    data_disk = server_dir(settings, name) / "data-1.disk"
+    data_disk = prov.server_dir(settings, name) / "data-1.disk"
     assert data_disk.stat().st_size == MAX_DATA_DISK_GB * 1024**3

@@ -7,33 +7,24 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
-    ACTIVE,
-    BUILDING,
-    CENTOS,
-    ERROR,
-    FAILED,
-    LOCAL,
-    S4,
-    STAGE_ACTIVE,
-    STREAMING,
-    cache_dir,
-    create_disk_image,
-    create_request,
-    deploy,
-    get_server,
-    list_servers,
-    server_dir,
-    serving,
-    stage_name,
-    state_name,
-    watch,
-)
+from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.fleet.adapters.image_source import ImageSource
-from support.services import make_settings
+from support.prov_fleet import (
+    ACTIVE,
+    BUILDING,
+    ERROR,
+    FAILED,
+    LOCAL,
+    STAGE_ACTIVE,
+    STREAMING,
+    stage_name,
+    state_name,
+)
+from support.services import make_settings, serving
 
 pb = provisioning_pb2
 MiB = 1024 * 1024
@@ -49,23 +40,25 @@ def states_in_database(data_dir: Path) -> dict[str, str]:
 async def check_after_restart(running, md, names: list[str]) -> None:
     settings = running.service.settings
     for name in names:
-        server = await get_server(running.provisioning, md, name)
+        server = await prov.get_server(running.provisioning, md, name)
         assert server.state == ERROR, state_name(server.state)
         assert server.state_reason, "an ERROR server must say why"
-        assert not server_dir(settings, name).exists(), "a half-built disk was left"
-        events = await watch(running.provisioning, md, name)
+        assert not prov.server_dir(settings, name).exists(), "a half-built disk was left"
+        events = await prov.watch(running.provisioning, md, name)
         assert len(events) == 1, [stage_name(e.stage) for e in events]
         assert events[0].stage == FAILED and events[0].state == ERROR
         assert events[0].message == server.state_reason
-    assert {s.state for s in await list_servers(running.provisioning, md)} == {ERROR}
-    assert not [p for p in cache_dir(settings).iterdir() if p.name.startswith(".part-")]
+    assert {s.state for s in await prov.list_servers(running.provisioning, md)} == {ERROR}
+    assert not [p for p in prov.cache_dir(settings).iterdir() if p.name.startswith(".part-")]
     # the fleet works on: the failed servers can be deleted, new ones built
     for name in names:
         await running.provisioning.DeleteServer(pb.DeleteServerRequest(name=name), metadata=md)
-    deployment = await deploy(running.provisioning, md, create_request(CENTOS, S4, 1, "after"))
+    deployment = await prov.deploy(
+        running.provisioning, md, prov.create_request(CENTOS, S4, 1, "after")
+    )
     (fresh,) = deployment.servers
     assert deployment.final(fresh).stage == STAGE_ACTIVE
-    assert [s.name for s in await list_servers(running.provisioning, md)] == [fresh]
+    assert [s.name for s in await prov.list_servers(running.provisioning, md)] == [fresh]
 
 
 async def test_stop_in_the_middle_of_streaming_then_restart(tmp_path) -> None:
@@ -74,9 +67,9 @@ async def test_stop_in_the_middle_of_streaming_then_restart(tmp_path) -> None:
     settings = make_settings(tmp_path, chunk_bytes=64 * 1024)
     async with serving(settings) as running:
         md = running.project("alpha")
-        image, data = await create_disk_image(running.images, md, bulk_bytes=24 * MiB)
+        image, data = await prov.create_disk_image(running.images, md, bulk_bytes=24 * MiB)
         call = running.provisioning.CreateServers(
-            create_request(image.name, S4, 3, "cut", boot_source=LOCAL), metadata=md
+            prov.create_request(image.name, S4, 3, "cut", boot_source=LOCAL), metadata=md
         )
         names: list[str] = []
         async for event in call:
@@ -87,7 +80,7 @@ async def test_stop_in_the_middle_of_streaming_then_restart(tmp_path) -> None:
                 break
         assert len(names) == 3
         for name in names:
-            assert (await get_server(running.provisioning, md, name)).state == BUILDING
+            assert (await prov.get_server(running.provisioning, md, name)).state == BUILDING
         await running.service.stop(0)
     left = states_in_database(tmp_path)
     assert set(left) == set(names)
@@ -116,9 +109,9 @@ async def test_servers_left_building_in_the_database_fail_on_restart(
     try:
         async with serving(settings) as running:
             md = running.project("alpha")
-            image, _ = await create_disk_image(running.images, md)
+            image, _ = await prov.create_disk_image(running.images, md)
             call = running.provisioning.CreateServers(
-                create_request(image.name, S4, 2, "held"), metadata=md
+                prov.create_request(image.name, S4, 2, "held"), metadata=md
             )
             first = await asyncio.wait_for(call.read(), 10)
             for _ in range(100):
@@ -126,7 +119,7 @@ async def test_servers_left_building_in_the_database_fail_on_restart(
                     break
                 await asyncio.sleep(0.02)
             assert held, "the deployment never reached the download"
-            names = [s.name for s in await list_servers(running.provisioning, md)]
+            names = [s.name for s in await prov.list_servers(running.provisioning, md)]
             assert first.server in names and len(names) == 2
             await running.service.stop(0)
         assert states_in_database(tmp_path) == dict.fromkeys(names, "building")
@@ -136,14 +129,16 @@ async def test_servers_left_building_in_the_database_fail_on_restart(
         async with serving(settings) as running:
             md = running.project("alpha")
             for name in names:
-                server = await get_server(running.provisioning, md, name)
+                server = await prov.get_server(running.provisioning, md, name)
                 assert server.state == ERROR
                 assert "restart" in server.state_reason, server.state_reason
             await check_after_restart(running, md, names)
             # a call made to the new service for the old image works again
-            deployment = await deploy(running.provisioning, md, create_request(image.name, S4))
+            deployment = await prov.deploy(
+                running.provisioning, md, prov.create_request(image.name, S4)
+            )
             assert all(deployment.final(s).stage == STAGE_ACTIVE for s in deployment.servers)
-            server = await get_server(running.provisioning, md, deployment.servers[0])
+            server = await prov.get_server(running.provisioning, md, deployment.servers[0])
             assert server.state == ACTIVE
     finally:
         for task in held:

@@ -9,43 +9,33 @@ import dataclasses
 import uuid
 
 import grpc
+import provisioning_support as prov
 import pytest
-from provisioning_support import (
-    ACTIVE,
-    BUILDING,
-    CENTOS,
-    LOCAL,
-    S4,
-    STAGE_ACTIVE,
-    STOPPED,
-    VALIDATING,
-    Code,
-    collect,
-    create_disk_image,
-    create_request,
-    deploy,
-    expect_error,
-    expect_invalid,
-    get_server,
-    list_servers,
-    server_dir,
-    stage_name,
-    state_name,
-    watch,
-)
+from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.domain import fleet as fleet_module
 from bms_image.fleet.domain.servers import ServerState
+from support.errors import Code, expect_error, expect_invalid
+from support.prov_fleet import (
+    ACTIVE,
+    BUILDING,
+    LOCAL,
+    STAGE_ACTIVE,
+    STOPPED,
+    VALIDATING,
+    stage_name,
+    state_name,
+)
 
 pb = provisioning_pb2
 
 
 async def test_get_and_list_servers_page_by_page(provisioning, as_project) -> None:
     md = as_project("alpha")
-    first = await deploy(provisioning, md, create_request(CENTOS, S4, 3, "first"))
-    second = await deploy(provisioning, md, create_request(CENTOS, S4, 2, "second"))
+    first = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 3, "first"))
+    second = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 2, "second"))
     created = first.servers + second.servers
 
     pages: list[list[str]] = []
@@ -62,7 +52,7 @@ async def test_get_and_list_servers_page_by_page(provisioning, as_project) -> No
     assert all(len(page) == 1 for page in pages), pages
     listed = [page[0] for page in pages]
     assert sorted(listed) == sorted(created)
-    servers = {s.name: s for s in await list_servers(provisioning, md)}
+    servers = {s.name: s for s in await prov.list_servers(provisioning, md)}
     assert list(servers) == listed, "every page size lists the same order"
     # oldest first: the first batch before the second
     assert {servers[n].host_name for n in listed[:3]} == {"first-1", "first-2", "first-3"}
@@ -70,12 +60,12 @@ async def test_get_and_list_servers_page_by_page(provisioning, as_project) -> No
         servers[n].create_time.ToDatetime() for n in listed
     )
     for name in created:
-        server = await get_server(provisioning, md, name)
+        server = await prov.get_server(provisioning, md, name)
         assert server == servers[name]
         assert server.state == ACTIVE
 
     other = as_project("beta")
-    assert await list_servers(provisioning, other) == []
+    assert await prov.list_servers(provisioning, other) == []
     for name in created:
         await expect_error(
             provisioning.GetServer(pb.GetServerRequest(name=name), metadata=other),
@@ -83,7 +73,9 @@ async def test_get_and_list_servers_page_by_page(provisioning, as_project) -> No
             "SERVER_NOT_FOUND",
         )
         await expect_error(
-            collect(provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=other)),
+            prov.collect(
+                provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=other)
+            ),
             Code.NOT_FOUND,
             "SERVER_NOT_FOUND",
         )
@@ -112,16 +104,16 @@ async def test_get_and_list_servers_page_by_page(provisioning, as_project) -> No
 
 async def test_stop_and_start(provisioning, as_project) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "power"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 1, "power"))
     (name,) = deployment.servers
-    before = await get_server(provisioning, md, name)
+    before = await prov.get_server(provisioning, md, name)
 
     stopped = await provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md)
     assert stopped.state == STOPPED
     assert stopped.host_name == before.host_name and stopped.image == before.image
     assert stopped.update_time.ToDatetime() >= before.update_time.ToDatetime()
-    assert (await get_server(provisioning, md, name)).state == STOPPED
-    assert [s.state for s in await list_servers(provisioning, md)] == [STOPPED]
+    assert (await prov.get_server(provisioning, md, name)).state == STOPPED
+    assert [s.state for s in await prov.list_servers(provisioning, md)] == [STOPPED]
     rich = await expect_error(
         provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md),
         Code.FAILED_PRECONDITION,
@@ -137,7 +129,7 @@ async def test_stop_and_start(provisioning, as_project) -> None:
         Code.FAILED_PRECONDITION,
         "SERVER_STATE_CONFLICT",
     )
-    assert (await get_server(provisioning, md, name)).state == ACTIVE
+    assert (await prov.get_server(provisioning, md, name)).state == ACTIVE
 
     other = as_project("beta")
     await expect_error(
@@ -151,31 +143,33 @@ async def test_stop_and_start(provisioning, as_project) -> None:
         Code.NOT_FOUND,
         "SERVER_NOT_FOUND",
     )
-    assert (await get_server(provisioning, md, name)).state == STOPPED
+    assert (await prov.get_server(provisioning, md, name)).state == STOPPED
     await provisioning.StartServer(pb.StartServerRequest(name=name), metadata=md)
-    assert (await get_server(provisioning, md, name)).state == ACTIVE
+    assert (await prov.get_server(provisioning, md, name)).state == ACTIVE
 
 
 async def test_delete_removes_the_server_and_its_disks(provisioning, as_project, settings) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 2, "gone"))
-    evs = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "quick", boot_source=2))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 2, "gone"))
+    evs = await prov.deploy(
+        provisioning, md, prov.create_request(CENTOS, S4, 1, "quick", boot_source=2)
+    )
     local, stopped = deployment.servers
     (quick,) = evs.servers
     await provisioning.StopServer(pb.StopServerRequest(name=stopped), metadata=md)
     for name in (local, stopped, quick):
-        assert server_dir(settings, name).is_dir()
+        assert prov.server_dir(settings, name).is_dir()
 
     await expect_error(
         provisioning.DeleteServer(pb.DeleteServerRequest(name=local), metadata=as_project("beta")),
         Code.NOT_FOUND,
         "SERVER_NOT_FOUND",
     )
-    assert server_dir(settings, local).is_dir()
+    assert prov.server_dir(settings, local).is_dir()
 
     for name in (local, stopped, quick):  # active, stopped, and an EVS clone
         await provisioning.DeleteServer(pb.DeleteServerRequest(name=name), metadata=md)
-        assert not server_dir(settings, name).exists()
+        assert not prov.server_dir(settings, name).exists()
         await expect_error(
             provisioning.GetServer(pb.GetServerRequest(name=name), metadata=md),
             Code.NOT_FOUND,
@@ -191,7 +185,7 @@ async def test_delete_removes_the_server_and_its_disks(provisioning, as_project,
             Code.NOT_FOUND,
             "SERVER_NOT_FOUND",
         )
-    assert await list_servers(provisioning, md) == []
+    assert await prov.list_servers(provisioning, md) == []
     # the shared image copies stay for the next deployment
     assert list((settings.data_dir / "fleet" / "image-cache").iterdir())
 
@@ -217,10 +211,10 @@ async def test_watch_follows_a_deployment_whose_stream_dropped(
     provisioning, images, as_project, settings, monkeypatch
 ) -> None:
     md = as_project("alpha")
-    image, data = await create_disk_image(images, md, bulk_bytes=512 * 1024)
+    image, data = await prov.create_disk_image(images, md, bulk_bytes=512 * 1024)
     gate = Gate(monkeypatch)
     call = provisioning.CreateServers(
-        create_request(image.name, S4, 3, "watched", boot_source=LOCAL), metadata=md
+        prov.create_request(image.name, S4, 3, "watched", boot_source=LOCAL), metadata=md
     )
     first = await asyncio.wait_for(call.read(), 10)
     assert first.stage == VALIDATING and first.state == BUILDING
@@ -228,7 +222,7 @@ async def test_watch_follows_a_deployment_whose_stream_dropped(
     assert await call.code() == grpc.StatusCode.CANCELLED
     await asyncio.wait_for(gate.waiting.wait(), 10)
 
-    listed = await list_servers(provisioning, md)
+    listed = await prov.list_servers(provisioning, md)
     assert len(listed) == 3 and first.server in [s.name for s in listed]
     assert {s.state for s in listed} == {BUILDING}
     assert {s.host_name for s in listed} == {"watched-1", "watched-2", "watched-3"}
@@ -242,9 +236,9 @@ async def test_watch_follows_a_deployment_whose_stream_dropped(
         Code.FAILED_PRECONDITION,
     )
 
-    watchers = [asyncio.create_task(watch(provisioning, md, server.name)) for server in listed]
+    watchers = [asyncio.create_task(prov.watch(provisioning, md, server.name)) for server in listed]
     await asyncio.sleep(0.2)
-    assert not any(w.done() for w in watchers), "a watch ended while the work was held"
+    assert not any(w.done() for w in watchers), "a prov.watch ended while the work was held"
     gate.opened.set()
     for server, watcher in zip(listed, watchers, strict=True):
         events = await asyncio.wait_for(watcher, 30)
@@ -257,8 +251,8 @@ async def test_watch_follows_a_deployment_whose_stream_dropped(
             e.bytes_done for e in events if e.stage == pb.PROVISIONING_STAGE_IMAGE_STREAMING
         ]
         assert streamed and streamed[-1] == len(data)
-        assert (await get_server(provisioning, md, server.name)).state == ACTIVE
-        assert server_dir(settings, server.name).is_dir()
+        assert (await prov.get_server(provisioning, md, server.name)).state == ACTIVE
+        assert prov.server_dir(settings, server.name).is_dir()
 
 
 async def test_watch_after_completion_is_one_event_of_the_current_state(
@@ -267,19 +261,19 @@ async def test_watch_after_completion_is_one_event_of_the_current_state(
     """The proto: WatchServer streams the work in progress from the start, or
     only the server's current state when nothing is in progress."""
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "done"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 1, "done"))
     (name,) = deployment.servers
-    events = await watch(provisioning, md, name)
+    events = await prov.watch(provisioning, md, name)
     assert [stage_name(e.stage) for e in events] == ["PROVISIONING_STAGE_ACTIVE"]
     assert events[0].state == ACTIVE and events[0].server == name
 
 
 async def test_watch_of_a_stopped_server_says_stopped(provisioning, as_project) -> None:
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request(CENTOS, S4, 1, "off"))
+    deployment = await prov.deploy(provisioning, md, prov.create_request(CENTOS, S4, 1, "off"))
     (name,) = deployment.servers
     await provisioning.StopServer(pb.StopServerRequest(name=name), metadata=md)
-    events = await watch(provisioning, md, name)
+    events = await prov.watch(provisioning, md, name)
     assert events, "WatchServer must send at least the current state"
     assert state_name(events[-1].state) == "SERVER_STATE_STOPPED", [
         (stage_name(e.stage), state_name(e.state)) for e in events
@@ -313,7 +307,7 @@ async def test_malformed_server_names_are_invalid(provisioning, as_project) -> N
             provisioning.DeleteServer(pb.DeleteServerRequest(name=name), metadata=md), "name"
         )
         await expect_invalid(
-            collect(provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=md)),
+            prov.collect(provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=md)),
             "name",
         )
     unknown = f"servers/{uuid.uuid4()}"
@@ -321,7 +315,7 @@ async def test_malformed_server_names_are_invalid(provisioning, as_project) -> N
         provisioning.GetServer(pb.GetServerRequest(name=unknown), metadata=md), Code.NOT_FOUND
     )
     await expect_error(
-        collect(provisioning.WatchServer(pb.WatchServerRequest(name=unknown), metadata=md)),
+        prov.collect(provisioning.WatchServer(pb.WatchServerRequest(name=unknown), metadata=md)),
         Code.NOT_FOUND,
     )
 
@@ -332,7 +326,9 @@ async def test_malformed_server_names_are_invalid(provisioning, as_project) -> N
     ids=["no token", "garbage token", "not bearer"],
 )
 async def test_every_call_needs_a_token(provisioning, as_project, metadata) -> None:
-    deployment = await deploy(provisioning, as_project("alpha"), create_request(CENTOS, S4))
+    deployment = await prov.deploy(
+        provisioning, as_project("alpha"), prov.create_request(CENTOS, S4)
+    )
     (name,) = deployment.servers
     calls = [
         provisioning.GetServer(pb.GetServerRequest(name=name), metadata=metadata),
@@ -340,14 +336,16 @@ async def test_every_call_needs_a_token(provisioning, as_project, metadata) -> N
         provisioning.StopServer(pb.StopServerRequest(name=name), metadata=metadata),
         provisioning.StartServer(pb.StartServerRequest(name=name), metadata=metadata),
         provisioning.DeleteServer(pb.DeleteServerRequest(name=name), metadata=metadata),
-        collect(provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=metadata)),
-        collect(provisioning.CreateServers(create_request(CENTOS, S4), metadata=metadata)),
+        prov.collect(provisioning.WatchServer(pb.WatchServerRequest(name=name), metadata=metadata)),
+        prov.collect(
+            provisioning.CreateServers(prov.create_request(CENTOS, S4), metadata=metadata)
+        ),
     ]
     for call in calls:
         await expect_error(call, Code.UNAUTHENTICATED)
-    server = await get_server(provisioning, as_project("alpha"), name)
+    server = await prov.get_server(provisioning, as_project("alpha"), name)
     assert server.state == ACTIVE
-    assert len(await list_servers(provisioning, as_project("alpha"))) == 1
+    assert len(await prov.list_servers(provisioning, as_project("alpha"))) == 1
 
 
 async def test_watch_attaching_as_the_work_ends_tells_it_in_full(
@@ -357,7 +355,7 @@ async def test_watch_attaching_as_the_work_ends_tells_it_in_full(
     events are looked at: the watcher still gets every event up to ACTIVE,
     not a stale BUILDING snapshot."""
     md = as_project("alpha")
-    deployment = await deploy(provisioning, md, create_request())
+    deployment = await prov.deploy(provisioning, md, prov.create_request())
     (server_name,) = deployment.servers
     read = fleet_module.Fleet.get
 
@@ -366,6 +364,6 @@ async def test_watch_attaching_as_the_work_ends_tells_it_in_full(
         return dataclasses.replace(server, state=ServerState.BUILDING)
 
     monkeypatch.setattr(fleet_module.Fleet, "get", read_just_before_the_end)
-    watched = await watch(provisioning, md, server_name)
+    watched = await prov.watch(provisioning, md, server_name)
     assert [e.stage for e in watched] == deployment.stages(server_name)
     assert watched[-1].stage == STAGE_ACTIVE

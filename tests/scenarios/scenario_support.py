@@ -1,8 +1,10 @@
 """Support of the fleet scenarios: a service started by the test itself with
-its stubs, rich-status decoding, SSH keys, disk images built with
-bms_image.common.disk_format, deployments followed to their end, captures polled to
-ACTIVE, and the fleet's files on disk. Plain functions: import them as
-`from scenario_support import ...` (never from a conftest module)."""
+its stubs, SSH keys, disk images built with bms_image.common.disk_format,
+deployments followed to their end, captures polled to ACTIVE, and the
+fleet's files on disk. Plain functions: import them as
+`from scenario_support import ...` (never from a conftest module). Stages,
+states and events come from support.prov_fleet, errors from support.errors,
+where the fleet keeps its files from support.disks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,9 @@ from bms_image.common.model import Plugin, PluginKind
 from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.builders import SshKey
-from support.disks import (  # noqa: F401 - re-exported
-    PLUGIN_PROTO,
-    blob_path,
-    cache_dir,
-    recorded_disk,
-    server_dir,
-    system_disk,
-    write_disk_file,
-)
-from support.errors import (  # noqa: F401 - re-exported
-    Code,
-    RichError,
-    decode,
-    expect_error,
-    expect_stream_error,
-)
-from support.services import ImageStub, ProvisioningStub, Serving, make_settings, serving  # noqa: F401 - re-exported
+from support.disks import PLUGIN_PROTO, system_disk
+from support.prov_fleet import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, Events, collect_events
+from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 
 pb = provisioning_pb2
@@ -51,27 +38,6 @@ S4_MODEL = "s4-2288h-v5"
 CENTOS = builders.CENTOS_IMAGE
 UBUNTU = builders.UBUNTU_IMAGE
 OPENEULER_ARM = f"images/{public_image_id('openeuler-22.03-aarch64')}"  # ki1 (Arm) only
-
-LOCAL = pb.BOOT_SOURCE_LOCAL_DISK
-EVS = pb.BOOT_SOURCE_EVS
-
-VALIDATING = pb.PROVISIONING_STAGE_VALIDATING
-STREAMING = pb.PROVISIONING_STAGE_IMAGE_STREAMING
-VERIFYING = pb.PROVISIONING_STAGE_VERIFYING_CHECKSUM
-CLONING = pb.PROVISIONING_STAGE_EVS_CLONING
-FIRST_BOOT = pb.PROVISIONING_STAGE_FIRST_BOOT
-NETWORK = pb.PROVISIONING_STAGE_NETWORK_CONFIGURED
-STAGE_ACTIVE = pb.PROVISIONING_STAGE_ACTIVE
-FAILED = pb.PROVISIONING_STAGE_FAILED
-
-BUILDING = pb.SERVER_STATE_BUILDING
-ACTIVE = pb.SERVER_STATE_ACTIVE
-STOPPED = pb.SERVER_STATE_STOPPED
-ERROR = pb.SERVER_STATE_ERROR
-REBUILDING = pb.SERVER_STATE_REBUILDING
-
-NET_UP = pb.NETWORK_STATE_UP
-NET_DOWN = pb.NETWORK_STATE_DOWN
 
 # What the public catalog puts on the CentOS 7.6 disk.
 CENTOS_PLUGINS = (
@@ -88,23 +54,13 @@ CENTOS_RELEASE = {
 }
 NETWORK_CONFIG_PATH = disks.PLUGIN_PATHS[PluginKind.BMS_NETWORK_CONFIG]
 
-_PLUGIN_PROTO = PLUGIN_PROTO
-
-
-def stage_name(stage: int) -> str:
-    return str(pb.ProvisioningStage.Name(stage))  # type: ignore[arg-type]
-
-
-def state_name(state: int) -> str:
-    return str(pb.ServerState.Name(state))  # type: ignore[arg-type]
-
 
 def plugin_pairs(plugins: Iterable[image_pb2.Plugin]) -> set[tuple[int, str]]:
     return {(p.kind, p.version) for p in plugins}
 
 
 def expected_plugin_pairs(plugins: Iterable[Plugin]) -> set[tuple[int, str]]:
-    return {(_PLUGIN_PROTO[p.kind], p.version) for p in plugins}
+    return {(PLUGIN_PROTO[p.kind], p.version) for p in plugins}
 
 
 # -- a service of the test's own ----------------------------------------------------
@@ -119,9 +75,6 @@ def cloud(tmp_path: Path, **overrides: object) -> AbstractAsyncContextManager[Se
         make_settings(tmp_path, **overrides),
         channel_options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
     )
-
-
-# -- errors -------------------------------------------------------------------------
 
 
 # -- SSH keys -----------------------------------------------------------------------
@@ -155,37 +108,8 @@ def create_request(
     )
 
 
-@dataclass
-class Events:
-    """The events of a CreateServers or ReinstallServer stream, by server in
-    the order the servers first appeared."""
-
-    events: list[provisioning_pb2.ServerEvent]
-    by_server: dict[str, list[provisioning_pb2.ServerEvent]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for event in self.events:
-            self.by_server.setdefault(event.server, []).append(event)
-
-    @property
-    def servers(self) -> list[str]:
-        return list(self.by_server)
-
-    def stages(self, server: str) -> list[int]:
-        return [e.stage for e in self.by_server[server]]
-
-    def final(self, server: str) -> provisioning_pb2.ServerEvent:
-        return self.by_server[server][-1]
-
-    def describe(self, server: str) -> list[str]:
-        return [f"{stage_name(e.stage)}: {e.message}" for e in self.by_server[server]]
-
-
 async def collect(stream: Any, within: float = 60.0) -> Events:
-    async def run() -> list[provisioning_pb2.ServerEvent]:
-        return [event async for event in stream]
-
-    return Events(await asyncio.wait_for(run(), within))
+    return Events(await collect_events(stream, within))
 
 
 async def deploy(
@@ -230,6 +154,13 @@ async def stop_server(cloud: Cloud, md: Metadata, name: str) -> provisioning_pb2
     return server
 
 
+async def stopped_server(cloud: Cloud, md: Metadata, name_prefix: str) -> provisioning_pb2.Server:
+    """A CentOS server on its local disk, deployed and stopped: ready to be
+    captured."""
+    server = await deploy_one(cloud, md, create_request(CENTOS, 1, name_prefix, boot_source=LOCAL))
+    return await stop_server(cloud, md, server.name)
+
+
 async def poll(
     read: Callable[[], Awaitable[Any]],
     done: Callable[[Any], bool],
@@ -248,15 +179,30 @@ async def poll(
 # -- images -------------------------------------------------------------------------
 
 
+def capture_request(
+    server: str, display_name: str = "snapshot", request_id: str = ""
+) -> image_pb2.CreateImageRequest:
+    """CreateImage of `server`'s system disk."""
+    return image_pb2.CreateImageRequest(
+        image=image_pb2.Image(display_name=display_name),
+        source_server=server,
+        request_id=request_id,
+    )
+
+
+async def private_images(cloud: Cloud, md: Metadata) -> list[image_pb2.Image]:
+    response = await cloud.images.ListImages(
+        image_pb2.ListImagesRequest(filter="type = private"), metadata=md
+    )
+    return list(response.images)
+
+
 async def capture(
     cloud: Cloud, md: Metadata, server: str, display_name: str, within: float = 60.0
 ) -> image_pb2.Image:
     """CreateImage with source_server, then GetImage until the image is ACTIVE."""
     created: image_pb2.Image = await cloud.images.CreateImage(
-        image_pb2.CreateImageRequest(
-            image=image_pb2.Image(display_name=display_name), source_server=server
-        ),
-        metadata=md,
+        capture_request(server, display_name), metadata=md
     )
     assert created.status == image_pb2.IMAGE_STATUS_QUEUED, created
     assert created.source_server == server
@@ -313,7 +259,7 @@ async def upload_disk_image(
                 architecture=image_pb2.ARCHITECTURE_X86_64,
                 hardware_model=S4_MODEL,
                 plugins=[
-                    image_pb2.Plugin(kind=_PLUGIN_PROTO[p.kind], version=p.version)
+                    image_pb2.Plugin(kind=PLUGIN_PROTO[p.kind], version=p.version)
                     for p in CENTOS_PLUGINS
                 ],
             )

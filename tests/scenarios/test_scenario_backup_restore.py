@@ -11,13 +11,7 @@ from pathlib import Path
 
 import pytest
 from scenario_support import (
-    ACTIVE,
     CENTOS,
-    EVS,
-    NET_UP,
-    REBUILDING,
-    STAGE_ACTIVE,
-    VALIDATING,
     add_partition,
     capture,
     cloud,
@@ -27,16 +21,15 @@ from scenario_support import (
     get_server,
     new_ssh_key,
     overwrite,
-    pb,
     read_at,
     reinstall,
-    server_dir,
     stop_server,
-    system_disk,
     wait_released,
 )
 
 from bms_image.common import disk_format as disks
+from support.disks import server_dir, system_disk
+from support.prov_fleet import ACTIVE, EVS, NET_UP, REBUILDING, STAGE_ACTIVE, VALIDATING, pb
 
 PRECIOUS = b"precious"
 PRECIOUS_AT = (0, 512 * 1024 * 1024 + 17)  # start and middle of the 1 GiB disk

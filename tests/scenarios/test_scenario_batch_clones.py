@@ -10,17 +10,11 @@ import asyncio
 from pathlib import Path
 
 from scenario_support import (
-    ACTIVE,
     CENTOS,
     CENTOS_PLUGINS,
-    EVS,
-    LOCAL,
-    NET_UP,
     S4,
     S4_MODEL,
-    STOPPED,
     add_partition,
-    cache_dir,
     capture,
     cloud,
     create_request,
@@ -31,12 +25,13 @@ from scenario_support import (
     new_ssh_key,
     plugin_pairs,
     stop_server,
-    system_disk,
     wait_released,
 )
 
 from bms.image.v1 import image_pb2
 from bms_image.common import disk_format as disks
+from support.disks import cache_dir, system_disk
+from support.prov_fleet import ACTIVE, EVS, LOCAL, NET_UP, STOPPED
 
 APP_BINARY = b"#!/bin/sh\necho 'inventory service 3.2.1'\n"
 APP_CONFIG = b"listen = 0.0.0.0:8080\ndatabase = /data/inventory/db.sqlite\n"

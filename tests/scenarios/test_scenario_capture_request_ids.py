@@ -10,33 +10,17 @@ import uuid
 from pathlib import Path
 
 from scenario_support import (
-    CENTOS,
-    LOCAL,
     Cloud,
-    Code,
-    Metadata,
+    capture_request,
     cloud,
-    create_request,
-    deploy_one,
-    expect_error,
     get_server,
-    stop_server,
+    private_images,
+    stopped_server,
 )
 
 from bms.image.v1 import image_pb2
-
-
-def _capture(server: str, request_id: str) -> image_pb2.CreateImageRequest:
-    return image_pb2.CreateImageRequest(
-        image=image_pb2.Image(display_name="backup"), source_server=server, request_id=request_id
-    )
-
-
-async def _private(c: Cloud, md: Metadata) -> list[str]:
-    response = await c.images.ListImages(
-        image_pb2.ListImagesRequest(filter="type = private"), metadata=md
-    )
-    return [image.name for image in response.images]
+from support.errors import Code, expect_error
+from support.tokens import Metadata
 
 
 async def _until_active(c: Cloud, md: Metadata, name: str) -> None:
@@ -53,23 +37,23 @@ async def test_a_capture_retry_answers_once_and_is_consumed_after_a_delete(
 ) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
-        server = await deploy_one(c, md, create_request(CENTOS, 1, "cap", boot_source=LOCAL))
-        await stop_server(c, md, server.name)
+        server = await stopped_server(c, md, "cap")
         request_id = str(uuid.uuid4())
-        first = await c.images.CreateImage(_capture(server.name, request_id), metadata=md)
+        retry = capture_request(server.name, "backup", request_id)
+        first = await c.images.CreateImage(retry, metadata=md)
         await asyncio.wait_for(_until_active(c, md, first.name), 60)
 
-        again = await c.images.CreateImage(_capture(server.name, request_id), metadata=md)
+        again = await c.images.CreateImage(retry, metadata=md)
         assert again.name == first.name
         assert (await get_server(c, md, server.name)).task == ""  # not held by the retry
 
         await c.images.DeleteImage(image_pb2.DeleteImageRequest(name=first.name), metadata=md)
         rich = await expect_error(
-            c.images.CreateImage(_capture(server.name, request_id), metadata=md),
+            c.images.CreateImage(retry, metadata=md),
             Code.FAILED_PRECONDITION,
             "REQUEST_ID_CONSUMED",
         )
         assert rich.info.metadata["image"] == first.name
         assert rich.info.metadata["status"] == "deleted"
-        assert await _private(c, md) == []  # the server was not captured again
+        assert await private_images(c, md) == []  # the server was not captured again
         assert (await get_server(c, md, server.name)).task == ""

@@ -12,52 +12,43 @@ from pathlib import Path
 import grpc
 import pytest
 from scenario_support import (
-    ACTIVE,
     CENTOS,
     CENTOS_PLUGINS,
-    LOCAL,
     NETWORK_CONFIG_PATH,
-    STOPPED,
     Cloud,
-    Code,
-    Metadata,
     add_partition,
+    capture_request,
     cloud,
     create_request,
     deploy_one,
     disk_spec,
-    expect_error,
-    expect_stream_error,
     get_server,
-    pb,
+    private_images,
     stop_server,
-    system_disk,
+    stopped_server,
     wait_released,
-    write_disk_file,
 )
 
 from bms.image.v1 import image_pb2
 from bms_image.common.model import PluginKind
+from support.disks import system_disk, write_disk_file
+from support.errors import Code, RichError, expect_error, expect_stream_error
+from support.prov_fleet import ACTIVE, LOCAL, STOPPED, pb
+from support.tokens import Metadata
 
 MIB = 1024 * 1024
 
 
-def capture_request(server: str, display_name: str = "snapshot") -> image_pb2.CreateImageRequest:
-    return image_pb2.CreateImageRequest(
-        image=image_pb2.Image(display_name=display_name), source_server=server
+async def refused_capture(c: Cloud, md: Metadata, server: str, state: int) -> RichError:
+    """CreateImage of `server` refused FAILED_PRECONDITION: nothing was
+    created, and the server is still `state`, not left held."""
+    rich = await expect_error(
+        c.images.CreateImage(capture_request(server), metadata=md), Code.FAILED_PRECONDITION
     )
-
-
-async def private_images(c: Cloud, md: Metadata) -> list[image_pb2.Image]:
-    response = await c.images.ListImages(
-        image_pb2.ListImagesRequest(filter="type = private"), metadata=md
-    )
-    return list(response.images)
-
-
-async def stopped_server(c: Cloud, md: Metadata, prefix: str) -> pb.Server:
-    server = await deploy_one(c, md, create_request(CENTOS, 1, prefix, boot_source=LOCAL))
-    return await stop_server(c, md, server.name)
+    assert await private_images(c, md) == []
+    after = await get_server(c, md, server)
+    assert after.state == state and after.task == "", after
+    return rich
 
 
 def _remove_network_config(disk: Path) -> None:
@@ -84,10 +75,7 @@ async def test_capture_refused_without_an_intact_network_config(
                 _remove_network_config, system_disk(c.data_dir, server.name).top
             )
 
-        rich = await expect_error(
-            c.images.CreateImage(capture_request(server.name), metadata=md),
-            Code.FAILED_PRECONDITION,
-        )
+        rich = await refused_capture(c, md, server.name, STOPPED)
         assert "bms_network_config" in rich.message or "bms-network-config" in rich.message, (
             rich.message
         )
@@ -95,10 +83,6 @@ async def test_capture_refused_without_an_intact_network_config(
         named = [v for v in rich.violations if "network" in v.subject]
         assert named, rich.violations
         assert [v.description for v in named] == [damage]
-        # nothing was created, and the server is not left held
-        assert await private_images(c, md) == []
-        after = await get_server(c, md, server.name)
-        assert after.state == STOPPED and after.task == "", after
 
 
 async def test_capture_of_a_running_server_is_refused(tmp_path: Path) -> None:
@@ -106,14 +90,8 @@ async def test_capture_of_a_running_server_is_refused(tmp_path: Path) -> None:
         md = c.md("alpha")
         server = await deploy_one(c, md, create_request(CENTOS, 1, "running", boot_source=LOCAL))
         assert server.state == ACTIVE
-        rich = await expect_error(
-            c.images.CreateImage(capture_request(server.name), metadata=md),
-            Code.FAILED_PRECONDITION,
-        )
+        rich = await refused_capture(c, md, server.name, ACTIVE)
         assert "stop" in rich.message.lower(), rich.message
-        assert await private_images(c, md) == []
-        after = await get_server(c, md, server.name)
-        assert after.state == ACTIVE and after.task == "", after
 
 
 async def test_a_server_being_captured_is_busy(tmp_path: Path) -> None:

@@ -9,21 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from scenario_support import (
-    CENTOS,
-    LOCAL,
-    cloud,
-    create_request,
-    deploy_one,
-    poll,
-    stop_server,
-    system_disk,
-    wait_released,
-)
 from scenario_support import capture as capture_active
+from scenario_support import capture_request, cloud, poll, stopped_server, wait_released
 
 from bms.image.v1 import image_pb2
-from support.disks import remount, tmpfs
+from support.disks import remount, system_disk, tmpfs
 
 MIB = 1024 * 1024
 
@@ -44,17 +34,13 @@ async def test_a_capture_into_a_full_staging_area_is_killed_with_a_reason(
 ) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
-        server = await deploy_one(c, md, create_request(CENTOS, 1, "full", boot_source=LOCAL))
-        await stop_server(c, md, server.name)
+        server = await stopped_server(c, md, "full")
         disk_bytes = system_disk(c.data_dir, server.name).top.stat().st_size
         staging = c.data_dir / "staging"
         with tmpfs(staging, MIB):
             assert disk_bytes > MIB, "the disk must not fit in the staging area"
             created = await c.images.CreateImage(
-                image_pb2.CreateImageRequest(
-                    image=image_pb2.Image(display_name="too-big"), source_server=server.name
-                ),
-                metadata=md,
+                capture_request(server.name, "too-big"), metadata=md
             )
             image = await poll(
                 lambda: c.images.GetImage(

@@ -9,32 +9,26 @@ import asyncio
 from pathlib import Path
 
 from scenario_support import (
-    ACTIVE,
     CENTOS,
-    LOCAL,
     OPENEULER_ARM,
     S4,
-    STAGE_ACTIVE,
-    STOPPED,
     UBUNTU,
-    Code,
     cloud,
     create_request,
     deploy_one,
-    expect_stream_error,
     get_server,
     new_ssh_key,
     overwrite,
-    pb,
     read_at,
     reinstall,
-    server_dir,
     sha256_and_size,
     stop_server,
-    system_disk,
 )
 
 from bms_image.common import disk_format as disks
+from support.disks import server_dir, system_disk
+from support.errors import Code, expect_stream_error
+from support.prov_fleet import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, pb
 
 
 async def test_reinstall_changes_centos_to_ubuntu(tmp_path: Path) -> None:

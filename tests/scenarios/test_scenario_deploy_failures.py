@@ -9,6 +9,23 @@ from pathlib import Path
 
 import grpc
 from scenario_support import (
+    Cloud,
+    cloud,
+    collect,
+    create_request,
+    disk_spec,
+    get_server,
+    image_id,
+    new_ssh_key,
+    overwrite,
+    upload_disk_image,
+)
+
+from bms.image.v1 import image_pb2
+from bms_image.common.disk_format import DiskSpec
+from support.disks import blob_path, cache_dir, server_dir, write_disk_file
+from support.errors import Code, expect_error
+from support.prov_fleet import (
     ACTIVE,
     ERROR,
     FAILED,
@@ -16,38 +33,27 @@ from scenario_support import (
     STAGE_ACTIVE,
     STREAMING,
     VALIDATING,
-    Code,
     Events,
-    blob_path,
-    cache_dir,
-    cloud,
-    collect,
-    create_request,
-    disk_spec,
-    expect_error,
-    get_server,
-    image_id,
-    new_ssh_key,
-    overwrite,
     pb,
-    server_dir,
     stage_name,
-    upload_disk_image,
-    write_disk_file,
 )
-
-from bms.image.v1 import image_pb2
+from support.tokens import Metadata
 
 MIB = 1024 * 1024
+
+
+async def uploaded(
+    c: Cloud, md: Metadata, disk: Path, spec: DiskSpec, display_name: str = "golden"
+) -> image_pb2.Image:
+    """`spec` written to `disk`, then uploaded as an ACTIVE private image."""
+    await asyncio.to_thread(write_disk_file, disk, spec)
+    return await upload_disk_image(c, md, disk, display_name)
 
 
 async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
-        disk = await asyncio.to_thread(
-            write_disk_file, tmp_path / "golden.disk", disk_spec(bulk_bytes=MIB)
-        )
-        image = await upload_disk_image(c, md, disk)
+        image = await uploaded(c, md, tmp_path / "golden.disk", disk_spec(bulk_bytes=MIB))
         blob = blob_path(c.data_dir, image.name)
         assert blob.stat().st_size == image.size_bytes
         overwrite(blob, image.size_bytes // 2, b"\xde\xad\xbe\xef" * 64)  # bit rot
@@ -83,10 +89,9 @@ async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
 async def test_image_deleted_while_streaming_fails_the_deployment(tmp_path: Path) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
-        disk = await asyncio.to_thread(
-            write_disk_file, tmp_path / "big.disk", disk_spec(bulk_bytes=200 * MIB, seed="big")
-        )
-        image = await upload_disk_image(c, md, disk, "big-golden")
+        disk = tmp_path / "big.disk"
+        spec = disk_spec(bulk_bytes=200 * MIB, seed="big")
+        image = await uploaded(c, md, disk, spec, "big-golden")
         disk.unlink()
         assert image.size_bytes > 200 * MIB
 
@@ -132,10 +137,8 @@ async def test_image_deleted_while_streaming_fails_the_deployment(tmp_path: Path
 async def test_a_client_that_hangs_up_does_not_stop_the_deployment(tmp_path: Path) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
-        disk = await asyncio.to_thread(
-            write_disk_file, tmp_path / "mid.disk", disk_spec(bulk_bytes=24 * MIB, seed="mid")
-        )
-        image = await upload_disk_image(c, md, disk, "mid-golden")
+        spec = disk_spec(bulk_bytes=24 * MIB, seed="mid")
+        image = await uploaded(c, md, tmp_path / "mid.disk", spec, "mid-golden")
 
         call = c.provisioning.CreateServers(
             create_request(image.name, 2, "orphan", boot_source=LOCAL), metadata=md

@@ -10,21 +10,18 @@ import time
 from pathlib import Path
 
 from scenario_support import (
-    ACTIVE,
     CENTOS,
-    NET_DOWN,
-    NET_UP,
     NETWORK_CONFIG_PATH,
-    Code,
     add_partition,
     cloud,
     create_request,
     deploy,
-    expect_error,
     get_server,
-    pb,
     poll,
 )
+
+from support.errors import Code, expect_error
+from support.prov_fleet import ACTIVE, NET_DOWN, NET_UP, pb
 
 RESTORE_WITHIN = 5.0
 

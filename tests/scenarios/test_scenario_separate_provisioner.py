@@ -11,34 +11,22 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from scenario_support import (
-    ACTIVE,
-    CENTOS,
-    STAGE_ACTIVE,
-    Code,
-    Events,
-    cache_dir,
-    create_request,
-    disk_spec,
-    new_ssh_key,
-    pb,
-    server_dir,
-    system_disk,
-    write_disk_file,
-)
+from scenario_support import CENTOS, create_request, disk_spec, new_ssh_key
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2_grpc
 from bms_image.common import disk_format as disks
 from support.builders import private_image
+from support.disks import cache_dir, server_dir, system_disk, write_disk_file
+from support.errors import Code
 from support.errors import expect_error_sync as expect_error
 from support.processes import ServerProcess
+from support.prov_fleet import ACTIVE, STAGE_ACTIVE, Events, pb
 from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e
@@ -46,17 +34,6 @@ pytestmark = pytest.mark.e2e
 IMAGE_SERVICE = "bms.image.v1.ImageService"
 PROVISIONING_SERVICE = "bms.image.v1.ProvisioningService"
 SETTINGS = {"catalog_image_mib": "1", "shutdown_grace_seconds": "2"}
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    """Whatever a test started is killed at teardown if it is still running."""
-    started: list[ServerProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.kill()
 
 
 def listed_services(channel: grpc.Channel) -> set[str]:
@@ -104,7 +81,7 @@ def upload_private_image(images: image_pb2_grpc.ImageServiceStub, md: Any) -> im
 
 
 def test_provisioner_process_deploys_through_the_image_service_process(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     data_dir = tmp_path / "shared"
     data_dir.mkdir()
@@ -116,7 +93,8 @@ def test_provisioner_process_deploys_through_the_image_service_process(
     )  # fmt: skip
     image_address = serve.address
     provisioner.command += ["--image-service", image_address]
-    processes += [serve, provisioner]
+    for process in (serve, provisioner):  # killed at teardown if still running
+        request.addfinalizer(process.kill)
     serve.start()
     provisioner.start()
 

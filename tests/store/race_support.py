@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import services
+from support.prov_paging import every_page
 from support.services import make_settings
 from support.tokens import (
     Metadata,
@@ -125,14 +126,11 @@ async def list_all(
     service: Service, metadata: Metadata, filter_text: str, page_size: int = 7
 ) -> list[image_pb2.Image]:
     """Every image ListImages returns for the filter, following the page tokens."""
-    found: list[image_pb2.Image] = []
-    token = ""
-    while True:
-        page = await service.images.ListImages(
-            image_pb2.ListImagesRequest(filter=filter_text, page_size=page_size, page_token=token),
-            metadata=metadata,
+
+    def read_page(token: str) -> Awaitable[image_pb2.ListImagesResponse]:
+        request = image_pb2.ListImagesRequest(
+            filter=filter_text, page_size=page_size, page_token=token
         )
-        found.extend(page.images)
-        token = page.next_page_token
-        if not token:
-            return found
+        return service.images.ListImages(request, metadata=metadata)
+
+    return await every_page(read_page, lambda page: page.images)

@@ -22,9 +22,8 @@ from typing import Any
 
 import grpc
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from schema_support import schema_diff
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
@@ -80,21 +79,6 @@ def _versions(connection: Connection) -> dict[str, list[str]]:
         for schema in (IMAGES, FLEET)
         if schema.version_table in found
     }
-
-
-def _schema_diff(connection: Connection) -> list[Any]:
-    def not_a_version_table(name: str | None, type_: str, _parents: object) -> bool:
-        return not (type_ == "table" and name == FLEET.version_table)
-
-    context = MigrationContext.configure(
-        connection,
-        opts={
-            "compare_type": True,
-            "compare_server_default": False,
-            "include_name": not_a_version_table,
-        },
-    )
-    return list(compare_metadata(context, [ImageBase.metadata, FleetBase.metadata]))  # type: ignore[arg-type]
 
 
 # --- who declares what ------------------------------------------------------------
@@ -157,7 +141,7 @@ async def test_each_process_migrates_only_its_own_tables(database_url: str, firs
             IMAGES.version_table: [_head(IMAGES)],
             FLEET.version_table: [_head(FLEET)],
         }
-        assert await db.run(_schema_diff) == []
+        assert await db.run(schema_diff) == []
     finally:
         await db.close()
 
@@ -345,7 +329,7 @@ async def test_a_database_made_before_the_split_upgrades_with_its_rows(
             IMAGES.version_table: [_head(IMAGES)],
             FLEET.version_table: [_head(FLEET)],
         }
-        assert await db.run(_schema_diff) == []
+        assert await db.run(schema_diff) == []
 
         images = SqlImageRepository(db)
         public = await images.get(ids["public"])

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
-from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from schema_support import schema_diff, tables_dropped_for_empty_metadata
 from sqlalchemy import MetaData, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection
 
@@ -41,7 +41,7 @@ from bms_image.images.adapters.tables import (
     ProjectRow,
 )
 from bms_image.images.domain.query import ImageQuery, parse_filter
-from bms_image.store.db import FLEET, Database, alembic_config
+from bms_image.store.db import Database, alembic_config
 
 
 def _head() -> str:
@@ -52,29 +52,6 @@ def _head() -> str:
 
 def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
-
-
-def _not_a_version_table(name: str | None, type_: str, _parents: object) -> bool:
-    """Alembic leaves out the version table it is configured with, not the other chain's."""
-    return not (type_ == "table" and name == FLEET.version_table)
-
-
-def _schema_diff(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(
-        connection,
-        opts={
-            "compare_type": True,
-            "compare_server_default": False,
-            "include_name": _not_a_version_table,
-        },
-    )
-    return list(compare_metadata(context, [Base.metadata, FleetBase.metadata]))  # type: ignore[arg-type]
-
-
-def _tables_dropped_for_empty_metadata(connection: Connection) -> set[str]:
-    context = MigrationContext.configure(connection, opts={"include_name": _not_a_version_table})
-    diff = compare_metadata(context, MetaData())
-    return {change[1].name for change in diff if change[0] == "remove_table"}
 
 
 def _tables(connection: Connection) -> set[str]:
@@ -141,7 +118,7 @@ async def test_replicas_migrating_together_both_succeed(database_url: str) -> No
     try:
         await asyncio.gather(*(db.migrate() for db in replicas))
         assert await replicas[0].run(_current_revision) == _head()
-        assert await replicas[0].run(_schema_diff) == []
+        assert await replicas[0].run(schema_diff) == []
     finally:
         for db in replicas:
             await db.close()
@@ -151,10 +128,10 @@ async def test_schema_after_migrations_matches_the_tables(database: Database) ->
     """Alembic autogenerate finds nothing to do: the migrations build exactly
     the schema tables.py declares (columns, types, nullability, indexes,
     unique constraints and foreign keys)."""
-    diff = await database.run(_schema_diff)
+    diff = await database.run(schema_diff)
     # The comparison does see this database: against no tables at all it
     # would drop every table the migrations made.
-    removed = await database.run(_tables_dropped_for_empty_metadata)
+    removed = await database.run(tables_dropped_for_empty_metadata)
     assert diff == []
     assert removed == set(Base.metadata.tables) | set(FleetBase.metadata.tables)
 

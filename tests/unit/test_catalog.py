@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
-from unit_fakes import FIXED_TIME, FLAVORS, H2_MODEL, S4_MODEL, InMemoryImages
+from unit_fakes import ADMIN, ALPHA, BETA, FIXED_TIME, FLAVORS, H2_MODEL, S4_MODEL, InMemoryImages
 
 from bms_image.common.errors import (
     Aborted,
@@ -33,9 +33,6 @@ from bms_image.common.model import (
 from bms_image.common.paging import PageTokens
 from bms_image.images.domain.images import UPDATE_RETRIES, ImageCatalog, ImageChanges, NewImage
 
-ALPHA = Caller("alpha")
-BETA = Caller("beta")
-ADMIN = Caller("ops", frozenset({"admin"}))
 QUOTA = 3
 
 
@@ -292,12 +289,20 @@ async def test_request_id_in_another_spelling_is_refused_or_made_canonical(
     assert (await catalog.create(ALPHA, new_image(), request_id=canonical)).id == image.id
 
 
+async def created_twice(
+    catalog: ImageCatalog, caller: Caller, build: Callable[[], NewImage], request_id: str
+) -> tuple[Image, Image]:
+    """What a create answers, and what its retry with the same request_id answers."""
+    first = await catalog.create(caller, build(), request_id=request_id)
+    again = await catalog.create(caller, build(), request_id=request_id)
+    return first, again
+
+
 async def test_retry_with_the_same_request_id_returns_the_same_image(
     catalog: ImageCatalog, repo: InMemoryImages
 ) -> None:
     request_id = str(uuid.uuid4())
-    first = await catalog.create(ALPHA, new_image(), request_id=request_id)
-    again = await catalog.create(ALPHA, new_image(), request_id=request_id)
+    first, again = await created_twice(catalog, ALPHA, new_image, request_id)
     assert again == first
     # Even a retry whose payload changed creates nothing new.
     changed = await catalog.create(ALPHA, new_image(display_name="other"), request_id=request_id)
@@ -315,8 +320,7 @@ async def test_retry_of_a_public_create_returns_the_same_image(
     catalog: ImageCatalog, repo: InMemoryImages
 ) -> None:
     request_id = str(uuid.uuid4())
-    first = await catalog.create(ADMIN, new_public(), request_id=request_id)
-    again = await catalog.create(ADMIN, new_public(), request_id=request_id)
+    first, again = await created_twice(catalog, ADMIN, new_public, request_id)
     assert again.id == first.id
     assert len(repo.rows) == 1
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from unit_fakes import FLAVORS, S4_MODEL, make_image
+from unit_fakes import ADMIN, ALPHA, BETA, FLAVORS, S4_MODEL, make_image
 
 from bms_image.common.errors import (
     DataLoss,
@@ -19,7 +19,7 @@ from bms_image.common.errors import (
     QuotaExceeded,
 )
 from bms_image.common.flavors import FlavorCatalog
-from bms_image.common.model import Caller, Image, ImageStatus, Plugin, PluginKind, Visibility
+from bms_image.common.model import Image, ImageStatus, Plugin, PluginKind, Visibility
 from bms_image.common.paging import PageTokens
 from bms_image.fleet.domain import network as network_module
 from bms_image.fleet.domain.captures import CAPTURE_HOLD
@@ -42,9 +42,6 @@ from support.fakes import (
     FakeServerRepository,
 )
 
-ALPHA = Caller("alpha")
-BETA = Caller("beta")
-ADMIN = Caller("ops", frozenset({"admin"}))
 TOKEN = "alpha-token"
 SHA = "a" * 64
 IMAGE_ID = "22222222-2222-4222-8222-222222222222"

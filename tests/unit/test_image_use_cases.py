@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from unit_fakes import FLAVORS, InMemoryImages, make_image
+from unit_fakes import ALPHA, BETA, FLAVORS, InMemoryImages, make_image
 
 from bms_image.common.errors import (
     DataLoss,
@@ -31,8 +31,6 @@ from support.fakes import (
     FakeStaging,
 )
 
-ALPHA = Caller("alpha")
-BETA = Caller("beta")
 IMAGE_ID = "11111111-1111-4111-8111-111111111111"
 DATA = bytes(range(256)) * 64  # 16 KiB
 

@@ -4,7 +4,7 @@ statuses and the field validators."""
 from __future__ import annotations
 
 import pytest
-from unit_fakes import make_image
+from unit_fakes import ADMIN, ALPHA, BETA, make_image
 
 from bms_image.common.errors import (
     Aborted,
@@ -24,9 +24,6 @@ from bms_image.common.model import (
 )
 from bms_image.images.domain import rules
 
-ALPHA = Caller("alpha")
-BETA = Caller("beta")
-ADMIN = Caller("ops", frozenset({"admin"}))
 ALPHA_ADMIN = Caller("alpha", frozenset({"admin"}))
 
 PUBLIC = make_image(visibility=Visibility.PUBLIC, owner_project=None, hardware_model="")

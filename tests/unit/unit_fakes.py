@@ -33,6 +33,11 @@ S4_MODEL = "s4-2288h-v5"
 H2_MODEL = "h2-rh2288-v3"
 FIXED_TIME = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
+#: The callers of the unit tests: two projects and an admin of neither.
+ALPHA = Caller("alpha")
+BETA = Caller("beta")
+ADMIN = Caller("ops", frozenset({"admin"}))
+
 
 def make_flavor(name: str, hardware_model: str) -> Flavor:
     return Flavor(
