@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import time
 
+import api_support as api
 import grpc
 import jwt
 import pytest
-from api_support import (
-    S4,
-    create,
-    expect_error,
-    fresh_project,
-    mask,
-    public_image,
-    shared_service_fixtures,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -26,7 +18,7 @@ from support.builders import private_image
 from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 OTHER_SECRET = "another-secret-" + "1" * 50
 SERVICES = {"bms.image.v1.ImageService", "bms.image.v1.ProvisioningService"}
@@ -117,7 +109,7 @@ def _every_rpc(images, provisioning, image_name: str):
         "ImageService/UpdateImage": lambda md: images.UpdateImage(
             image_pb2.UpdateImageRequest(
                 image=image_pb2.Image(name=image_name, display_name="renamed"),
-                update_mask=mask("display_name"),
+                update_mask=api.mask("display_name"),
             ),
             metadata=md,
         ),
@@ -139,7 +131,7 @@ def _every_rpc(images, provisioning, image_name: str):
             provisioning_pb2.ListFlavorsRequest(), metadata=md
         ),
         "ProvisioningService/GetFlavor": lambda md: provisioning.GetFlavor(
-            provisioning_pb2.GetFlavorRequest(name=f"flavors/{S4}"), metadata=md
+            provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=md
         ),
     }
 
@@ -148,13 +140,13 @@ def _every_rpc(images, provisioning, image_name: str):
 async def test_every_rpc_refuses_bad_credentials(
     service, images, provisioning, as_project, kind
 ) -> None:
-    owner = as_project(fresh_project())
-    owned = await create(images, owner, display_name="must-survive")
+    owner = as_project(api.fresh_project())
+    owned = await api.create(images, owner, display_name="must-survive")
     metadata = _credentials(service, kind)
     calls = _every_rpc(images, provisioning, owned.name)
     assert len(calls) == 10
     for method, call in calls.items():
-        rich = await expect_error(call(metadata), grpc.StatusCode.UNAUTHENTICATED)
+        rich = await api.expect_error(call(metadata), grpc.StatusCode.UNAUTHENTICATED)
         assert rich.info.reason == REASONS[kind], method
     # Nothing was changed by the refused calls.
     still = await images.GetImage(image_pb2.GetImageRequest(name=owned.name), metadata=owner)
@@ -166,9 +158,9 @@ async def test_every_rpc_refuses_bad_credentials(
 
 
 async def test_the_unary_rpcs_accept_a_valid_token(images, provisioning, as_project) -> None:
-    admin = as_project(fresh_project("ops"), admin=True)
+    admin = as_project(api.fresh_project("ops"), admin=True)
     probe = await images.CreateImage(
-        image_pb2.CreateImageRequest(image=public_image(display_name="auth probe")),
+        image_pb2.CreateImageRequest(image=api.public_image(display_name="auth probe")),
         metadata=admin,
     )
     calls = _every_rpc(images, provisioning, probe.name)
@@ -186,7 +178,7 @@ async def test_the_unary_rpcs_accept_a_valid_token(images, provisioning, as_proj
 
 
 async def test_bearer_scheme_is_case_insensitive(images, service) -> None:
-    token = service.authority.issue(fresh_project())
+    token = service.authority.issue(api.fresh_project())
     response = await images.ListImages(
         image_pb2.ListImagesRequest(), metadata=(("authorization", f"bearer {token}"),)
     )

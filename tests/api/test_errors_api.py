@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import uuid
 
+import api_support as api
 import grpc
 import pytest
-from api_support import (
-    RichError,
-    create,
-    expect_error,
-    expect_invalid,
-    fresh_project,
-    mask,
-    names_listed,
-    private_image,
-    shared_service_fixtures,
-)
 
 from bms.image.v1 import image_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 # (case id, overrides of a valid private image, the field the violation names
 # without its `image.` prefix -- see test_violations_name_request_paths).
@@ -88,25 +78,25 @@ def _matches(field: str, expected: str) -> bool:
     ("overrides", "field"), [c[1:] for c in CREATE_ERRORS], ids=[c[0] for c in CREATE_ERRORS]
 )
 async def test_create_rejects_invalid_image(images, as_project, overrides, field) -> None:
-    metadata = as_project(fresh_project())
-    rich = await expect_error(
+    metadata = as_project(api.fresh_project())
+    rich = await api.expect_error(
         images.CreateImage(
-            image_pb2.CreateImageRequest(image=private_image(**overrides)), metadata=metadata
+            image_pb2.CreateImageRequest(image=api.private_image(**overrides)), metadata=metadata
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert rich.info.reason in ("INVALID_IMAGE", "INVALID_FIELD")
     assert any(_matches(f, field) for f in rich.fields), rich.fields
-    assert await names_listed(images, metadata, "type = private") == []
+    assert await api.names_listed(images, metadata, "type = private") == []
 
 
 async def test_create_reports_every_bad_field_at_once(images, as_project) -> None:
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.CreateImage(
             image_pb2.CreateImageRequest(
-                image=private_image(display_name="", os_distro="", hardware_model="nope")
+                image=api.private_image(display_name="", os_distro="", hardware_model="nope")
             ),
-            metadata=as_project(fresh_project()),
+            metadata=as_project(api.fresh_project()),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_IMAGE",
@@ -115,8 +105,10 @@ async def test_create_reports_every_bad_field_at_once(images, as_project) -> Non
 
 
 async def test_create_without_an_image(images, as_project) -> None:
-    rich = await expect_error(
-        images.CreateImage(image_pb2.CreateImageRequest(), metadata=as_project(fresh_project())),
+    rich = await api.expect_error(
+        images.CreateImage(
+            image_pb2.CreateImageRequest(), metadata=as_project(api.fresh_project())
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "image.display_name" in rich.fields
@@ -135,13 +127,13 @@ UPDATE_ERRORS = [
 
 async def update_refused(
     images, metadata, image, path: str, values: dict, reason: str | None = None
-) -> RichError:
+) -> api.RichError:
     """UpdateImage of `image` setting `values` under mask `path`, which must
     fail INVALID_ARGUMENT (with `reason`, when given)."""
-    return await expect_error(
+    return await api.expect_error(
         images.UpdateImage(
             image_pb2.UpdateImageRequest(
-                image=image_pb2.Image(name=image.name, **values), update_mask=mask(path)
+                image=image_pb2.Image(name=image.name, **values), update_mask=api.mask(path)
             ),
             metadata=metadata,
         ),
@@ -151,8 +143,8 @@ async def update_refused(
 
 
 async def test_update_rejects_invalid_values(images, as_project) -> None:
-    metadata = as_project(fresh_project())
-    image = await create(images, metadata)
+    metadata = as_project(api.fresh_project())
+    image = await api.create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
         rich = await update_refused(images, metadata, image, path, values, "INVALID_IMAGE")
         assert any(_matches(f, field) for f in rich.fields), (values, rich.fields)
@@ -164,18 +156,19 @@ async def test_violations_name_request_paths(images, as_project) -> None:
     """BadRequest.field_violations[].field is a path into the request, as for
     `image.display_name` or `image.os_type`: a tag of CreateImageRequest is
     `image.tags`, not `tags`. Collects every violation that names a bare path."""
-    metadata = as_project(fresh_project())
+    metadata = as_project(api.fresh_project())
     bare: list[str] = []
     for case, overrides, field in CREATE_ERRORS:
-        rich = await expect_error(
+        rich = await api.expect_error(
             images.CreateImage(
-                image_pb2.CreateImageRequest(image=private_image(**overrides)), metadata=metadata
+                image_pb2.CreateImageRequest(image=api.private_image(**overrides)),
+                metadata=metadata,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
         if f"image.{field}" not in rich.fields:
             bare.append(f"CreateImage {case}: {rich.fields}")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
         rich = await update_refused(images, metadata, image, path, values)
         if f"image.{field}" not in rich.fields:
@@ -202,7 +195,7 @@ MALFORMED_NAMES = [
 
 
 async def test_malformed_image_names_are_invalid_for_every_rpc(images, as_project) -> None:
-    metadata = as_project(fresh_project(), admin=True)
+    metadata = as_project(api.fresh_project(), admin=True)
     for name in MALFORMED_NAMES:
         calls = {
             "GetImage": (
@@ -221,47 +214,41 @@ async def test_malformed_image_names_are_invalid_for_every_rpc(images, as_projec
             ),
             "UpdateImage": (
                 images.UpdateImage(
-                    image_pb2.UpdateImageRequest(
-                        image=image_pb2.Image(name=name, display_name="x"),
-                        update_mask=mask("display_name"),
-                    ),
+                    api.update_request(name, ["display_name"], display_name="x"),
                     metadata=metadata,
                 ),
                 "image.name",
             ),
         }
         for method, (call, field) in calls.items():
-            rich = await expect_invalid(call, field, "INVALID_FIELD")
+            rich = await api.expect_invalid(call, field, "INVALID_FIELD")
             assert len(rich.status.message) < 300, (method, name)
 
 
 async def test_well_formed_names_of_nothing_are_not_found(images, as_project) -> None:
-    metadata = as_project(fresh_project(), admin=True)
+    metadata = as_project(api.fresh_project(), admin=True)
     for name in (f"images/{uuid.uuid4()}", f"images/{uuid.UUID(int=0)}"):
         for call in (
             images.GetImage(image_pb2.GetImageRequest(name=name), metadata=metadata),
             images.DeleteImage(image_pb2.DeleteImageRequest(name=name), metadata=metadata),
             images.DeprecateImage(image_pb2.DeprecateImageRequest(name=name), metadata=metadata),
             images.UpdateImage(
-                image_pb2.UpdateImageRequest(
-                    image=image_pb2.Image(name=name, display_name="x"),
-                    update_mask=mask("display_name"),
-                ),
+                api.update_request(name, ["display_name"], display_name="x"),
                 metadata=metadata,
             ),
         ):
-            rich = await expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+            rich = await api.expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
             assert name in rich.status.message
 
 
 async def test_oversized_request_is_refused_cleanly(images, as_project) -> None:
     """A message over the server's 8 MiB limit fails with RESOURCE_EXHAUSTED
     from gRPC itself; the service keeps serving."""
-    metadata = as_project(fresh_project())
-    huge = private_image(description="d" * (9 * 1024 * 1024))
+    metadata = as_project(api.fresh_project())
+    huge = api.private_image(description="d" * (9 * 1024 * 1024))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await images.CreateImage(image_pb2.CreateImageRequest(image=huge), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "Traceback" not in (caught.value.details() or "")
-    assert await names_listed(images, metadata, "type = private") == []
-    assert (await create(images, metadata)).name
+    assert await api.names_listed(images, metadata, "type = private") == []
+    assert (await api.create(images, metadata)).name

@@ -7,35 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import api_support as api
 import pytest
 import pytest_asyncio
-from api_support import (
-    CENTOS,
-    EULER,
-    H2_MODEL,
-    KI1_MODEL,
-    OPENEULER_ARM,
-    PUBLIC_NAMES,
-    S4_MODEL,
-    SLES,
-    UBUNTU,
-    UBUNTU_ARM,
-    WINDOWS,
-    Metadata,
-    create,
-    display_names_listed,
-    expect_invalid,
-    fresh_project,
-    list_all,
-    names_listed,
-    shared_service_fixtures,
-)
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
 from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 # Private images of the dataset's main project.
 WEB = "CentOS 7.6 web tier"
@@ -50,8 +30,8 @@ FOREIGN = "CentOS foreign secret"
 
 @dataclass
 class Dataset:
-    owner: Metadata
-    other: Metadata
+    owner: api.Metadata
+    other: api.Metadata
     owner_project: str
     other_project: str
 
@@ -59,51 +39,51 @@ class Dataset:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def dataset(service, channel) -> Dataset:
     images = image_pb2_grpc.ImageServiceStub(channel)
-    owner_project, other_project = fresh_project("alpha"), fresh_project("beta")
+    owner_project, other_project = api.fresh_project("alpha"), api.fresh_project("beta")
     owner = bearer(service.authority.issue(owner_project))
     other = bearer(service.authority.issue(other_project))
-    await create(
+    await api.create(
         images,
         owner,
         display_name=WEB,
-        hardware_model=S4_MODEL,
+        hardware_model=api.S4_MODEL,
         tags=["web", "prod"],
         protected=True,
     )
-    await create(
+    await api.create(
         images,
         owner,
         display_name=BUILD,
         os_distro="ubuntu",
         os_version="22.04",
-        hardware_model=H2_MODEL,
+        hardware_model=api.H2_MODEL,
         tags=["ci"],
     )
-    await create(
+    await api.create(
         images,
         owner,
         display_name=ARM,
         os_distro="openeuler",
         os_version="22.03",
         architecture=image_pb2.ARCHITECTURE_AARCH64,
-        hardware_model=KI1_MODEL,
+        hardware_model=api.KI1_MODEL,
     )
-    await create(
+    await api.create(
         images,
         owner,
         display_name=SQL,
         os_type=image_pb2.OS_TYPE_WINDOWS,
         os_distro="windows-server",
         os_version="2019",
-        hardware_model=S4_MODEL,
+        hardware_model=api.S4_MODEL,
         tags=["db"],
     )
-    await create(images, owner, display_name=ODD, hardware_model=H2_MODEL)
-    await create(
+    await api.create(images, owner, display_name=ODD, hardware_model=api.H2_MODEL)
+    await api.create(
         images,
         other,
         display_name=FOREIGN,
-        hardware_model=S4_MODEL,
+        hardware_model=api.S4_MODEL,
         tags=["web", "ci"],
         protected=True,
     )
@@ -111,37 +91,43 @@ async def dataset(service, channel) -> Dataset:
 
 
 FILTERS = [
-    ("", PUBLIC_NAMES | PRIVATE),
-    ("type = public", PUBLIC_NAMES),
-    ("type = PUBLIC", PUBLIC_NAMES),
+    ("", api.PUBLIC_NAMES | PRIVATE),
+    ("type = public", api.PUBLIC_NAMES),
+    ("type = PUBLIC", api.PUBLIC_NAMES),
     ("type = private", PRIVATE),
     ("type = shared", set()),
     ("type != public", PRIVATE),
-    ("flavor = physical.s4.large", {CENTOS, UBUNTU, SLES, EULER, WINDOWS, WEB, SQL}),
-    ("flavor = flavors/physical.h2.large", {CENTOS, SLES, EULER, BUILD, ODD}),
-    ('flavor = "physical.ki1.2xlarge"', {OPENEULER_ARM, UBUNTU_ARM, ARM}),
+    (
+        "flavor = physical.s4.large",
+        {api.CENTOS, api.UBUNTU, api.SLES, api.EULER, api.WINDOWS, WEB, SQL},
+    ),
+    ("flavor = flavors/physical.h2.large", {api.CENTOS, api.SLES, api.EULER, BUILD, ODD}),
+    ('flavor = "physical.ki1.2xlarge"', {api.OPENEULER_ARM, api.UBUNTU_ARM, ARM}),
     ("flavor = physical.d2.large AND type = private", set()),
     ("flavor = physical.s4.large AND type = private", {WEB, SQL}),
-    ("os_type = windows", {WINDOWS, SQL}),
-    ("os_type = linux", (PUBLIC_NAMES | PRIVATE) - {WINDOWS, SQL}),
-    ("os_distro = ubuntu", {UBUNTU, UBUNTU_ARM, BUILD}),
-    ("os_distro != centos", (PUBLIC_NAMES | PRIVATE) - {CENTOS, WEB, ODD}),
-    ('os_version = "22.04"', {UBUNTU, UBUNTU_ARM, BUILD}),
-    ("os_version = 12sp3", {SLES}),
-    ("architecture = aarch64", {OPENEULER_ARM, UBUNTU_ARM, ARM}),
-    ("architecture = x86_64 AND type = public", PUBLIC_NAMES - {OPENEULER_ARM, UBUNTU_ARM}),
+    ("os_type = windows", {api.WINDOWS, SQL}),
+    ("os_type = linux", (api.PUBLIC_NAMES | PRIVATE) - {api.WINDOWS, SQL}),
+    ("os_distro = ubuntu", {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
+    ("os_distro != centos", (api.PUBLIC_NAMES | PRIVATE) - {api.CENTOS, WEB, ODD}),
+    ('os_version = "22.04"', {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
+    ("os_version = 12sp3", {api.SLES}),
+    ("architecture = aarch64", {api.OPENEULER_ARM, api.UBUNTU_ARM, ARM}),
+    (
+        "architecture = x86_64 AND type = public",
+        api.PUBLIC_NAMES - {api.OPENEULER_ARM, api.UBUNTU_ARM},
+    ),
     ("status = queued", PRIVATE),
-    ("status = active", PUBLIC_NAMES),
+    ("status = active", api.PUBLIC_NAMES),
     ("status = killed", set()),
-    (f'name = "{CENTOS}"', {CENTOS}),
+    (f'name = "{api.CENTOS}"', {api.CENTOS}),
     ('name = "centos 7.6 64bit"', set()),
-    ("name = Cent*", {CENTOS, WEB}),
+    ("name = Cent*", {api.CENTOS, WEB}),
     # Like the exact match (above), a prefix match is case-sensitive, on
     # every database (SQLite's LIKE alone would ignore case).
     ("name = cent*", set()),
     ("name = CENTOS*", set()),
-    ('name = "Ubuntu 22.04*"', {UBUNTU, UBUNTU_ARM}),
-    ("name = *", PUBLIC_NAMES | PRIVATE),
+    ('name = "Ubuntu 22.04*"', {api.UBUNTU, api.UBUNTU_ARM}),
+    ("name = *", api.PUBLIC_NAMES | PRIVATE),
     ("name = Nothing*", set()),
     ('name = "100%*"', {ODD}),
     ('name = "1%*"', set()),  # % is a literal, not a wildcard
@@ -151,10 +137,13 @@ FILTERS = [
     ("tag = nope", set()),
     ("tag != web AND type = private", PRIVATE - {WEB}),
     ("protected = true", {WEB}),
-    ("protected = false", (PUBLIC_NAMES | PRIVATE) - {WEB}),
+    ("protected = false", (api.PUBLIC_NAMES | PRIVATE) - {WEB}),
     ("deprecated = true", set()),
-    ("deprecated = false", PUBLIC_NAMES | PRIVATE),
-    ("os_type = linux AND architecture = x86_64 AND type = public", {CENTOS, UBUNTU, SLES, EULER}),
+    ("deprecated = false", api.PUBLIC_NAMES | PRIVATE),
+    (
+        "os_type = linux AND architecture = x86_64 AND type = public",
+        {api.CENTOS, api.UBUNTU, api.SLES, api.EULER},
+    ),
     ('  os_type="linux"  AND  tag  =  "prod"  ', {WEB}),
     # SQL injection attempts are plain values that match nothing.
     ('name = "x\' OR 1=1 --"', set()),
@@ -168,7 +157,7 @@ FILTERS = [
     ("filter_text", "expected"), FILTERS, ids=[f[0] or "none" for f in FILTERS]
 )
 async def test_filter(images, dataset, filter_text, expected) -> None:
-    listed = await list_all(images, dataset.owner, filter_text)
+    listed = await api.list_all(images, dataset.owner, filter_text)
     names = [image.display_name for image in listed]
     assert len(names) == len(set(names)), "an image was listed twice"
     assert set(names) == expected
@@ -177,26 +166,26 @@ async def test_filter(images, dataset, filter_text, expected) -> None:
 
 async def test_filter_by_owner_project(images, dataset) -> None:
     assert (
-        await display_names_listed(
+        await api.display_names_listed(
             images, dataset.owner, f"owner_project = {dataset.owner_project}"
         )
         == PRIVATE
     )
     # Another project's name finds nothing: its images stay invisible.
     assert (
-        await display_names_listed(
+        await api.display_names_listed(
             images, dataset.owner, f"owner_project = {dataset.other_project}"
         )
         == set()
     )
-    assert await display_names_listed(images, dataset.other, "type = private") == {FOREIGN}
-    assert await display_names_listed(images, dataset.other, "tag = web") == {FOREIGN}
+    assert await api.display_names_listed(images, dataset.other, "type = private") == {FOREIGN}
+    assert await api.display_names_listed(images, dataset.other, "tag = web") == {FOREIGN}
 
 
 async def test_injection_attempts_leave_the_catalog_intact(images, dataset) -> None:
     for filter_text in ('name = "x\' OR 1=1 --"', 'tag = "\'; DROP TABLE images; --"'):
-        assert await names_listed(images, dataset.owner, filter_text) == []
-    assert await display_names_listed(images, dataset.owner) == PUBLIC_NAMES | PRIVATE
+        assert await api.names_listed(images, dataset.owner, filter_text) == []
+    assert await api.display_names_listed(images, dataset.owner) == api.PUBLIC_NAMES | PRIVATE
 
 
 INVALID_FILTERS = [
@@ -223,9 +212,10 @@ INVALID_FILTERS = [
 
 @pytest.mark.parametrize("filter_text", INVALID_FILTERS, ids=[f[:40] for f in INVALID_FILTERS])
 async def test_invalid_filter(images, as_project, filter_text) -> None:
-    rich = await expect_invalid(
+    rich = await api.expect_invalid(
         images.ListImages(
-            image_pb2.ListImagesRequest(filter=filter_text), metadata=as_project(fresh_project())
+            image_pb2.ListImagesRequest(filter=filter_text),
+            metadata=as_project(api.fresh_project()),
         ),
         "filter",
         "INVALID_FILTER",
@@ -233,7 +223,7 @@ async def test_invalid_filter(images, as_project, filter_text) -> None:
     assert len(rich.status.message) < 2000
 
 
-async def _walk(images, metadata: Metadata, page_size: int, filter_text: str = ""):
+async def _walk(images, metadata: api.Metadata, page_size: int, filter_text: str = ""):
     pages: list[list[image_pb2.Image]] = []
     token = ""
     while True:
@@ -249,8 +239,8 @@ async def _walk(images, metadata: Metadata, page_size: int, filter_text: str = "
 
 
 async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, dataset) -> None:
-    everything = await list_all(images, dataset.owner, page_size=1000)
-    assert len(everything) == len(PUBLIC_NAMES | PRIVATE)
+    everything = await api.list_all(images, dataset.owner, page_size=1000)
+    assert len(everything) == len(api.PUBLIC_NAMES | PRIVATE)
     pages = await _walk(images, dataset.owner, 1)
     assert all(len(page) == 1 for page in pages)
     walked = [page[0] for page in pages]
@@ -259,8 +249,8 @@ async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, da
     # Oldest first: the seeded public catalog, then the private images as created.
     times = [i.create_time.ToDatetime() for i in walked]
     assert times == sorted(times)
-    assert {i.display_name for i in walked[: len(PUBLIC_NAMES)]} == PUBLIC_NAMES
-    assert [i.display_name for i in walked[len(PUBLIC_NAMES) :]] == [WEB, BUILD, ARM, SQL, ODD]
+    assert {i.display_name for i in walked[: len(api.PUBLIC_NAMES)]} == api.PUBLIC_NAMES
+    assert [i.display_name for i in walked[len(api.PUBLIC_NAMES) :]] == [WEB, BUILD, ARM, SQL, ODD]
     # The same walk again gives the same order.
     again = [page[0].name for page in await _walk(images, dataset.owner, 1)]
     assert again == [i.name for i in walked]
@@ -268,7 +258,7 @@ async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, da
 
 @pytest.mark.parametrize("page_size", [2, 3, 5])
 async def test_pages_of_any_size_cover_the_listing(images, dataset, page_size) -> None:
-    everything = await names_listed(images, dataset.owner, "os_type = linux")
+    everything = await api.names_listed(images, dataset.owner, "os_type = linux")
     pages = await _walk(images, dataset.owner, page_size, "os_type = linux")
     assert all(len(page) == page_size for page in pages[:-1])
     assert 1 <= len(pages[-1]) <= page_size
@@ -276,26 +266,26 @@ async def test_pages_of_any_size_cover_the_listing(images, dataset, page_size) -
 
 
 async def test_default_page_size(images, as_project) -> None:
-    metadata = as_project(fresh_project())
+    metadata = as_project(api.fresh_project())
     response = await images.ListImages(image_pb2.ListImagesRequest(page_size=0), metadata=metadata)
-    assert {i.display_name for i in response.images} == PUBLIC_NAMES
+    assert {i.display_name for i in response.images} == api.PUBLIC_NAMES
     assert response.next_page_token == ""
     response = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=1000), metadata=metadata
     )
-    assert len(response.images) == len(PUBLIC_NAMES) and response.next_page_token == ""
+    assert len(response.images) == len(api.PUBLIC_NAMES) and response.next_page_token == ""
 
 
 async def test_an_exact_last_page_ends_the_walk(images, as_project) -> None:
-    metadata = as_project(fresh_project())
-    pages = await _walk(images, metadata, len(PUBLIC_NAMES))
-    assert [len(page) for page in pages] == [len(PUBLIC_NAMES)]
+    metadata = as_project(api.fresh_project())
+    pages = await _walk(images, metadata, len(api.PUBLIC_NAMES))
+    assert [len(page) for page in pages] == [len(api.PUBLIC_NAMES)]
 
 
 async def test_images_created_during_a_walk_come_last(images, as_project) -> None:
-    metadata = as_project(fresh_project())
+    metadata = as_project(api.fresh_project())
     first = await images.ListImages(image_pb2.ListImagesRequest(page_size=2), metadata=metadata)
-    added = await create(images, metadata, display_name="added mid-walk")
+    added = await api.create(images, metadata, display_name="added mid-walk")
     seen = [i.name for i in first.images]
     token = first.next_page_token
     while token:
@@ -304,12 +294,12 @@ async def test_images_created_during_a_walk_come_last(images, as_project) -> Non
         )
         seen += [i.name for i in response.images]
         token = response.next_page_token
-    assert len(seen) == len(set(seen)) == len(PUBLIC_NAMES) + 1
+    assert len(seen) == len(set(seen)) == len(api.PUBLIC_NAMES) + 1
     assert seen[-1] == added.name
 
 
 async def test_page_size_may_change_between_pages(images, dataset) -> None:
-    everything = await names_listed(images, dataset.owner)
+    everything = await api.names_listed(images, dataset.owner)
     first = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=3), metadata=dataset.owner
     )
@@ -323,9 +313,10 @@ async def test_page_size_may_change_between_pages(images, dataset) -> None:
 
 @pytest.mark.parametrize("page_size", [-1, 1001, -(2**31)])
 async def test_page_size_out_of_range(images, as_project, page_size) -> None:
-    await expect_invalid(
+    await api.expect_invalid(
         images.ListImages(
-            image_pb2.ListImagesRequest(page_size=page_size), metadata=as_project(fresh_project())
+            image_pb2.ListImagesRequest(page_size=page_size),
+            metadata=as_project(api.fresh_project()),
         ),
         "page_size",
     )
@@ -338,8 +329,8 @@ async def test_page_token_is_bound_to_filter_project_and_content(images, dataset
     token = first.next_page_token
     assert token
 
-    async def refused(metadata: Metadata, filter_text: str, page_token: str) -> None:
-        await expect_invalid(
+    async def refused(metadata: api.Metadata, filter_text: str, page_token: str) -> None:
+        await api.expect_invalid(
             images.ListImages(
                 image_pb2.ListImagesRequest(page_size=1, filter=filter_text, page_token=page_token),
                 metadata=metadata,
@@ -379,7 +370,7 @@ async def test_token_of_a_flavor_listing_is_refused(images, provisioning, datase
     flavors = await provisioning.ListFlavors(
         provisioning_pb2.ListFlavorsRequest(page_size=1), metadata=dataset.owner
     )
-    await expect_invalid(
+    await api.expect_invalid(
         images.ListImages(
             image_pb2.ListImagesRequest(page_token=flavors.next_page_token), metadata=dataset.owner
         ),
@@ -389,6 +380,6 @@ async def test_token_of_a_flavor_listing_is_refused(images, provisioning, datase
 
 
 async def test_list_never_includes_an_unknown_status_code(images, dataset) -> None:
-    for image in await list_all(images, dataset.owner):
+    for image in await api.list_all(images, dataset.owner):
         assert image.status in (image_pb2.IMAGE_STATUS_QUEUED, image_pb2.IMAGE_STATUS_ACTIVE)
         assert image.type in (image_pb2.IMAGE_TYPE_PUBLIC, image_pb2.IMAGE_TYPE_PRIVATE)
