@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import api_support as api
 import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from support.api_pages import every_page
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
 
 
 async def all_flavors(provisioning, metadata, page_size: int = 0) -> list[provisioning_pb2.Flavor]:
-    flavors: list[provisioning_pb2.Flavor] = []
-    token = ""
-    for _ in range(100):
-        response = await provisioning.ListFlavors(
-            provisioning_pb2.ListFlavorsRequest(page_size=page_size, page_token=token),
-            metadata=metadata,
-        )
-        flavors.extend(response.flavors)
-        token = response.next_page_token
-        if not token:
-            return flavors
-    raise AssertionError("flavor pagination did not end")
+    def page(token: str) -> Awaitable[provisioning_pb2.ListFlavorsResponse]:
+        request = provisioning_pb2.ListFlavorsRequest(page_size=page_size, page_token=token)
+        return provisioning.ListFlavors(request, metadata=metadata)
+
+    return await every_page(page, "flavors", most_pages=100)
 
 
 async def test_list_flavors_describes_the_hardware(provisioning, as_project) -> None:

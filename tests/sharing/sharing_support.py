@@ -18,6 +18,7 @@ from google.protobuf import field_mask_pb2
 from bms.image.v1 import image_pb2, sharing_pb2
 from bms_image.common.serving import RunningService
 from support import builders, services
+from support.api_pages import every_page
 from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
 from support.errors import (  # noqa: F401 - re-exported for this folder's tests
     Code,
@@ -171,18 +172,12 @@ async def download_error(images: ImageStub, md: Metadata, name: str) -> RichErro
 
 async def list_images(images: ImageStub, md: Metadata, filter_text: str = "") -> list[Any]:
     """Every image of a listing, following next_page_token to the end."""
-    found: list[image_pb2.Image] = []
-    token = ""
-    for _ in range(1000):
-        response = await images.ListImages(
-            image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text),
-            metadata=md,
-        )
-        found.extend(response.images)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+
+    def page(token: str) -> Awaitable[image_pb2.ListImagesResponse]:
+        request = image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text)
+        return images.ListImages(request, metadata=md)
+
+    return await every_page(page, "images")
 
 
 async def names_listed(images: ImageStub, md: Metadata, filter_text: str = "") -> list[str]:
@@ -232,20 +227,14 @@ async def list_members(
     sharing: SharingStub, md: Metadata, image_name: str, page_size: int = 0
 ) -> list[Any]:
     """Every member of a listing, following next_page_token to the end."""
-    found: list[sharing_pb2.ImageMember] = []
-    token = ""
-    for _ in range(1000):
-        response = await sharing.ListImageMembers(
-            sharing_pb2.ListImageMembersRequest(
-                parent=image_name, page_size=page_size, page_token=token
-            ),
-            metadata=md,
+
+    def page(token: str) -> Awaitable[sharing_pb2.ListImageMembersResponse]:
+        request = sharing_pb2.ListImageMembersRequest(
+            parent=image_name, page_size=page_size, page_token=token
         )
-        found.extend(response.members)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+        return sharing.ListImageMembers(request, metadata=md)
+
+    return await every_page(page, "members")
 
 
 async def replicate(
