@@ -13,24 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sharing_support import (
-    ACCEPTED,
-    ACTIVE,
-    Code,
-    Metadata,
-    Serving,
-    Uploaded,
-    answer,
-    create_active,
-    expect_error,
-    gather_outcomes,
-    names_listed,
-    private_image,
-    random_bytes,
-    replicate,
-    serving,
-    share,
-)
+import sharing_support as sh
 
 from bms.image.v1 import image_pb2
 from support.errors import RichError
@@ -38,29 +21,29 @@ from support.services import make_settings
 
 
 @pytest.fixture
-async def running(tmp_path: Path, database_url: str) -> AsyncIterator[Serving]:
-    async with serving(make_settings(tmp_path, database_url=database_url)) as service:
+async def running(tmp_path: Path, database_url: str) -> AsyncIterator[sh.Serving]:
+    async with sh.serving(make_settings(tmp_path, database_url=database_url)) as service:
         yield service
 
 
-async def _shared_with_beta(running: Serving) -> tuple[Uploaded, Metadata]:
+async def _shared_with_beta(running: sh.Serving) -> tuple[sh.Uploaded, sh.Metadata]:
     """An active image of alpha's that beta accepted; beta's call metadata."""
     images, sharing, projects = running.images, running.sharing, running.projects
     owner, member = projects("alpha"), projects("beta")
-    image = await create_active(images, owner, size=64 * 1024)
-    await share(sharing, owner, image.name, projects.name("beta"))
-    await answer(sharing, member, image.name, projects.name("beta"), ACCEPTED)
+    image = await sh.create_active(images, owner, size=64 * 1024)
+    await sh.share(sharing, owner, image.name, projects.name("beta"))
+    await sh.answer(sharing, member, image.name, projects.name("beta"), sh.ACCEPTED)
     return image, member
 
 
 def _create(request_id: str, name: str = "own") -> image_pb2.CreateImageRequest:
     return image_pb2.CreateImageRequest(
-        image=private_image(display_name=name), request_id=request_id
+        image=sh.private_image(display_name=name), request_id=request_id
     )
 
 
 def _expect_consumed(rich: RichError, image_name: str, status: str) -> None:
-    assert rich.code == Code.FAILED_PRECONDITION, rich.message
+    assert rich.code == sh.Code.FAILED_PRECONDITION, rich.message
     assert rich.reason == "REQUEST_ID_CONSUMED", rich.message
     assert rich.info.metadata["image"] == image_name
     assert rich.info.metadata["status"] == status
@@ -71,116 +54,118 @@ def _expect_consumed(rich: RichError, image_name: str, status: str) -> None:
 
 
 async def test_create_then_replicate_with_one_request_id_make_two_images(
-    running: Serving,
+    running: sh.Serving,
 ) -> None:
     images, sharing = running.images, running.sharing
     source, beta = await _shared_with_beta(running)
     request_id = str(uuid.uuid4())
 
     own = await images.CreateImage(_create(request_id), metadata=beta)
-    replica = await replicate(sharing, beta, source.name, request_id=request_id)
+    replica = await sh.replicate(sharing, beta, source.name, request_id=request_id)
 
     assert replica.name != own.name
-    assert replica.status == ACTIVE and replica.sha256 == source.sha256
+    assert replica.status == sh.ACTIVE and replica.sha256 == source.sha256
     assert own.status == image_pb2.IMAGE_STATUS_QUEUED
     # Each RPC's retry answers with its own image.
     assert (await images.CreateImage(_create(request_id), metadata=beta)).name == own.name
-    again = await replicate(sharing, beta, source.name, request_id=request_id)
+    again = await sh.replicate(sharing, beta, source.name, request_id=request_id)
     assert again.name == replica.name
-    assert sorted(await names_listed(images, beta, "type = private")) == sorted(
+    assert sorted(await sh.names_listed(images, beta, "type = private")) == sorted(
         [own.name, replica.name]
     )
 
 
 async def test_replicate_then_create_with_one_request_id_make_two_images(
-    running: Serving,
+    running: sh.Serving,
 ) -> None:
     images, sharing = running.images, running.sharing
     source, beta = await _shared_with_beta(running)
     request_id = str(uuid.uuid4())
 
-    replica = await replicate(sharing, beta, source.name, request_id=request_id)
+    replica = await sh.replicate(sharing, beta, source.name, request_id=request_id)
     own = await images.CreateImage(_create(request_id), metadata=beta)
 
     assert own.name != replica.name
     assert own.status == image_pb2.IMAGE_STATUS_QUEUED and own.display_name == "own"
-    assert (await replicate(sharing, beta, source.name, request_id=request_id)).name == replica.name
+    assert (
+        await sh.replicate(sharing, beta, source.name, request_id=request_id)
+    ).name == replica.name
 
 
-async def test_a_create_retry_after_a_delete_is_refused_as_consumed(running: Serving) -> None:
+async def test_a_create_retry_after_a_delete_is_refused_as_consumed(running: sh.Serving) -> None:
     images, projects = running.images, running.projects
     alpha = projects("alpha")
     request_id = str(uuid.uuid4())
     first = await images.CreateImage(_create(request_id), metadata=alpha)
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=first.name), metadata=alpha)
 
-    rich = await expect_error(
-        images.CreateImage(_create(request_id), metadata=alpha), Code.FAILED_PRECONDITION
+    rich = await sh.expect_error(
+        images.CreateImage(_create(request_id), metadata=alpha), sh.Code.FAILED_PRECONDITION
     )
 
     _expect_consumed(rich, first.name, "deleted")
-    assert await names_listed(images, alpha, "type = private") == []  # nothing made again
+    assert await sh.names_listed(images, alpha, "type = private") == []  # nothing made again
     # A new request_id creates as usual.
     fresh = await images.CreateImage(_create(str(uuid.uuid4())), metadata=alpha)
     assert fresh.name != first.name
 
 
 async def test_a_create_retry_after_the_upload_failed_is_refused_as_consumed(
-    running: Serving,
+    running: sh.Serving,
 ) -> None:
     """A declared sha256 that the bytes do not match kills the image."""
     images, projects = running.images, running.projects
     alpha = projects("alpha")
     request_id = str(uuid.uuid4())
     first = await images.CreateImage(_create(request_id), metadata=alpha)
-    data = random_bytes(4096)
+    data = sh.random_bytes(4096)
     requests = [
         image_pb2.UploadImageDataRequest(
             metadata=image_pb2.UploadImageDataMetadata(name=first.name, sha256="0" * 64)
         ),
         image_pb2.UploadImageDataRequest(chunk=data),
     ]
-    await expect_error(images.UploadImageData(iter(requests), metadata=alpha), Code.DATA_LOSS)
+    await sh.expect_error(images.UploadImageData(iter(requests), metadata=alpha), sh.Code.DATA_LOSS)
     killed = await images.GetImage(image_pb2.GetImageRequest(name=first.name), metadata=alpha)
     assert killed.status == image_pb2.IMAGE_STATUS_KILLED
 
-    rich = await expect_error(
-        images.CreateImage(_create(request_id), metadata=alpha), Code.FAILED_PRECONDITION
+    rich = await sh.expect_error(
+        images.CreateImage(_create(request_id), metadata=alpha), sh.Code.FAILED_PRECONDITION
     )
 
     _expect_consumed(rich, first.name, "killed")
-    assert await names_listed(images, alpha, "type = private") == [first.name]
+    assert await sh.names_listed(images, alpha, "type = private") == [first.name]
 
 
 async def test_a_replicate_retry_after_the_replica_is_deleted_is_refused_as_consumed(
-    running: Serving,
+    running: sh.Serving,
 ) -> None:
     images, sharing = running.images, running.sharing
     source, beta = await _shared_with_beta(running)
     request_id = str(uuid.uuid4())
-    replica = await replicate(sharing, beta, source.name, request_id=request_id)
+    replica = await sh.replicate(sharing, beta, source.name, request_id=request_id)
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=replica.name), metadata=beta)
 
-    rich = await expect_error(
-        replicate(sharing, beta, source.name, request_id=request_id), Code.FAILED_PRECONDITION
+    rich = await sh.expect_error(
+        sh.replicate(sharing, beta, source.name, request_id=request_id), sh.Code.FAILED_PRECONDITION
     )
 
     _expect_consumed(rich, replica.name, "deleted")
     assert rich.info.metadata["method"] == "replicate"
-    assert await names_listed(images, beta, "type = private") == []
+    assert await sh.names_listed(images, beta, "type = private") == []
 
 
 async def test_concurrent_retries_of_both_rpcs_with_one_request_id_make_one_image_each(
-    running: Serving,
+    running: sh.Serving,
 ) -> None:
     images, sharing = running.images, running.sharing
     source, beta = await _shared_with_beta(running)
     request_id = str(uuid.uuid4())
 
-    outcomes = await gather_outcomes(
+    outcomes = await sh.gather_outcomes(
         [
             *(images.CreateImage(_create(request_id), metadata=beta) for _ in range(6)),
-            *(replicate(sharing, beta, source.name, request_id=request_id) for _ in range(6)),
+            *(sh.replicate(sharing, beta, source.name, request_id=request_id) for _ in range(6)),
         ]
     )
 
@@ -188,12 +173,12 @@ async def test_concurrent_retries_of_both_rpcs_with_one_request_id_make_one_imag
     created = {response.name for response, _ in outcomes[:6]}
     replicas = {response.name for response, _ in outcomes[6:]}
     assert len(created) == 1 and len(replicas) == 1 and created != replicas
-    listed = await names_listed(images, beta, "type = private")
+    listed = await sh.names_listed(images, beta, "type = private")
     assert sorted(listed) == sorted(created | replicas)
     (replica_name,) = replicas
     for _ in range(100):  # a racing retry may answer while the bytes are still copied
         got = await images.GetImage(image_pb2.GetImageRequest(name=replica_name), metadata=beta)
-        if got.status == ACTIVE:
+        if got.status == sh.ACTIVE:
             break
         await asyncio.sleep(0.05)
-    assert got.status == ACTIVE and got.sha256 == source.sha256
+    assert got.status == sh.ACTIVE and got.sha256 == source.sha256
