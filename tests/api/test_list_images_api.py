@@ -6,6 +6,7 @@ and none changes a public image, so they cannot see each other's images."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import api_support as api
 import pytest
@@ -27,6 +28,32 @@ PRIVATE = {WEB, BUILD, ARM, SQL, ODD}
 # The other project's image: it must never show up in the main project's lists.
 FOREIGN = "CentOS foreign secret"
 
+#: What sets each private image apart from support.builders.private_image.
+OWNED: dict[str, dict[str, Any]] = {
+    WEB: {"hardware_model": api.S4_MODEL, "tags": ["web", "prod"], "protected": True},
+    BUILD: {
+        "os_distro": "ubuntu",
+        "os_version": "22.04",
+        "hardware_model": api.H2_MODEL,
+        "tags": ["ci"],
+    },
+    ARM: {
+        "os_distro": "openeuler",
+        "os_version": "22.03",
+        "architecture": image_pb2.ARCHITECTURE_AARCH64,
+        "hardware_model": api.KI1_MODEL,
+    },
+    SQL: {
+        "os_type": image_pb2.OS_TYPE_WINDOWS,
+        "os_distro": "windows-server",
+        "os_version": "2019",
+        "hardware_model": api.S4_MODEL,
+        "tags": ["db"],
+    },
+    ODD: {"hardware_model": api.H2_MODEL},
+}
+FOREIGN_IMAGE = {"hardware_model": api.S4_MODEL, "tags": ["web", "ci"], "protected": True}
+
 
 @dataclass
 class Dataset:
@@ -42,51 +69,9 @@ async def dataset(service, channel) -> Dataset:
     owner_project, other_project = api.fresh_project("alpha"), api.fresh_project("beta")
     owner = bearer(service.authority.issue(owner_project))
     other = bearer(service.authority.issue(other_project))
-    await api.create(
-        images,
-        owner,
-        display_name=WEB,
-        hardware_model=api.S4_MODEL,
-        tags=["web", "prod"],
-        protected=True,
-    )
-    await api.create(
-        images,
-        owner,
-        display_name=BUILD,
-        os_distro="ubuntu",
-        os_version="22.04",
-        hardware_model=api.H2_MODEL,
-        tags=["ci"],
-    )
-    await api.create(
-        images,
-        owner,
-        display_name=ARM,
-        os_distro="openeuler",
-        os_version="22.03",
-        architecture=image_pb2.ARCHITECTURE_AARCH64,
-        hardware_model=api.KI1_MODEL,
-    )
-    await api.create(
-        images,
-        owner,
-        display_name=SQL,
-        os_type=image_pb2.OS_TYPE_WINDOWS,
-        os_distro="windows-server",
-        os_version="2019",
-        hardware_model=api.S4_MODEL,
-        tags=["db"],
-    )
-    await api.create(images, owner, display_name=ODD, hardware_model=api.H2_MODEL)
-    await api.create(
-        images,
-        other,
-        display_name=FOREIGN,
-        hardware_model=api.S4_MODEL,
-        tags=["web", "ci"],
-        protected=True,
-    )
+    for display_name, overrides in OWNED.items():
+        await api.create(images, owner, display_name=display_name, **overrides)
+    await api.create(images, other, display_name=FOREIGN, **FOREIGN_IMAGE)
     return Dataset(owner, other, owner_project, other_project)
 
 
