@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from bms_image.common.serving import RunningService
 from support import builders, services
 from support.api_pages import every_page
 from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
@@ -54,27 +52,13 @@ SHARED = image_pb2.IMAGE_TYPE_SHARED
 Projects = ProjectMetadata
 
 
-def shared_service_fixtures() -> tuple[Any, Any, Any, Any, Any]:
-    """support.services.shared_service_fixtures plus per-test `projects`,
-    `images` and `sharing` stubs, for modules whose tests use projects of
-    their own and so cannot see each other's images. Such modules must run
-    on the module's event loop:
+def shared_service_fixtures() -> tuple[Any, Any]:
+    """support.services.shared_service_fixtures, for modules whose tests use
+    projects of their own (the `projects` fixture) and so cannot see each
+    other's images; the `images` and `sharing` stubs then use its channel.
+    Such modules must run on the module's event loop:
     `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
-    service, channel = services.shared_service_fixtures("sharing-service")
-
-    @pytest.fixture
-    def projects(service: RunningService) -> Projects:
-        return Projects(service)
-
-    @pytest.fixture
-    def images(channel: grpc.aio.Channel) -> ImageStub:
-        return ImageStub(channel)
-
-    @pytest.fixture
-    def sharing(channel: grpc.aio.Channel) -> SharingStub:
-        return SharingStub(channel)
-
-    return service, channel, projects, images, sharing
+    return services.shared_service_fixtures("sharing-service")
 
 
 # -- errors ----------------------------------------------------------------------

@@ -40,7 +40,7 @@ from bms.image.v1 import image_pb2, sharing_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-service, channel, projects, images, sharing = sh.shared_service_fixtures()
+service, channel = sh.shared_service_fixtures()
 
 ROLES = ("owner", "pending", "accepted", "rejected", "stranger", "admin")
 MEMBER_ROLES = ("pending", "accepted", "rejected")

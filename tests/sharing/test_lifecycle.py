@@ -13,7 +13,7 @@ from bms.image.v1 import image_pb2, sharing_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-service, channel, projects, images, sharing = sh.shared_service_fixtures()
+service, channel = sh.shared_service_fixtures()
 
 #: Several download chunks (the service sends 1 MiB ones) and an odd tail.
 IMAGE_BYTES = 2 * 1024 * 1024 + 12_345

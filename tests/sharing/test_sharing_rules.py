@@ -16,7 +16,7 @@ from support.services import make_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-service, channel, projects, images, sharing = sh.shared_service_fixtures()
+service, channel = sh.shared_service_fixtures()
 
 
 @dataclass
