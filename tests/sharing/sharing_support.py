@@ -1,8 +1,8 @@
-"""Helpers of the sharing tests: rich-status decoding, image and member
-builders, a verifying downloader and module-scoped service fixtures. Plain
-functions, so import them as `from sharing_support import ...` (never from a
-conftest module). The error decoding is copied from tests/api/api_support.py,
-which is only importable when tests/api is on sys.path."""
+"""Helpers of the sharing tests: image and member builders, a verifying
+downloader and module-scoped service fixtures. Plain functions, so import
+the module (`import sharing_support as sh`), never from a conftest module.
+Error decoding, stubs and services are support.errors' and support.services':
+tests import them from there."""
 
 from __future__ import annotations
 
@@ -17,24 +17,9 @@ from google.protobuf import field_mask_pb2
 from bms.image.v1 import image_pb2, sharing_pb2
 from support import builders, services
 from support.api_pages import every_page
-from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
-from support.errors import (  # noqa: F401 - re-exported for this folder's tests
-    Code,
-    RichError,
-    decode,
-    expect_error,
-    expect_invalid,
-    outcome,
-)
-from support.services import (  # noqa: F401 - re-exported
-    ImageStub,
-    ProjectMetadata,
-    Serving,
-    SharingStub,
-    make_settings,
-    serving,
-    token_metadata,
-)
+from support.builders import random_bytes, sha256_hex
+from support.errors import RichError, decode, outcome
+from support.services import ImageStub, ProjectMetadata, SharingStub
 from support.tokens import Metadata
 
 PENDING = sharing_pb2.MEMBER_STATUS_PENDING
@@ -59,12 +44,6 @@ def shared_service_fixtures() -> tuple[Any, Any]:
     Such modules must run on the module's event loop:
     `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
     return services.shared_service_fixtures("sharing-service")
-
-
-# -- errors ----------------------------------------------------------------------
-
-
-# Error decoding lives in support.errors (shared by every test folder).
 
 
 # -- images ----------------------------------------------------------------------

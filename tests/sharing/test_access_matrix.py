@@ -37,6 +37,9 @@ import pytest
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
+from support.errors import RichError, decode, outcome
+from support.services import ImageStub, SharingStub
+from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -114,19 +117,19 @@ async def test_the_matrix_covers_every_rpc_of_both_services() -> None:
 
 @dataclass
 class Scene:
-    images: sh.ImageStub
-    sharing: sh.SharingStub
+    images: ImageStub
+    sharing: SharingStub
     image: sh.Uploaded
     display_name: str
     project: dict[str, str]
-    md: dict[str, sh.Metadata]
+    md: dict[str, Metadata]
 
     def member(self, role: str, image_name: str) -> str:
         """The membership a caller acts on: its own for members, else the
         pending/accepted one named by the probe."""
         return sh.member_name(image_name, self.project[role])
 
-    def leaks(self, response: Any, error: sh.RichError | None) -> list[str]:
+    def leaks(self, response: Any, error: RichError | None) -> list[str]:
         """What a reply tells about the image that its caller cannot see."""
         image = self.image.image
         found: list[str] = []
@@ -145,7 +148,7 @@ class Scene:
         return found
 
 
-async def make_scene(images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects) -> Scene:
+async def make_scene(images: ImageStub, sharing: SharingStub, projects: sh.Projects) -> Scene:
     project = {role: projects.name(role) for role in ROLES}
     md = {role: projects(role, admin=role == "admin") for role in ROLES}
     display_name = f"secret-golden-{uuid.uuid4().hex[:8]}"
@@ -167,23 +170,23 @@ async def make_scene(images: sh.ImageStub, sharing: sh.SharingStub, projects: sh
 
 # -- probes: one call each, reduced to the label the matrix holds ---------------------
 
-Probe = Callable[[Scene, str, str], Awaitable[tuple[str, Any, sh.RichError | None]]]
+Probe = Callable[[Scene, str, str], Awaitable[tuple[str, Any, RichError | None]]]
 
 
-def labelled(response: Any, error: sh.RichError | None) -> tuple[str, Any, sh.RichError | None]:
+def labelled(response: Any, error: RichError | None) -> tuple[str, Any, RichError | None]:
     return (error.code.name if error else OK), response, error
 
 
 async def probe_create_member(scene: Scene, role: str, name: str) -> Any:
     newcomer = f"newcomer-{uuid.uuid4().hex[:8]}"
-    response, error = await sh.outcome(sh.share(scene.sharing, scene.md[role], name, newcomer))
+    response, error = await outcome(sh.share(scene.sharing, scene.md[role], name, newcomer))
     if response is not None:
         assert (response.member_project, response.status) == (newcomer, sh.PENDING)
     return labelled(response, error)
 
 
 async def probe_list_members(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(sh.list_members(scene.sharing, scene.md[role], name))
+    response, error = await outcome(sh.list_members(scene.sharing, scene.md[role], name))
     if error:
         return error.code.name, None, error
     listed = [m.member_project for m in response]
@@ -197,7 +200,7 @@ async def probe_list_members(scene: Scene, role: str, name: str) -> Any:
 
 async def probe_get_member(scene: Scene, role: str, name: str) -> Any:
     target = role if role in MEMBER_ROLES else "accepted"
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.sharing.GetImageMember(
             sharing_pb2.GetImageMemberRequest(name=scene.member(target, name)),
             metadata=scene.md[role],
@@ -213,7 +216,7 @@ async def probe_update_member(scene: Scene, role: str, name: str) -> Any:
     # rejected accepts); the others try to accept for the pending member.
     target = role if role in MEMBER_ROLES else "pending"
     status = sh.REJECTED if role == "accepted" else sh.ACCEPTED
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.sharing.UpdateImageMember(
             sh.answer_request(scene.member(target, name), status), metadata=scene.md[role]
         )
@@ -225,7 +228,7 @@ async def probe_update_member(scene: Scene, role: str, name: str) -> Any:
 
 async def probe_delete_member(scene: Scene, role: str, name: str) -> Any:
     target = role if role in MEMBER_ROLES else "accepted"
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.sharing.DeleteImageMember(
             sharing_pb2.DeleteImageMemberRequest(name=scene.member(target, name)),
             metadata=scene.md[role],
@@ -235,7 +238,7 @@ async def probe_delete_member(scene: Scene, role: str, name: str) -> Any:
 
 
 async def probe_replicate(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(sh.replicate(scene.sharing, scene.md[role], name))
+    response, error = await outcome(sh.replicate(scene.sharing, scene.md[role], name))
     if response is not None:
         assert response.owner_project == scene.project[role]
         assert response.type == sh.PRIVATE
@@ -244,7 +247,7 @@ async def probe_replicate(scene: Scene, role: str, name: str) -> Any:
 
 
 async def probe_list_images(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(sh.list_images(scene.images, scene.md[role]))
+    response, error = await outcome(sh.list_images(scene.images, scene.md[role]))
     if error:
         return error.code.name, None, error
     found = [image for image in response if image.name == name]
@@ -255,7 +258,7 @@ async def probe_list_images(scene: Scene, role: str, name: str) -> Any:
 
 
 async def probe_get_image(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.images.GetImage(image_pb2.GetImageRequest(name=name), metadata=scene.md[role])
     )
     if response is not None:
@@ -269,19 +272,19 @@ async def probe_update_image(scene: Scene, role: str, name: str) -> Any:
         image=image_pb2.Image(name=name, description=f"changed by {role}"),
         update_mask=sh.mask("description"),
     )
-    response, error = await sh.outcome(scene.images.UpdateImage(request, metadata=scene.md[role]))
+    response, error = await outcome(scene.images.UpdateImage(request, metadata=scene.md[role]))
     return labelled(response, error)
 
 
 async def probe_delete_image(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.images.DeleteImage(image_pb2.DeleteImageRequest(name=name), metadata=scene.md[role])
     )
     return labelled(response, error)
 
 
 async def probe_deprecate(scene: Scene, role: str, name: str) -> Any:
-    response, error = await sh.outcome(
+    response, error = await outcome(
         scene.images.DeprecateImage(
             image_pb2.DeprecateImageRequest(name=name), metadata=scene.md[role]
         )
@@ -291,9 +294,7 @@ async def probe_deprecate(scene: Scene, role: str, name: str) -> Any:
 
 async def probe_upload(scene: Scene, role: str, name: str) -> Any:
     requests = iter(sh.upload_requests(name, b"\x01" * 4096))
-    response, error = await sh.outcome(
-        scene.images.UploadImageData(requests, metadata=scene.md[role])
-    )
+    response, error = await outcome(scene.images.UploadImageData(requests, metadata=scene.md[role]))
     return labelled(response, error)
 
 
@@ -301,7 +302,7 @@ async def probe_download(scene: Scene, role: str, name: str) -> Any:
     try:
         data, _, _ = await sh.download(scene.images, scene.md[role], name)
     except grpc.aio.AioRpcError as error:
-        rich = sh.decode(error)
+        rich = decode(error)
         return rich.code.name, None, rich
     assert data == scene.image.data
     return OK, data, None
@@ -324,7 +325,7 @@ PROBES: dict[str, Probe] = {
 }
 
 
-def _without_id(error: sh.RichError, image_id: str) -> tuple[str, str, str, str]:
+def _without_id(error: RichError, image_id: str) -> tuple[str, str, str, str]:
     """What an error says, the image's id masked out."""
     hidden = "<id>"
     return (
@@ -339,8 +340,8 @@ async def check_cell(
     rpc: str,
     role: str,
     expected: str,
-    images: sh.ImageStub,
-    sharing: sh.SharingStub,
+    images: ImageStub,
+    sharing: SharingStub,
     projects: sh.Projects,
 ) -> tuple[str, list[str]]:
     """One cell on a scene of its own (the successful calls change the image
@@ -382,7 +383,7 @@ async def check_cell(
 
 @pytest.mark.parametrize("rpc", list(MATRIX), ids=[table_row(r, c) for r, c in MATRIX.items()])
 async def test_access_matrix(
-    rpc: str, images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    rpc: str, images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     cells = await asyncio.gather(
         *(

@@ -10,6 +10,9 @@ import pytest
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
+from support.errors import Code, expect_error, expect_invalid
+from support.services import ImageStub, SharingStub
+from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -19,15 +22,15 @@ service, channel = sh.shared_service_fixtures()
 IMAGE_BYTES = 2 * 1024 * 1024 + 12_345
 
 
-async def get_image(images: sh.ImageStub, md: sh.Metadata, name: str) -> image_pb2.Image:
+async def get_image(images: ImageStub, md: Metadata, name: str) -> image_pb2.Image:
     return await images.GetImage(image_pb2.GetImageRequest(name=name), metadata=md)
 
 
 async def assert_gone_for(
-    images: sh.ImageStub, sharing: sh.SharingStub, md: sh.Metadata, project: str, name: str
+    images: ImageStub, sharing: SharingStub, md: Metadata, project: str, name: str
 ) -> None:
     """The image is invisible to `project`, in every way it could look."""
-    await sh.expect_error(get_image(images, md, name), sh.Code.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(get_image(images, md, name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
     for filter_text in (
         "",
         "type = shared",
@@ -36,17 +39,17 @@ async def assert_gone_for(
         assert name not in await sh.names_listed(images, md, filter_text), filter_text
     error = await sh.download_error(images, md, name)
     assert error is not None
-    assert (error.code, error.reason) == (sh.Code.NOT_FOUND, "IMAGE_NOT_FOUND")
-    await sh.expect_error(sh.replicate(sharing, md, name), sh.Code.NOT_FOUND, "IMAGE_NOT_FOUND")
-    await sh.expect_error(sh.answer(sharing, md, name, project, sh.ACCEPTED), sh.Code.NOT_FOUND)
-    await sh.expect_error(
+    assert (error.code, error.reason) == (Code.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(sh.replicate(sharing, md, name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(sh.answer(sharing, md, name, project, sh.ACCEPTED), Code.NOT_FOUND)
+    await expect_error(
         sharing.ListImageMembers(sharing_pb2.ListImageMembersRequest(parent=name), metadata=md),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
     )
 
 
 async def test_share_accept_replicate_and_outlive_the_original(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
@@ -82,14 +85,14 @@ async def test_share_accept_replicate_and_outlive_the_original(
     assert list(copy.tags) == ["web"]
     assert not copy.protected
     assert await sh.names_listed(images, beta, "type = private") == [copy.name]
-    await sh.expect_error(get_image(images, alpha, copy.name), sh.Code.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(get_image(images, alpha, copy.name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
     copied, _, _ = await sh.download(images, beta, copy.name)
     assert copied == original.data
 
     # The owner deletes the original: beta loses it, keeps the copy.
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=original.name), metadata=alpha)
     await assert_gone_for(images, sharing, beta, beta_project, original.name)
-    await sh.expect_error(get_image(images, alpha, original.name), sh.Code.NOT_FOUND)
+    await expect_error(get_image(images, alpha, original.name), Code.NOT_FOUND)
 
     still = await get_image(images, beta, copy.name)
     assert (still.status, still.sha256, still.size_bytes) == (
@@ -107,7 +110,7 @@ async def test_share_accept_replicate_and_outlive_the_original(
 
 
 async def test_stopping_to_share_takes_the_image_away_at_once(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
@@ -121,17 +124,17 @@ async def test_stopping_to_share_takes_the_image_away_at_once(
 
     await assert_gone_for(images, sharing, beta, beta_project, original.name)
     assert await sh.list_members(sharing, alpha, original.name) == []
-    await sh.expect_error(
+    await expect_error(
         sharing.GetImageMember(
             sharing_pb2.GetImageMemberRequest(name=sh.member_name(original.name, beta_project)),
             metadata=alpha,
         ),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
-    await sh.expect_error(
+    await expect_error(
         sh.unshare(sharing, alpha, original.name, beta_project),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
     # The owner keeps the original; beta keeps the copy it made earlier.
@@ -148,7 +151,7 @@ async def test_stopping_to_share_takes_the_image_away_at_once(
 
 
 async def test_replicating_twice_with_one_request_id_makes_one_copy(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
@@ -171,14 +174,14 @@ async def test_replicating_twice_with_one_request_id_makes_one_copy(
 
 @pytest.mark.parametrize("request_id", ["not-a-uuid", str(uuid.uuid4()).upper()])
 async def test_a_replicate_request_id_must_be_a_canonical_uuid(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects, request_id: str
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, request_id: str
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     original = await sh.create_active(images, alpha)
     await sh.share(sharing, alpha, original.name, projects.name("beta"))
     await sh.answer(sharing, beta, original.name, projects.name("beta"), sh.ACCEPTED)
 
-    await sh.expect_invalid(
+    await expect_invalid(
         sh.replicate(sharing, beta, original.name, request_id=request_id), "request_id"
     )
     assert await sh.names_listed(images, beta, "type = private") == []

@@ -15,20 +15,21 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from support.services import make_settings
+from support.errors import Code, expect_error, outcome
+from support.services import Serving, make_settings, serving
 
 MAX_MEMBERS = 5
 
 
 @pytest.fixture
-async def limited(tmp_path: Path, database_url: str) -> AsyncIterator[sh.Serving]:
+async def limited(tmp_path: Path, database_url: str) -> AsyncIterator[Serving]:
     """A service on the test's database allowing 5 members per image."""
     settings = make_settings(tmp_path, database_url=database_url, max_image_members=MAX_MEMBERS)
-    async with sh.serving(settings) as running:
+    async with serving(settings) as running:
         yield running
 
 
-async def test_the_member_limit_holds_and_is_a_quota_failure(limited: sh.Serving) -> None:
+async def test_the_member_limit_holds_and_is_a_quota_failure(limited: Serving) -> None:
     images, sharing, projects = limited.images, limited.sharing, limited.projects
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
@@ -36,9 +37,9 @@ async def test_the_member_limit_holds_and_is_a_quota_failure(limited: sh.Serving
     for project in members:
         await sh.share(sharing, owner, image.name, project)
 
-    rich = await sh.expect_error(
+    rich = await expect_error(
         sh.share(sharing, owner, image.name, projects.name("sixth")),
-        sh.Code.RESOURCE_EXHAUSTED,
+        Code.RESOURCE_EXHAUSTED,
         "IMAGE_MEMBER_QUOTA_EXCEEDED",
     )
     assert rich.quota_failure is not None
@@ -57,7 +58,7 @@ async def test_the_member_limit_holds_and_is_a_quota_failure(limited: sh.Serving
     assert len(await sh.list_members(sharing, owner, image.name)) == MAX_MEMBERS
 
 
-async def test_concurrent_shares_with_one_project_make_one_member(limited: sh.Serving) -> None:
+async def test_concurrent_shares_with_one_project_make_one_member(limited: Serving) -> None:
     images, sharing, projects = limited.images, limited.sharing, limited.projects
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
@@ -76,7 +77,7 @@ async def test_concurrent_shares_with_one_project_make_one_member(limited: sh.Se
     assert listed[0].status == sh.PENDING
 
 
-async def test_concurrent_shares_of_ten_projects_stop_at_the_limit(limited: sh.Serving) -> None:
+async def test_concurrent_shares_of_ten_projects_stop_at_the_limit(limited: Serving) -> None:
     images, sharing, projects = limited.images, limited.sharing, limited.projects
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
@@ -90,7 +91,7 @@ async def test_concurrent_shares_of_ten_projects_stop_at_the_limit(limited: sh.S
     assert len(refused) == 10 - MAX_MEMBERS
     for error in refused:
         assert (error.code, error.reason) == (
-            sh.Code.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             "IMAGE_MEMBER_QUOTA_EXCEEDED",
         )
         assert error.quota_failure is not None
@@ -98,7 +99,7 @@ async def test_concurrent_shares_of_ten_projects_stop_at_the_limit(limited: sh.S
     assert [m.member_project for m in listed] == shared
 
 
-async def test_racing_share_and_unshare_end_in_a_documented_state(limited: sh.Serving) -> None:
+async def test_racing_share_and_unshare_end_in_a_documented_state(limited: Serving) -> None:
     """Shares always succeed; an unshare succeeds or finds nothing (NOT_FOUND);
     afterwards the project is a member once (PENDING) or not at all, and the
     member's view agrees."""
@@ -121,12 +122,12 @@ async def test_racing_share_and_unshare_end_in_a_documented_state(limited: sh.Se
             if error is None:
                 continue
             assert is_unshare, f"a share failed: {error.code.name} {error.message}"
-            assert (error.code, error.reason) == (sh.Code.NOT_FOUND, "IMAGE_MEMBER_NOT_FOUND"), (
+            assert (error.code, error.reason) == (Code.NOT_FOUND, "IMAGE_MEMBER_NOT_FOUND"), (
                 f"an unshare failed with {error.code.name}: {error.message}"
             )
         listed = await sh.list_members(sharing, owner, image.name)
         assert [m.member_project for m in listed] in ([], [beta]), listed
-        response, error = await sh.outcome(
+        response, error = await outcome(
             sharing.GetImageMember(
                 sharing_pb2.GetImageMemberRequest(name=sh.member_name(image.name, beta)),
                 metadata=member,
@@ -136,13 +137,13 @@ async def test_racing_share_and_unshare_end_in_a_documented_state(limited: sh.Se
             assert error is None and response.status == sh.PENDING
             assert image.name in await sh.names_listed(images, member, "member_status = pending")
         else:
-            assert error is not None and error.code == sh.Code.NOT_FOUND
+            assert error is not None and error.code == Code.NOT_FOUND
             assert image.name not in await sh.names_listed(
                 images, member, "member_status = pending"
             )
 
 
-async def test_racing_answer_and_unshare_end_in_a_documented_state(limited: sh.Serving) -> None:
+async def test_racing_answer_and_unshare_end_in_a_documented_state(limited: Serving) -> None:
     """Members accept while the owner stops sharing with them: each answer
     succeeds or finds nothing (NOT_FOUND), each unshare succeeds, and no
     project is a member afterwards. Never an INTERNAL error. Five races a
@@ -178,7 +179,7 @@ async def test_racing_answer_and_unshare_end_in_a_documented_state(limited: sh.S
                 continue
             # Unshared first: the image is gone for the racer (IMAGE_NOT_FOUND),
             # or the membership went between two reads (IMAGE_MEMBER_NOT_FOUND).
-            assert answer_error.code == sh.Code.NOT_FOUND, answer_error.message
+            assert answer_error.code == Code.NOT_FOUND, answer_error.message
             assert answer_error.reason in ("IMAGE_NOT_FOUND", "IMAGE_MEMBER_NOT_FOUND")
         assert await sh.list_members(sharing, owner, image.name) == []
 
@@ -205,7 +206,7 @@ async def _wait_for_a_blocked_statement(engine: AsyncEngine, is_sqlite: bool) ->
 
 
 async def test_an_answer_while_an_unshare_commits_is_not_found(
-    limited: sh.Serving, database_url: str
+    limited: Serving, database_url: str
 ) -> None:
     """The member answers while the owner's DeleteImageMember is between its
     DELETE and its COMMIT (here: the same DELETE, run and held open on a
@@ -234,7 +235,7 @@ async def test_an_answer_while_an_unshare_commits_is_not_found(
             )
             assert deleted.rowcount == 1
             answering = asyncio.create_task(
-                sh.outcome(sh.answer(sharing, member, image.name, beta, sh.ACCEPTED))
+                outcome(sh.answer(sharing, member, image.name, beta, sh.ACCEPTED))
             )
             await _wait_for_a_blocked_statement(engine, database_url.startswith("sqlite"))
             assert not answering.done(), "the answer did not wait for the unshare"
@@ -244,17 +245,17 @@ async def test_an_answer_while_an_unshare_commits_is_not_found(
         await engine.dispose()
 
     assert error is not None, f"the answer succeeded on a deleted membership: {response}"
-    assert error.code == sh.Code.NOT_FOUND, f"{error.code.name}: {error.message}"
+    assert error.code == Code.NOT_FOUND, f"{error.code.name}: {error.message}"
     assert error.reason in ("IMAGE_NOT_FOUND", "IMAGE_MEMBER_NOT_FOUND")
     assert await sh.list_members(sharing, owner, image.name) == []
-    await sh.expect_error(
+    await expect_error(
         images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=member),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_NOT_FOUND",
     )
 
 
-async def test_concurrent_replicates_with_one_request_id_make_one_copy(limited: sh.Serving) -> None:
+async def test_concurrent_replicates_with_one_request_id_make_one_copy(limited: Serving) -> None:
     images, sharing, projects = limited.images, limited.sharing, limited.projects
     owner, member = projects("alpha"), projects("beta")
     beta = projects.name("beta")

@@ -17,13 +17,15 @@ import pytest
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2
-from support.errors import RichError
-from support.services import make_settings
+from support.builders import random_bytes
+from support.errors import Code, RichError, expect_error
+from support.services import ImageStub, Serving, SharingStub, make_settings, serving
+from support.tokens import Metadata
 
 
 @pytest.fixture
-async def running(tmp_path: Path, database_url: str) -> AsyncIterator[sh.Serving]:
-    async with sh.serving(make_settings(tmp_path, database_url=database_url)) as service:
+async def running(tmp_path: Path, database_url: str) -> AsyncIterator[Serving]:
+    async with serving(make_settings(tmp_path, database_url=database_url)) as service:
         yield service
 
 
@@ -37,8 +39,8 @@ def _create(request_id: str, name: str = "own") -> image_pb2.CreateImageRequest:
 class Caller:
     """A project's calls that all carry one request_id."""
 
-    images: sh.ImageStub
-    md: sh.Metadata
+    images: ImageStub
+    md: Metadata
     request_id: str
 
     def create(self) -> Awaitable[image_pb2.Image]:
@@ -52,7 +54,7 @@ class Caller:
 class Member(Caller):
     """beta, with alpha's active image `source` shared with it and accepted."""
 
-    sharing: sh.SharingStub
+    sharing: SharingStub
     source: sh.Uploaded
 
     def replicate(self) -> Awaitable[image_pb2.Image]:
@@ -60,12 +62,12 @@ class Member(Caller):
 
 
 @pytest.fixture
-def alpha(running: sh.Serving) -> Caller:
+def alpha(running: Serving) -> Caller:
     return Caller(running.images, running.projects("alpha"), str(uuid.uuid4()))
 
 
 @pytest.fixture
-async def beta(running: sh.Serving) -> Member:
+async def beta(running: Serving) -> Member:
     images, sharing, projects = running.images, running.sharing, running.projects
     owner, member = projects("alpha"), projects("beta")
     image = await sh.create_active(images, owner, size=64 * 1024)
@@ -75,7 +77,7 @@ async def beta(running: sh.Serving) -> Member:
 
 
 def _expect_consumed(rich: RichError, image_name: str, status: str) -> None:
-    assert rich.code == sh.Code.FAILED_PRECONDITION, rich.message
+    assert rich.code == Code.FAILED_PRECONDITION, rich.message
     assert rich.reason == "REQUEST_ID_CONSUMED", rich.message
     assert rich.info.metadata["image"] == image_name
     assert rich.info.metadata["status"] == status
@@ -112,7 +114,7 @@ async def test_a_create_retry_after_a_delete_is_refused_as_consumed(alpha: Calle
     first = await alpha.create()
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=first.name), metadata=alpha.md)
 
-    rich = await sh.expect_error(alpha.create(), sh.Code.FAILED_PRECONDITION)
+    rich = await expect_error(alpha.create(), Code.FAILED_PRECONDITION)
 
     _expect_consumed(rich, first.name, "deleted")
     assert await alpha.private_names() == []  # nothing made again
@@ -127,20 +129,18 @@ async def test_a_create_retry_after_the_upload_failed_is_refused_as_consumed(
     """A declared sha256 that the bytes do not match kills the image."""
     images = alpha.images
     first = await alpha.create()
-    data = sh.random_bytes(4096)
+    data = random_bytes(4096)
     requests = [
         image_pb2.UploadImageDataRequest(
             metadata=image_pb2.UploadImageDataMetadata(name=first.name, sha256="0" * 64)
         ),
         image_pb2.UploadImageDataRequest(chunk=data),
     ]
-    await sh.expect_error(
-        images.UploadImageData(iter(requests), metadata=alpha.md), sh.Code.DATA_LOSS
-    )
+    await expect_error(images.UploadImageData(iter(requests), metadata=alpha.md), Code.DATA_LOSS)
     killed = await images.GetImage(image_pb2.GetImageRequest(name=first.name), metadata=alpha.md)
     assert killed.status == image_pb2.IMAGE_STATUS_KILLED
 
-    rich = await sh.expect_error(alpha.create(), sh.Code.FAILED_PRECONDITION)
+    rich = await expect_error(alpha.create(), Code.FAILED_PRECONDITION)
 
     _expect_consumed(rich, first.name, "killed")
     assert await alpha.private_names() == [first.name]
@@ -152,7 +152,7 @@ async def test_a_replicate_retry_after_the_replica_is_deleted_is_refused_as_cons
     replica = await beta.replicate()
     await beta.images.DeleteImage(image_pb2.DeleteImageRequest(name=replica.name), metadata=beta.md)
 
-    rich = await sh.expect_error(beta.replicate(), sh.Code.FAILED_PRECONDITION)
+    rich = await expect_error(beta.replicate(), Code.FAILED_PRECONDITION)
 
     _expect_consumed(rich, replica.name, "deleted")
     assert rich.info.metadata["method"] == "replicate"

@@ -12,7 +12,9 @@ import pytest_asyncio
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from support.services import make_settings
+from support.errors import Code, expect_error, expect_invalid
+from support.services import ImageStub, SharingStub, make_settings, serving
+from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -23,9 +25,9 @@ service, channel = sh.shared_service_fixtures()
 class Offer:
     """alpha's ACTIVE image, to be shared with beta."""
 
-    sharing: sh.SharingStub
-    owner: sh.Metadata  # alpha's call metadata
-    member: sh.Metadata  # beta's
+    sharing: SharingStub
+    owner: Metadata  # alpha's call metadata
+    member: Metadata  # beta's
     image: sh.Uploaded
     beta: str  # beta's project name
 
@@ -37,7 +39,7 @@ class Offer:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def offer(images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects) -> Offer:
+async def offer(images: ImageStub, sharing: SharingStub, projects: sh.Projects) -> Offer:
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
     return Offer(sharing, owner, projects("beta"), image, projects.name("beta"))
@@ -48,15 +50,15 @@ async def offer(images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Proj
 
 @pytest.mark.parametrize("admin", [False, True], ids=["project", "admin"])
 async def test_a_public_image_cannot_be_shared(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects, admin: bool
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, admin: bool
 ) -> None:
     caller = projects("alpha", admin=admin)
     public = await sh.list_images(images, caller, "type = public")
     assert public, "the seeded catalog has public images"
 
-    rich = await sh.expect_error(
+    rich = await expect_error(
         sh.share(sharing, caller, public[0].name, projects.name("beta")),
-        sh.Code.FAILED_PRECONDITION,
+        Code.FAILED_PRECONDITION,
         "PUBLIC_IMAGE_NOT_SHAREABLE",
     )
 
@@ -66,7 +68,7 @@ async def test_a_public_image_cannot_be_shared(
 
 @pytest.mark.parametrize("state", ["queued", "killed"])
 async def test_an_image_that_is_not_active_cannot_be_shared(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects, state: str
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, state: str
 ) -> None:
     owner = projects("alpha")
     image = await sh.create_queued(images, owner)
@@ -77,13 +79,13 @@ async def test_an_image_that_is_not_active_cannot_be_shared(
             ),
             image_pb2.UploadImageDataRequest(chunk=b"\x01" * 9),
         ]
-        await sh.expect_error(
-            images.UploadImageData(iter(requests), metadata=owner), sh.Code.INVALID_ARGUMENT
+        await expect_error(
+            images.UploadImageData(iter(requests), metadata=owner), Code.INVALID_ARGUMENT
         )
 
-    rich = await sh.expect_error(
+    rich = await expect_error(
         sh.share(sharing, owner, image.name, projects.name("beta")),
-        sh.Code.FAILED_PRECONDITION,
+        Code.FAILED_PRECONDITION,
         "IMAGE_NOT_ACTIVE",
     )
 
@@ -96,7 +98,7 @@ async def test_an_image_that_is_not_active_cannot_be_shared(
     "answered", [sh.PENDING, sh.ACCEPTED, sh.REJECTED], ids=["pending", "accepted", "rejected"]
 )
 async def test_an_image_shared_with_you_cannot_be_shared_on(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects, answered: int
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, answered: int
 ) -> None:
     """The service rule: a member that sees the image gets PERMISSION_DENIED
     and is told to replicate it instead."""
@@ -106,9 +108,9 @@ async def test_an_image_shared_with_you_cannot_be_shared_on(
     if answered != sh.PENDING:
         await sh.answer(sharing, member, image.name, projects.name("beta"), answered)
 
-    rich = await sh.expect_error(
+    rich = await expect_error(
         sh.share(sharing, member, image.name, projects.name("gamma")),
-        sh.Code.PERMISSION_DENIED,
+        Code.PERMISSION_DENIED,
         "NOT_IMAGE_OWNER",
     )
 
@@ -119,7 +121,7 @@ async def test_an_image_shared_with_you_cannot_be_shared_on(
 
 
 async def test_a_replica_of_a_shared_image_can_be_shared_on(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     owner, member, third = projects("alpha"), projects("beta"), projects("gamma")
     image = await sh.create_active(images, owner)
@@ -152,13 +154,13 @@ async def test_a_replica_of_a_shared_image_can_be_shared_on(
     ],
 )
 async def test_sharing_with_the_owner_or_a_malformed_project_is_invalid(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects, project: str
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, project: str
 ) -> None:
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
     target = projects.name("alpha") if project == "<own>" else project
 
-    rich = await sh.expect_invalid(
+    rich = await expect_invalid(
         sh.share(sharing, owner, image.name, target), "member.member_project"
     )
 
@@ -167,7 +169,7 @@ async def test_sharing_with_the_owner_or_a_malformed_project_is_invalid(
 
 
 async def test_a_64_character_project_id_is_valid(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
@@ -180,7 +182,7 @@ async def test_a_64_character_project_id_is_valid(
     assert member.name == sh.member_name(image.name, longest)
 
 
-async def test_sharing_twice_returns_the_same_member(sharing: sh.SharingStub, offer: Offer) -> None:
+async def test_sharing_twice_returns_the_same_member(sharing: SharingStub, offer: Offer) -> None:
     image, beta = offer.image, offer.beta
 
     first = await offer.share()
@@ -203,7 +205,7 @@ async def test_sharing_twice_returns_the_same_member(sharing: sh.SharingStub, of
 
 
 async def test_a_member_changes_its_answer_both_ways(
-    images: sh.ImageStub, sharing: sh.SharingStub, offer: Offer
+    images: ImageStub, sharing: SharingStub, offer: Offer
 ) -> None:
     pending = await offer.share()
 
@@ -226,14 +228,14 @@ async def test_a_member_changes_its_answer_both_ways(
 
 
 async def test_an_answer_must_be_accepted_or_rejected_and_name_only_status(
-    sharing: sh.SharingStub, offer: Offer
+    sharing: SharingStub, offer: Offer
 ) -> None:
     member = offer.member
     await offer.share()
     name = sh.member_name(offer.image.name, offer.beta)
 
     for status in (sh.PENDING, sharing_pb2.MEMBER_STATUS_UNSPECIFIED):
-        await sh.expect_invalid(
+        await expect_invalid(
             sharing.UpdateImageMember(sh.answer_request(name, status), metadata=member),
             "member.status",
         )
@@ -242,7 +244,7 @@ async def test_an_answer_must_be_accepted_or_rejected_and_name_only_status(
             member=sharing_pb2.ImageMember(name=name, status=sh.ACCEPTED),
             update_mask=sh.mask(*paths),
         )
-        await sh.expect_invalid(sharing.UpdateImageMember(request, metadata=member), "update_mask")
+        await expect_invalid(sharing.UpdateImageMember(request, metadata=member), "update_mask")
 
     got = await sharing.GetImageMember(
         sharing_pb2.GetImageMemberRequest(name=name), metadata=member
@@ -251,7 +253,7 @@ async def test_an_answer_must_be_accepted_or_rejected_and_name_only_status(
 
 
 async def test_a_member_sees_only_its_own_membership(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     owner, beta, gamma = projects("alpha"), projects("beta"), projects("gamma")
     image = await sh.create_active(images, owner)
@@ -265,19 +267,19 @@ async def test_a_member_sees_only_its_own_membership(
     assert [m.member_project for m in await sh.list_members(sharing, beta, image.name)] == [
         projects.name("beta")
     ]
-    await sh.expect_error(
+    await expect_error(
         sharing.GetImageMember(
             sharing_pb2.GetImageMemberRequest(
                 name=sh.member_name(image.name, projects.name("gamma"))
             ),
             metadata=beta,
         ),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
-    await sh.expect_error(
+    await expect_error(
         sh.answer(sharing, beta, image.name, projects.name("gamma"), sh.ACCEPTED),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
     got = await sharing.GetImageMember(
@@ -288,14 +290,14 @@ async def test_a_member_sees_only_its_own_membership(
 
 
 async def test_stopping_to_share_with_a_non_member_is_not_found(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     owner = projects("alpha")
     image = await sh.create_active(images, owner)
 
-    await sh.expect_error(
+    await expect_error(
         sh.unshare(sharing, owner, image.name, projects.name("beta")),
-        sh.Code.NOT_FOUND,
+        Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
 
@@ -304,7 +306,7 @@ async def test_stopping_to_share_with_a_non_member_is_not_found(
 
 
 async def test_the_recipient_lists_shared_images_by_its_answer(
-    images: sh.ImageStub, sharing: sh.SharingStub, projects: sh.Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     owner, member = projects("alpha"), projects("beta")
     beta = projects.name("beta")
@@ -354,14 +356,14 @@ async def test_a_shared_image_counts_against_nobody_but_its_owner(tmp_path: Path
     """Quota 2: a recipient with 2 own images still accepts shares and sees
     them, but cannot replicate one (RESOURCE_EXHAUSTED + QuotaFailure) until
     it frees a slot."""
-    async with sh.serving(make_settings(tmp_path, private_image_quota=2)) as service:
+    async with serving(make_settings(tmp_path, private_image_quota=2)) as service:
         images, sharing, projects = service.images, service.sharing, service.projects
         owner, member = projects("alpha"), projects("beta")
         beta = projects.name("beta")
         originals = [await sh.create_active(images, owner, display_name=f"os-{i}") for i in (1, 2)]
         own = [await sh.create_queued(images, member, display_name=f"mine-{i}") for i in (1, 2)]
-        await sh.expect_error(
-            sh.create_queued(images, member), sh.Code.RESOURCE_EXHAUSTED, "IMAGE_QUOTA_EXCEEDED"
+        await expect_error(
+            sh.create_queued(images, member), Code.RESOURCE_EXHAUSTED, "IMAGE_QUOTA_EXCEEDED"
         )
 
         for original in originals:
@@ -371,9 +373,9 @@ async def test_a_shared_image_counts_against_nobody_but_its_owner(tmp_path: Path
         listed = await sh.names_listed(images, member, "type = shared")
         assert listed == [o.name for o in originals]
 
-        rich = await sh.expect_error(
+        rich = await expect_error(
             sh.replicate(sharing, member, originals[0].name),
-            sh.Code.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             "IMAGE_QUOTA_EXCEEDED",
         )
         assert rich.quota_failure is not None
@@ -384,8 +386,8 @@ async def test_a_shared_image_counts_against_nobody_but_its_owner(tmp_path: Path
         await images.DeleteImage(image_pb2.DeleteImageRequest(name=own[0].name), metadata=member)
         copy = await sh.replicate(sharing, member, originals[0].name)
         assert (copy.owner_project, copy.status, copy.type) == (beta, sh.ACTIVE, sh.PRIVATE)
-        await sh.expect_error(
+        await expect_error(
             sh.replicate(sharing, member, originals[1].name),
-            sh.Code.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             "IMAGE_QUOTA_EXCEEDED",
         )
