@@ -28,7 +28,7 @@ import asyncio
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import pytest
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
+from support.api_tables import matrix_row
 from support.errors import RichError, decode, outcome
 from support.services import ImageStub, SharingStub
 from support.tokens import Metadata
@@ -94,13 +95,8 @@ CELL_WIDTH = max(len(cell) for row in MATRIX.values() for cell in row)
 RPC_WIDTH = max(len(rpc) for rpc in MATRIX)
 
 
-def table_row(rpc: str, cells: tuple[str, ...] | list[str]) -> str:
-    return (
-        f"{rpc:<{RPC_WIDTH}} | "
-        + " | ".join(
-            f"{role}={cell:<{CELL_WIDTH}}" for role, cell in zip(ROLES, cells, strict=True)
-        )
-    ).rstrip()
+def table_row(rpc: str, cells: Sequence[str]) -> str:
+    return matrix_row(rpc, ROLES, cells, CELL_WIDTH, RPC_WIDTH)
 
 
 async def test_the_matrix_covers_every_rpc_of_both_services() -> None:
