@@ -74,21 +74,26 @@ MATRIX: dict[str, tuple[str, ...]] = {
 }
 
 NOT_ACCEPTED = "SHARED_IMAGE_NOT_ACCEPTED"
+#: The RPCs by which a member would change the image or its members.
+OWNER_ONLY = (
+    "CreateImageMember",
+    "DeleteImageMember",
+    "UpdateImage",
+    "DeleteImage",
+    "UploadImageData",
+)
 #: The ErrorInfo reason of each failing cell; every NOT_FOUND is IMAGE_NOT_FOUND.
 REASONS: dict[tuple[str, str], str] = {
-    **{("CreateImageMember", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeleteImageMember", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
+    **{(rpc, r): "NOT_IMAGE_OWNER" for rpc in OWNER_ONLY for r in MEMBER_ROLES},
+    **{("DeprecateImage", r): "ADMIN_REQUIRED" for r in ("owner", *MEMBER_ROLES)},
+    **{
+        (rpc, r): NOT_ACCEPTED
+        for rpc in ("ReplicateImage", "DownloadImageData")
+        for r in ("pending", "rejected")
+    },
     ("UpdateImageMember", "owner"): "ONLY_MEMBER_ANSWERS",
     ("ReplicateImage", "owner"): "NOT_A_SHARED_IMAGE",
-    ("ReplicateImage", "pending"): NOT_ACCEPTED,
-    ("ReplicateImage", "rejected"): NOT_ACCEPTED,
-    **{("UpdateImage", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeleteImage", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeprecateImage", r): "ADMIN_REQUIRED" for r in ("owner", *MEMBER_ROLES)},
     ("UploadImageData", "owner"): "IMAGE_NOT_QUEUED",
-    **{("UploadImageData", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    ("DownloadImageData", "pending"): NOT_ACCEPTED,
-    ("DownloadImageData", "rejected"): NOT_ACCEPTED,
 }
 
 CELL_WIDTH = max(len(cell) for row in MATRIX.values() for cell in row)
