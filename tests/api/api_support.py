@@ -1,5 +1,7 @@
-"""Helpers shared by the in-process gRPC tests: rich-status decoding, request
-builders and catalog walkers. Plain functions, so no second conftest.py."""
+"""Helpers shared by the in-process gRPC tests: request builders, catalog
+walkers and the names of the seeded catalog. Plain functions, so no second
+conftest.py: import the module (`import api_support as api`); builders,
+error decoding and projects come from support.* directly."""
 
 from __future__ import annotations
 
@@ -16,16 +18,8 @@ from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import builders, errors, services
 from support.api_pages import every_page
-from support.builders import (  # noqa: F401
-    H2_MODEL,
-    KI1_MODEL,
-    PUBLIC_NAMES,
-    S4_MODEL,
-    private_image,
-    public_image,
-)
-from support.errors import RichError, decode_status, expect_invalid  # noqa: F401
-from support.services import ProjectMetadata, fresh_project  # noqa: F401
+from support.builders import private_image
+from support.services import ProjectMetadata
 from support.tokens import Metadata
 
 #: Every FAILED_PRECONDITION these tests provoke names its condition.

@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.auth import TokenAuthority
-from support.builders import private_image
+from support.builders import private_image, public_image
+from support.services import fresh_project
 from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -140,7 +141,7 @@ def _every_rpc(images, provisioning, image_name: str):
 async def test_every_rpc_refuses_bad_credentials(
     service, images, provisioning, as_project, kind
 ) -> None:
-    owner = as_project(api.fresh_project())
+    owner = as_project(fresh_project())
     owned = await api.create(images, owner, display_name="must-survive")
     metadata = _credentials(service, kind)
     calls = _every_rpc(images, provisioning, owned.name)
@@ -158,9 +159,9 @@ async def test_every_rpc_refuses_bad_credentials(
 
 
 async def test_the_unary_rpcs_accept_a_valid_token(images, provisioning, as_project) -> None:
-    admin = as_project(api.fresh_project("ops"), admin=True)
+    admin = as_project(fresh_project("ops"), admin=True)
     probe = await images.CreateImage(
-        image_pb2.CreateImageRequest(image=api.public_image(display_name="auth probe")),
+        image_pb2.CreateImageRequest(image=public_image(display_name="auth probe")),
         metadata=admin,
     )
     calls = _every_rpc(images, provisioning, probe.name)
@@ -178,7 +179,7 @@ async def test_the_unary_rpcs_accept_a_valid_token(images, provisioning, as_proj
 
 
 async def test_bearer_scheme_is_case_insensitive(images, service) -> None:
-    token = service.authority.issue(api.fresh_project())
+    token = service.authority.issue(fresh_project())
     response = await images.ListImages(
         image_pb2.ListImagesRequest(), metadata=(("authorization", f"bearer {token}"),)
     )

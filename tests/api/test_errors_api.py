@@ -10,6 +10,9 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2
+from support.builders import private_image
+from support.errors import RichError, expect_invalid
+from support.services import fresh_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
@@ -78,10 +81,10 @@ def _matches(field: str, expected: str) -> bool:
     ("overrides", "field"), [c[1:] for c in CREATE_ERRORS], ids=[c[0] for c in CREATE_ERRORS]
 )
 async def test_create_rejects_invalid_image(images, as_project, overrides, field) -> None:
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     rich = await api.expect_error(
         images.CreateImage(
-            image_pb2.CreateImageRequest(image=api.private_image(**overrides)), metadata=metadata
+            image_pb2.CreateImageRequest(image=private_image(**overrides)), metadata=metadata
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
@@ -94,9 +97,9 @@ async def test_create_reports_every_bad_field_at_once(images, as_project) -> Non
     rich = await api.expect_error(
         images.CreateImage(
             image_pb2.CreateImageRequest(
-                image=api.private_image(display_name="", os_distro="", hardware_model="nope")
+                image=private_image(display_name="", os_distro="", hardware_model="nope")
             ),
-            metadata=as_project(api.fresh_project()),
+            metadata=as_project(fresh_project()),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_IMAGE",
@@ -106,9 +109,7 @@ async def test_create_reports_every_bad_field_at_once(images, as_project) -> Non
 
 async def test_create_without_an_image(images, as_project) -> None:
     rich = await api.expect_error(
-        images.CreateImage(
-            image_pb2.CreateImageRequest(), metadata=as_project(api.fresh_project())
-        ),
+        images.CreateImage(image_pb2.CreateImageRequest(), metadata=as_project(fresh_project())),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "image.display_name" in rich.fields
@@ -127,7 +128,7 @@ UPDATE_ERRORS = [
 
 async def update_refused(
     images, metadata, image, path: str, values: dict, reason: str | None = None
-) -> api.RichError:
+) -> RichError:
     """UpdateImage of `image` setting `values` under mask `path`, which must
     fail INVALID_ARGUMENT (with `reason`, when given)."""
     return await api.expect_error(
@@ -143,7 +144,7 @@ async def update_refused(
 
 
 async def test_update_rejects_invalid_values(images, as_project) -> None:
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     image = await api.create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
         rich = await update_refused(images, metadata, image, path, values, "INVALID_IMAGE")
@@ -156,12 +157,12 @@ async def test_violations_name_request_paths(images, as_project) -> None:
     """BadRequest.field_violations[].field is a path into the request, as for
     `image.display_name` or `image.os_type`: a tag of CreateImageRequest is
     `image.tags`, not `tags`. Collects every violation that names a bare path."""
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     bare: list[str] = []
     for case, overrides, field in CREATE_ERRORS:
         rich = await api.expect_error(
             images.CreateImage(
-                image_pb2.CreateImageRequest(image=api.private_image(**overrides)),
+                image_pb2.CreateImageRequest(image=private_image(**overrides)),
                 metadata=metadata,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -195,7 +196,7 @@ MALFORMED_NAMES = [
 
 
 async def test_malformed_image_names_are_invalid_for_every_rpc(images, as_project) -> None:
-    metadata = as_project(api.fresh_project(), admin=True)
+    metadata = as_project(fresh_project(), admin=True)
     for name in MALFORMED_NAMES:
         calls = {
             "GetImage": (
@@ -221,12 +222,12 @@ async def test_malformed_image_names_are_invalid_for_every_rpc(images, as_projec
             ),
         }
         for method, (call, field) in calls.items():
-            rich = await api.expect_invalid(call, field, "INVALID_FIELD")
+            rich = await expect_invalid(call, field, "INVALID_FIELD")
             assert len(rich.status.message) < 300, (method, name)
 
 
 async def test_well_formed_names_of_nothing_are_not_found(images, as_project) -> None:
-    metadata = as_project(api.fresh_project(), admin=True)
+    metadata = as_project(fresh_project(), admin=True)
     for name in (f"images/{uuid.uuid4()}", f"images/{uuid.UUID(int=0)}"):
         for call in (
             images.GetImage(image_pb2.GetImageRequest(name=name), metadata=metadata),
@@ -244,8 +245,8 @@ async def test_well_formed_names_of_nothing_are_not_found(images, as_project) ->
 async def test_oversized_request_is_refused_cleanly(images, as_project) -> None:
     """A message over the server's 8 MiB limit fails with RESOURCE_EXHAUSTED
     from gRPC itself; the service keeps serving."""
-    metadata = as_project(api.fresh_project())
-    huge = api.private_image(description="d" * (9 * 1024 * 1024))
+    metadata = as_project(fresh_project())
+    huge = private_image(description="d" * (9 * 1024 * 1024))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await images.CreateImage(image_pb2.CreateImageRequest(image=huge), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -10,6 +10,9 @@ import pytest
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from support.api_pages import every_page
+from support.builders import S4_MODEL
+from support.errors import expect_invalid
+from support.services import fresh_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
@@ -39,7 +42,7 @@ async def test_list_flavors_describes_the_hardware(provisioning, as_project) -> 
         assert flavor.cpu_cores > 0 and flavor.memory_gib > 0 and flavor.local_disk_gb > 0
         assert flavor.cpu_model and flavor.local_disks and flavor.description
     by_name = {f.name: f for f in flavors}
-    assert by_name[f"flavors/{api.S4}"].hardware_model == api.S4_MODEL
+    assert by_name[f"flavors/{api.S4}"].hardware_model == S4_MODEL
     assert by_name[f"flavors/{api.S4}"].evs_boot is True
     assert by_name[f"flavors/{api.H2}"].evs_boot is False
     assert {f.evs_boot for f in flavors} == {True, False}
@@ -77,11 +80,11 @@ async def test_get_flavor_returns_what_list_returns(provisioning, as_project) ->
 async def test_private_images_are_not_a_flavors_public_images(
     provisioning, images, as_project
 ) -> None:
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     before = await provisioning.GetFlavor(
         provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=metadata
     )
-    private = await api.create(images, metadata, hardware_model=api.S4_MODEL)
+    private = await api.create(images, metadata, hardware_model=S4_MODEL)
     assert private.supported_flavors == [f"flavors/{api.S4}"]
     after = await provisioning.GetFlavor(
         provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=metadata
@@ -104,7 +107,7 @@ async def test_get_unknown_flavor_is_not_found(provisioning, as_project) -> None
 
 @pytest.mark.parametrize("name", ["", api.S4, "flavors/", "images/physical.s4.large", "flavor/x"])
 async def test_get_flavor_with_malformed_name_is_invalid(provisioning, as_project, name) -> None:
-    await api.expect_invalid(
+    await expect_invalid(
         provisioning.GetFlavor(
             provisioning_pb2.GetFlavorRequest(name=name), metadata=as_project("alpha")
         ),
@@ -129,7 +132,7 @@ async def test_list_flavors_pages_walk_every_flavor_once(
 
 @pytest.mark.parametrize("page_size", [-1, 1001])
 async def test_list_flavors_rejects_bad_page_size(provisioning, as_project, page_size) -> None:
-    await api.expect_invalid(
+    await expect_invalid(
         provisioning.ListFlavors(
             provisioning_pb2.ListFlavorsRequest(page_size=page_size), metadata=as_project("alpha")
         ),
@@ -151,7 +154,7 @@ async def test_list_flavors_rejects_foreign_and_tampered_tokens(
     )
     assert image_page.next_page_token
     for bad in (tampered, "not a token", image_page.next_page_token, api.KI1):
-        await api.expect_invalid(
+        await expect_invalid(
             provisioning.ListFlavors(
                 provisioning_pb2.ListFlavorsRequest(page_size=1, page_token=bad),
                 metadata=metadata,

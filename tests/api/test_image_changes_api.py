@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2
+from support.errors import expect_invalid
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
@@ -84,7 +85,7 @@ async def test_update_mask_must_name_updatable_fields(images, as_project) -> Non
         ["display_name", "bogus"],
         ["image.display_name"],
     ):
-        await api.expect_invalid(
+        await expect_invalid(
             images.UpdateImage(
                 api.update_request(image.name, paths, display_name="x", os_type=2),
                 metadata=metadata,
@@ -263,7 +264,7 @@ async def test_deprecate_is_admin_only_and_public_only(images, as_project) -> No
         await images.GetImage(image_pb2.GetImageRequest(name=centos.name), metadata=alpha)
     ).deprecated
     # An admin of the owning project still cannot deprecate a private image.
-    await api.expect_invalid(
+    await expect_invalid(
         images.DeprecateImage(
             image_pb2.DeprecateImageRequest(name=own.name),
             metadata=as_project("alpha", admin=True),

@@ -15,6 +15,8 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from support.builders import PUBLIC_NAMES, S4_MODEL, private_image, public_image
+from support.errors import expect_invalid
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
@@ -24,7 +26,7 @@ async def test_public_catalog_is_listed(images, as_project) -> None:
     response = await images.ListImages(image_pb2.ListImagesRequest(), metadata=as_project("alpha"))
     assert response.next_page_token == ""
     assert len(response.images) >= 6
-    assert {i.display_name for i in response.images} == api.PUBLIC_NAMES
+    assert {i.display_name for i in response.images} == PUBLIC_NAMES
     for image in response.images:
         assert api.IMAGE_NAME.match(image.name)
         assert image.type == image_pb2.IMAGE_TYPE_PUBLIC
@@ -66,7 +68,7 @@ async def test_create_private_image(images, as_project) -> None:
     metadata = as_project("alpha")
     created = await images.CreateImage(
         image_pb2.CreateImageRequest(
-            image=api.private_image(
+            image=private_image(
                 display_name="web tier",
                 description="nginx + app",
                 tags=["web", "prod"],
@@ -86,7 +88,7 @@ async def test_create_private_image(images, as_project) -> None:
     assert created.type == image_pb2.IMAGE_TYPE_PRIVATE
     assert created.owner_project == as_project.name("alpha")
     assert created.status == image_pb2.IMAGE_STATUS_QUEUED
-    assert created.hardware_model == api.S4_MODEL
+    assert created.hardware_model == S4_MODEL
     assert list(created.supported_flavors) == [f"flavors/{api.S4}"]
     assert created.os_type == image_pb2.OS_TYPE_LINUX
     assert (created.os_distro, created.os_version) == ("centos", "7.6")
@@ -164,17 +166,17 @@ async def test_create_min_disk_boundaries(images, as_project) -> None:
 
 async def test_public_image_needs_known_flavors(images, as_project) -> None:
     admin = as_project("ops", admin=True)
-    del_flavors = api.public_image()
+    del_flavors = public_image()
     del del_flavors.supported_flavors[:]
-    await api.expect_invalid(
+    await expect_invalid(
         images.CreateImage(image_pb2.CreateImageRequest(image=del_flavors), metadata=admin),
         "image.supported_flavors",
         "INVALID_IMAGE",
     )
-    await api.expect_invalid(
+    await expect_invalid(
         images.CreateImage(
             image_pb2.CreateImageRequest(
-                image=api.public_image(supported_flavors=["flavors/physical.nope"])
+                image=public_image(supported_flavors=["flavors/physical.nope"])
             ),
             metadata=admin,
         ),
@@ -187,9 +189,7 @@ async def test_public_image_needs_known_flavors(images, as_project) -> None:
 async def test_only_an_admin_creates_public_images(images, as_project) -> None:
     metadata = as_project("alpha")
     await api.expect_error(
-        images.CreateImage(
-            image_pb2.CreateImageRequest(image=api.public_image()), metadata=metadata
-        ),
+        images.CreateImage(image_pb2.CreateImageRequest(image=public_image()), metadata=metadata),
         grpc.StatusCode.PERMISSION_DENIED,
         "ADMIN_REQUIRED",
     )
@@ -197,9 +197,9 @@ async def test_only_an_admin_creates_public_images(images, as_project) -> None:
 
 
 async def test_shared_images_cannot_be_created(images, as_project) -> None:
-    await api.expect_invalid(
+    await expect_invalid(
         images.CreateImage(
-            image_pb2.CreateImageRequest(image=api.private_image(type=image_pb2.IMAGE_TYPE_SHARED)),
+            image_pb2.CreateImageRequest(image=private_image(type=image_pb2.IMAGE_TYPE_SHARED)),
             metadata=as_project("alpha"),
         ),
         "image.type",
@@ -209,28 +209,26 @@ async def test_shared_images_cannot_be_created(images, as_project) -> None:
 async def test_request_id_makes_create_idempotent(images, as_project) -> None:
     metadata = as_project("alpha")
     request_id = api.new_request_id()
-    request = image_pb2.CreateImageRequest(image=api.private_image(), request_id=request_id)
+    request = image_pb2.CreateImageRequest(image=private_image(), request_id=request_id)
     first = await images.CreateImage(request, metadata=metadata)
     again = await images.CreateImage(request, metadata=metadata)
     assert again == first
     # A retry returns the first image even if the body changed in between.
     changed = image_pb2.CreateImageRequest(
-        image=api.private_image(display_name="other"), request_id=request_id
+        image=private_image(display_name="other"), request_id=request_id
     )
     assert (await images.CreateImage(changed, metadata=metadata)).name == first.name
     assert await api.names_listed(images, metadata, "type = private") == [first.name]
     # Without a request_id, every call creates an image.
     other = await images.CreateImage(
-        image_pb2.CreateImageRequest(image=api.private_image()), metadata=metadata
+        image_pb2.CreateImageRequest(image=private_image()), metadata=metadata
     )
     assert other.name != first.name
 
 
 async def test_concurrent_retries_create_one_image(images, as_project) -> None:
     metadata = as_project("alpha")
-    request = image_pb2.CreateImageRequest(
-        image=api.private_image(), request_id=api.new_request_id()
-    )
+    request = image_pb2.CreateImageRequest(image=private_image(), request_id=api.new_request_id())
     results = await asyncio.gather(
         *(images.CreateImage(request, metadata=metadata) for _ in range(5))
     )
@@ -239,9 +237,7 @@ async def test_concurrent_retries_create_one_image(images, as_project) -> None:
 
 
 async def test_request_id_is_scoped_to_the_project(images, as_project) -> None:
-    request = image_pb2.CreateImageRequest(
-        image=api.private_image(), request_id=api.new_request_id()
-    )
+    request = image_pb2.CreateImageRequest(image=private_image(), request_id=api.new_request_id())
     alpha = await images.CreateImage(request, metadata=as_project("alpha"))
     beta = await images.CreateImage(request, metadata=as_project("beta"))
     assert alpha.name != beta.name
@@ -254,9 +250,9 @@ async def test_request_id_is_scoped_to_the_project(images, as_project) -> None:
 async def test_request_id_must_be_a_uuid(images, as_project) -> None:
     metadata = as_project("alpha")
     for bad in ("retry-1", "12345", "g" * 32):
-        await api.expect_invalid(
+        await expect_invalid(
             images.CreateImage(
-                image_pb2.CreateImageRequest(image=api.private_image(), request_id=bad),
+                image_pb2.CreateImageRequest(image=private_image(), request_id=bad),
                 metadata=metadata,
             ),
             "request_id",

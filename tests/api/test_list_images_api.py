@@ -13,7 +13,10 @@ import pytest
 import pytest_asyncio
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
-from support.tokens import bearer
+from support.builders import H2_MODEL, KI1_MODEL, PUBLIC_NAMES, S4_MODEL
+from support.errors import expect_invalid
+from support.services import fresh_project
+from support.tokens import Metadata, bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 service, channel, as_project = api.shared_service_fixtures()
@@ -30,35 +33,35 @@ FOREIGN = "CentOS foreign secret"
 
 #: What sets each private image apart from support.builders.private_image.
 OWNED: dict[str, dict[str, Any]] = {
-    WEB: {"hardware_model": api.S4_MODEL, "tags": ["web", "prod"], "protected": True},
+    WEB: {"hardware_model": S4_MODEL, "tags": ["web", "prod"], "protected": True},
     BUILD: {
         "os_distro": "ubuntu",
         "os_version": "22.04",
-        "hardware_model": api.H2_MODEL,
+        "hardware_model": H2_MODEL,
         "tags": ["ci"],
     },
     ARM: {
         "os_distro": "openeuler",
         "os_version": "22.03",
         "architecture": image_pb2.ARCHITECTURE_AARCH64,
-        "hardware_model": api.KI1_MODEL,
+        "hardware_model": KI1_MODEL,
     },
     SQL: {
         "os_type": image_pb2.OS_TYPE_WINDOWS,
         "os_distro": "windows-server",
         "os_version": "2019",
-        "hardware_model": api.S4_MODEL,
+        "hardware_model": S4_MODEL,
         "tags": ["db"],
     },
-    ODD: {"hardware_model": api.H2_MODEL},
+    ODD: {"hardware_model": H2_MODEL},
 }
-FOREIGN_IMAGE = {"hardware_model": api.S4_MODEL, "tags": ["web", "ci"], "protected": True}
+FOREIGN_IMAGE = {"hardware_model": S4_MODEL, "tags": ["web", "ci"], "protected": True}
 
 
 @dataclass
 class Dataset:
-    owner: api.Metadata
-    other: api.Metadata
+    owner: Metadata
+    other: Metadata
     owner_project: str
     other_project: str
 
@@ -66,7 +69,7 @@ class Dataset:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def dataset(service, channel) -> Dataset:
     images = image_pb2_grpc.ImageServiceStub(channel)
-    owner_project, other_project = api.fresh_project("alpha"), api.fresh_project("beta")
+    owner_project, other_project = fresh_project("alpha"), fresh_project("beta")
     owner = bearer(service.authority.issue(owner_project))
     other = bearer(service.authority.issue(other_project))
     for display_name, overrides in OWNED.items():
@@ -76,9 +79,9 @@ async def dataset(service, channel) -> Dataset:
 
 
 FILTERS = [
-    ("", api.PUBLIC_NAMES | PRIVATE),
-    ("type = public", api.PUBLIC_NAMES),
-    ("type = PUBLIC", api.PUBLIC_NAMES),
+    ("", PUBLIC_NAMES | PRIVATE),
+    ("type = public", PUBLIC_NAMES),
+    ("type = PUBLIC", PUBLIC_NAMES),
     ("type = private", PRIVATE),
     ("type = shared", set()),
     ("type != public", PRIVATE),
@@ -91,18 +94,18 @@ FILTERS = [
     ("flavor = physical.d2.large AND type = private", set()),
     ("flavor = physical.s4.large AND type = private", {WEB, SQL}),
     ("os_type = windows", {api.WINDOWS, SQL}),
-    ("os_type = linux", (api.PUBLIC_NAMES | PRIVATE) - {api.WINDOWS, SQL}),
+    ("os_type = linux", (PUBLIC_NAMES | PRIVATE) - {api.WINDOWS, SQL}),
     ("os_distro = ubuntu", {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
-    ("os_distro != centos", (api.PUBLIC_NAMES | PRIVATE) - {api.CENTOS, WEB, ODD}),
+    ("os_distro != centos", (PUBLIC_NAMES | PRIVATE) - {api.CENTOS, WEB, ODD}),
     ('os_version = "22.04"', {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
     ("os_version = 12sp3", {api.SLES}),
     ("architecture = aarch64", {api.OPENEULER_ARM, api.UBUNTU_ARM, ARM}),
     (
         "architecture = x86_64 AND type = public",
-        api.PUBLIC_NAMES - {api.OPENEULER_ARM, api.UBUNTU_ARM},
+        PUBLIC_NAMES - {api.OPENEULER_ARM, api.UBUNTU_ARM},
     ),
     ("status = queued", PRIVATE),
-    ("status = active", api.PUBLIC_NAMES),
+    ("status = active", PUBLIC_NAMES),
     ("status = killed", set()),
     (f'name = "{api.CENTOS}"', {api.CENTOS}),
     ('name = "centos 7.6 64bit"', set()),
@@ -112,7 +115,7 @@ FILTERS = [
     ("name = cent*", set()),
     ("name = CENTOS*", set()),
     ('name = "Ubuntu 22.04*"', {api.UBUNTU, api.UBUNTU_ARM}),
-    ("name = *", api.PUBLIC_NAMES | PRIVATE),
+    ("name = *", PUBLIC_NAMES | PRIVATE),
     ("name = Nothing*", set()),
     ('name = "100%*"', {ODD}),
     ('name = "1%*"', set()),  # % is a literal, not a wildcard
@@ -122,9 +125,9 @@ FILTERS = [
     ("tag = nope", set()),
     ("tag != web AND type = private", PRIVATE - {WEB}),
     ("protected = true", {WEB}),
-    ("protected = false", (api.PUBLIC_NAMES | PRIVATE) - {WEB}),
+    ("protected = false", (PUBLIC_NAMES | PRIVATE) - {WEB}),
     ("deprecated = true", set()),
-    ("deprecated = false", api.PUBLIC_NAMES | PRIVATE),
+    ("deprecated = false", PUBLIC_NAMES | PRIVATE),
     (
         "os_type = linux AND architecture = x86_64 AND type = public",
         {api.CENTOS, api.UBUNTU, api.SLES, api.EULER},
@@ -170,7 +173,7 @@ async def test_filter_by_owner_project(images, dataset) -> None:
 async def test_injection_attempts_leave_the_catalog_intact(images, dataset) -> None:
     for filter_text in ('name = "x\' OR 1=1 --"', 'tag = "\'; DROP TABLE images; --"'):
         assert await api.names_listed(images, dataset.owner, filter_text) == []
-    assert await api.display_names_listed(images, dataset.owner) == api.PUBLIC_NAMES | PRIVATE
+    assert await api.display_names_listed(images, dataset.owner) == PUBLIC_NAMES | PRIVATE
 
 
 INVALID_FILTERS = [
@@ -197,10 +200,10 @@ INVALID_FILTERS = [
 
 @pytest.mark.parametrize("filter_text", INVALID_FILTERS, ids=[f[:40] for f in INVALID_FILTERS])
 async def test_invalid_filter(images, as_project, filter_text) -> None:
-    rich = await api.expect_invalid(
+    rich = await expect_invalid(
         images.ListImages(
             image_pb2.ListImagesRequest(filter=filter_text),
-            metadata=as_project(api.fresh_project()),
+            metadata=as_project(fresh_project()),
         ),
         "filter",
         "INVALID_FILTER",
@@ -208,7 +211,7 @@ async def test_invalid_filter(images, as_project, filter_text) -> None:
     assert len(rich.status.message) < 2000
 
 
-async def _walk(images, metadata: api.Metadata, page_size: int, filter_text: str = ""):
+async def _walk(images, metadata: Metadata, page_size: int, filter_text: str = ""):
     pages: list[list[image_pb2.Image]] = []
     token = ""
     while True:
@@ -225,7 +228,7 @@ async def _walk(images, metadata: api.Metadata, page_size: int, filter_text: str
 
 async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, dataset) -> None:
     everything = await api.list_all(images, dataset.owner, page_size=1000)
-    assert len(everything) == len(api.PUBLIC_NAMES | PRIVATE)
+    assert len(everything) == len(PUBLIC_NAMES | PRIVATE)
     pages = await _walk(images, dataset.owner, 1)
     assert all(len(page) == 1 for page in pages)
     walked = [page[0] for page in pages]
@@ -234,8 +237,8 @@ async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, da
     # Oldest first: the seeded public catalog, then the private images as created.
     times = [i.create_time.ToDatetime() for i in walked]
     assert times == sorted(times)
-    assert {i.display_name for i in walked[: len(api.PUBLIC_NAMES)]} == api.PUBLIC_NAMES
-    assert [i.display_name for i in walked[len(api.PUBLIC_NAMES) :]] == [WEB, BUILD, ARM, SQL, ODD]
+    assert {i.display_name for i in walked[: len(PUBLIC_NAMES)]} == PUBLIC_NAMES
+    assert [i.display_name for i in walked[len(PUBLIC_NAMES) :]] == [WEB, BUILD, ARM, SQL, ODD]
     # The same walk again gives the same order.
     again = [page[0].name for page in await _walk(images, dataset.owner, 1)]
     assert again == [i.name for i in walked]
@@ -251,24 +254,24 @@ async def test_pages_of_any_size_cover_the_listing(images, dataset, page_size) -
 
 
 async def test_default_page_size(images, as_project) -> None:
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     response = await images.ListImages(image_pb2.ListImagesRequest(page_size=0), metadata=metadata)
-    assert {i.display_name for i in response.images} == api.PUBLIC_NAMES
+    assert {i.display_name for i in response.images} == PUBLIC_NAMES
     assert response.next_page_token == ""
     response = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=1000), metadata=metadata
     )
-    assert len(response.images) == len(api.PUBLIC_NAMES) and response.next_page_token == ""
+    assert len(response.images) == len(PUBLIC_NAMES) and response.next_page_token == ""
 
 
 async def test_an_exact_last_page_ends_the_walk(images, as_project) -> None:
-    metadata = as_project(api.fresh_project())
-    pages = await _walk(images, metadata, len(api.PUBLIC_NAMES))
-    assert [len(page) for page in pages] == [len(api.PUBLIC_NAMES)]
+    metadata = as_project(fresh_project())
+    pages = await _walk(images, metadata, len(PUBLIC_NAMES))
+    assert [len(page) for page in pages] == [len(PUBLIC_NAMES)]
 
 
 async def test_images_created_during_a_walk_come_last(images, as_project) -> None:
-    metadata = as_project(api.fresh_project())
+    metadata = as_project(fresh_project())
     first = await images.ListImages(image_pb2.ListImagesRequest(page_size=2), metadata=metadata)
     added = await api.create(images, metadata, display_name="added mid-walk")
     seen = [i.name for i in first.images]
@@ -279,7 +282,7 @@ async def test_images_created_during_a_walk_come_last(images, as_project) -> Non
         )
         seen += [i.name for i in response.images]
         token = response.next_page_token
-    assert len(seen) == len(set(seen)) == len(api.PUBLIC_NAMES) + 1
+    assert len(seen) == len(set(seen)) == len(PUBLIC_NAMES) + 1
     assert seen[-1] == added.name
 
 
@@ -298,10 +301,10 @@ async def test_page_size_may_change_between_pages(images, dataset) -> None:
 
 @pytest.mark.parametrize("page_size", [-1, 1001, -(2**31)])
 async def test_page_size_out_of_range(images, as_project, page_size) -> None:
-    await api.expect_invalid(
+    await expect_invalid(
         images.ListImages(
             image_pb2.ListImagesRequest(page_size=page_size),
-            metadata=as_project(api.fresh_project()),
+            metadata=as_project(fresh_project()),
         ),
         "page_size",
     )
@@ -314,8 +317,8 @@ async def test_page_token_is_bound_to_filter_project_and_content(images, dataset
     token = first.next_page_token
     assert token
 
-    async def refused(metadata: api.Metadata, filter_text: str, page_token: str) -> None:
-        await api.expect_invalid(
+    async def refused(metadata: Metadata, filter_text: str, page_token: str) -> None:
+        await expect_invalid(
             images.ListImages(
                 image_pb2.ListImagesRequest(page_size=1, filter=filter_text, page_token=page_token),
                 metadata=metadata,
@@ -355,7 +358,7 @@ async def test_token_of_a_flavor_listing_is_refused(images, provisioning, datase
     flavors = await provisioning.ListFlavors(
         provisioning_pb2.ListFlavorsRequest(page_size=1), metadata=dataset.owner
     )
-    await api.expect_invalid(
+    await expect_invalid(
         images.ListImages(
             image_pb2.ListImagesRequest(page_token=flavors.next_page_token), metadata=dataset.owner
         ),

@@ -8,6 +8,7 @@ import api_support as api
 import grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from support.builders import S4_MODEL, public_image
 
 
 async def test_admin_creates_public_image_for_every_project(
@@ -15,7 +16,7 @@ async def test_admin_creates_public_image_for_every_project(
 ) -> None:
     admin = as_project("ops", admin=True)
     created = await images.CreateImage(
-        image_pb2.CreateImageRequest(image=api.public_image(hardware_model=api.S4_MODEL)),
+        image_pb2.CreateImageRequest(image=public_image(hardware_model=S4_MODEL)),
         metadata=admin,
     )
     assert created.type == image_pb2.IMAGE_TYPE_PUBLIC
@@ -44,9 +45,7 @@ async def test_admin_creates_public_image_for_every_project(
 
 async def test_request_id_makes_public_create_idempotent(images, as_project) -> None:
     admin = as_project("ops", admin=True)
-    request = image_pb2.CreateImageRequest(
-        image=api.public_image(), request_id=api.new_request_id()
-    )
+    request = image_pb2.CreateImageRequest(image=public_image(), request_id=api.new_request_id())
     first = await images.CreateImage(request, metadata=admin)
     again = await images.CreateImage(request, metadata=admin)
     assert again.name == first.name, "a retried public CreateImage created a second image"

@@ -12,8 +12,9 @@ import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.processes import start
+from support.builders import private_image, public_image
 from support.services import make_settings
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
 QUOTA = 3
 
@@ -21,15 +22,13 @@ QUOTA = 3
 @dataclass
 class SmallQuota:
     images: image_pb2_grpc.ImageServiceStub
-    as_project: Callable[..., api.Metadata]
+    as_project: Callable[..., Metadata]
 
     async def create(
-        self, metadata: api.Metadata, request_id: str = "", **overrides
+        self, metadata: Metadata, request_id: str = "", **overrides
     ) -> image_pb2.Image:
         return await self.images.CreateImage(
-            image_pb2.CreateImageRequest(
-                image=api.private_image(**overrides), request_id=request_id
-            ),
+            image_pb2.CreateImageRequest(image=private_image(**overrides), request_id=request_id),
             metadata=metadata,
         )
 
@@ -40,7 +39,7 @@ async def small_quota(tmp_path) -> AsyncIterator[SmallQuota]:
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
 
-            def as_project(project: str, admin: bool = False) -> api.Metadata:
+            def as_project(project: str, admin: bool = False) -> Metadata:
                 return bearer(running.authority.issue(project, admin))
 
             yield SmallQuota(image_pb2_grpc.ImageServiceStub(channel), as_project)
@@ -48,7 +47,7 @@ async def small_quota(tmp_path) -> AsyncIterator[SmallQuota]:
         await running.stop(0)
 
 
-async def expect_quota_exceeded(quota: SmallQuota, metadata: api.Metadata, project: str) -> None:
+async def expect_quota_exceeded(quota: SmallQuota, metadata: Metadata, project: str) -> None:
     rich = await api.expect_error(
         quota.create(metadata, display_name="one too many"),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -98,7 +97,7 @@ async def test_quota_is_per_project_and_ignores_public_images(small_quota) -> No
     admin = small_quota.as_project("alpha", admin=True)
     for index in range(QUOTA + 1):
         await small_quota.images.CreateImage(
-            image_pb2.CreateImageRequest(image=api.public_image(display_name=f"public {index}")),
+            image_pb2.CreateImageRequest(image=public_image(display_name=f"public {index}")),
             metadata=admin,
         )
     await expect_quota_exceeded(small_quota, beta, "beta")
