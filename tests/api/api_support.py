@@ -1,11 +1,14 @@
-"""Helpers shared by the in-process gRPC tests: rich-status decoding, request
-builders and catalog walkers. Plain functions, so no second conftest.py."""
+"""Helpers shared by the in-process gRPC tests: request builders, catalog
+walkers and the names of the seeded catalog. Plain functions, so no second
+conftest.py: import the module (`import api_support as api`); builders,
+error decoding and projects come from support.* directly."""
 
 from __future__ import annotations
 
 import functools
 import re
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -14,16 +17,9 @@ from google.protobuf import field_mask_pb2
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import builders, errors, services
-from support.builders import (  # noqa: F401
-    H2_MODEL,
-    KI1_MODEL,
-    PUBLIC_NAMES,
-    S4_MODEL,
-    private_image,
-    public_image,
-)
-from support.errors import RichError, decode_status, expect_invalid  # noqa: F401
-from support.services import ProjectMetadata, fresh_project  # noqa: F401
+from support.api_pages import every_page
+from support.builders import private_image
+from support.services import ProjectMetadata
 from support.tokens import Metadata
 
 #: Every FAILED_PRECONDITION these tests provoke names its condition.
@@ -96,18 +92,14 @@ async def list_all(
     page_size: int = 1000,
 ) -> list[image_pb2.Image]:
     """Every image of a listing, following next_page_token to the end."""
-    found: list[image_pb2.Image] = []
-    token = ""
-    for _ in range(10_000):
-        response = await images.ListImages(
-            image_pb2.ListImagesRequest(page_size=page_size, page_token=token, filter=filter_text),
-            metadata=metadata,
+
+    def page(token: str) -> Awaitable[image_pb2.ListImagesResponse]:
+        request = image_pb2.ListImagesRequest(
+            page_size=page_size, page_token=token, filter=filter_text
         )
-        found.extend(response.images)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+        return images.ListImages(request, metadata=metadata)
+
+    return await every_page(page, "images", most_pages=10_000)
 
 
 async def names_listed(

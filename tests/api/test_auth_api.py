@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import time
 
+import api_support as api
 import grpc
 import jwt
 import pytest
-from api_support import (
-    S4,
-    create,
-    expect_error,
-    fresh_project,
-    mask,
-    public_image,
-    shared_service_fixtures,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.auth import TokenAuthority
-from support.builders import private_image
+from support.builders import private_image, public_image
+from support.services import fresh_project
 from support.tokens import bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 OTHER_SECRET = "another-secret-" + "1" * 50
 SERVICES = {"bms.image.v1.ImageService", "bms.image.v1.ProvisioningService"}
@@ -117,7 +110,7 @@ def _every_rpc(images, provisioning, image_name: str):
         "ImageService/UpdateImage": lambda md: images.UpdateImage(
             image_pb2.UpdateImageRequest(
                 image=image_pb2.Image(name=image_name, display_name="renamed"),
-                update_mask=mask("display_name"),
+                update_mask=api.mask("display_name"),
             ),
             metadata=md,
         ),
@@ -139,7 +132,7 @@ def _every_rpc(images, provisioning, image_name: str):
             provisioning_pb2.ListFlavorsRequest(), metadata=md
         ),
         "ProvisioningService/GetFlavor": lambda md: provisioning.GetFlavor(
-            provisioning_pb2.GetFlavorRequest(name=f"flavors/{S4}"), metadata=md
+            provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=md
         ),
     }
 
@@ -149,12 +142,12 @@ async def test_every_rpc_refuses_bad_credentials(
     service, images, provisioning, as_project, kind
 ) -> None:
     owner = as_project(fresh_project())
-    owned = await create(images, owner, display_name="must-survive")
+    owned = await api.create(images, owner, display_name="must-survive")
     metadata = _credentials(service, kind)
     calls = _every_rpc(images, provisioning, owned.name)
     assert len(calls) == 10
     for method, call in calls.items():
-        rich = await expect_error(call(metadata), grpc.StatusCode.UNAUTHENTICATED)
+        rich = await api.expect_error(call(metadata), grpc.StatusCode.UNAUTHENTICATED)
         assert rich.info.reason == REASONS[kind], method
     # Nothing was changed by the refused calls.
     still = await images.GetImage(image_pb2.GetImageRequest(name=owned.name), metadata=owner)

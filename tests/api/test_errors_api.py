@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import uuid
 
+import api_support as api
 import grpc
 import pytest
-from api_support import (
-    RichError,
-    create,
-    expect_error,
-    expect_invalid,
-    fresh_project,
-    mask,
-    names_listed,
-    private_image,
-    shared_service_fixtures,
-)
 
 from bms.image.v1 import image_pb2
+from support.builders import private_image
+from support.errors import RichError, expect_invalid
+from support.services import fresh_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 # (case id, overrides of a valid private image, the field the violation names
 # without its `image.` prefix -- see test_violations_name_request_paths).
@@ -89,7 +82,7 @@ def _matches(field: str, expected: str) -> bool:
 )
 async def test_create_rejects_invalid_image(images, as_project, overrides, field) -> None:
     metadata = as_project(fresh_project())
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.CreateImage(
             image_pb2.CreateImageRequest(image=private_image(**overrides)), metadata=metadata
         ),
@@ -97,11 +90,11 @@ async def test_create_rejects_invalid_image(images, as_project, overrides, field
     )
     assert rich.info.reason in ("INVALID_IMAGE", "INVALID_FIELD")
     assert any(_matches(f, field) for f in rich.fields), rich.fields
-    assert await names_listed(images, metadata, "type = private") == []
+    assert await api.names_listed(images, metadata, "type = private") == []
 
 
 async def test_create_reports_every_bad_field_at_once(images, as_project) -> None:
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.CreateImage(
             image_pb2.CreateImageRequest(
                 image=private_image(display_name="", os_distro="", hardware_model="nope")
@@ -115,7 +108,7 @@ async def test_create_reports_every_bad_field_at_once(images, as_project) -> Non
 
 
 async def test_create_without_an_image(images, as_project) -> None:
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.CreateImage(image_pb2.CreateImageRequest(), metadata=as_project(fresh_project())),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
@@ -138,10 +131,10 @@ async def update_refused(
 ) -> RichError:
     """UpdateImage of `image` setting `values` under mask `path`, which must
     fail INVALID_ARGUMENT (with `reason`, when given)."""
-    return await expect_error(
+    return await api.expect_error(
         images.UpdateImage(
             image_pb2.UpdateImageRequest(
-                image=image_pb2.Image(name=image.name, **values), update_mask=mask(path)
+                image=image_pb2.Image(name=image.name, **values), update_mask=api.mask(path)
             ),
             metadata=metadata,
         ),
@@ -152,7 +145,7 @@ async def update_refused(
 
 async def test_update_rejects_invalid_values(images, as_project) -> None:
     metadata = as_project(fresh_project())
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
         rich = await update_refused(images, metadata, image, path, values, "INVALID_IMAGE")
         assert any(_matches(f, field) for f in rich.fields), (values, rich.fields)
@@ -167,15 +160,16 @@ async def test_violations_name_request_paths(images, as_project) -> None:
     metadata = as_project(fresh_project())
     bare: list[str] = []
     for case, overrides, field in CREATE_ERRORS:
-        rich = await expect_error(
+        rich = await api.expect_error(
             images.CreateImage(
-                image_pb2.CreateImageRequest(image=private_image(**overrides)), metadata=metadata
+                image_pb2.CreateImageRequest(image=private_image(**overrides)),
+                metadata=metadata,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
         if f"image.{field}" not in rich.fields:
             bare.append(f"CreateImage {case}: {rich.fields}")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     for path, values, field in UPDATE_ERRORS:
         rich = await update_refused(images, metadata, image, path, values)
         if f"image.{field}" not in rich.fields:
@@ -221,10 +215,7 @@ async def test_malformed_image_names_are_invalid_for_every_rpc(images, as_projec
             ),
             "UpdateImage": (
                 images.UpdateImage(
-                    image_pb2.UpdateImageRequest(
-                        image=image_pb2.Image(name=name, display_name="x"),
-                        update_mask=mask("display_name"),
-                    ),
+                    api.update_request(name, ["display_name"], display_name="x"),
                     metadata=metadata,
                 ),
                 "image.name",
@@ -243,14 +234,11 @@ async def test_well_formed_names_of_nothing_are_not_found(images, as_project) ->
             images.DeleteImage(image_pb2.DeleteImageRequest(name=name), metadata=metadata),
             images.DeprecateImage(image_pb2.DeprecateImageRequest(name=name), metadata=metadata),
             images.UpdateImage(
-                image_pb2.UpdateImageRequest(
-                    image=image_pb2.Image(name=name, display_name="x"),
-                    update_mask=mask("display_name"),
-                ),
+                api.update_request(name, ["display_name"], display_name="x"),
                 metadata=metadata,
             ),
         ):
-            rich = await expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+            rich = await api.expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
             assert name in rich.status.message
 
 
@@ -263,5 +251,5 @@ async def test_oversized_request_is_refused_cleanly(images, as_project) -> None:
         await images.CreateImage(image_pb2.CreateImageRequest(image=huge), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "Traceback" not in (caught.value.details() or "")
-    assert await names_listed(images, metadata, "type = private") == []
-    assert (await create(images, metadata)).name
+    assert await api.names_listed(images, metadata, "type = private") == []
+    assert (await api.create(images, metadata)).name

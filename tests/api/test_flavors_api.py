@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
+import api_support as api
 import grpc
 import pytest
-from api_support import (
-    H2,
-    KI1,
-    S4,
-    S4_MODEL,
-    create,
-    expect_error,
-    expect_invalid,
-    fresh_project,
-    list_all,
-    shared_service_fixtures,
-)
 
 from bms.image.v1 import image_pb2, provisioning_pb2
+from support.api_pages import every_page
+from support.builders import S4_MODEL
+from support.errors import expect_invalid
+from support.services import fresh_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 
 async def all_flavors(provisioning, metadata, page_size: int = 0) -> list[provisioning_pb2.Flavor]:
-    flavors: list[provisioning_pb2.Flavor] = []
-    token = ""
-    for _ in range(100):
-        response = await provisioning.ListFlavors(
-            provisioning_pb2.ListFlavorsRequest(page_size=page_size, page_token=token),
-            metadata=metadata,
-        )
-        flavors.extend(response.flavors)
-        token = response.next_page_token
-        if not token:
-            return flavors
-    raise AssertionError("flavor pagination did not end")
+    def page(token: str) -> Awaitable[provisioning_pb2.ListFlavorsResponse]:
+        request = provisioning_pb2.ListFlavorsRequest(page_size=page_size, page_token=token)
+        return provisioning.ListFlavors(request, metadata=metadata)
+
+    return await every_page(page, "flavors", most_pages=100)
 
 
 async def test_list_flavors_describes_the_hardware(provisioning, as_project) -> None:
@@ -54,9 +42,9 @@ async def test_list_flavors_describes_the_hardware(provisioning, as_project) -> 
         assert flavor.cpu_cores > 0 and flavor.memory_gib > 0 and flavor.local_disk_gb > 0
         assert flavor.cpu_model and flavor.local_disks and flavor.description
     by_name = {f.name: f for f in flavors}
-    assert by_name[f"flavors/{S4}"].hardware_model == S4_MODEL
-    assert by_name[f"flavors/{S4}"].evs_boot is True
-    assert by_name[f"flavors/{H2}"].evs_boot is False
+    assert by_name[f"flavors/{api.S4}"].hardware_model == S4_MODEL
+    assert by_name[f"flavors/{api.S4}"].evs_boot is True
+    assert by_name[f"flavors/{api.H2}"].evs_boot is False
     assert {f.evs_boot for f in flavors} == {True, False}
 
 
@@ -65,7 +53,7 @@ async def test_flavor_public_images_match_image_supported_flavors(
 ) -> None:
     metadata = as_project("alpha")
     flavors = await all_flavors(provisioning, metadata)
-    public = await list_all(images, metadata, "type = public")
+    public = await api.list_all(images, metadata, "type = public")
     assert len(public) >= 6
     flavor_names = {f.name for f in flavors}
     expected: dict[str, set[str]] = {name: set() for name in flavor_names}
@@ -94,19 +82,19 @@ async def test_private_images_are_not_a_flavors_public_images(
 ) -> None:
     metadata = as_project(fresh_project())
     before = await provisioning.GetFlavor(
-        provisioning_pb2.GetFlavorRequest(name=f"flavors/{S4}"), metadata=metadata
+        provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=metadata
     )
-    private = await create(images, metadata, hardware_model=S4_MODEL)
-    assert private.supported_flavors == [f"flavors/{S4}"]
+    private = await api.create(images, metadata, hardware_model=S4_MODEL)
+    assert private.supported_flavors == [f"flavors/{api.S4}"]
     after = await provisioning.GetFlavor(
-        provisioning_pb2.GetFlavorRequest(name=f"flavors/{S4}"), metadata=metadata
+        provisioning_pb2.GetFlavorRequest(name=f"flavors/{api.S4}"), metadata=metadata
     )
     assert private.name not in after.public_images
     assert list(after.public_images) == list(before.public_images)
 
 
 async def test_get_unknown_flavor_is_not_found(provisioning, as_project) -> None:
-    rich = await expect_error(
+    rich = await api.expect_error(
         provisioning.GetFlavor(
             provisioning_pb2.GetFlavorRequest(name="flavors/physical.nope.huge"),
             metadata=as_project("alpha"),
@@ -117,7 +105,7 @@ async def test_get_unknown_flavor_is_not_found(provisioning, as_project) -> None
     assert "physical.nope.huge" in rich.status.message
 
 
-@pytest.mark.parametrize("name", ["", S4, "flavors/", "images/physical.s4.large", "flavor/x"])
+@pytest.mark.parametrize("name", ["", api.S4, "flavors/", "images/physical.s4.large", "flavor/x"])
 async def test_get_flavor_with_malformed_name_is_invalid(provisioning, as_project, name) -> None:
     await expect_invalid(
         provisioning.GetFlavor(
@@ -165,7 +153,7 @@ async def test_list_flavors_rejects_foreign_and_tampered_tokens(
         image_pb2.ListImagesRequest(page_size=1), metadata=metadata
     )
     assert image_page.next_page_token
-    for bad in (tampered, "not a token", image_page.next_page_token, KI1):
+    for bad in (tampered, "not a token", image_page.next_page_token, api.KI1):
         await expect_invalid(
             provisioning.ListFlavors(
                 provisioning_pb2.ListFlavorsRequest(page_size=1, page_token=bad),

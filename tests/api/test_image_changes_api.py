@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import asyncio
 
+import api_support as api
 import grpc
 import pytest
-from api_support import (
-    CENTOS,
-    S4,
-    assert_same_except,
-    create,
-    expect_error,
-    expect_invalid,
-    names_listed,
-    public_by_display_name,
-    shared_service_fixtures,
-    update_request,
-)
 from google.protobuf import empty_pb2
 
 from bms.image.v1 import image_pb2
+from support.errors import expect_invalid
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 
 UPDATES = [
@@ -44,13 +34,15 @@ UPDATES = [
 @pytest.mark.parametrize(("path", "value", "expected"), UPDATES)
 async def test_update_each_updatable_field(images, as_project, path, value, expected) -> None:
     metadata = as_project("alpha")
-    before = await create(images, metadata, description="old", tags=["old", "a:1"], protected=False)
+    before = await api.create(
+        images, metadata, description="old", tags=["old", "a:1"], protected=False
+    )
     updated = await images.UpdateImage(
-        update_request(before.name, [path], **{path: value}), metadata=metadata
+        api.update_request(before.name, [path], **{path: value}), metadata=metadata
     )
     got = getattr(updated, path)
     assert (list(got) if path == "tags" else got) == expected
-    assert_same_except(before, updated, path)
+    api.assert_same_except(before, updated, path)
     assert updated.etag != before.etag
     assert updated.update_time.ToDatetime() >= before.update_time.ToDatetime()
     assert updated.create_time == before.create_time
@@ -60,9 +52,9 @@ async def test_update_each_updatable_field(images, as_project, path, value, expe
 
 async def test_update_changes_only_masked_fields(images, as_project) -> None:
     metadata = as_project("alpha")
-    before = await create(images, metadata, description="keep me", tags=["keep"])
+    before = await api.create(images, metadata, description="keep me", tags=["keep"])
     updated = await images.UpdateImage(
-        update_request(
+        api.update_request(
             before.name,
             ["display_name", "min_disk_gb"],
             display_name="new name",
@@ -76,12 +68,12 @@ async def test_update_changes_only_masked_fields(images, as_project) -> None:
     assert updated.description == "keep me"
     assert list(updated.tags) == ["keep"]
     assert not updated.protected
-    assert_same_except(before, updated, "display_name", "min_disk_gb")
+    api.assert_same_except(before, updated, "display_name", "min_disk_gb")
 
 
 async def test_update_mask_must_name_updatable_fields(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     for paths in (
         [],
         ["name"],
@@ -95,7 +87,8 @@ async def test_update_mask_must_name_updatable_fields(images, as_project) -> Non
     ):
         await expect_invalid(
             images.UpdateImage(
-                update_request(image.name, paths, display_name="x", os_type=2), metadata=metadata
+                api.update_request(image.name, paths, display_name="x", os_type=2),
+                metadata=metadata,
             ),
             "update_mask",
         )
@@ -107,15 +100,15 @@ async def test_update_mask_must_name_updatable_fields(images, as_project) -> Non
 
 async def test_update_checks_the_etag(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     fresh = await images.UpdateImage(
-        update_request(image.name, ["display_name"], etag=image.etag, display_name="v2"),
+        api.update_request(image.name, ["display_name"], etag=image.etag, display_name="v2"),
         metadata=metadata,
     )
     assert fresh.display_name == "v2" and fresh.etag != image.etag
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.UpdateImage(
-            update_request(image.name, ["display_name"], etag=image.etag, display_name="v3"),
+            api.update_request(image.name, ["display_name"], etag=image.etag, display_name="v3"),
             metadata=metadata,
         ),
         grpc.StatusCode.ABORTED,
@@ -125,7 +118,7 @@ async def test_update_checks_the_etag(images, as_project) -> None:
     current = await images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=metadata)
     assert current == fresh
     again = await images.UpdateImage(
-        update_request(image.name, ["display_name"], etag=current.etag, display_name="v3"),
+        api.update_request(image.name, ["display_name"], etag=current.etag, display_name="v3"),
         metadata=metadata,
     )
     assert again.display_name == "v3"
@@ -134,11 +127,13 @@ async def test_update_checks_the_etag(images, as_project) -> None:
 
 async def test_concurrent_updates_with_one_etag_let_one_win(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     results = await asyncio.gather(
         *(
             images.UpdateImage(
-                update_request(image.name, ["description"], etag=image.etag, description=f"w{i}"),
+                api.update_request(
+                    image.name, ["description"], etag=image.etag, description=f"w{i}"
+                ),
                 metadata=metadata,
             )
             for i in range(5)
@@ -155,11 +150,12 @@ async def test_concurrent_updates_with_one_etag_let_one_win(images, as_project) 
 
 async def test_concurrent_updates_without_etag_all_apply(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     results = await asyncio.gather(
         *(
             images.UpdateImage(
-                update_request(image.name, ["min_disk_gb"], min_disk_gb=50 + i), metadata=metadata
+                api.update_request(image.name, ["min_disk_gb"], min_disk_gb=50 + i),
+                metadata=metadata,
             )
             for i in range(4)
         )
@@ -168,10 +164,10 @@ async def test_concurrent_updates_without_etag_all_apply(images, as_project) -> 
 
 
 async def test_only_the_owner_updates_a_private_image(images, as_project) -> None:
-    image = await create(images, as_project("alpha"))
-    await expect_error(
+    image = await api.create(images, as_project("alpha"))
+    await api.expect_error(
         images.UpdateImage(
-            update_request(image.name, ["display_name"], display_name="x"),
+            api.update_request(image.name, ["display_name"], display_name="x"),
             metadata=as_project("beta"),
         ),
         grpc.StatusCode.NOT_FOUND,
@@ -181,34 +177,34 @@ async def test_only_the_owner_updates_a_private_image(images, as_project) -> Non
 
 async def test_delete_private_image(images, provisioning, as_project) -> None:
     metadata = as_project("alpha")
-    keep = await create(images, metadata, display_name="keep")
-    image = await create(images, metadata, display_name="drop", tags=["gone"])
+    keep = await api.create(images, metadata, display_name="keep")
+    image = await api.create(images, metadata, display_name="drop", tags=["gone"])
     response = await images.DeleteImage(
         image_pb2.DeleteImageRequest(name=image.name), metadata=metadata
     )
     assert response == empty_pb2.Empty()
-    await expect_error(
+    await api.expect_error(
         images.GetImage(image_pb2.GetImageRequest(name=image.name), metadata=metadata),
         grpc.StatusCode.NOT_FOUND,
         "IMAGE_NOT_FOUND",
     )
-    for filter_text in ("", "type = private", "tag = gone", "name = drop", f"flavor = {S4}"):
-        assert image.name not in await names_listed(images, metadata, filter_text)
-    assert await names_listed(images, metadata, "type = private") == [keep.name]
+    for filter_text in ("", "type = private", "tag = gone", "name = drop", f"flavor = {api.S4}"):
+        assert image.name not in await api.names_listed(images, metadata, filter_text)
+    assert await api.names_listed(images, metadata, "type = private") == [keep.name]
     for call in (
         images.DeleteImage(image_pb2.DeleteImageRequest(name=image.name), metadata=metadata),
         images.UpdateImage(
-            update_request(image.name, ["display_name"], display_name="back"), metadata=metadata
+            api.update_request(image.name, ["display_name"], display_name="back"), metadata=metadata
         ),
     ):
-        await expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+        await api.expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
 
 
 async def test_delete_protected_image_needs_unprotect_first(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata, protected=True)
+    image = await api.create(images, metadata, protected=True)
     assert image.protected
-    rich = await expect_error(
+    rich = await api.expect_error(
         images.DeleteImage(image_pb2.DeleteImageRequest(name=image.name), metadata=metadata),
         grpc.StatusCode.FAILED_PRECONDITION,
         "IMAGE_PROTECTED",
@@ -223,43 +219,43 @@ async def test_delete_protected_image_needs_unprotect_first(images, as_project) 
     )
 
     unprotected = await images.UpdateImage(
-        update_request(image.name, ["protected"], protected=False), metadata=metadata
+        api.update_request(image.name, ["protected"], protected=False), metadata=metadata
     )
     assert not unprotected.protected
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=image.name), metadata=metadata)
-    assert image.name not in await names_listed(images, metadata)
+    assert image.name not in await api.names_listed(images, metadata)
 
 
 async def test_delete_checks_the_etag(images, as_project) -> None:
     metadata = as_project("alpha")
-    image = await create(images, metadata)
+    image = await api.create(images, metadata)
     changed = await images.UpdateImage(
-        update_request(image.name, ["display_name"], display_name="changed"), metadata=metadata
+        api.update_request(image.name, ["display_name"], display_name="changed"), metadata=metadata
     )
-    await expect_error(
+    await api.expect_error(
         images.DeleteImage(
             image_pb2.DeleteImageRequest(name=image.name, etag=image.etag), metadata=metadata
         ),
         grpc.StatusCode.ABORTED,
         "ETAG_MISMATCH",
     )
-    assert image.name in await names_listed(images, metadata)
+    assert image.name in await api.names_listed(images, metadata)
     await images.DeleteImage(
         image_pb2.DeleteImageRequest(name=image.name, etag=changed.etag), metadata=metadata
     )
-    assert image.name not in await names_listed(images, metadata)
+    assert image.name not in await api.names_listed(images, metadata)
 
 
 async def test_deprecate_is_admin_only_and_public_only(images, as_project) -> None:
     alpha = as_project("alpha")
-    centos = (await public_by_display_name(images, alpha))[CENTOS]
-    await expect_error(
+    centos = (await api.public_by_display_name(images, alpha))[api.CENTOS]
+    await api.expect_error(
         images.DeprecateImage(image_pb2.DeprecateImageRequest(name=centos.name), metadata=alpha),
         grpc.StatusCode.PERMISSION_DENIED,
         "ADMIN_REQUIRED",
     )
-    own = await create(images, alpha)
-    await expect_error(
+    own = await api.create(images, alpha)
+    await api.expect_error(
         images.DeprecateImage(image_pb2.DeprecateImageRequest(name=own.name), metadata=alpha),
         grpc.StatusCode.PERMISSION_DENIED,
         "ADMIN_REQUIRED",

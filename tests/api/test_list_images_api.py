@@ -6,36 +6,20 @@ and none changes a public image, so they cannot see each other's images."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import api_support as api
 import pytest
 import pytest_asyncio
-from api_support import (
-    CENTOS,
-    EULER,
-    H2_MODEL,
-    KI1_MODEL,
-    OPENEULER_ARM,
-    PUBLIC_NAMES,
-    S4_MODEL,
-    SLES,
-    UBUNTU,
-    UBUNTU_ARM,
-    WINDOWS,
-    Metadata,
-    create,
-    display_names_listed,
-    expect_invalid,
-    fresh_project,
-    list_all,
-    names_listed,
-    shared_service_fixtures,
-)
 
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2
-from support.tokens import bearer
+from support.builders import H2_MODEL, KI1_MODEL, PUBLIC_NAMES, S4_MODEL
+from support.errors import expect_invalid
+from support.services import fresh_project
+from support.tokens import Metadata, bearer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-service, channel, as_project = shared_service_fixtures()
+service, channel, as_project = api.shared_service_fixtures()
 
 # Private images of the dataset's main project.
 WEB = "CentOS 7.6 web tier"
@@ -46,6 +30,32 @@ ODD = "100% under_score"
 PRIVATE = {WEB, BUILD, ARM, SQL, ODD}
 # The other project's image: it must never show up in the main project's lists.
 FOREIGN = "CentOS foreign secret"
+
+#: What sets each private image apart from support.builders.private_image.
+OWNED: dict[str, dict[str, Any]] = {
+    WEB: {"hardware_model": S4_MODEL, "tags": ["web", "prod"], "protected": True},
+    BUILD: {
+        "os_distro": "ubuntu",
+        "os_version": "22.04",
+        "hardware_model": H2_MODEL,
+        "tags": ["ci"],
+    },
+    ARM: {
+        "os_distro": "openeuler",
+        "os_version": "22.03",
+        "architecture": image_pb2.ARCHITECTURE_AARCH64,
+        "hardware_model": KI1_MODEL,
+    },
+    SQL: {
+        "os_type": image_pb2.OS_TYPE_WINDOWS,
+        "os_distro": "windows-server",
+        "os_version": "2019",
+        "hardware_model": S4_MODEL,
+        "tags": ["db"],
+    },
+    ODD: {"hardware_model": H2_MODEL},
+}
+FOREIGN_IMAGE = {"hardware_model": S4_MODEL, "tags": ["web", "ci"], "protected": True}
 
 
 @dataclass
@@ -62,51 +72,9 @@ async def dataset(service, channel) -> Dataset:
     owner_project, other_project = fresh_project("alpha"), fresh_project("beta")
     owner = bearer(service.authority.issue(owner_project))
     other = bearer(service.authority.issue(other_project))
-    await create(
-        images,
-        owner,
-        display_name=WEB,
-        hardware_model=S4_MODEL,
-        tags=["web", "prod"],
-        protected=True,
-    )
-    await create(
-        images,
-        owner,
-        display_name=BUILD,
-        os_distro="ubuntu",
-        os_version="22.04",
-        hardware_model=H2_MODEL,
-        tags=["ci"],
-    )
-    await create(
-        images,
-        owner,
-        display_name=ARM,
-        os_distro="openeuler",
-        os_version="22.03",
-        architecture=image_pb2.ARCHITECTURE_AARCH64,
-        hardware_model=KI1_MODEL,
-    )
-    await create(
-        images,
-        owner,
-        display_name=SQL,
-        os_type=image_pb2.OS_TYPE_WINDOWS,
-        os_distro="windows-server",
-        os_version="2019",
-        hardware_model=S4_MODEL,
-        tags=["db"],
-    )
-    await create(images, owner, display_name=ODD, hardware_model=H2_MODEL)
-    await create(
-        images,
-        other,
-        display_name=FOREIGN,
-        hardware_model=S4_MODEL,
-        tags=["web", "ci"],
-        protected=True,
-    )
+    for display_name, overrides in OWNED.items():
+        await api.create(images, owner, display_name=display_name, **overrides)
+    await api.create(images, other, display_name=FOREIGN, **FOREIGN_IMAGE)
     return Dataset(owner, other, owner_project, other_project)
 
 
@@ -117,30 +85,36 @@ FILTERS = [
     ("type = private", PRIVATE),
     ("type = shared", set()),
     ("type != public", PRIVATE),
-    ("flavor = physical.s4.large", {CENTOS, UBUNTU, SLES, EULER, WINDOWS, WEB, SQL}),
-    ("flavor = flavors/physical.h2.large", {CENTOS, SLES, EULER, BUILD, ODD}),
-    ('flavor = "physical.ki1.2xlarge"', {OPENEULER_ARM, UBUNTU_ARM, ARM}),
+    (
+        "flavor = physical.s4.large",
+        {api.CENTOS, api.UBUNTU, api.SLES, api.EULER, api.WINDOWS, WEB, SQL},
+    ),
+    ("flavor = flavors/physical.h2.large", {api.CENTOS, api.SLES, api.EULER, BUILD, ODD}),
+    ('flavor = "physical.ki1.2xlarge"', {api.OPENEULER_ARM, api.UBUNTU_ARM, ARM}),
     ("flavor = physical.d2.large AND type = private", set()),
     ("flavor = physical.s4.large AND type = private", {WEB, SQL}),
-    ("os_type = windows", {WINDOWS, SQL}),
-    ("os_type = linux", (PUBLIC_NAMES | PRIVATE) - {WINDOWS, SQL}),
-    ("os_distro = ubuntu", {UBUNTU, UBUNTU_ARM, BUILD}),
-    ("os_distro != centos", (PUBLIC_NAMES | PRIVATE) - {CENTOS, WEB, ODD}),
-    ('os_version = "22.04"', {UBUNTU, UBUNTU_ARM, BUILD}),
-    ("os_version = 12sp3", {SLES}),
-    ("architecture = aarch64", {OPENEULER_ARM, UBUNTU_ARM, ARM}),
-    ("architecture = x86_64 AND type = public", PUBLIC_NAMES - {OPENEULER_ARM, UBUNTU_ARM}),
+    ("os_type = windows", {api.WINDOWS, SQL}),
+    ("os_type = linux", (PUBLIC_NAMES | PRIVATE) - {api.WINDOWS, SQL}),
+    ("os_distro = ubuntu", {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
+    ("os_distro != centos", (PUBLIC_NAMES | PRIVATE) - {api.CENTOS, WEB, ODD}),
+    ('os_version = "22.04"', {api.UBUNTU, api.UBUNTU_ARM, BUILD}),
+    ("os_version = 12sp3", {api.SLES}),
+    ("architecture = aarch64", {api.OPENEULER_ARM, api.UBUNTU_ARM, ARM}),
+    (
+        "architecture = x86_64 AND type = public",
+        PUBLIC_NAMES - {api.OPENEULER_ARM, api.UBUNTU_ARM},
+    ),
     ("status = queued", PRIVATE),
     ("status = active", PUBLIC_NAMES),
     ("status = killed", set()),
-    (f'name = "{CENTOS}"', {CENTOS}),
+    (f'name = "{api.CENTOS}"', {api.CENTOS}),
     ('name = "centos 7.6 64bit"', set()),
-    ("name = Cent*", {CENTOS, WEB}),
+    ("name = Cent*", {api.CENTOS, WEB}),
     # Like the exact match (above), a prefix match is case-sensitive, on
     # every database (SQLite's LIKE alone would ignore case).
     ("name = cent*", set()),
     ("name = CENTOS*", set()),
-    ('name = "Ubuntu 22.04*"', {UBUNTU, UBUNTU_ARM}),
+    ('name = "Ubuntu 22.04*"', {api.UBUNTU, api.UBUNTU_ARM}),
     ("name = *", PUBLIC_NAMES | PRIVATE),
     ("name = Nothing*", set()),
     ('name = "100%*"', {ODD}),
@@ -154,7 +128,10 @@ FILTERS = [
     ("protected = false", (PUBLIC_NAMES | PRIVATE) - {WEB}),
     ("deprecated = true", set()),
     ("deprecated = false", PUBLIC_NAMES | PRIVATE),
-    ("os_type = linux AND architecture = x86_64 AND type = public", {CENTOS, UBUNTU, SLES, EULER}),
+    (
+        "os_type = linux AND architecture = x86_64 AND type = public",
+        {api.CENTOS, api.UBUNTU, api.SLES, api.EULER},
+    ),
     ('  os_type="linux"  AND  tag  =  "prod"  ', {WEB}),
     # SQL injection attempts are plain values that match nothing.
     ('name = "x\' OR 1=1 --"', set()),
@@ -168,7 +145,7 @@ FILTERS = [
     ("filter_text", "expected"), FILTERS, ids=[f[0] or "none" for f in FILTERS]
 )
 async def test_filter(images, dataset, filter_text, expected) -> None:
-    listed = await list_all(images, dataset.owner, filter_text)
+    listed = await api.list_all(images, dataset.owner, filter_text)
     names = [image.display_name for image in listed]
     assert len(names) == len(set(names)), "an image was listed twice"
     assert set(names) == expected
@@ -177,26 +154,26 @@ async def test_filter(images, dataset, filter_text, expected) -> None:
 
 async def test_filter_by_owner_project(images, dataset) -> None:
     assert (
-        await display_names_listed(
+        await api.display_names_listed(
             images, dataset.owner, f"owner_project = {dataset.owner_project}"
         )
         == PRIVATE
     )
     # Another project's name finds nothing: its images stay invisible.
     assert (
-        await display_names_listed(
+        await api.display_names_listed(
             images, dataset.owner, f"owner_project = {dataset.other_project}"
         )
         == set()
     )
-    assert await display_names_listed(images, dataset.other, "type = private") == {FOREIGN}
-    assert await display_names_listed(images, dataset.other, "tag = web") == {FOREIGN}
+    assert await api.display_names_listed(images, dataset.other, "type = private") == {FOREIGN}
+    assert await api.display_names_listed(images, dataset.other, "tag = web") == {FOREIGN}
 
 
 async def test_injection_attempts_leave_the_catalog_intact(images, dataset) -> None:
     for filter_text in ('name = "x\' OR 1=1 --"', 'tag = "\'; DROP TABLE images; --"'):
-        assert await names_listed(images, dataset.owner, filter_text) == []
-    assert await display_names_listed(images, dataset.owner) == PUBLIC_NAMES | PRIVATE
+        assert await api.names_listed(images, dataset.owner, filter_text) == []
+    assert await api.display_names_listed(images, dataset.owner) == PUBLIC_NAMES | PRIVATE
 
 
 INVALID_FILTERS = [
@@ -225,7 +202,8 @@ INVALID_FILTERS = [
 async def test_invalid_filter(images, as_project, filter_text) -> None:
     rich = await expect_invalid(
         images.ListImages(
-            image_pb2.ListImagesRequest(filter=filter_text), metadata=as_project(fresh_project())
+            image_pb2.ListImagesRequest(filter=filter_text),
+            metadata=as_project(fresh_project()),
         ),
         "filter",
         "INVALID_FILTER",
@@ -249,7 +227,7 @@ async def _walk(images, metadata: Metadata, page_size: int, filter_text: str = "
 
 
 async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, dataset) -> None:
-    everything = await list_all(images, dataset.owner, page_size=1000)
+    everything = await api.list_all(images, dataset.owner, page_size=1000)
     assert len(everything) == len(PUBLIC_NAMES | PRIVATE)
     pages = await _walk(images, dataset.owner, 1)
     assert all(len(page) == 1 for page in pages)
@@ -268,7 +246,7 @@ async def test_page_size_one_walks_every_image_once_in_a_stable_order(images, da
 
 @pytest.mark.parametrize("page_size", [2, 3, 5])
 async def test_pages_of_any_size_cover_the_listing(images, dataset, page_size) -> None:
-    everything = await names_listed(images, dataset.owner, "os_type = linux")
+    everything = await api.names_listed(images, dataset.owner, "os_type = linux")
     pages = await _walk(images, dataset.owner, page_size, "os_type = linux")
     assert all(len(page) == page_size for page in pages[:-1])
     assert 1 <= len(pages[-1]) <= page_size
@@ -295,7 +273,7 @@ async def test_an_exact_last_page_ends_the_walk(images, as_project) -> None:
 async def test_images_created_during_a_walk_come_last(images, as_project) -> None:
     metadata = as_project(fresh_project())
     first = await images.ListImages(image_pb2.ListImagesRequest(page_size=2), metadata=metadata)
-    added = await create(images, metadata, display_name="added mid-walk")
+    added = await api.create(images, metadata, display_name="added mid-walk")
     seen = [i.name for i in first.images]
     token = first.next_page_token
     while token:
@@ -309,7 +287,7 @@ async def test_images_created_during_a_walk_come_last(images, as_project) -> Non
 
 
 async def test_page_size_may_change_between_pages(images, dataset) -> None:
-    everything = await names_listed(images, dataset.owner)
+    everything = await api.names_listed(images, dataset.owner)
     first = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=3), metadata=dataset.owner
     )
@@ -325,7 +303,8 @@ async def test_page_size_may_change_between_pages(images, dataset) -> None:
 async def test_page_size_out_of_range(images, as_project, page_size) -> None:
     await expect_invalid(
         images.ListImages(
-            image_pb2.ListImagesRequest(page_size=page_size), metadata=as_project(fresh_project())
+            image_pb2.ListImagesRequest(page_size=page_size),
+            metadata=as_project(fresh_project()),
         ),
         "page_size",
     )
@@ -389,6 +368,6 @@ async def test_token_of_a_flavor_listing_is_refused(images, provisioning, datase
 
 
 async def test_list_never_includes_an_unknown_status_code(images, dataset) -> None:
-    for image in await list_all(images, dataset.owner):
+    for image in await api.list_all(images, dataset.owner):
         assert image.status in (image_pb2.IMAGE_STATUS_QUEUED, image_pb2.IMAGE_STATUS_ACTIVE)
         assert image.type in (image_pb2.IMAGE_TYPE_PUBLIC, image_pb2.IMAGE_TYPE_PRIVATE)

@@ -6,22 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import api_support as api
 import grpc
 import pytest
-from api_support import (
-    Metadata,
-    expect_error,
-    mask,
-    names_listed,
-    new_request_id,
-    private_image,
-    public_image,
-)
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.processes import start
+from support.builders import private_image, public_image
 from support.services import make_settings
-from support.tokens import bearer
+from support.tokens import Metadata, bearer
 
 QUOTA = 3
 
@@ -55,7 +48,7 @@ async def small_quota(tmp_path) -> AsyncIterator[SmallQuota]:
 
 
 async def expect_quota_exceeded(quota: SmallQuota, metadata: Metadata, project: str) -> None:
-    rich = await expect_error(
+    rich = await api.expect_error(
         quota.create(metadata, display_name="one too many"),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "IMAGE_QUOTA_EXCEEDED",
@@ -72,7 +65,7 @@ async def test_fourth_private_image_exceeds_the_quota(small_quota) -> None:
     alpha = small_quota.as_project("alpha")
     created = [await small_quota.create(alpha, display_name=f"image {i}") for i in range(QUOTA)]
     await expect_quota_exceeded(small_quota, alpha, "alpha")
-    listed = await names_listed(small_quota.images, alpha, "type = private")
+    listed = await api.names_listed(small_quota.images, alpha, "type = private")
     assert listed == [image.name for image in created]
 
 
@@ -86,7 +79,7 @@ async def test_deleting_an_image_frees_its_slot(small_quota) -> None:
     replacement = await small_quota.create(alpha, display_name="replacement")
     assert replacement.status == image_pb2.IMAGE_STATUS_QUEUED
     await expect_quota_exceeded(small_quota, alpha, "alpha")
-    assert await names_listed(small_quota.images, alpha, "type = private") == [
+    assert await api.names_listed(small_quota.images, alpha, "type = private") == [
         created[0].name,
         created[2].name,
         replacement.name,
@@ -113,7 +106,7 @@ async def test_quota_is_per_project_and_ignores_public_images(small_quota) -> No
 
 async def test_retry_of_a_created_image_succeeds_at_the_limit(small_quota) -> None:
     alpha = small_quota.as_project("alpha")
-    request_id = new_request_id()
+    request_id = api.new_request_id()
     first = await small_quota.create(alpha, request_id=request_id)
     for _ in range(QUOTA - 1):
         await small_quota.create(alpha)
@@ -133,7 +126,7 @@ async def test_concurrent_creates_never_exceed_the_quota(small_quota) -> None:
     assert len(created) == QUOTA, results
     assert len(refused) == 4
     assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
-    assert len(await names_listed(small_quota.images, alpha, "type = private")) == QUOTA
+    assert len(await api.names_listed(small_quota.images, alpha, "type = private")) == QUOTA
 
 
 async def test_updates_work_at_the_limit(small_quota) -> None:
@@ -142,7 +135,7 @@ async def test_updates_work_at_the_limit(small_quota) -> None:
     updated = await small_quota.images.UpdateImage(
         image_pb2.UpdateImageRequest(
             image=image_pb2.Image(name=images[0].name, display_name="still fits"),
-            update_mask=mask("display_name"),
+            update_mask=api.mask("display_name"),
         ),
         metadata=alpha,
     )

@@ -1,6 +1,7 @@
-"""Fixtures of the sharing tests that need more than a module's helpers: the
-real `bms-image serve` process of the grpcurl scenario. Everything else is
-in sharing_support.py (import it as `from sharing_support import ...`)."""
+"""Fixtures of the sharing tests: the `sharing` stub and `projects` (see
+support.services), and the real `bms-image serve` process of the grpcurl
+scenario. The helpers are in sharing_support.py (`import sharing_support as
+sh`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from support.processes import ServerProcess
+from support.services import projects, sharing  # noqa: F401 - this folder's fixtures
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
-"""Helpers of the sharing tests: rich-status decoding, image and member
-builders, a verifying downloader and module-scoped service fixtures. Plain
-functions, so import them as `from sharing_support import ...` (never from a
-conftest module). The error decoding is copied from tests/api/api_support.py,
-which is only importable when tests/api is on sys.path."""
+"""Helpers of the sharing tests: image and member builders, a verifying
+downloader and module-scoped service fixtures. Plain functions, so import
+the module (`import sharing_support as sh`), never from a conftest module.
+Error decoding, stubs and services are support.errors' and support.services':
+tests import them from there."""
 
 from __future__ import annotations
 
@@ -12,30 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from bms_image.common.serving import RunningService
 from support import builders, services
-from support.builders import S4_MODEL, random_bytes, sha256_hex  # noqa: F401
-from support.errors import (  # noqa: F401 - re-exported for this folder's tests
-    Code,
-    RichError,
-    decode,
-    expect_error,
-    expect_invalid,
-    outcome,
-)
-from support.services import (  # noqa: F401 - re-exported
-    ImageStub,
-    ProjectMetadata,
-    Serving,
-    SharingStub,
-    make_settings,
-    serving,
-    token_metadata,
-)
+from support.api_pages import every_page
+from support.builders import random_bytes, sha256_hex
+from support.errors import RichError, decode, outcome
+from support.services import ImageStub, ProjectMetadata, SharingStub
 from support.tokens import Metadata
 
 PENDING = sharing_pb2.MEMBER_STATUS_PENDING
@@ -53,33 +37,13 @@ SHARED = image_pb2.IMAGE_TYPE_SHARED
 Projects = ProjectMetadata
 
 
-def shared_service_fixtures() -> tuple[Any, Any, Any, Any, Any]:
-    """support.services.shared_service_fixtures plus per-test `projects`,
-    `images` and `sharing` stubs, for modules whose tests use projects of
-    their own and so cannot see each other's images. Such modules must run
-    on the module's event loop:
+def shared_service_fixtures() -> tuple[Any, Any]:
+    """support.services.shared_service_fixtures, for modules whose tests use
+    projects of their own (the `projects` fixture) and so cannot see each
+    other's images; the `images` and `sharing` stubs then use its channel.
+    Such modules must run on the module's event loop:
     `pytestmark = pytest.mark.asyncio(loop_scope="module")`."""
-    service, channel = services.shared_service_fixtures("sharing-service")
-
-    @pytest.fixture
-    def projects(service: RunningService) -> Projects:
-        return Projects(service)
-
-    @pytest.fixture
-    def images(channel: grpc.aio.Channel) -> ImageStub:
-        return ImageStub(channel)
-
-    @pytest.fixture
-    def sharing(channel: grpc.aio.Channel) -> SharingStub:
-        return SharingStub(channel)
-
-    return service, channel, projects, images, sharing
-
-
-# -- errors ----------------------------------------------------------------------
-
-
-# Error decoding lives in support.errors (shared by every test folder).
+    return services.shared_service_fixtures("sharing-service")
 
 
 # -- images ----------------------------------------------------------------------
@@ -171,18 +135,12 @@ async def download_error(images: ImageStub, md: Metadata, name: str) -> RichErro
 
 async def list_images(images: ImageStub, md: Metadata, filter_text: str = "") -> list[Any]:
     """Every image of a listing, following next_page_token to the end."""
-    found: list[image_pb2.Image] = []
-    token = ""
-    for _ in range(1000):
-        response = await images.ListImages(
-            image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text),
-            metadata=md,
-        )
-        found.extend(response.images)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+
+    def page(token: str) -> Awaitable[image_pb2.ListImagesResponse]:
+        request = image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text)
+        return images.ListImages(request, metadata=md)
+
+    return await every_page(page, "images")
 
 
 async def names_listed(images: ImageStub, md: Metadata, filter_text: str = "") -> list[str]:
@@ -232,20 +190,14 @@ async def list_members(
     sharing: SharingStub, md: Metadata, image_name: str, page_size: int = 0
 ) -> list[Any]:
     """Every member of a listing, following next_page_token to the end."""
-    found: list[sharing_pb2.ImageMember] = []
-    token = ""
-    for _ in range(1000):
-        response = await sharing.ListImageMembers(
-            sharing_pb2.ListImageMembersRequest(
-                parent=image_name, page_size=page_size, page_token=token
-            ),
-            metadata=md,
+
+    def page(token: str) -> Awaitable[sharing_pb2.ListImageMembersResponse]:
+        request = sharing_pb2.ListImageMembersRequest(
+            parent=image_name, page_size=page_size, page_token=token
         )
-        found.extend(response.members)
-        token = response.next_page_token
-        if not token:
-            return found
-    raise AssertionError("pagination did not end")
+        return sharing.ListImageMembers(request, metadata=md)
+
+    return await every_page(page, "members")
 
 
 async def replicate(

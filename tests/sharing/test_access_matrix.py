@@ -28,47 +28,23 @@ import asyncio
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
-from sharing_support import (
-    ACCEPTED,
-    PENDING,
-    PRIVATE,
-    REJECTED,
-    SHARED,
-    ImageStub,
-    Metadata,
-    Projects,
-    RichError,
-    SharingStub,
-    Uploaded,
-    answer,
-    answer_request,
-    create_active,
-    download,
-    list_images,
-    list_members,
-    mask,
-    member_name,
-    outcome,
-    replicate,
-    share,
-    shared_service_fixtures,
-    upload_requests,
-)
-from sharing_support import (
-    decode as decode_error,
-)
+import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
+from support.api_tables import matrix_row
+from support.errors import RichError, decode, outcome
+from support.services import ImageStub, SharingStub
+from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-service, channel, projects, images, sharing = shared_service_fixtures()
+service, channel = sh.shared_service_fixtures()
 
 ROLES = ("owner", "pending", "accepted", "rejected", "stranger", "admin")
 MEMBER_ROLES = ("pending", "accepted", "rejected")
@@ -98,34 +74,34 @@ MATRIX: dict[str, tuple[str, ...]] = {
 }
 
 NOT_ACCEPTED = "SHARED_IMAGE_NOT_ACCEPTED"
+#: The RPCs by which a member would change the image or its members.
+OWNER_ONLY = (
+    "CreateImageMember",
+    "DeleteImageMember",
+    "UpdateImage",
+    "DeleteImage",
+    "UploadImageData",
+)
 #: The ErrorInfo reason of each failing cell; every NOT_FOUND is IMAGE_NOT_FOUND.
 REASONS: dict[tuple[str, str], str] = {
-    **{("CreateImageMember", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeleteImageMember", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
+    **{(rpc, r): "NOT_IMAGE_OWNER" for rpc in OWNER_ONLY for r in MEMBER_ROLES},
+    **{("DeprecateImage", r): "ADMIN_REQUIRED" for r in ("owner", *MEMBER_ROLES)},
+    **{
+        (rpc, r): NOT_ACCEPTED
+        for rpc in ("ReplicateImage", "DownloadImageData")
+        for r in ("pending", "rejected")
+    },
     ("UpdateImageMember", "owner"): "ONLY_MEMBER_ANSWERS",
     ("ReplicateImage", "owner"): "NOT_A_SHARED_IMAGE",
-    ("ReplicateImage", "pending"): NOT_ACCEPTED,
-    ("ReplicateImage", "rejected"): NOT_ACCEPTED,
-    **{("UpdateImage", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeleteImage", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    **{("DeprecateImage", r): "ADMIN_REQUIRED" for r in ("owner", *MEMBER_ROLES)},
     ("UploadImageData", "owner"): "IMAGE_NOT_QUEUED",
-    **{("UploadImageData", r): "NOT_IMAGE_OWNER" for r in MEMBER_ROLES},
-    ("DownloadImageData", "pending"): NOT_ACCEPTED,
-    ("DownloadImageData", "rejected"): NOT_ACCEPTED,
 }
 
 CELL_WIDTH = max(len(cell) for row in MATRIX.values() for cell in row)
 RPC_WIDTH = max(len(rpc) for rpc in MATRIX)
 
 
-def table_row(rpc: str, cells: tuple[str, ...] | list[str]) -> str:
-    return (
-        f"{rpc:<{RPC_WIDTH}} | "
-        + " | ".join(
-            f"{role}={cell:<{CELL_WIDTH}}" for role, cell in zip(ROLES, cells, strict=True)
-        )
-    ).rstrip()
+def table_row(rpc: str, cells: Sequence[str]) -> str:
+    return matrix_row(rpc, ROLES, cells, CELL_WIDTH, RPC_WIDTH)
 
 
 async def test_the_matrix_covers_every_rpc_of_both_services() -> None:
@@ -144,7 +120,7 @@ async def test_the_matrix_covers_every_rpc_of_both_services() -> None:
 class Scene:
     images: ImageStub
     sharing: SharingStub
-    image: Uploaded
+    image: sh.Uploaded
     display_name: str
     project: dict[str, str]
     md: dict[str, Metadata]
@@ -152,7 +128,7 @@ class Scene:
     def member(self, role: str, image_name: str) -> str:
         """The membership a caller acts on: its own for members, else the
         pending/accepted one named by the probe."""
-        return member_name(image_name, self.project[role])
+        return sh.member_name(image_name, self.project[role])
 
     def leaks(self, response: Any, error: RichError | None) -> list[str]:
         """What a reply tells about the image that its caller cannot see."""
@@ -173,12 +149,12 @@ class Scene:
         return found
 
 
-async def make_scene(images: ImageStub, sharing: SharingStub, projects: Projects) -> Scene:
+async def make_scene(images: ImageStub, sharing: SharingStub, projects: sh.Projects) -> Scene:
     project = {role: projects.name(role) for role in ROLES}
     md = {role: projects(role, admin=role == "admin") for role in ROLES}
     display_name = f"secret-golden-{uuid.uuid4().hex[:8]}"
     size = random.randrange(70_001, 90_001, 2)  # a size no other number in a reply has
-    uploaded = await create_active(
+    uploaded = await sh.create_active(
         images,
         md["owner"],
         size=size,
@@ -186,10 +162,10 @@ async def make_scene(images: ImageStub, sharing: SharingStub, projects: Projects
         description=f"classified {uuid.uuid4().hex}",
     )
     for role in ("pending", "accepted", "rejected"):
-        created = await share(sharing, md["owner"], uploaded.name, project[role])
-        assert created.status == PENDING
-    await answer(sharing, md["accepted"], uploaded.name, project["accepted"], ACCEPTED)
-    await answer(sharing, md["rejected"], uploaded.name, project["rejected"], REJECTED)
+        created = await sh.share(sharing, md["owner"], uploaded.name, project[role])
+        assert created.status == sh.PENDING
+    await sh.answer(sharing, md["accepted"], uploaded.name, project["accepted"], sh.ACCEPTED)
+    await sh.answer(sharing, md["rejected"], uploaded.name, project["rejected"], sh.REJECTED)
     return Scene(images, sharing, uploaded, display_name, project, md)
 
 
@@ -204,14 +180,14 @@ def labelled(response: Any, error: RichError | None) -> tuple[str, Any, RichErro
 
 async def probe_create_member(scene: Scene, role: str, name: str) -> Any:
     newcomer = f"newcomer-{uuid.uuid4().hex[:8]}"
-    response, error = await outcome(share(scene.sharing, scene.md[role], name, newcomer))
+    response, error = await outcome(sh.share(scene.sharing, scene.md[role], name, newcomer))
     if response is not None:
-        assert (response.member_project, response.status) == (newcomer, PENDING)
+        assert (response.member_project, response.status) == (newcomer, sh.PENDING)
     return labelled(response, error)
 
 
 async def probe_list_members(scene: Scene, role: str, name: str) -> Any:
-    response, error = await outcome(list_members(scene.sharing, scene.md[role], name))
+    response, error = await outcome(sh.list_members(scene.sharing, scene.md[role], name))
     if error:
         return error.code.name, None, error
     listed = [m.member_project for m in response]
@@ -240,10 +216,10 @@ async def probe_update_member(scene: Scene, role: str, name: str) -> Any:
     # Members answer for themselves (pending accepts, accepted rejects,
     # rejected accepts); the others try to accept for the pending member.
     target = role if role in MEMBER_ROLES else "pending"
-    status = REJECTED if role == "accepted" else ACCEPTED
+    status = sh.REJECTED if role == "accepted" else sh.ACCEPTED
     response, error = await outcome(
         scene.sharing.UpdateImageMember(
-            answer_request(scene.member(target, name), status), metadata=scene.md[role]
+            sh.answer_request(scene.member(target, name), status), metadata=scene.md[role]
         )
     )
     if response is not None:
@@ -263,22 +239,22 @@ async def probe_delete_member(scene: Scene, role: str, name: str) -> Any:
 
 
 async def probe_replicate(scene: Scene, role: str, name: str) -> Any:
-    response, error = await outcome(replicate(scene.sharing, scene.md[role], name))
+    response, error = await outcome(sh.replicate(scene.sharing, scene.md[role], name))
     if response is not None:
         assert response.owner_project == scene.project[role]
-        assert response.type == PRIVATE
+        assert response.type == sh.PRIVATE
         assert response.name != name
     return labelled(response, error)
 
 
 async def probe_list_images(scene: Scene, role: str, name: str) -> Any:
-    response, error = await outcome(list_images(scene.images, scene.md[role]))
+    response, error = await outcome(sh.list_images(scene.images, scene.md[role]))
     if error:
         return error.code.name, None, error
     found = [image for image in response if image.name == name]
     if not found:
         return HIDDEN, response, None
-    assert found[0].type == (PRIVATE if role == "owner" else SHARED)
+    assert found[0].type == (sh.PRIVATE if role == "owner" else sh.SHARED)
     return LISTED, response, None
 
 
@@ -287,7 +263,7 @@ async def probe_get_image(scene: Scene, role: str, name: str) -> Any:
         scene.images.GetImage(image_pb2.GetImageRequest(name=name), metadata=scene.md[role])
     )
     if response is not None:
-        assert response.type == (PRIVATE if role == "owner" else SHARED)
+        assert response.type == (sh.PRIVATE if role == "owner" else sh.SHARED)
         assert response.owner_project == scene.project["owner"]
     return labelled(response, error)
 
@@ -295,7 +271,7 @@ async def probe_get_image(scene: Scene, role: str, name: str) -> Any:
 async def probe_update_image(scene: Scene, role: str, name: str) -> Any:
     request = image_pb2.UpdateImageRequest(
         image=image_pb2.Image(name=name, description=f"changed by {role}"),
-        update_mask=mask("description"),
+        update_mask=sh.mask("description"),
     )
     response, error = await outcome(scene.images.UpdateImage(request, metadata=scene.md[role]))
     return labelled(response, error)
@@ -318,16 +294,16 @@ async def probe_deprecate(scene: Scene, role: str, name: str) -> Any:
 
 
 async def probe_upload(scene: Scene, role: str, name: str) -> Any:
-    requests = iter(upload_requests(name, b"\x01" * 4096))
+    requests = iter(sh.upload_requests(name, b"\x01" * 4096))
     response, error = await outcome(scene.images.UploadImageData(requests, metadata=scene.md[role]))
     return labelled(response, error)
 
 
 async def probe_download(scene: Scene, role: str, name: str) -> Any:
     try:
-        data, _, _ = await download(scene.images, scene.md[role], name)
+        data, _, _ = await sh.download(scene.images, scene.md[role], name)
     except grpc.aio.AioRpcError as error:
-        rich = decode_error(error)
+        rich = decode(error)
         return rich.code.name, None, rich
     assert data == scene.image.data
     return OK, data, None
@@ -367,7 +343,7 @@ async def check_cell(
     expected: str,
     images: ImageStub,
     sharing: SharingStub,
-    projects: Projects,
+    projects: sh.Projects,
 ) -> tuple[str, list[str]]:
     """One cell on a scene of its own (the successful calls change the image
     or its members): the label the call got, and what is wrong with it."""
@@ -408,7 +384,7 @@ async def check_cell(
 
 @pytest.mark.parametrize("rpc", list(MATRIX), ids=[table_row(r, c) for r, c in MATRIX.items()])
 async def test_access_matrix(
-    rpc: str, images: ImageStub, sharing: SharingStub, projects: Projects
+    rpc: str, images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     cells = await asyncio.gather(
         *(

@@ -7,38 +7,16 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sharing_support import (
-    ACCEPTED,
-    ACTIVE,
-    PENDING,
-    PRIVATE,
-    SHARED,
-    Code,
-    ImageStub,
-    Metadata,
-    Projects,
-    SharingStub,
-    answer,
-    create_active,
-    download,
-    download_error,
-    expect_error,
-    expect_invalid,
-    list_images,
-    list_members,
-    member_name,
-    names_listed,
-    replicate,
-    share,
-    shared_service_fixtures,
-    unshare,
-)
+import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
+from support.errors import Code, expect_error, expect_invalid
+from support.services import ImageStub, SharingStub
+from support.tokens import Metadata
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-service, channel, projects, images, sharing = shared_service_fixtures()
+service, channel = sh.shared_service_fixtures()
 
 #: Several download chunks (the service sends 1 MiB ones) and an odd tail.
 IMAGE_BYTES = 2 * 1024 * 1024 + 12_345
@@ -58,12 +36,12 @@ async def assert_gone_for(
         "type = shared",
         *(f"member_status = {s}" for s in ("pending", "accepted", "rejected")),
     ):
-        assert name not in await names_listed(images, md, filter_text), filter_text
-    error = await download_error(images, md, name)
+        assert name not in await sh.names_listed(images, md, filter_text), filter_text
+    error = await sh.download_error(images, md, name)
     assert error is not None
     assert (error.code, error.reason) == (Code.NOT_FOUND, "IMAGE_NOT_FOUND")
-    await expect_error(replicate(sharing, md, name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
-    await expect_error(answer(sharing, md, name, project, ACCEPTED), Code.NOT_FOUND)
+    await expect_error(sh.replicate(sharing, md, name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(sh.answer(sharing, md, name, project, sh.ACCEPTED), Code.NOT_FOUND)
     await expect_error(
         sharing.ListImageMembers(sharing_pb2.ListImageMembersRequest(parent=name), metadata=md),
         Code.NOT_FOUND,
@@ -71,44 +49,44 @@ async def assert_gone_for(
 
 
 async def test_share_accept_replicate_and_outlive_the_original(
-    images: ImageStub, sharing: SharingStub, projects: Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
-    original = await create_active(
+    original = await sh.create_active(
         images, alpha, size=IMAGE_BYTES, display_name="golden-web", tags=["web"]
     )
 
     # Share: beta sees it pending, may look but not use it.
-    member = await share(sharing, alpha, original.name, beta_project)
-    assert member.status == PENDING
+    member = await sh.share(sharing, alpha, original.name, beta_project)
+    assert member.status == sh.PENDING
     pending_view = await get_image(images, beta, original.name)
-    assert (pending_view.type, pending_view.owner_project) == (SHARED, projects.name("alpha"))
-    assert original.name not in await names_listed(images, beta)
-    assert await names_listed(images, beta, "member_status = pending") == [original.name]
+    assert (pending_view.type, pending_view.owner_project) == (sh.SHARED, projects.name("alpha"))
+    assert original.name not in await sh.names_listed(images, beta)
+    assert await sh.names_listed(images, beta, "member_status = pending") == [original.name]
 
     # Accept: listed as SHARED, downloadable, the same bytes.
-    accepted = await answer(sharing, beta, original.name, beta_project, ACCEPTED)
-    assert accepted.status == ACCEPTED
-    shared = await list_images(images, beta, "type = shared")
+    accepted = await sh.answer(sharing, beta, original.name, beta_project, sh.ACCEPTED)
+    assert accepted.status == sh.ACCEPTED
+    shared = await sh.list_images(images, beta, "type = shared")
     assert [i.name for i in shared] == [original.name]
-    assert (shared[0].type, shared[0].owner_project) == (SHARED, projects.name("alpha"))
+    assert (shared[0].type, shared[0].owner_project) == (sh.SHARED, projects.name("alpha"))
     assert (shared[0].sha256, shared[0].size_bytes) == (original.sha256, IMAGE_BYTES)
-    data, sha256, size = await download(images, beta, original.name)
+    data, sha256, size = await sh.download(images, beta, original.name)
     assert (data, sha256, size) == (original.data, original.sha256, IMAGE_BYTES)
 
     # Replicate: beta's own private copy, with its own id and bytes.
     request_id = str(uuid.uuid4())
-    copy = await replicate(sharing, beta, original.name, "golden-web-copy", request_id)
+    copy = await sh.replicate(sharing, beta, original.name, "golden-web-copy", request_id)
     assert copy.name != original.name and copy.name.startswith("images/")
     assert copy.display_name == "golden-web-copy"
-    assert (copy.owner_project, copy.type, copy.status) == (beta_project, PRIVATE, ACTIVE)
+    assert (copy.owner_project, copy.type, copy.status) == (beta_project, sh.PRIVATE, sh.ACTIVE)
     assert (copy.sha256, copy.size_bytes) == (original.sha256, IMAGE_BYTES)
     assert list(copy.tags) == ["web"]
     assert not copy.protected
-    assert await names_listed(images, beta, "type = private") == [copy.name]
+    assert await sh.names_listed(images, beta, "type = private") == [copy.name]
     await expect_error(get_image(images, alpha, copy.name), Code.NOT_FOUND, "IMAGE_NOT_FOUND")
-    copied, _, _ = await download(images, beta, copy.name)
+    copied, _, _ = await sh.download(images, beta, copy.name)
     assert copied == original.data
 
     # The owner deletes the original: beta loses it, keeps the copy.
@@ -117,89 +95,93 @@ async def test_share_accept_replicate_and_outlive_the_original(
     await expect_error(get_image(images, alpha, original.name), Code.NOT_FOUND)
 
     still = await get_image(images, beta, copy.name)
-    assert (still.status, still.sha256, still.size_bytes) == (ACTIVE, original.sha256, IMAGE_BYTES)
-    assert await names_listed(images, beta, "type = private") == [copy.name]
-    copied_again, sha256, _ = await download(images, beta, copy.name)
+    assert (still.status, still.sha256, still.size_bytes) == (
+        sh.ACTIVE,
+        original.sha256,
+        IMAGE_BYTES,
+    )
+    assert await sh.names_listed(images, beta, "type = private") == [copy.name]
+    copied_again, sha256, _ = await sh.download(images, beta, copy.name)
     assert copied_again == original.data and sha256 == original.sha256
 
     # The same request_id still names the copy made by the first call.
-    retried = await replicate(sharing, beta, original.name, "golden-web-copy", request_id)
+    retried = await sh.replicate(sharing, beta, original.name, "golden-web-copy", request_id)
     assert retried.name == copy.name
 
 
 async def test_stopping_to_share_takes_the_image_away_at_once(
-    images: ImageStub, sharing: SharingStub, projects: Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
-    original = await create_active(images, alpha)
-    await share(sharing, alpha, original.name, beta_project)
-    await answer(sharing, beta, original.name, beta_project, ACCEPTED)
-    copy = await replicate(sharing, beta, original.name)
-    assert original.name in await names_listed(images, beta)
+    original = await sh.create_active(images, alpha)
+    await sh.share(sharing, alpha, original.name, beta_project)
+    await sh.answer(sharing, beta, original.name, beta_project, sh.ACCEPTED)
+    copy = await sh.replicate(sharing, beta, original.name)
+    assert original.name in await sh.names_listed(images, beta)
 
-    await unshare(sharing, alpha, original.name, beta_project)
+    await sh.unshare(sharing, alpha, original.name, beta_project)
 
     await assert_gone_for(images, sharing, beta, beta_project, original.name)
-    assert await list_members(sharing, alpha, original.name) == []
+    assert await sh.list_members(sharing, alpha, original.name) == []
     await expect_error(
         sharing.GetImageMember(
-            sharing_pb2.GetImageMemberRequest(name=member_name(original.name, beta_project)),
+            sharing_pb2.GetImageMemberRequest(name=sh.member_name(original.name, beta_project)),
             metadata=alpha,
         ),
         Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
     await expect_error(
-        unshare(sharing, alpha, original.name, beta_project),
+        sh.unshare(sharing, alpha, original.name, beta_project),
         Code.NOT_FOUND,
         "IMAGE_MEMBER_NOT_FOUND",
     )
     # The owner keeps the original; beta keeps the copy it made earlier.
-    mine, _, _ = await download(images, alpha, original.name)
+    mine, _, _ = await sh.download(images, alpha, original.name)
     assert mine == original.data
-    kept, _, _ = await download(images, beta, copy.name)
+    kept, _, _ = await sh.download(images, beta, copy.name)
     assert kept == original.data
 
     # Sharing again starts over: pending, to be answered anew.
-    again = await share(sharing, alpha, original.name, beta_project)
-    assert again.status == PENDING
-    error = await download_error(images, beta, original.name)
+    again = await sh.share(sharing, alpha, original.name, beta_project)
+    assert again.status == sh.PENDING
+    error = await sh.download_error(images, beta, original.name)
     assert error is not None and error.reason == "SHARED_IMAGE_NOT_ACCEPTED"
 
 
 async def test_replicating_twice_with_one_request_id_makes_one_copy(
-    images: ImageStub, sharing: SharingStub, projects: Projects
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
     beta_project = projects.name("beta")
-    original = await create_active(images, alpha, display_name="base")
-    await share(sharing, alpha, original.name, beta_project)
-    await answer(sharing, beta, original.name, beta_project, ACCEPTED)
+    original = await sh.create_active(images, alpha, display_name="base")
+    await sh.share(sharing, alpha, original.name, beta_project)
+    await sh.answer(sharing, beta, original.name, beta_project, sh.ACCEPTED)
     request_id = str(uuid.uuid4())
 
-    first = await replicate(sharing, beta, original.name, request_id=request_id)
-    second = await replicate(sharing, beta, original.name, request_id=request_id)
+    first = await sh.replicate(sharing, beta, original.name, request_id=request_id)
+    second = await sh.replicate(sharing, beta, original.name, request_id=request_id)
 
     assert second == first
     assert first.display_name == "base", "an empty display_name keeps the original's"
-    assert await names_listed(images, beta, "type = private") == [first.name]
+    assert await sh.names_listed(images, beta, "type = private") == [first.name]
 
-    other = await replicate(sharing, beta, original.name, request_id=str(uuid.uuid4()))
+    other = await sh.replicate(sharing, beta, original.name, request_id=str(uuid.uuid4()))
     assert other.name != first.name
-    assert await names_listed(images, beta, "type = private") == [first.name, other.name]
+    assert await sh.names_listed(images, beta, "type = private") == [first.name, other.name]
 
 
 @pytest.mark.parametrize("request_id", ["not-a-uuid", str(uuid.uuid4()).upper()])
 async def test_a_replicate_request_id_must_be_a_canonical_uuid(
-    images: ImageStub, sharing: SharingStub, projects: Projects, request_id: str
+    images: ImageStub, sharing: SharingStub, projects: sh.Projects, request_id: str
 ) -> None:
     alpha, beta = projects("alpha"), projects("beta")
-    original = await create_active(images, alpha)
-    await share(sharing, alpha, original.name, projects.name("beta"))
-    await answer(sharing, beta, original.name, projects.name("beta"), ACCEPTED)
+    original = await sh.create_active(images, alpha)
+    await sh.share(sharing, alpha, original.name, projects.name("beta"))
+    await sh.answer(sharing, beta, original.name, projects.name("beta"), sh.ACCEPTED)
 
     await expect_invalid(
-        replicate(sharing, beta, original.name, request_id=request_id), "request_id"
+        sh.replicate(sharing, beta, original.name, request_id=request_id), "request_id"
     )
-    assert await names_listed(images, beta, "type = private") == []
+    assert await sh.names_listed(images, beta, "type = private") == []

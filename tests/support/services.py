@@ -3,7 +3,8 @@
 `serving(settings)` starts the service (both processes, in this process) on
 a loopback port and yields a `Serving`: the running service, a channel to it,
 stubs and call metadata. The fixtures (`settings`, `service`, `channel`,
-`images`, `provisioning`, `as_project`) are what tests/conftest.py offers;
+`images`, `provisioning`, `as_project`) are what tests/conftest.py offers
+(`sharing` and `projects` are tests/sharing/conftest.py's);
 `shared_service_fixtures()` gives a module one service for all its tests.
 """
 
@@ -156,6 +157,11 @@ def provisioning(channel: grpc.aio.Channel) -> ProvisioningStub:
 
 
 @pytest.fixture
+def sharing(channel: grpc.aio.Channel) -> SharingStub:
+    return SharingStub(channel)
+
+
+@pytest.fixture
 def as_project(service: RunningService) -> Callable[..., Metadata]:
     """as_project("alpha") / as_project("ops", admin=True): call metadata."""
 
@@ -163,6 +169,13 @@ def as_project(service: RunningService) -> Callable[..., Metadata]:
         return token_metadata(service, project, admin)
 
     return metadata
+
+
+@pytest.fixture
+def projects(service: RunningService) -> ProjectMetadata:
+    """projects("alpha"): call metadata of a project suffixed for this test,
+    so tests sharing a service never see each other's images."""
+    return ProjectMetadata(service)
 
 
 def shared_service_fixtures(label: str = "shared-service") -> tuple[Any, Any]:
