@@ -17,8 +17,8 @@ from google.protobuf import field_mask_pb2
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import builders, errors, services
-from support.api_pages import every_page
 from support.builders import private_image
+from support.paging import every_page
 from support.services import ProjectMetadata
 from support.tokens import Metadata
 
@@ -99,7 +99,7 @@ async def list_all(
         )
         return images.ListImages(request, metadata=metadata)
 
-    return await every_page(page, "images", most_pages=10_000)
+    return await every_page(page, lambda listed: listed.images)
 
 
 async def names_listed(

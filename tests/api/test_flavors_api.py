@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, provisioning_pb2
-from support.api_pages import every_page
 from support.builders import S4_MODEL
 from support.errors import expect_invalid
+from support.paging import every_page
 from support.services import fresh_project
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -23,7 +23,7 @@ async def all_flavors(provisioning, metadata, page_size: int = 0) -> list[provis
         request = provisioning_pb2.ListFlavorsRequest(page_size=page_size, page_token=token)
         return provisioning.ListFlavors(request, metadata=metadata)
 
-    return await every_page(page, "flavors", most_pages=100)
+    return await every_page(page, lambda listed: listed.flavors, most_pages=100)
 
 
 async def test_list_flavors_describes_the_hardware(provisioning, as_project) -> None:

@@ -1,7 +1,7 @@
 """The README's grpcurl walkthrough, run for real: a `bms-image serve`
 process, tokens from `bms-image token`, and the grpcurl binary using server
 reflection (no proto files). Each call is the command a person types
-(support/rel_grpcurl.py spells it out)."""
+(support/grpcurl.py spells it out)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support.rel_grpcurl import (
+from support.grpcurl import (
     EXIT_NOT_FOUND,
     EXIT_PERMISSION_DENIED,
     EXIT_UNAUTHENTICATED,

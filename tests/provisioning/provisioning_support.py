@@ -2,7 +2,7 @@
 bms_image.common.disk_format, image upload and sharing, deployments, event
 collection and disk inspection. Plain functions, so import them as
 `from provisioning_support import ...` (never from a conftest module). Stages,
-states and events come from support.prov_fleet, errors from support.errors,
+states and events come from support.fleet_events, errors from support.errors,
 SSH keys from support.builders."""
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.disks import recorded_disk
 from support.errors import RichError, expect_error
-from support.prov_fleet import Events, collect_events
-from support.prov_paging import every_page
+from support.fleet_events import Events, collect_events
+from support.paging import every_page
 from support.services import ImageStub, ProvisioningStub, SharingStub
 from support.tokens import Metadata
 

@@ -18,7 +18,7 @@ from bms_image.common import disk_format
 from bms_image.common.errors import Unavailable
 from bms_image.fleet.domain.fleet import Fleet
 from support.errors import decode
-from support.prov_fleet import LOCAL
+from support.fleet_events import LOCAL
 
 pb = provisioning_pb2
 #: A hang guard only: a capture image leaves QUEUED/SAVING in well under it.

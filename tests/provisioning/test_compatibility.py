@@ -26,7 +26,7 @@ from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common import disk_format as disks
 from support.builders import new_ssh_key
 from support.errors import Code, outcome
-from support.prov_fleet import ACTIVE, EVS, FIRST_BOOT, LOCAL, STAGE_ACTIVE, stage_name
+from support.fleet_events import ACTIVE, EVS, FIRST_BOOT, LOCAL, STAGE_ACTIVE, stage_name
 from support.services import SharingStub
 
 pb = provisioning_pb2

@@ -14,7 +14,7 @@ from provisioning_support import CENTOS, S4, S4_MODEL, UBUNTU
 from bms.image.v1 import provisioning_pb2
 from bms_image.common import disk_format as disks
 from support.builders import new_ssh_key
-from support.prov_fleet import (
+from support.fleet_events import (
     ACTIVE,
     BUILDING,
     CLONING,

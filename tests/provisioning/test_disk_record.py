@@ -19,7 +19,7 @@ from provisioning_support import CENTOS, S4
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.fleet.adapters import firstboot
 from support.builders import new_ssh_key
-from support.prov_fleet import ACTIVE, ERROR, EVS, FAILED, LOCAL, STAGE_ACTIVE, Events
+from support.fleet_events import ACTIVE, ERROR, EVS, FAILED, LOCAL, STAGE_ACTIVE, Events
 from support.services import make_settings, serving
 
 pb = provisioning_pb2

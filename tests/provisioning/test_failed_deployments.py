@@ -15,7 +15,16 @@ from bms_image.common.disk_format import PLUGIN_PATHS, plugin_content
 from bms_image.common.model import PluginKind
 from support.builders import new_ssh_key
 from support.errors import decode
-from support.prov_fleet import ACTIVE, ERROR, EVS, FAILED, LOCAL, NETWORK, STAGE_ACTIVE, stage_name
+from support.fleet_events import (
+    ACTIVE,
+    ERROR,
+    EVS,
+    FAILED,
+    LOCAL,
+    NETWORK,
+    STAGE_ACTIVE,
+    stage_name,
+)
 
 pb = provisioning_pb2
 

@@ -18,7 +18,7 @@ from bms.image.v1 import provisioning_pb2
 from bms_image.common.config import Settings
 from bms_image.fleet.adapters.image_source import ImageSource
 from support.errors import RichError
-from support.prov_fleet import LOCAL, STAGE_ACTIVE, Events
+from support.fleet_events import LOCAL, STAGE_ACTIVE, Events
 from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 

@@ -19,7 +19,7 @@ from bms_image.fleet.adapters.firstboot import MAX_YAML_DEPTH, MAX_YAML_NODES
 from bms_image.fleet.domain.servers import MAX_DATA_DISK_GB, MAX_DATA_DISKS
 from support.builders import new_ssh_key
 from support.errors import Code, expect_error
-from support.prov_fleet import STAGE_ACTIVE, STOPPED
+from support.fleet_events import STAGE_ACTIVE, STOPPED
 
 pb = provisioning_pb2
 

@@ -13,7 +13,7 @@ from provisioning_support import CENTOS, S4
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.fleet.adapters.image_source import ImageSource
-from support.prov_fleet import (
+from support.fleet_events import (
     ACTIVE,
     BUILDING,
     ERROR,

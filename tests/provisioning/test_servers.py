@@ -18,7 +18,7 @@ from bms_image.fleet.adapters.image_source import ImageSource
 from bms_image.fleet.domain import fleet as fleet_module
 from bms_image.fleet.domain.servers import ServerState
 from support.errors import Code, expect_error, expect_invalid
-from support.prov_fleet import (
+from support.fleet_events import (
     ACTIVE,
     BUILDING,
     LOCAL,

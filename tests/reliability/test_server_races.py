@@ -19,7 +19,7 @@ from bms_image.common.serving import RunningService
 from bms_image.processes import start
 from support.builders import CENTOS_IMAGE, UBUNTU_IMAGE
 from support.errors import decode
-from support.rel_requests import create_servers
+from support.server_requests import create_servers
 from support.services import ProvisioningStub, make_settings
 from support.tokens import Metadata, bearer
 

@@ -3,7 +3,7 @@ its stubs, SSH keys, disk images built with bms_image.common.disk_format,
 deployments followed to their end, captures polled to ACTIVE, and the
 fleet's files on disk. Plain functions: import them as
 `from scenario_support import ...` (never from a conftest module). Stages,
-states and events come from support.prov_fleet, errors from support.errors,
+states and events come from support.fleet_events, errors from support.errors,
 where the fleet keeps its files from support.disks."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from bms_image.images.adapters.catalog import public_image_id
 from support import builders
 from support.builders import SshKey
 from support.disks import PLUGIN_PROTO, system_disk
-from support.prov_fleet import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, Events, collect_events
+from support.fleet_events import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, Events, collect_events
 from support.services import Serving, make_settings, serving
 from support.tokens import Metadata
 

@@ -29,7 +29,7 @@ from scenario_support import (
 
 from bms_image.common import disk_format as disks
 from support.disks import server_dir, system_disk
-from support.prov_fleet import ACTIVE, EVS, NET_UP, REBUILDING, STAGE_ACTIVE, VALIDATING, pb
+from support.fleet_events import ACTIVE, EVS, NET_UP, REBUILDING, STAGE_ACTIVE, VALIDATING, pb
 
 PRECIOUS = b"precious"
 PRECIOUS_AT = (0, 512 * 1024 * 1024 + 17)  # start and middle of the 1 GiB disk

@@ -31,7 +31,7 @@ from scenario_support import (
 from bms.image.v1 import image_pb2
 from bms_image.common import disk_format as disks
 from support.disks import cache_dir, system_disk
-from support.prov_fleet import ACTIVE, EVS, LOCAL, NET_UP, STOPPED
+from support.fleet_events import ACTIVE, EVS, LOCAL, NET_UP, STOPPED
 
 APP_BINARY = b"#!/bin/sh\necho 'inventory service 3.2.1'\n"
 APP_CONFIG = b"listen = 0.0.0.0:8080\ndatabase = /data/inventory/db.sqlite\n"

@@ -33,7 +33,7 @@ from bms.image.v1 import image_pb2
 from bms_image.common.model import PluginKind
 from support.disks import system_disk, write_disk_file
 from support.errors import Code, RichError, expect_error, expect_stream_error
-from support.prov_fleet import ACTIVE, LOCAL, STOPPED, pb
+from support.fleet_events import ACTIVE, LOCAL, STOPPED, pb
 from support.tokens import Metadata
 
 MIB = 1024 * 1024

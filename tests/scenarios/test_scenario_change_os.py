@@ -28,7 +28,7 @@ from scenario_support import (
 from bms_image.common import disk_format as disks
 from support.disks import server_dir, system_disk
 from support.errors import Code, expect_stream_error
-from support.prov_fleet import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, pb
+from support.fleet_events import ACTIVE, LOCAL, STAGE_ACTIVE, STOPPED, pb
 
 
 async def test_reinstall_changes_centos_to_ubuntu(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from bms.image.v1 import image_pb2
 from bms_image.common.disk_format import DiskSpec
 from support.disks import blob_path, cache_dir, server_dir, write_disk_file
 from support.errors import Code, expect_error
-from support.prov_fleet import (
+from support.fleet_events import (
     ACTIVE,
     ERROR,
     FAILED,

@@ -21,7 +21,7 @@ from scenario_support import (
 )
 
 from support.errors import Code, expect_error
-from support.prov_fleet import ACTIVE, NET_DOWN, NET_UP, pb
+from support.fleet_events import ACTIVE, NET_DOWN, NET_UP, pb
 
 RESTORE_WITHIN = 5.0
 

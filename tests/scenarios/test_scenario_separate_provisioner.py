@@ -25,8 +25,8 @@ from support.builders import private_image
 from support.disks import cache_dir, server_dir, system_disk, write_disk_file
 from support.errors import Code
 from support.errors import expect_error_sync as expect_error
+from support.fleet_events import ACTIVE, STAGE_ACTIVE, Events, pb
 from support.processes import ServerProcess
-from support.prov_fleet import ACTIVE, STAGE_ACTIVE, Events, pb
 from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e

@@ -22,8 +22,8 @@ import pytest
 from bms.image.v1 import image_pb2, image_pb2_grpc, provisioning_pb2, provisioning_pb2_grpc
 from bms_image.images.adapters.catalog import public_image_id
 from support.errors import expect_error
+from support.parser_bombs import alias_bomb
 from support.processes import ServerProcess
-from support.rel_bombs import alias_bomb
 from support.tokens import bearer
 
 pytestmark = pytest.mark.e2e

@@ -22,7 +22,7 @@ from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
 from bms_image.common.tls import image_service_credentials, server_credentials
 from bms_image.processes import start, start_provisioner
-from support.rel_requests import create_servers
+from support.server_requests import create_servers
 from support.services import ProvisioningStub, make_settings
 from support.tokens import bearer
 

@@ -16,9 +16,9 @@ from google.protobuf import field_mask_pb2
 
 from bms.image.v1 import image_pb2, sharing_pb2
 from support import builders, services
-from support.api_pages import every_page
 from support.builders import random_bytes, sha256_hex
 from support.errors import RichError, decode, outcome
+from support.paging import every_page
 from support.services import ImageStub, ProjectMetadata, SharingStub
 from support.tokens import Metadata
 
@@ -140,7 +140,7 @@ async def list_images(images: ImageStub, md: Metadata, filter_text: str = "") ->
         request = image_pb2.ListImagesRequest(page_size=1000, page_token=token, filter=filter_text)
         return images.ListImages(request, metadata=md)
 
-    return await every_page(page, "images")
+    return await every_page(page, lambda listed: listed.images, most_pages=1000)
 
 
 async def names_listed(images: ImageStub, md: Metadata, filter_text: str = "") -> list[str]:
@@ -197,7 +197,7 @@ async def list_members(
         )
         return sharing.ListImageMembers(request, metadata=md)
 
-    return await every_page(page, "members")
+    return await every_page(page, lambda listed: listed.members, most_pages=1000)
 
 
 async def replicate(

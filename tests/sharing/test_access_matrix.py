@@ -37,8 +37,8 @@ import pytest
 import sharing_support as sh
 
 from bms.image.v1 import image_pb2, sharing_pb2
-from support.api_tables import matrix_row
 from support.errors import RichError, decode, outcome
+from support.matrix_tables import matrix_row
 from support.services import ImageStub, SharingStub
 from support.tokens import Metadata
 

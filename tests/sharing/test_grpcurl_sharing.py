@@ -3,7 +3,7 @@ from `bms-image token`, and the grpcurl binary using server reflection (no
 proto files). Project alpha uploads an image and shares it with beta; beta
 finds it pending, cannot use it yet, accepts it and then sees it as SHARED
 and downloads it. Each call is the command a person types (see the README
-snippet; support/rel_grpcurl.py spells the command line out)."""
+snippet; support/grpcurl.py spells the command line out)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import os
 
 import pytest
 
-from support.processes import ServerProcess
-from support.rel_grpcurl import (
+from support.grpcurl import (
     EXIT_FAILED_PRECONDITION,
     EXIT_NOT_FOUND,
     EXIT_PERMISSION_DENIED,
@@ -24,6 +23,7 @@ from support.rel_grpcurl import (
     grpcurl,
     json_messages,
 )
+from support.processes import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

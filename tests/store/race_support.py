@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
 from support import services
-from support.prov_paging import every_page
+from support.paging import every_page
 from support.services import make_settings
 from support.tokens import (
     Metadata,

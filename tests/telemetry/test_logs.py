@@ -18,7 +18,7 @@ from bms_image.common.serving import RunningService
 from bms_image.common.telemetry.logs import configure_logging, request_id_from
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.images.domain.images import ImageCatalog
-from support.rel_requests import create_servers
+from support.server_requests import create_servers
 from support.services import ImageStub, ProvisioningStub
 from support.tokens import bearer
 

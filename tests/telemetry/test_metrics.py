@@ -20,7 +20,7 @@ from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.images.adapters.catalog import public_image_id
 from bms_image.processes import start
 from support.builders import private_image
-from support.rel_requests import create_servers
+from support.server_requests import create_servers
 from support.services import ProvisioningStub, make_settings
 from support.tokens import bearer
 

@@ -34,6 +34,7 @@ from bms_image.fleet.domain.servers import (
 )
 from bms_image.images.adapters.formats import _inspect
 from bms_image.images.domain.query import MAX_FILTER_CONDITIONS, parse_filter
+from support.parser_bombs import alias_bomb
 
 PROPERTY = settings(
     max_examples=150,
@@ -42,6 +43,7 @@ PROPERTY = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+
 #: What one parse may allocate at its peak: far above any honest input's
 #: needs, far below what a bomb's expansion would take.
 PEAK_BYTES = 16 * 1024 * 1024
@@ -61,15 +63,6 @@ def peak_of(parse: Callable[[], object]) -> int:
 
 
 # -- user data ---------------------------------------------------------------------------------
-
-
-def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    """The "billion laughs": `width ** levels` strings from a kilobyte."""
-    lines = ["#cloud-config", "a0: &a0 [" + ", ".join(['"lol"'] * width) + "]"]
-    for level in range(1, levels):
-        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
-    lines += ["write_files:", "- path: /etc/motd", f"  content: *a{levels - 1}"]
-    return "\n".join(lines) + "\n"
 
 
 def nested_blocks(depth: int) -> str:
