@@ -455,17 +455,21 @@ def bulk_insert(database: Path, rows: Rows) -> float:
             connection.exec_driver_sql("PRAGMA cache_size = -262144")  # 256 MiB for the indexes
             now = datetime.datetime.now(datetime.UTC)
             projects = [{"id": p, "create_time": now} for p in sorted(rows.projects)]
-            for table, table_rows in (
-                (ImageRow.__table__, rows.images),  # in order: seq follows the list
-                (ImageTagRow.__table__, _by_key(rows.tags, "image_id", "tag")),
-                (ImageFlavorRow.__table__, _by_key(rows.flavors, "image_id", "flavor")),
-                (ImageMemberRow.__table__, _by_key(rows.members, "image_id", "project")),
-                (ProjectRow.__table__, projects),
-            ):
+
+            def insert_rows(table: object, table_rows: list[dict[str, Any]]) -> None:
                 if table_rows:
                     assert isinstance(table, Table)
                     sql, values = _encoded(engine, table, table_rows)
                     connection.exec_driver_sql(sql, values)
+
+            insert_rows(ImageRow.__table__, rows.images)  # in order: seq follows the list
+            insert_rows(ImageTagRow.__table__, _by_key(rows.tags, "image_id", "tag"))
+            insert_rows(ImageFlavorRow.__table__, _by_key(rows.flavors, "image_id", "flavor"))
+            # A member row carries its image's seq, which the database chose.
+            seqs = dict(connection.exec_driver_sql("SELECT id, seq FROM images").fetchall())
+            members = [{**m, "image_seq": seqs[m["image_id"]]} for m in rows.members]
+            insert_rows(ImageMemberRow.__table__, _by_key(members, "image_id", "project"))
+            insert_rows(ProjectRow.__table__, projects)
     finally:
         engine.dispose()
     return time.perf_counter() - started

@@ -261,10 +261,11 @@ async def test_replicas_seeding_together_add_rows_once(
 # --- keyset pagination ---------------------------------------------------------
 
 
-async def _share(db: Database, image_id: str, project: str, status: str) -> None:
+async def _share(db: Database, image: Image, project: str, status: str) -> None:
     now = datetime.now(UTC)
     member = {
-        "image_id": image_id,
+        "image_id": image.id,
+        "image_seq": image.seq,
         "project": project,
         "status": status,
         "create_time": now,
@@ -306,7 +307,7 @@ async def test_keyset_pagination_returns_every_visible_image_once(
         other = await repository.create_private(_private("beta", f"b{index}"), 100)
         answer = ("accepted", "pending", "rejected", None)[index % 4]
         if answer is not None:
-            await _share(database, other.id, "alpha", answer)
+            await _share(database, other, "alpha", answer)
             if answer == "accepted":
                 shared.add(other.id)
         if index % 5 == 0:

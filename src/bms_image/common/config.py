@@ -86,6 +86,9 @@ class Settings:
     #: made through this process show at once, other replicas' within it.
     #: 0 reads the database every time.
     metadata_cache_seconds: float = 1.0
+    #: Memory for images rendered as messages (bytes each caller type sees,
+    #: reused by ListImages pages and GetImage), in MiB; at least 1.
+    rendered_images_mib: int = 64
     #: How often health re-checks the database and blob store.
     health_check_seconds: float = 5.0
     #: "uvloop" (libuv: less CPU per call) or "asyncio" (the standard loop).
@@ -250,6 +253,7 @@ _CASTERS: dict[str, Any] = {
     "health_check_seconds": float,
     "event_loop": str,
     "metadata_cache_seconds": float,
+    "rendered_images_mib": int,
     "sqlite_synchronous": str,
     "token_previous_secrets": str,
     "tls_cert_file": str,

@@ -37,6 +37,9 @@ class FlavorCatalog:
     def __init__(self, flavors: Iterable[Flavor]) -> None:
         self._by_name = {flavor.name: flavor for flavor in sorted(flavors, key=lambda f: f.name)}
         self._models = sorted({flavor.hardware_model for flavor in self._by_name.values()})
+        #: Tells catalogs apart for what images show of them (which flavors
+        #: run each hardware model): part of the key of a rendered image.
+        self.fingerprint = hash(tuple((f.name, f.hardware_model) for f in self._by_name.values()))
 
     def all(self) -> list[Flavor]:
         return list(self._by_name.values())

@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 
 from grpc_health.v1 import health, health_pb2_grpc
 
-from bms.image.v1 import image_pb2, image_pb2_grpc, sharing_pb2, sharing_pb2_grpc
+from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
 from bms_image.common.auth import ServiceCredential
 from bms_image.common.config import Settings
 from bms_image.common.flavors import FlavorCatalog
@@ -50,6 +50,7 @@ from bms_image.images.domain.images import ImageCatalog
 from bms_image.images.domain.ports import CaptureProvider
 from bms_image.images.domain.sharing import Sharing
 from bms_image.images.grpc.images import ImageServicer
+from bms_image.images.grpc.rendering import RenderedImages, add_image_service
 from bms_image.images.grpc.sharing import SharingServicer
 from bms_image.store.db import IMAGES, Database
 
@@ -196,11 +197,14 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
         return Inventory(images, quota_used, settings.private_image_quota)
 
     metrics.watch_inventory(asyncio.get_running_loop(), inventory)
-    image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(catalog, data), server)
+    rendered = RenderedImages(catalog, max(1, settings.rendered_images_mib) * 1024 * 1024)
+    add_image_service(ImageServicer(catalog, data, rendered), server)
     sharing = Sharing(
         catalog, image_repository, member_repository, blobs, tokens, settings.max_image_members
     )
-    sharing_pb2_grpc.add_SharingServiceServicer_to_server(SharingServicer(sharing, catalog), server)
+    sharing_pb2_grpc.add_SharingServiceServicer_to_server(
+        SharingServicer(sharing, rendered), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = await listen(server, settings, database, closing)

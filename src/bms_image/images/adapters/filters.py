@@ -1,102 +1,211 @@
 """The filter compiler: a ListImages query (the caller, its parsed ImageQuery
-and a page position) as one SQL statement over the images tables."""
+and a page position) as one SQL statement over the images tables.
+
+What a caller sees is the union of three sets, each walked in seq order by
+an index of its own: public images (visibility, seq), the caller's own
+(owner_project, seq) and the images shared with it (its member rows). The
+statement takes at most a page from each, in seq order, and merges them, so
+a page costs about the same at 1,000 images stored as at 100,000, and as
+much on the last page as on the first (a single OR over the three would walk
+every image in seq order until a page is found).
+
+Statements are built once per shape of query (which fields, and the values
+that change the SQL: types, member statuses, booleans) and bound at
+execution: building one costs more than running it. The statement selects
+only what a page needs to name its images (id, revision, seq) and to say
+how the caller sees each (visibility, owner): the rest is read only for
+images not rendered before (see SqlImageRepository.list_visible)."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    CompoundSelect,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    true,
+    union_all,
+)
 
 from bms_image.common.model import Caller, ImageStatus, MemberStatus, Visibility
 from bms_image.images.adapters.rows import FLAVORS, IMAGES, MEMBERS, TAGS
 from bms_image.images.domain.query import Condition, ImageQuery
 
-
-def listing(caller: Caller, query: ImageQuery, after_seq: int, limit: int) -> Select[Any]:
-    """The images the caller sees that match the query, after `after_seq`, in
-    seq order, at most `limit` of them."""
-    image = IMAGES.c
-    clauses: list[ColumnElement[bool]] = [
-        image.seq > after_seq,
-        image.status != ImageStatus.DELETED.value,
-        _visible(caller, query),
-    ]
-    if not query.asks_deprecated:
-        clauses.append(image.deprecated == false())
-    clauses += [_condition_clause(caller, c, query) for c in query.conditions]
-    return select(IMAGES).where(*clauses).order_by(image.seq).limit(limit)
+#: The columns a listing returns, in this order (see ListedRow).
+LISTED_COLUMNS = ("id", "revision", "seq", "visibility", "owner_project")
+#: Fields whose value changes the statement itself rather than a bound value.
+_SHAPING_FIELDS = frozenset({"type", "member_status", "protected", "deprecated"})
 
 
-def _visible(caller: Caller, query: ImageQuery) -> ColumnElement[bool]:
-    """Public, own and accepted shared images; only shared ones, with the
-    caller's answers asked for, under `member_status` conditions."""
-    image = IMAGES.c
+@dataclass(frozen=True)
+class _Shape:
+    """What a statement depends on besides its bound values."""
+
+    conditions: tuple[tuple[str, bool, str | None], ...]
+    member_statuses: frozenset[MemberStatus] | None
+    asks_deprecated: bool
+
+
+def listing(
+    caller: Caller, query: ImageQuery, after_seq: int, limit: int
+) -> tuple[CompoundSelect[Any] | Select[Any], dict[str, Any]]:
+    """The statement listing the images the caller sees that match the query,
+    after `after_seq`, in seq order, at most `limit` of them (the columns of
+    LISTED_COLUMNS), and its bound values."""
     member_statuses = query.member_statuses()
-    shared_with_caller = exists().where(
-        MEMBERS.c.image_id == image.id,
-        MEMBERS.c.project == caller.project,
-        MEMBERS.c.status.in_(
-            [
-                s.value
-                for s in ({MemberStatus.ACCEPTED} if member_statuses is None else member_statuses)
+    shape = _Shape(
+        tuple((c.field, c.negate, _shaping_value(c)) for c in query.conditions),
+        frozenset(member_statuses) if member_statuses is not None else None,
+        query.asks_deprecated,
+    )
+    values: dict[str, Any] = {"project": caller.project, "after_seq": after_seq, "limit": limit}
+    for index, condition in enumerate(query.conditions):
+        if condition.field == "name" and condition.value.endswith("*"):
+            prefix = condition.value[:-1]
+            values[f"v{index}"], values[f"v{index}_length"] = prefix, len(prefix)
+        elif condition.field not in _SHAPING_FIELDS:
+            values[f"v{index}"] = condition.value
+    if query.flavor is not None:
+        values["flavor_name"], values["flavor_model"] = query.flavor
+    return _statement(shape), values
+
+
+def _shaping_value(condition: Condition) -> str | None:
+    if condition.field in _SHAPING_FIELDS:
+        return condition.value
+    if condition.field == "name":
+        return "prefix" if condition.value.endswith("*") else "exact"
+    return None
+
+
+class _Arm:
+    """One of the three sets a caller sees."""
+
+    PUBLIC = "public"
+    OWN = "own"
+    SHARED = "shared"
+
+
+@functools.lru_cache(maxsize=512)
+def _statement(shape: _Shape) -> CompoundSelect[Any] | Select[Any]:
+    arms = _arms(shape)
+    selects = [_arm_select(arm, shape) for arm in arms]
+    if len(selects) == 1:
+        return selects[0]
+    merged = union_all(*(select(*s.subquery().c) for s in selects))
+    return merged.order_by(merged.selected_columns.seq).limit(bindparam("limit"))
+
+
+def _arms(shape: _Shape) -> list[str]:
+    """The sets that can hold a match: a `type` condition rules some out (the
+    clauses stay in the statement; this only spares walking an empty set)."""
+    if shape.member_statuses is not None:
+        return [_Arm.SHARED]
+    arms = {_Arm.PUBLIC, _Arm.OWN, _Arm.SHARED}
+    for field, negate, value in shape.conditions:
+        if field == "type":
+            named = {"public": _Arm.PUBLIC, "private": _Arm.OWN, "shared": _Arm.SHARED}[value or ""]
+            arms = arms - {named} if negate else arms & {named}
+    order = (_Arm.PUBLIC, _Arm.OWN, _Arm.SHARED)
+    return [arm for arm in order if arm in arms] or [_Arm.PUBLIC]
+
+
+def _arm_select(arm: str, shape: _Shape) -> Select[Any]:
+    image = IMAGES.c
+    columns = [image[name] for name in LISTED_COLUMNS]
+    # The shared set is walked in seq order from the caller's member rows
+    # (which carry their image's seq), the others from the images'.
+    seq = MEMBERS.c.image_seq if arm == _Arm.SHARED else image.seq
+    clauses: list[ColumnElement[bool]] = [
+        seq > bindparam("after_seq"),
+        image.status != ImageStatus.DELETED.value,
+    ]
+    if not shape.asks_deprecated:
+        clauses.append(image.deprecated == false())
+    project: BindParameter[str] = bindparam("project")
+    statement = select(*columns)
+    if arm == _Arm.PUBLIC:
+        clauses.append(image.visibility == Visibility.PUBLIC.value)
+    elif arm == _Arm.OWN:
+        clauses += [image.owner_project == project, image.visibility != Visibility.PUBLIC.value]
+    else:
+        statuses = shape.member_statuses or frozenset({MemberStatus.ACCEPTED})
+        statement = statement.select_from(MEMBERS.join(IMAGES, image.seq == seq))
+        clauses += [
+            MEMBERS.c.project == project,
+            # Equalities, not IN: an IN list is expanded at every execution.
+            or_(*(MEMBERS.c.status == status.value for status in sorted(statuses))),
+        ]
+        if shape.member_statuses is None:  # beside public and own: the others' images
+            owner = _unindexed(image.owner_project)
+            clauses += [
+                _unindexed(image.visibility) != Visibility.PUBLIC.value,
+                or_(image.owner_project.is_(None), owner != project),
             ]
-        ),
-    )
-    if member_statuses is not None:
-        return shared_with_caller
-    return or_(
-        image.visibility == Visibility.PUBLIC.value,
-        image.owner_project == caller.project,
-        shared_with_caller,
-    )
+    for index, (field, negate, value) in enumerate(shape.conditions):
+        clauses.append(_condition_clause(arm, index, Condition(field, negate, value or "")))
+    return statement.where(*clauses).order_by(seq).limit(bindparam("limit"))
 
 
-def _condition_clause(
-    caller: Caller, condition: Condition, query: ImageQuery
-) -> ColumnElement[bool]:
+def _unindexed(column: ColumnElement[str]) -> ColumnElement[str]:
+    """The column's value in a form no index matches (`column || ''`): a
+    filter condition must not lead SQLite, which has no statistics here, to
+    walk the index of that column and sort every match instead of walking its
+    set's own index in seq order, which finds a page at once."""
+    return column.concat("")
+
+
+def _condition_clause(arm: str, index: int, condition: Condition) -> ColumnElement[bool]:
     name, value = condition.field, condition.value
     image = IMAGES.c
+    bound: BindParameter[str] = bindparam(f"v{index}")
+    project: BindParameter[str] = bindparam("project")
     clause: ColumnElement[bool]
+    visibility, owner = _unindexed(image.visibility), _unindexed(image.owner_project)
     if name == "type":
         clause = {
-            "public": image.visibility == Visibility.PUBLIC.value,
-            "private": and_(
-                image.visibility == Visibility.PRIVATE.value,
-                image.owner_project == caller.project,
-            ),
-            "shared": and_(
-                image.visibility == Visibility.PRIVATE.value,
-                image.owner_project != caller.project,
-            ),
+            "public": visibility == Visibility.PUBLIC.value,
+            "private": and_(visibility == Visibility.PRIVATE.value, owner == project),
+            "shared": and_(visibility == Visibility.PRIVATE.value, owner != project),
         }[value]
-    elif name == "member_status":  # applied by the visibility clause
+    elif name == "member_status":  # applied by the shared set's member rows
         return true()
     elif name in ("os_type", "os_distro", "os_version", "architecture", "status", "owner_project"):
-        clause = image[name] == value
+        clause = _unindexed(image[name]) == bound
     elif name == "name":
-        if value.endswith("*"):  # case-sensitive on both databases, unlike SQLite's LIKE
-            prefix = value[:-1]
-            clause = func.substr(image.display_name, 1, len(prefix)) == prefix
+        if value == "prefix":  # case-sensitive on both databases, unlike SQLite's LIKE
+            length: BindParameter[int] = bindparam(f"v{index}_length")
+            clause = func.substr(image.display_name, 1, length) == bound
         else:
-            clause = image.display_name == value
+            clause = image.display_name == bound
     elif name == "tag":
-        clause = exists().where(TAGS.c.image_id == image.id, TAGS.c.tag == value)
+        clause = exists().where(TAGS.c.image_id == image.id, TAGS.c.tag == bound)
     elif name in ("protected", "deprecated"):
         clause = image[name] == (value == "true")
     elif name == "flavor":
-        assert query.flavor is not None
-        flavor_name, hardware_model = query.flavor
-        # `visibility || ''` keeps the OR from being run as a multi-index OR
-        # plus a sort of every match (SQLite's choice without statistics):
-        # walking seq in order finds a page of a dense listing at once.
-        visibility = image.visibility.concat("")
-        clause = or_(
-            and_(
-                visibility == Visibility.PUBLIC.value,
-                exists().where(FLAVORS.c.image_id == image.id, FLAVORS.c.flavor == flavor_name),
-            ),
-            and_(visibility == Visibility.PRIVATE.value, image.hardware_model == hardware_model),
-        )
+        # Public images list their flavors; a private image runs on the
+        # flavors of its hardware model.
+        if arm == _Arm.PUBLIC:
+            clause = exists().where(
+                FLAVORS.c.image_id == image.id, FLAVORS.c.flavor == bindparam("flavor_name")
+            )
+        else:
+            clause = and_(
+                visibility == Visibility.PRIVATE.value,
+                _unindexed(image.hardware_model) == bindparam("flavor_model"),
+            )
     else:  # parse_filter admits only the fields above
         raise AssertionError(f"unhandled filter field {name}")
     return not_(clause) if condition.negate else clause

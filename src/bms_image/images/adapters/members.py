@@ -63,7 +63,7 @@ class SqlMemberRepository:
             # Lock the image row: concurrent shares of one image queue here, so
             # the member count and the duplicate check cannot race.
             locked = connection.execute(
-                select(IMAGES.c.id).where(IMAGES.c.id == image_id).with_for_update()
+                select(IMAGES.c.id, IMAGES.c.seq).where(IMAGES.c.id == image_id).with_for_update()
             ).first()
             if locked is None:
                 raise NotFound("IMAGE_NOT_FOUND", f"image images/{image_id} not found")
@@ -82,6 +82,7 @@ class SqlMemberRepository:
                 {
                     "image_id": image_id,
                     "project": project,
+                    "image_seq": locked.seq,
                     "status": member.status.value,
                     "create_time": now,
                     "update_time": now,

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from bms_image.common.model import Caller, Flavor, Image, ImageStatus, RequestMethod
+from bms_image.common.model import Caller, Flavor, Image, ImageStatus, RequestMethod, Visibility
 from bms_image.images.adapters.cache import ImageCache, RecentImages
 from bms_image.images.adapters.filters import listing
 from bms_image.images.adapters.inventory import inventory_of
@@ -40,13 +40,14 @@ from bms_image.images.adapters.rows import (
     insert_tags,
 )
 from bms_image.images.adapters.tables import FlavorRow
-from bms_image.images.domain.query import ImageQuery
+from bms_image.images.domain.query import ImageQuery, ListedImage
 from bms_image.images.domain.rules import image_quota_exceeded
 from bms_image.store.db import Database, Work
 
 FLAVOR_ROWS: Table = FlavorRow.__table__  # type: ignore[assignment]
 
 _IMAGE_BY_ID = select(IMAGES).where(IMAGES.c.id == bindparam("id"))
+_IMAGES_BY_ID = select(IMAGES).where(IMAGES.c.id.in_(bindparam("ids", expanding=True)))
 #: The image a project's call of one RPC created with a request id
 #: (uq_images_request: at most one).
 _IMAGE_BY_REQUEST = select(IMAGES).where(
@@ -159,9 +160,26 @@ class SqlImageRepository:
 
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[Image]:
-        statement = listing(caller, query, after_seq, limit)
-        return await self._db.run(lambda connection: images_selected(connection, statement))
+    ) -> list[ListedImage]:
+        statement, values = listing(caller, query, after_seq, limit)
+
+        def work(connection: Connection) -> list[ListedImage]:
+            return [
+                ListedImage(image_id, revision, seq, Visibility(visibility), owner)
+                for image_id, revision, seq, visibility, owner in connection.execute(
+                    statement, values
+                )
+            ]
+
+        return await self._db.run(work)
+
+    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
+        ids = list(image_ids)
+        if not ids:
+            return []
+        return await self._db.run(
+            lambda connection: images_selected(connection, _IMAGES_BY_ID, {"ids": ids})
+        )
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str

@@ -176,8 +176,10 @@ def insert_tags(connection: Connection, image_id: str, tags: Sequence[str]) -> N
         )
 
 
-def images_selected(connection: Connection, statement: Select[Any]) -> list[Image]:
-    return images_from(connection, connection.execute(statement).mappings().all())
+def images_selected(
+    connection: Connection, statement: Select[Any], values: dict[str, Any] | None = None
+) -> list[Image]:
+    return images_from(connection, connection.execute(statement, values).mappings().all())
 
 
 def insert_image(connection: Connection, image: Image) -> Image:

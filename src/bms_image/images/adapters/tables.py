@@ -87,6 +87,7 @@ class ImageRow(Base):
             "creator_project", "request_method", "request_id", name="uq_images_request"
         ),
         Index("ix_images_owner_status", "owner_project", "status"),
+        Index("ix_images_owner_seq", "owner_project", "seq"),
         Index("ix_images_visibility_seq", "visibility", "seq"),
         Index("ix_images_model_seq", "hardware_model", "seq"),
         Index("ix_images_status", "status"),
@@ -143,11 +144,17 @@ class ImageMemberRow(Base):
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
     )
     project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The image's seq (it never changes): the images shared with a project
+    #: are walked in seq order from its member rows (ListImages).
+    image_seq: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_image_members_project_status", "project", "status", "image_id"),)
+    __table_args__ = (
+        Index("ix_image_members_project_status", "project", "status", "image_id"),
+        Index("ix_image_members_project_status_seq", "project", "status", "image_seq"),
+    )
 
 
 class DeploymentRow(Base):

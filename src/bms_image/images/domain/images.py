@@ -8,7 +8,7 @@ import enum
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,7 +39,7 @@ from bms_image.common.model import (
 from bms_image.common.paging import PageTokens, page_size_or_default
 from bms_image.images.domain import rules
 from bms_image.images.domain.ports import CaptureProvider, ImageRepository, MemberRepository
-from bms_image.images.domain.query import ImageQuery, parse_filter
+from bms_image.images.domain.query import ImageQuery, ListedImage, parse_filter
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=enum.Enum)
@@ -152,6 +152,11 @@ class ImageCatalog:
     def private_image_quota(self) -> int:
         return self._quota
 
+    @property
+    def flavors_fingerprint(self) -> int:
+        """Changes with the flavors `supported_flavors` answers from."""
+        return self._flavors.fingerprint
+
     def supported_flavors(self, image: Image) -> list[str]:
         if image.visibility is Visibility.PUBLIC:
             return list(image.supported_flavors)
@@ -189,9 +194,18 @@ class ImageCatalog:
             membership = member.status if member else None
         return rules.require_visible(caller, image, image_id, membership), membership
 
+    async def images_named(self, listed: Collection[ListedImage]) -> list[Image]:
+        """The images a page named (`list` checked the caller sees them), as
+        they are now: a later revision, or none for an image deleted since."""
+        found = await self._images.get_many([entry.id for entry in listed])
+        return [image for image in found if image.status is not ImageStatus.DELETED]
+
     async def list(
         self, caller: Caller, filter_text: str, page_size: int, page_token: str
-    ) -> tuple[list[Image], str]:
+    ) -> tuple[list[ListedImage], str]:
+        """A page of the images the caller sees that match the filter, named
+        (see `images_named` for the images themselves), and the token of the
+        next page ("" on the last)."""
         limit = page_size_or_default(page_size)
         query = ImageQuery(parse_filter(filter_text))
         for condition in query.values("flavor"):

@@ -20,7 +20,7 @@ from bms_image.common.model import (
     MemberStatus,
     RequestMethod,
 )
-from bms_image.images.domain.query import ImageQuery
+from bms_image.images.domain.query import ImageQuery, ListedImage
 
 
 class ImageRepository(Protocol):
@@ -33,8 +33,11 @@ class ImageRepository(Protocol):
 
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[Image]:
+    ) -> list[ListedImage]:
         """Images the caller can see that match the query, by ascending seq."""
+
+    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
+        """The stored images among these ids (any order; deleted ones too)."""
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str

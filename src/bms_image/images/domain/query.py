@@ -8,7 +8,14 @@ import re
 from dataclasses import dataclass, field
 
 from bms_image.common.errors import FieldViolation, InvalidArgument
-from bms_image.common.model import Architecture, ImageStatus, ImageType, MemberStatus, OsType
+from bms_image.common.model import (
+    Architecture,
+    ImageStatus,
+    ImageType,
+    MemberStatus,
+    OsType,
+    Visibility,
+)
 
 MAX_FILTER_LENGTH = 1024
 #: Conditions of one filter: every field twice (`!=` ranges) fits, and the
@@ -27,6 +34,18 @@ _TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
+
+
+@dataclass(frozen=True)
+class ListedImage:
+    """An image as a listing names it: enough to tell how the caller sees it
+    and whether it was rendered before (every change bumps the revision)."""
+
+    id: str
+    revision: int
+    seq: int
+    visibility: Visibility
+    owner_project: str | None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from bms_image.common.model import (
     MemberStatus,
     Visibility,
 )
+from bms_image.images.domain.query import ListedImage
 
 DISPLAY_NAME_MAX = 128
 DESCRIPTION_MAX = 1024
@@ -150,7 +151,7 @@ def require_usable(caller: Caller, image: Image, membership: MemberStatus | None
         )
 
 
-def image_type_for(caller: Caller, image: Image) -> ImageType:
+def image_type_for(caller: Caller, image: Image | ListedImage) -> ImageType:
     if image.visibility is Visibility.PUBLIC:
         return ImageType.PUBLIC
     if image.owner_project == caller.project:

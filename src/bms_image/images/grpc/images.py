@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,51 +13,30 @@ from bms_image.common.context import current_caller, current_token
 from bms_image.common.convert import enum_from_proto, image_id_from_name, server_id_from_name
 from bms_image.common.errors import invalid_field
 from bms_image.common.model import Caller, Image
-from bms_image.images.domain import rules
 from bms_image.images.domain.imagedata import ImageData, UploadDeclaration
 from bms_image.images.domain.images import ImageCatalog
-from bms_image.images.grpc.convert import changes_from_proto, image_to_proto, new_image_from_proto
+from bms_image.images.grpc.convert import changes_from_proto, new_image_from_proto
+from bms_image.images.grpc.rendering import RenderedImages
 
 Context = Any
 
-#: Rendered images kept for reuse (GetImage and list pages repeat them).
-RENDERED_LIMIT = 4096
-
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
-    def __init__(self, catalog: ImageCatalog, data: ImageData) -> None:
+    def __init__(self, catalog: ImageCatalog, data: ImageData, rendered: RenderedImages) -> None:
         self._catalog = catalog
         self._data = data
-        self._rendered: OrderedDict[tuple[str, int, model.ImageType], image_pb2.Image] = (
-            OrderedDict()
-        )
+        self._rendered = rendered
 
     def _proto(self, caller: Caller, image: Image) -> image_pb2.Image:
-        """The image as the caller sees it. Every change of an image bumps its
-        revision, so (id, revision, type for the caller) names one rendering;
-        gRPC only serializes what a handler returns, so one can be shared."""
-        image_type = rules.image_type_for(caller, image)
-        key = (image.id, image.revision, image_type)
-        rendered = self._rendered.get(key)
-        if rendered is None:
-            rendered = image_to_proto(image, image_type, self._catalog.supported_flavors(image))
-            self._rendered[key] = rendered
-            if len(self._rendered) > RENDERED_LIMIT:
-                self._rendered.popitem(last=False)
-        else:
-            self._rendered.move_to_end(key)
-        return rendered
+        return self._rendered.message(caller, image)
 
-    async def ListImages(
-        self, request: image_pb2.ListImagesRequest, context: Context
-    ) -> image_pb2.ListImagesResponse:
+    async def ListImages(self, request: image_pb2.ListImagesRequest, context: Context) -> bytes:
+        """Answers with the serialized response (see images.grpc.rendering)."""
         caller = current_caller()
-        images, next_token = await self._catalog.list(
+        listed, next_token = await self._catalog.list(
             caller, request.filter, request.page_size, request.page_token
         )
-        return image_pb2.ListImagesResponse(
-            images=[self._proto(caller, image) for image in images], next_page_token=next_token
-        )
+        return await self._rendered.page(caller, listed, next_token)
 
     async def GetImage(
         self, request: image_pb2.GetImageRequest, context: Context

@@ -11,18 +11,17 @@ from bms_image.common.context import current_caller
 from bms_image.common.convert import enum_from_proto, image_id_from_name
 from bms_image.common.errors import invalid_field
 from bms_image.common.model import MemberStatus
-from bms_image.images.domain import rules
-from bms_image.images.domain.images import ImageCatalog
 from bms_image.images.domain.sharing import Sharing
-from bms_image.images.grpc.convert import image_to_proto, member_from_name, member_to_proto
+from bms_image.images.grpc.convert import member_from_name, member_to_proto
+from bms_image.images.grpc.rendering import RenderedImages
 
 Context = Any
 
 
 class SharingServicer(sharing_pb2_grpc.SharingServiceServicer):  # type: ignore[misc]
-    def __init__(self, sharing: Sharing, catalog: ImageCatalog) -> None:
+    def __init__(self, sharing: Sharing, rendered: RenderedImages) -> None:
         self._sharing = sharing
-        self._catalog = catalog
+        self._rendered = rendered
 
     async def CreateImageMember(
         self, request: sharing_pb2.CreateImageMemberRequest, context: Context
@@ -77,6 +76,4 @@ class SharingServicer(sharing_pb2_grpc.SharingServiceServicer):  # type: ignore[
         image = await self._sharing.replicate(
             caller, image_id_from_name(request.name), request.display_name, request.request_id
         )
-        return image_to_proto(
-            image, rules.image_type_for(caller, image), self._catalog.supported_flavors(image)
-        )
+        return self._rendered.message(caller, image)
