@@ -26,7 +26,7 @@ from bms_image.common.model import (
     Visibility,
 )
 from bms_image.images.domain.ports import ImageRepository
-from bms_image.images.domain.query import Condition, ImageQuery
+from bms_image.images.domain.query import Condition, ImageQuery, ListedImage
 from bms_image.images.domain.rules import QUOTA_COUNTED_STATUSES
 
 S4_MODEL = "s4-2288h-v5"
@@ -152,7 +152,7 @@ class InMemoryImages:
 
     async def list_visible(
         self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[Image]:
+    ) -> list[ListedImage]:
         statuses = query.member_statuses()
 
         def shared(image: Image) -> bool:
@@ -178,7 +178,13 @@ class InMemoryImages:
             and (query.asks_deprecated or not image.deprecated)
             and all(_matches(caller, image, c, query) for c in query.conditions)
         ]
-        return [copy.deepcopy(image) for image in found[:limit]]
+        return [
+            ListedImage(image.id, image.revision, image.seq, image.visibility, image.owner_project)
+            for image in found[:limit]
+        ]
+
+    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
+        return [copy.deepcopy(self.rows[i]) for i in image_ids if i in self.rows]
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str
