@@ -373,9 +373,9 @@ async def download(target: Target, name: str, size: int) -> Transfer:
     return Transfer(seconds, size, cpu, client_cpu)
 
 
-async def issue_token(env: dict[str, str], data_dir: Path) -> str:
-    """`bms-image token --project bench` with the server's data dir (its secret)."""
-    argv = [str(BIN / "bms-image"), "token", "--project", "bench", "--data-dir", str(data_dir)]
+async def issue_token(env: dict[str, str], data_dir: Path, project: str = "bench") -> str:
+    """`bms-image token --project <project>` with the server's data dir (its secret)."""
+    argv = [str(BIN / "bms-image"), "token", "--project", project, "--data-dir", str(data_dir)]
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
