@@ -96,11 +96,15 @@ def _check_protocol(environ: Mapping[str, str]) -> None:
 @dataclass
 class Tracing:
     """Tracing switched on in this process: its tracer provider (never the
-    global one, so each service in a test process keeps its own)."""
+    global one, so each service in a test process keeps its own). From now
+    on log records carry the ids of the span they are logged in."""
 
     provider: TracerProvider
     service_name: str
     exporters: list[str]
+
+    def __post_init__(self) -> None:
+        logs.follow_spans(_current_span_ids)
 
     def tracer(self, name: str) -> Tracer:
         return self.provider.get_tracer(name)
@@ -213,6 +217,5 @@ def start_tracing(
 
             exporter = ConsoleSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    logs.follow_spans(_current_span_ids)
     service_name = str(resource.attributes.get(SERVICE_NAME, default_service_name))
     return Tracing(provider, service_name, exporters)
