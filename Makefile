@@ -79,12 +79,14 @@ bench-tools:
 # Data-plane benchmark against a bare gRPC baseline, the metadata benchmark
 # (GetImage, ListImages at 1k/100k images, create/delete, 1,000 streams), then
 # the deployment benchmark (local disk vs EVS, batch of 50), and another project's GetImage
-# latency while YAML bombs are refused (bystander); QUICK=1 for the short runs.
+# latency while YAML bombs are refused (bystander), and what tracing costs a
+# GetImage (off, on, sampled out); QUICK=1 for the short runs.
 bench: $(STUBS_STAMP) tools bench-tools
 	$(BIN)/python -m bench.dataplane $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.metadata $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.deploy $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.bystander $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.tracing $(if $(QUICK),--quick,)
 
 lint: $(STUBS_STAMP) node_modules/.installed lock-check
 	npx buf lint

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
+from bms_image.common.telemetry.tracing import Tracing
 from bms_image.fleet import bootstrap as fleet_bootstrap
 from bms_image.images import bootstrap as images_bootstrap
 
 
-async def start(settings: Settings) -> RunningService:
-    """The image service; settings.provisioner says whether the fleet runs inside it."""
-    return await images_bootstrap.start(settings, embed=fleet_bootstrap.embed)
+async def start(settings: Settings, tracing: Tracing | None = None) -> RunningService:
+    """The image service; settings.provisioner says whether the fleet runs
+    inside it. `tracing`: spans of its calls and the fleet's (None: off)."""
+    return await images_bootstrap.start(settings, embed=fleet_bootstrap.embed, tracing=tracing)
 
 
-async def start_provisioner(settings: Settings) -> RunningService:
+async def start_provisioner(settings: Settings, tracing: Tracing | None = None) -> RunningService:
     """The provisioner as its own process."""
-    return await fleet_bootstrap.start(settings)
+    return await fleet_bootstrap.start(settings, tracing=tracing)

@@ -17,6 +17,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc, sharing_pb2_grpc
+from bms_image.cli.tracing import trace_command
+from bms_image.common.telemetry.tracing import Tracing
 
 #: Exit codes of the client commands (also in their --help).
 EXIT_OK = 0
@@ -75,9 +77,10 @@ def _read(path: Path | None) -> bytes | None:
 @dataclass
 class Connection:
     """The channel of one command, opened on first use and closed with the
-    command's context."""
+    command's context; with tracing, its calls are client spans."""
 
     options: ClientOptions
+    tracing: Tracing | None = None
     _channel: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -94,6 +97,8 @@ class Connection:
                 self._channel = grpc.secure_channel(
                     self.options.address, credentials, channel_options
                 )
+            if self.tracing is not None:
+                self._channel = self.tracing.intercept(self._channel)
         return self._channel
 
     @property
@@ -185,8 +190,18 @@ def connect(
         raise typer.BadParameter(
             "--client-cert and --client-key go together", param_hint="--client-cert/--client-key"
         )
-    connection = Connection(ClientOptions(address, token, ca_cert, client_cert, client_key))
+    try:
+        command = trace_command(f"bms-image {ctx.info_name} {ctx.invoked_subcommand or ''}".strip())
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    connection = Connection(
+        ClientOptions(address, token, ca_cert, client_cert, client_key),
+        command.tracing if command is not None else None,
+    )
     ctx.obj = connection
+    if command is not None:  # closed after the channel (callbacks run last first)
+        ctx.call_on_close(command.close)
     ctx.call_on_close(connection.close)
 
 

@@ -84,6 +84,7 @@ def serve(
 ) -> None:
     """Start the gRPC service (migrates and seeds the database first)."""
     from bms_image.common.serving import serve as run_server
+    from bms_image.common.telemetry.tracing import SERVE_SERVICE_NAME
     from bms_image.processes import start
 
     settings = _settings(
@@ -97,7 +98,7 @@ def serve(
     )
     _private_data_dir(settings)
     try:
-        run_with(settings.event_loop, lambda: run_server(settings, start))
+        run_with(settings.event_loop, lambda: run_server(settings, start, SERVE_SERVICE_NAME))
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
@@ -121,6 +122,7 @@ def provisioner(
 ) -> None:
     """Run the simulated fleet (ProvisioningService) as its own process."""
     from bms_image.common.serving import serve as run_server
+    from bms_image.common.telemetry.tracing import PROVISIONER_SERVICE_NAME
     from bms_image.processes import start_provisioner
 
     settings = _settings(
@@ -131,7 +133,10 @@ def provisioner(
     )
     _private_data_dir(settings)
     try:
-        run_with(settings.event_loop, lambda: run_server(settings, start_provisioner))
+        run_with(
+            settings.event_loop,
+            lambda: run_server(settings, start_provisioner, PROVISIONER_SERVICE_NAME),
+        )
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

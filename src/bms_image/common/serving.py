@@ -29,6 +29,7 @@ from bms_image.common.paging import PageTokens
 from bms_image.common.telemetry.health import Check, HealthMonitor
 from bms_image.common.telemetry.logs import configure_logging
 from bms_image.common.telemetry.metrics import ServiceMetrics
+from bms_image.common.telemetry.tracing import Tracing, start_tracing
 from bms_image.common.tls import server_credentials
 from bms_image.store.db import Database
 
@@ -118,6 +119,8 @@ class Host:
     authority: TokenAuthority
     page_tokens: PageTokens
     closing: AsyncExitStack
+    #: The host's tracing (None: off), for the guest's channel and spans.
+    tracing: Tracing | None = None
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,18 @@ def open_database(settings: Settings) -> Database:
 
 
 def new_server(
-    settings: Settings, authority: TokenAuthority, metrics: ServiceMetrics
+    settings: Settings,
+    authority: TokenAuthority,
+    metrics: ServiceMetrics,
+    tracing: Tracing | None = None,
 ) -> grpc.aio.Server:
     """A gRPC server with the call guard and the transport limits (checked
-    before anything is opened by server_options)."""
+    before anything is opened by server_options); with tracing, its server
+    interceptor goes first, outside the guard, so that a call's log lines
+    and refusals belong to its span."""
+    tracing_interceptors = tracing.server_interceptors() if tracing is not None else []
     return grpc.aio.server(
-        interceptors=[CallGuard(authority, metrics)],
+        interceptors=[*tracing_interceptors, CallGuard(authority, metrics)],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -216,17 +225,22 @@ def client_channel(
     target: str,
     credentials: grpc.ChannelCredentials | None,
     closing: AsyncExitStack,
+    tracing: Tracing | None = None,
 ) -> grpc.aio.Channel:
     """A channel to our other service (closed with this one), plaintext
-    or TLS, with the same message limits as our own port."""
+    or TLS, with the same message limits as our own port; with tracing, its
+    calls are client spans that send the trace on (traceparent)."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
+    interceptors = tracing.client_interceptors() if tracing is not None else None
     channel = (
-        grpc.aio.insecure_channel(target, options=options)
+        grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         if credentials is None
-        else grpc.aio.secure_channel(target, credentials, options=options)
+        else grpc.aio.secure_channel(
+            target, credentials, options=options, interceptors=interceptors
+        )
     )
     closing.push_async_callback(channel.close)
     return channel
@@ -263,13 +277,29 @@ def page_tokens(settings: Settings) -> PageTokens:
     return PageTokens(hashlib.sha256(b"page-token\0" + settings.secret().encode()).digest())
 
 
-async def serve(
-    settings: Settings, starter: Callable[[Settings], Awaitable[RunningService]]
-) -> None:
+#: A process's composition root: starts it with its settings and tracing.
+Starter = Callable[[Settings, Tracing | None], Awaitable[RunningService]]
+
+
+async def serve(settings: Settings, starter: Starter, service_name: str) -> None:
     """Starts a process with its composition root (`starter`) and runs it
-    until SIGTERM or SIGINT, then shuts down gracefully."""
+    until SIGTERM or SIGINT, then shuts down gracefully. Tracing is on when
+    the OTEL_* environment asks for it (tracing.start_tracing), as
+    `service_name` unless OTEL_SERVICE_NAME says otherwise; its last spans
+    are exported after the service has stopped."""
+    tracing = start_tracing(service_name)
     configure_logging(settings.log_level, settings.log_format)
-    service = await starter(settings)
+    if tracing is not None:
+        log.info(
+            "tracing on: service %s, exporting with %s",
+            tracing.service_name, ", ".join(tracing.exporters),
+        )  # fmt: skip
+    try:
+        service = await starter(settings, tracing)
+    except BaseException:
+        if tracing is not None:
+            tracing.shutdown()
+        raise
     # What start-up allocated (modules, ORM mappings, the catalog) lives as
     # long as the process: keep the collector from walking it on every full
     # collection, which showed as 100 ms spikes in list latencies; and
@@ -286,3 +316,5 @@ async def serve(
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", service.settings.shutdown_grace_seconds)
     await service.stop()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)

@@ -37,6 +37,7 @@ from bms_image.common.serving import (
 )
 from bms_image.common.telemetry.health import Check, HealthMonitor
 from bms_image.common.telemetry.metrics import ServiceMetrics
+from bms_image.common.telemetry.tracing import Tracing
 from bms_image.common.tls import image_service_credentials
 from bms_image.fleet.adapters.disk_layout import DiskLayout
 from bms_image.fleet.adapters.firstboot import CloudInitFiles
@@ -45,6 +46,7 @@ from bms_image.fleet.adapters.public_images import PublishedImages
 from bms_image.fleet.adapters.servers import SqlServerRepository
 from bms_image.fleet.domain.flavors import FlavorDirectory
 from bms_image.fleet.domain.fleet import Fleet
+from bms_image.fleet.domain.ports import NO_SPANS
 from bms_image.fleet.domain.servers import ProvisioningStage
 from bms_image.fleet.grpc.capture import CaptureServicer
 from bms_image.fleet.grpc.provisioning import ProvisioningServicer
@@ -65,9 +67,10 @@ async def build_fleet(
     metrics: ServiceMetrics,
     closing: AsyncExitStack,
     authority: TokenAuthority,
+    tracing: Tracing | None = None,
 ) -> Fleet:
     """The fleet, reading images over `channel` (to ImageService), recovered
-    from a restart."""
+    from a restart; with `tracing`, a span for each step of a deployment."""
     images = ImageSource(
         channel,
         settings.data_dir / "fleet" / "image-cache",
@@ -87,6 +90,7 @@ async def build_fleet(
         ),
         max_servers_per_project=settings.max_servers_per_project,
         max_deployments_per_project=settings.max_deployments_per_project,
+        spans=tracing.spans() if tracing is not None else NO_SPANS,
     )
     closing.push_async_callback(fleet.close)
     interrupted = await fleet.recover()
@@ -116,10 +120,10 @@ async def embed(host: Host) -> Guest:
     settings = host.settings
     await host.database.migrate(FLEET)
     flavors = FlavorCatalog(load_flavors())
-    channel = client_channel(settings, host.image_service, None, host.closing)
+    channel = client_channel(settings, host.image_service, None, host.closing, host.tracing)
     fleet = await build_fleet(
         settings, host.database, flavors, host.page_tokens, channel, host.metrics,
-        host.closing, host.authority,
+        host.closing, host.authority, host.tracing,
     )  # fmt: skip
     _add_provisioning(host.server, fleet, flavors, channel, host.page_tokens)
     return Guest(
@@ -130,10 +134,12 @@ async def embed(host: Host) -> Guest:
     )
 
 
-async def start(settings: Settings) -> RunningService:
+async def start(settings: Settings, tracing: Tracing | None = None) -> RunningService:
     """The fleet as its own process: ProvisioningService and
     ServerCaptureService on its own port, fetching images from the
-    ImageService at settings.image_service with each caller's token."""
+    ImageService at settings.image_service with each caller's token; with
+    `tracing`, its calls, its calls to ImageService and its deployments
+    make spans."""
     settings = settings.resolved()
     if not settings.image_service:
         raise RuntimeError("the provisioner needs --image-service HOST:PORT")
@@ -145,12 +151,12 @@ async def start(settings: Settings) -> RunningService:
     tokens = page_tokens(settings)
     authority = token_authority(settings)
     metrics = ServiceMetrics()
-    server = new_server(settings, authority, metrics)
+    server = new_server(settings, authority, metrics, tracing)
     channel = client_channel(
-        settings, settings.image_service, image_service_credentials(settings), closing
+        settings, settings.image_service, image_service_credentials(settings), closing, tracing
     )
     fleet = await build_fleet(
-        settings, database, flavors, tokens, channel, metrics, closing, authority
+        settings, database, flavors, tokens, channel, metrics, closing, authority, tracing
     )
     _add_provisioning(server, fleet, flavors, channel, tokens)
     capture_pb2_grpc.add_ServerCaptureServiceServicer_to_server(CaptureServicer(fleet), server)

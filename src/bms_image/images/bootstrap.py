@@ -35,6 +35,7 @@ from bms_image.common.serving import (
 from bms_image.common.staging import Staging, StagingArea
 from bms_image.common.telemetry.health import Check, HealthMonitor, free_space
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
+from bms_image.common.telemetry.tracing import Tracing
 from bms_image.common.tls import provisioner_credentials
 from bms_image.images.adapters.blobs.local import LocalBlobStore
 from bms_image.images.adapters.blobs.s3 import S3BlobStore
@@ -110,9 +111,12 @@ async def open_blob_store(
     return store
 
 
-async def start(settings: Settings, embed: Embed | None = None) -> RunningService:
+async def start(
+    settings: Settings, embed: Embed | None = None, tracing: Tracing | None = None
+) -> RunningService:
     """The image service, with the provisioner `embed` mounts (when
-    settings.provisioner is "embedded") on its own port."""
+    settings.provisioner is "embedded") on its own port; with `tracing`, its
+    calls (and its channel to a provisioner) make spans."""
     settings = settings.resolved()
     server_options(settings)  # refuses bad limits before opening anything
     if settings.provisioner not in ("embedded", "none"):
@@ -134,7 +138,7 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
     tokens = page_tokens(settings)
     authority = token_authority(settings)
     metrics = ServiceMetrics()
-    server = new_server(settings, authority, metrics)
+    server = new_server(settings, authority, metrics, tracing)
     services = [IMAGE_SERVICE, SHARING_SERVICE]
     checks: dict[str, Check] = {
         "database": database.ping,
@@ -148,7 +152,9 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
     captures: CaptureProvider | None = None
     if settings.provisioner == "embedded" and embed is not None:
         loopback = private_socket(server, closing)
-        host = Host(settings, database, server, loopback, metrics, authority, tokens, closing)
+        host = Host(
+            settings, database, server, loopback, metrics, authority, tokens, closing, tracing
+        )
         guest = await embed(host)
         captures = guest.captures
         services += guest.services
@@ -156,7 +162,11 @@ async def start(settings: Settings, embed: Embed | None = None) -> RunningServic
         needs.update(guest.needs)
     elif settings.provisioner_address:
         channel = client_channel(
-            settings, settings.provisioner_address, provisioner_credentials(settings), closing
+            settings,
+            settings.provisioner_address,
+            provisioner_credentials(settings),
+            closing,
+            tracing,
         )
         captures = RemoteCaptures(channel, ServiceCredential(authority, IMAGE_SERVICE_IDENTITY))
 

@@ -24,7 +24,14 @@ from bms_image.common.errors import (
     QuotaViolation,
 )
 from bms_image.common.model import Caller, CaptureSource, ImageStatus
-from bms_image.fleet.domain.ports import ImageSource, ServerDisks, ServerRepository, UnreadableDisk
+from bms_image.fleet.domain.ports import (
+    NO_SPANS,
+    ImageSource,
+    ServerDisks,
+    ServerRepository,
+    Spans,
+    UnreadableDisk,
+)
 from bms_image.fleet.domain.servers import (
     Server,
     ServerState,
@@ -66,12 +73,14 @@ class Captures:
         disks: ServerDisks,
         fleet: ServerReader,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spans: Spans = NO_SPANS,
     ) -> None:
         self._servers = servers
         self._images = images
         self._disks = disks
         self._fleet = fleet
         self._spawn = spawn
+        self._spans = spans
         #: Servers held by prepare_capture whose capture has not started yet.
         self._holds: dict[str, str] = {}
 
@@ -245,10 +254,12 @@ class Captures:
             disk = await self._fleet.system_disk(server_id, verify_base=True)
             return await self._disks.flatten(server_id, disk, image_id)
 
+        attributes = {"bms.server": f"servers/{server_id}", "bms.image": f"images/{image_id}"}
         try:
             # The server is let go once every byte is sent, before the image
             # service can turn the image ACTIVE.
-            await self._images.upload(image_id, flatten, token, before_end=release)
+            with self._spans.span("fleet.capture", attributes):
+                await self._images.upload(image_id, flatten, token, before_end=release)
         except Exception:
             log.exception("capture of servers/%s into images/%s failed", server_id, image_id)
         finally:

@@ -2,7 +2,11 @@
 them, holds them for captures and recovers from a restart. Long work runs in
 tasks of its own, so it goes on when the caller's stream drops, and reports
 progress through the event bus. It drives ports (fleet.domain.ports): the
-server repository, the image source, Cloud-Init and the servers' disks."""
+server repository, the image source, Cloud-Init and the servers' disks, and
+marks each step of a deployment with a span (the Spans port: a no-op while
+tracing is off). Tasks copy the context they are started in, so a
+deployment's spans, and the image fetch's calls to ImageService, belong to
+the trace of the call that asked for it, after that call has answered."""
 
 from __future__ import annotations
 
@@ -30,11 +34,14 @@ from bms_image.fleet.domain.captures import CAPTURE_TASKS, Captures
 from bms_image.fleet.domain.events import EventBus, FinishedHook
 from bms_image.fleet.domain.network import Network
 from bms_image.fleet.domain.ports import (
+    NO_SPANS,
     CloudInit,
     FlavorSource,
     ImageSource,
+    PluginStates,
     ServerDisks,
     ServerRepository,
+    Spans,
     UnreadableDisk,
 )
 from bms_image.fleet.domain.servers import (
@@ -108,6 +115,7 @@ class Fleet:
         on_finished: FinishedHook | None = None,
         max_servers_per_project: int = MAX_SERVERS_PER_PROJECT,
         max_deployments_per_project: int = MAX_DEPLOYMENTS_PER_PROJECT,
+        spans: Spans = NO_SPANS,
     ) -> None:
         self._servers = servers
         self._flavors = flavors
@@ -117,11 +125,12 @@ class Fleet:
         self._cloud_init = cloud_init
         self._max_servers = max_servers_per_project
         self._max_deployments = max_deployments_per_project
+        self._spans = spans
         #: Servers this process builds or reinstalls now, by project.
         self._deploying: dict[str, int] = {}
         self.events = EventBus(on_finished)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.captures = Captures(servers, images, disks, self, self._spawn)
+        self.captures = Captures(servers, images, disks, self, self._spawn, spans)
         self.network = Network(servers, disks, self, self._spawn)
 
     # -- reading ------------------------------------------------------------
@@ -400,8 +409,15 @@ class Fleet:
                 pending.discard(server.id)
                 self._finished(server.project)
 
+        attributes = {
+            "bms.operation": "reinstall" if working is ServerState.REBUILDING else "create",
+            "bms.image": f"images/{plan.image.id}",
+            "bms.boot_source": plan.boot_source.name.lower(),
+            "bms.server_count": len(servers),
+        }
         try:
-            await self._deploy_servers(servers, plan, working, finished)
+            with self._spans.span("fleet.deploy", attributes):
+                await self._deploy_servers(servers, plan, working, finished)
         finally:
             for server in servers:
                 finished(server)
@@ -431,7 +447,8 @@ class Fleet:
                 )  # fmt: skip
 
         try:
-            cached = await self._images.fetch(plan.image.id, plan.sha256, plan.token, progress)
+            with self._spans.span("fleet.fetch_image", {"bms.image": f"images/{plan.image.id}"}):
+                cached = await self._images.fetch(plan.image.id, plan.sha256, plan.token, progress)
         except Exception as error:  # never leave servers BUILDING or REBUILDING
             failure = _as_domain_error(error, f"fetching images/{plan.image.id}")
             for server in servers:
@@ -443,7 +460,10 @@ class Fleet:
         async def one(server: Server) -> None:
             async with limit:
                 try:
-                    await self._deploy_one(server, plan, cached, working)
+                    with self._spans.span(
+                        "fleet.deploy_server", {"bms.server": f"servers/{server.id}"}
+                    ):
+                        await self._deploy_one(server, plan, cached, working)
                 except Exception as error:
                     failure = _as_domain_error(error, f"deploying servers/{server.id}")
                     await self._fail(server, failure, working)
@@ -484,15 +504,22 @@ class Fleet:
     async def _deploy_one(
         self, server: Server, plan: _Plan, cached: Path, working: ServerState
     ) -> None:
-        record = await self._write_system_disk(server, plan, cached)
+        stage = (
+            ProvisioningStage.EVS_CLONING
+            if plan.boot_source is BootSource.EVS
+            else ProvisioningStage.IMAGE_STREAMING
+        )
+        with self._spans.span("fleet.write_system_disk", {"bms.stage": stage.name}):
+            record = await self._write_system_disk(server, plan, cached)
         try:
-            states = await self._disks.plugin_states(server.id, record, staged=True)
-            has_init = has_cloud_init(states)
-            if has_init:
-                files = self._cloud_init.first_boot_files(
-                    server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
-                )
-                await self._disks.append_first_boot(server.id, record, files)
+            with self._spans.span("fleet.first_boot", {"bms.stage": "FIRST_BOOT"}):
+                states = await self._disks.plugin_states(server.id, record, staged=True)
+                has_init = has_cloud_init(states)
+                if has_init:
+                    files = self._cloud_init.first_boot_files(
+                        server.host_name, plan.ssh_public_key, plan.user_data, plan.user_files
+                    )
+                    await self._disks.append_first_boot(server.id, record, files)
         except UnreadableDisk:
             raise FailedPrecondition(
                 "IMAGE_NOT_BOOTABLE",
@@ -508,6 +535,14 @@ class Fleet:
         else:
             message = "first boot without Cloud-Init: host name, key and user data not applied"
         await self._event(server, ProvisioningStage.FIRST_BOOT, 90.0, message)
+        with self._spans.span("fleet.install", {"bms.stage": "NETWORK_CONFIGURED"}):
+            await self._install(server, record, states, working)
+
+    async def _install(
+        self, server: Server, record: SystemDisk, states: PluginStates, working: ServerState
+    ) -> None:
+        """Swaps the new system disk in and makes the server ACTIVE, its
+        network up if bms-network-config is intact."""
         await self._disks.install(server, record)
         if states[PluginKind.BMS_NETWORK_CONFIG][0] == "intact":
             network, reason = NetworkState.UP, ""

@@ -1,12 +1,13 @@
 """What the fleet's use cases drive: the server repository (the store), the
 image source (ImageService and the image cache), Cloud-Init's reading of
-user data, and the servers' disks on the hosts. Adapters implement these;
+user data, the servers' disks on the hosts, and the spans of a trace. Adapters implement these;
 the bootstrap wires them. Flavors come through FlavorSource (the
 common.flavors.FlavorCatalog the bootstrap loads)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -183,3 +184,28 @@ class PublicImages(Protocol):
     async def by_flavor(self, token: str) -> Mapping[str, Sequence[str]]:
         """Flavor name -> ids of the public images deployable on it (not
         deleted; deprecated ones too), oldest first."""
+
+
+class Spans(Protocol):
+    """Spans of the fleet's own steps (a deployment, each server's stages, a
+    capture), so a slow deployment can be followed step by step in a trace
+    (the bootstrap passes tracing.OtelSpans while tracing is on). A span is
+    current while its block runs: calls and tasks started inside it are its
+    children, and an exception leaving it marks it failed. Attributes are our
+    own ids and choices, never a caller's data."""
+
+    def span(
+        self, name: str, attributes: Mapping[str, str | int] | None = None
+    ) -> AbstractContextManager[None]: ...
+
+
+class _NoSpans:
+    """Tracing off: every span is an empty block."""
+
+    def span(
+        self, name: str, attributes: Mapping[str, str | int] | None = None
+    ) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+NO_SPANS: Spans = _NoSpans()
