@@ -51,6 +51,8 @@ FILTERS = [
     "member_status = rejected",
     "member_status != accepted",
     "member_status = accepted AND type = shared",
+    "member_status = accepted AND member_status = pending",  # no status: nothing
+    "member_status != accepted AND member_status != pending AND member_status != rejected",
     "status = queued",
     "status != active",
     "os_type = windows",
@@ -140,8 +142,10 @@ async def _store(database: Database, tmp_path: Path) -> InMemoryImages:
         )
     reference = InMemoryImages()
     every = await database.run(_all_ids)
-    for image in await images.get_many(every):
-        reference.rows[image.id] = image
+    for image_id in every:
+        image = await images.get(image_id)
+        assert image is not None
+        reference.rows[image_id] = image
     for image_id in every:
         for project in ("alpha", "beta"):
             member = await members.get(image_id, project)
@@ -158,7 +162,7 @@ async def _pages(repository: Any, caller: Caller, query: ImageQuery, limit: int)
     names: list[str] = []
     after = 0
     for _ in range(1000):
-        page = await repository.list_visible(caller, query, after, limit)
+        page, _ = await repository.list_visible(caller, query, after, limit)
         names += [entry.id for entry in page]
         if len(page) < limit:
             return names

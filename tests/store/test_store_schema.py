@@ -280,7 +280,7 @@ async def _all_pages(
     found: list[Image] = []
     after = 0
     while True:
-        page = await repository.list_visible(caller, query, after, limit)
+        page, _ = await repository.list_visible(caller, query, after, limit)
         assert len(page) <= limit
         found.extend(page)
         if len(page) < limit:
@@ -347,7 +347,7 @@ async def test_keyset_pagination_is_stable_across_inserts_and_deletes(
     query = ImageQuery(parse_filter("type = private"))
     first = [(await repository.create_private(_private("alpha", f"i{n}"), 100)) for n in range(6)]
 
-    page = await repository.list_visible(alpha, query, 0, 3)
+    page, _ = await repository.list_visible(alpha, query, 0, 3)
     assert [i.id for i in page] == [i.id for i in first[:3]]
     added = await repository.create_private(_private("alpha", "late"), 100)
     assert await repository.update(first[4].id, first[4].revision, {"status": "deleted"})
@@ -355,7 +355,7 @@ async def test_keyset_pagination_is_stable_across_inserts_and_deletes(
     rest: list[Image] = []
     after = page[-1].seq
     while True:
-        more = await repository.list_visible(alpha, query, after, 2)
+        more, _ = await repository.list_visible(alpha, query, after, 2)
         rest.extend(more)
         if len(more) < 2:
             break

@@ -622,9 +622,9 @@ async def test_deprecate_by_admin(catalog: ImageCatalog) -> None:
     public = await catalog.create(ADMIN, new_public())
     deprecated = await catalog.deprecate(ADMIN, public.id)
     assert deprecated.deprecated is True and deprecated.revision == public.revision + 1
-    page, _ = await catalog.list(ALPHA, "", 0, "")
+    page, _, _ = await catalog.list(ALPHA, "", 0, "")
     assert page == []
-    page, _ = await catalog.list(ALPHA, "deprecated = true", 0, "")
+    page, _, _ = await catalog.list(ALPHA, "deprecated = true", 0, "")
     assert [i.id for i in page] == [public.id]
     assert (await catalog.get(ALPHA, public.id)).deprecated, "still readable by id"
 
@@ -649,7 +649,7 @@ async def list_all(
     ids: list[str] = []
     token, pages = "", 0
     while True:
-        page, token = await catalog.list(caller, filter_text, page_size, token)
+        page, _, token = await catalog.list(caller, filter_text, page_size, token)
         pages += 1
         assert page_size == 0 or len(page) <= page_size
         ids += [image.id for image in page]
@@ -687,14 +687,14 @@ async def test_pagination_with_filter_and_concurrent_changes(
     catalog: ImageCatalog, repo: InMemoryImages
 ) -> None:
     images = [await catalog.create(ADMIN, new_public(tags=[f"n{i}"])) for i in range(6)]
-    page, token = await catalog.list(ALPHA, "os_type = linux", 2, "")
+    page, _, token = await catalog.list(ALPHA, "os_type = linux", 2, "")
     assert [i.id for i in page] == [images[0].id, images[1].id]
     await catalog.delete(ADMIN, images[0].id)  # on a page already read
     await catalog.delete(ADMIN, images[2].id)  # on a page not read yet
     added = await catalog.create(ADMIN, new_public())
     rest: list[str] = []
     while token:
-        page, token = await catalog.list(ALPHA, "os_type = linux", 2, token)
+        page, _, token = await catalog.list(ALPHA, "os_type = linux", 2, token)
         rest += [i.id for i in page]
     assert rest == [images[3].id, images[4].id, images[5].id, added.id]
 
@@ -702,7 +702,7 @@ async def test_pagination_with_filter_and_concurrent_changes(
 async def test_page_token_is_bound_to_caller_and_filter(catalog: ImageCatalog) -> None:
     for _ in range(3):
         await catalog.create(ADMIN, new_public())
-    _, token = await catalog.list(ALPHA, "type = public", 1, "")
+    _, _, token = await catalog.list(ALPHA, "type = public", 1, "")
     assert token
     for caller, filter_text in ((BETA, "type = public"), (ALPHA, ""), (ALPHA, "type = private")):
         with pytest.raises(InvalidArgument) as caught:
@@ -711,7 +711,7 @@ async def test_page_token_is_bound_to_caller_and_filter(catalog: ImageCatalog) -
     with pytest.raises(InvalidArgument):
         await catalog.list(ALPHA, "type = public", 1, token[:-3] + "AAA")
     # The page size may change between pages.
-    page, _ = await catalog.list(ALPHA, "type = public", 10, token)
+    page, _, _ = await catalog.list(ALPHA, "type = public", 10, token)
     assert len(page) == 2
 
 

@@ -9,7 +9,7 @@ with rules.QUOTA_COUNTED_STATUSES, conditional writes bump the revision."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -151,8 +151,13 @@ class InMemoryImages:
         return await self.get(image_id)
 
     async def list_visible(
-        self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[ListedImage]:
+        self,
+        caller: Caller,
+        query: ImageQuery,
+        after_seq: int,
+        limit: int,
+        known: Callable[[ListedImage], bool] | None = None,
+    ) -> tuple[list[ListedImage], list[Image]]:
         statuses = query.member_statuses()
 
         def shared(image: Image) -> bool:
@@ -178,13 +183,12 @@ class InMemoryImages:
             and (query.asks_deprecated or not image.deprecated)
             and all(_matches(caller, image, c, query) for c in query.conditions)
         ]
-        return [
+        listed = [
             ListedImage(image.id, image.revision, image.seq, image.visibility, image.owner_project)
             for image in found[:limit]
         ]
-
-    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
-        return [copy.deepcopy(self.rows[i]) for i in image_ids if i in self.rows]
+        wanted = {entry.id for entry in listed if known is None or not known(entry)}
+        return listed, [copy.deepcopy(image) for image in found[:limit] if image.id in wanted]
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str

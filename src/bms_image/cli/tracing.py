@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 
+#: How long a command may wait at its end to export its spans (its OTLP
+#: retries included) unless OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT says: an
+#: unreachable collector must not hold every command for the SDK's 10 s.
+CLI_EXPORT_TIMEOUT_SECONDS = 2.0
+
+
 @dataclass
 class CommandTrace:
     tracing: Tracing
@@ -39,7 +45,7 @@ def trace_command(name: str, environ: Mapping[str, str] | None = None) -> Comman
     """The command's span, current until close(); None while tracing is off.
     RuntimeError for an exporter or protocol we do not ship."""
     environ = os.environ if environ is None else environ
-    tracing = start_tracing(CLI_SERVICE_NAME, environ)
+    tracing = start_tracing(CLI_SERVICE_NAME, environ, CLI_EXPORT_TIMEOUT_SECONDS)
     if tracing is None:
         return None
     from opentelemetry import context, trace

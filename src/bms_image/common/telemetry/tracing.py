@@ -181,11 +181,15 @@ def _current_span_ids() -> tuple[str, str] | None:
 
 
 def start_tracing(
-    default_service_name: str, environ: Mapping[str, str] | None = None
+    default_service_name: str,
+    environ: Mapping[str, str] | None = None,
+    export_timeout_seconds: float | None = None,
 ) -> Tracing | None:
     """Tracing for this process when the environment asks for it (else None,
     having imported nothing of the SDK). RuntimeError for an exporter or
-    protocol we do not ship."""
+    protocol we do not ship. `export_timeout_seconds`: how long an OTLP
+    export (its retries included) may take unless OTEL_EXPORTER_OTLP_(TRACES_)
+    TIMEOUT says; None keeps the SDK's 10 s."""
     environ = os.environ if environ is None else environ
     if not tracing_wanted(environ):
         return None
@@ -211,7 +215,11 @@ def start_tracing(
         if exporter_name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter()
+            timeout_set = any(
+                environ.get(name, "").strip()
+                for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+            )
+            exporter = OTLPSpanExporter(timeout=None if timeout_set else export_timeout_seconds)
         else:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

@@ -165,7 +165,11 @@ def _store_seeded(image: Image, new: bool, connection: Connection) -> bool:
         connection.execute(
             update(IMAGES)
             .where(IMAGES.c.id == image.id)
-            .values(size_bytes=image.size_bytes, sha256=image.sha256)
+            # A new revision: whatever rendered the image before (any replica's
+            # memory of it) must not answer with the old size and digest.
+            .values(
+                size_bytes=image.size_bytes, sha256=image.sha256, revision=IMAGES.c.revision + 1
+            )
         )
         return True
     if connection.execute(select(IMAGES.c.id).where(IMAGES.c.id == image.id)).first():

@@ -141,12 +141,21 @@ def _arm_select(arm: str, shape: _Shape) -> Select[Any]:
     elif arm == _Arm.OWN:
         clauses += [image.owner_project == project, image.visibility != Visibility.PUBLIC.value]
     else:
-        statuses = shape.member_statuses or frozenset({MemberStatus.ACCEPTED})
-        statement = statement.select_from(MEMBERS.join(IMAGES, image.seq == seq))
+        statuses = (
+            shape.member_statuses
+            if shape.member_statuses is not None
+            else frozenset({MemberStatus.ACCEPTED})
+        )
+        statement = statement.select_from(
+            MEMBERS.join(IMAGES, and_(image.seq == seq, image.id == MEMBERS.c.image_id))
+        )
         clauses += [
             MEMBERS.c.project == project,
             # Equalities, not IN: an IN list is expanded at every execution.
-            or_(*(MEMBERS.c.status == status.value for status in sorted(statuses))),
+            # No status at all (`member_status = a AND member_status = b`): none.
+            or_(*(MEMBERS.c.status == status.value for status in sorted(statuses)))
+            if statuses
+            else false(),
         ]
         if shape.member_statuses is None:  # beside public and own: the others' images
             owner = _unindexed(image.owner_project)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -159,27 +159,28 @@ class SqlImageRepository:
         return image
 
     async def list_visible(
-        self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[ListedImage]:
+        self,
+        caller: Caller,
+        query: ImageQuery,
+        after_seq: int,
+        limit: int,
+        known: Callable[[ListedImage], bool] | None = None,
+    ) -> tuple[list[ListedImage], list[Image]]:
         statement, values = listing(caller, query, after_seq, limit)
 
-        def work(connection: Connection) -> list[ListedImage]:
-            return [
+        def work(connection: Connection) -> tuple[list[ListedImage], list[Image]]:
+            listed = [
                 ListedImage(image_id, revision, seq, Visibility(visibility), owner)
                 for image_id, revision, seq, visibility, owner in connection.execute(
                     statement, values
                 )
             ]
+            wanted = [entry.id for entry in listed if known is None or not known(entry)]
+            if not wanted:
+                return listed, []
+            return listed, images_selected(connection, _IMAGES_BY_ID, {"ids": wanted})
 
         return await self._db.run(work)
-
-    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
-        ids = list(image_ids)
-        if not ids:
-            return []
-        return await self._db.run(
-            lambda connection: images_selected(connection, _IMAGES_BY_ID, {"ids": ids})
-        )
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str

@@ -146,7 +146,7 @@ class ImageMemberRow(Base):
     project: Mapped[str] = mapped_column(String(64), primary_key=True)
     #: The image's seq (it never changes): the images shared with a project
     #: are walked in seq order from its member rows (ListImages).
-    image_seq: Mapped[int] = mapped_column(Integer)
+    image_seq: Mapped[int] = mapped_column(SeqType)
     status: Mapped[str] = mapped_column(String(16))
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -8,7 +8,7 @@ import enum
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -194,18 +194,17 @@ class ImageCatalog:
             membership = member.status if member else None
         return rules.require_visible(caller, image, image_id, membership), membership
 
-    async def images_named(self, listed: Collection[ListedImage]) -> list[Image]:
-        """The images a page named (`list` checked the caller sees them), as
-        they are now: a later revision, or none for an image deleted since."""
-        found = await self._images.get_many([entry.id for entry in listed])
-        return [image for image in found if image.status is not ImageStatus.DELETED]
-
     async def list(
-        self, caller: Caller, filter_text: str, page_size: int, page_token: str
-    ) -> tuple[list[ListedImage], str]:
-        """A page of the images the caller sees that match the filter, named
-        (see `images_named` for the images themselves), and the token of the
-        next page ("" on the last)."""
+        self,
+        caller: Caller,
+        filter_text: str,
+        page_size: int,
+        page_token: str,
+        known: Callable[[ListedImage], bool] | None = None,
+    ) -> tuple[list[ListedImage], list[Image], str]:
+        """A page of the images the caller sees that match the filter, named;
+        the images of those not `known` (the renderer has them), read in the
+        same unit of work; and the token of the next page ("" on the last)."""
         limit = page_size_or_default(page_size)
         query = ImageQuery(parse_filter(filter_text))
         for condition in query.values("flavor"):
@@ -220,10 +219,10 @@ class ImageCatalog:
             query.flavor = (flavor.name, flavor.hardware_model)
         scope = f"{caller.project}\n{filter_text}"
         after = self._tokens.decode(page_token, scope)
-        rows = await self._images.list_visible(caller, query, after, limit + 1)
+        rows, images = await self._images.list_visible(caller, query, after, limit + 1, known)
         page, more = rows[:limit], len(rows) > limit
         next_token = self._tokens.encode(page[-1].seq, scope) if more else ""
-        return page, next_token
+        return page, images, next_token
 
     async def create(
         self,

@@ -5,7 +5,7 @@ captures. Adapters implement these; the bootstrap wires them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,12 +32,17 @@ class ImageRepository(Protocol):
         own changes, a little behind (seconds) for another process's."""
 
     async def list_visible(
-        self, caller: Caller, query: ImageQuery, after_seq: int, limit: int
-    ) -> list[ListedImage]:
-        """Images the caller can see that match the query, by ascending seq."""
-
-    async def get_many(self, image_ids: Collection[str]) -> list[Image]:
-        """The stored images among these ids (any order; deleted ones too)."""
+        self,
+        caller: Caller,
+        query: ImageQuery,
+        after_seq: int,
+        limit: int,
+        known: Callable[[ListedImage], bool] | None = None,
+    ) -> tuple[list[ListedImage], list[Image]]:
+        """Images the caller can see that match the query, by ascending seq,
+        and, read in the same unit of work, the images of those for which
+        `known` is false (all of them without `known`). `known` may be called
+        from another thread: it must only read."""
 
     async def find_by_request_id(
         self, project: str, method: RequestMethod, request_id: str

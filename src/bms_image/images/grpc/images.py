@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,10 +34,12 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
     async def ListImages(self, request: image_pb2.ListImagesRequest, context: Context) -> bytes:
         """Answers with the serialized response (see images.grpc.rendering)."""
         caller = current_caller()
-        listed, next_token = await self._catalog.list(
-            caller, request.filter, request.page_size, request.page_token
+        return await self._rendered.page(
+            caller,
+            functools.partial(
+                self._catalog.list, caller, request.filter, request.page_size, request.page_token
+            ),
         )
-        return await self._rendered.page(caller, listed, next_token)
 
     async def GetImage(
         self, request: image_pb2.GetImageRequest, context: Context

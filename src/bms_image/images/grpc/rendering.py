@@ -16,8 +16,9 @@ recently used first out."""
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -29,13 +30,21 @@ from bms_image.images.domain.query import ListedImage
 from bms_image.images.grpc.convert import image_to_proto
 
 #: Default bound of the rendered images kept, in bytes (about 300 bytes an
-#: image: 64 MiB holds some 200,000 renderings).
+#: image plus its key: 64 MiB holds some 100,000 renderings).
 DEFAULT_RENDERED_BYTES = 64 * 1024 * 1024
 
 _IMAGES_FIELD = b"\x0a"  # ListImagesResponse.images: field 1, length-delimited
 _TOKEN_FIELD = b"\x12"  # ListImagesResponse.next_page_token: field 2
 
 RenderKey = tuple[str, int, ImageType, int]
+#: Lists a page: (named images, images read for those not known, next token).
+PageFetch = Callable[
+    [Callable[[ListedImage], bool] | None],
+    Awaitable[tuple[list[ListedImage], list[Image], str]],
+]
+#: What an entry costs besides its bytes (its key, the dict slot, the bytes
+#: object's header): counted against the limit.
+_ENTRY_OVERHEAD = 256
 
 
 def _varint(value: int) -> bytes:
@@ -93,10 +102,10 @@ class RenderedImages:
         payload = message.SerializeToString()
         framed = _framed(_IMAGES_FIELD, payload)
         self._kept[key] = framed
-        self._used += len(framed)
+        self._used += len(framed) + _ENTRY_OVERHEAD
         while self._used > self._limit and self._kept:
             _, dropped = self._kept.popitem(last=False)
-            self._used -= len(dropped)
+            self._used -= len(dropped) + _ENTRY_OVERHEAD
         return key, framed
 
     def message(self, caller: Caller, image: Image) -> image_pb2.Image:
@@ -104,35 +113,36 @@ class RenderedImages:
         _, framed = self.render(caller, image)
         return image_pb2.Image.FromString(framed[len(framed) - _payload_length(framed) :])
 
-    async def page(
-        self, caller: Caller, listed: Sequence[ListedImage], next_page_token: str
-    ) -> bytes:
-        """A serialized ListImagesResponse: the listed images in order, those
-        not kept read (as they are now) and rendered, plus the token."""
-        entries: list[bytes | None] = []
-        missing: list[ListedImage] = []
-        for item in listed:
-            framed = self.entry(self.key(caller, item))
-            entries.append(framed)
-            if framed is None:
-                missing.append(item)
-        if missing:
-            current = {image.id: image for image in await self._catalog.images_named(missing)}
-            fills = iter(self._fill(caller, missing, current))
-            entries = [entry if entry is not None else next(fills) for entry in entries]
-        parts = [entry for entry in entries if entry]
-        if next_page_token:
-            parts.append(_framed(_TOKEN_FIELD, next_page_token.encode()))
-        return b"".join(parts)
+    def knows(self, caller: Caller, item: ListedImage) -> bool:
+        """Whether the image is kept as the caller sees it. Only reads: the
+        listing calls it from a database thread."""
+        return self.key(caller, item) in self._kept
 
-    def _fill(
-        self, caller: Caller, missing: Iterable[ListedImage], current: dict[str, Image]
-    ) -> Iterable[bytes]:
-        """The entries of images not kept; b"" (left out) for one deleted
-        since it was listed."""
-        for item in missing:
-            image = current.get(item.id)
-            yield self.render(caller, image)[1] if image is not None else b""
+    async def page(self, caller: Caller, fetch: PageFetch) -> bytes:
+        """A serialized ListImagesResponse. `fetch(known)` lists the page and
+        reads, in the same unit of work, the images `known` says are not
+        kept: so every image shown is one the listing admitted, as it was
+        then. An entry evicted by other calls meanwhile sends the page back
+        to a fetch that reads every image."""
+        for known in (functools.partial(self.knows, caller), None):
+            listed, read, next_page_token = await fetch(known)
+            images = {image.id: image for image in read}
+            parts: list[bytes] = []
+            for item in listed:
+                image = images.get(item.id)
+                framed = (
+                    self.render(caller, image)[1]
+                    if image is not None
+                    else self.entry(self.key(caller, item))
+                )
+                if framed is None:
+                    break
+                parts.append(framed)
+            else:
+                if next_page_token:
+                    parts.append(_framed(_TOKEN_FIELD, next_page_token.encode()))
+                return b"".join(parts)
+        raise AssertionError("a fetch of every image left one out")
 
 
 def _payload_length(framed: bytes) -> int:

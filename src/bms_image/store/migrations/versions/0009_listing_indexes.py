@@ -10,6 +10,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+#: images.seq's type: BIGINT, INTEGER on SQLite (the rowid).
+SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 revision: str = "0009"
 down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
@@ -21,13 +24,13 @@ def upgrade() -> None:
     images, and its index."""
     op.create_index("ix_images_owner_seq", "images", ["owner_project", "seq"])
     with op.batch_alter_table("image_members") as batch:
-        batch.add_column(sa.Column("image_seq", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("image_seq", SeqType, nullable=True))
     op.execute(
         "UPDATE image_members SET image_seq = "
         "(SELECT images.seq FROM images WHERE images.id = image_members.image_id)"
     )
     with op.batch_alter_table("image_members") as batch:
-        batch.alter_column("image_seq", existing_type=sa.Integer(), nullable=False)
+        batch.alter_column("image_seq", existing_type=SeqType, nullable=False)
     op.create_index(
         "ix_image_members_project_status_seq",
         "image_members",
