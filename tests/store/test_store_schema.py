@@ -437,3 +437,18 @@ async def test_concurrent_conditional_updates_of_one_revision(database: Database
     assert stored.revision == image.revision + 1
     assert stored.tags == winners[0].tags
     assert await _count(database, ImageTagRow) == 2
+
+
+async def test_seed_repairing_a_lost_image_gives_it_a_new_revision(
+    database: Database, tmp_path: Path
+) -> None:
+    """Rebuilt bytes get a new size and digest: a new revision, so that no
+    process answers from what it rendered of the old ones."""
+    await _seed(database, tmp_path)
+    image_id = load_catalog().images[0].id
+    revision = select(ImageRow.revision).where(ImageRow.id == image_id)
+    before = await database.run(lambda connection: connection.execute(revision).scalar_one())
+    await LocalBlobStore(tmp_path / "blobs").delete(image_id)
+    await _seed(database, tmp_path)
+    after = await database.run(lambda connection: connection.execute(revision).scalar_one())
+    assert after == before + 1

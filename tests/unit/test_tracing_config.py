@@ -23,6 +23,7 @@ from bms_image.common.telemetry import logs
 from bms_image.common.telemetry.metrics import ServiceMetrics
 from bms_image.common.telemetry.tracing import (
     CLI_SERVICE_NAME,
+    SERVE_SERVICE_NAME,
     OtelSpans,
     Tracing,
     start_tracing,
@@ -190,3 +191,36 @@ def test_the_spans_port_nests_and_marks_failures(
     with NO_SPANS.span("fleet.deploy", {"bms.server_count": 2}):
         pass  # tracing off: an empty block
     assert len(exporter.get_finished_spans()) == 2
+
+
+def _otlp_timeout(tracing: object) -> float:
+    """The OTLP exporter's timeout (seconds), read from the SDK's objects."""
+    processor = tracing.provider._active_span_processor._span_processors[0]  # type: ignore[attr-defined]
+    batch = processor._batch_processor
+    exporter = next(value for name, value in vars(batch).items() if "export" in name)
+    return float(exporter._timeout)
+
+
+def test_a_cli_command_waits_at_most_its_own_export_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unreachable collector must not hold every command for the SDK's
+    10 s of retries; OTEL_EXPORTER_OTLP_TIMEOUT still decides when set."""
+    from bms_image.cli.tracing import CLI_EXPORT_TIMEOUT_SECONDS
+
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}
+    cli = start_tracing(CLI_SERVICE_NAME, environ, CLI_EXPORT_TIMEOUT_SECONDS)
+    served = start_tracing(SERVE_SERVICE_NAME, environ)
+    assert cli is not None and served is not None
+    try:
+        assert _otlp_timeout(cli) == CLI_EXPORT_TIMEOUT_SECONDS < _otlp_timeout(served)
+    finally:
+        cli.shutdown()
+        served.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "7")
+    chosen = start_tracing(CLI_SERVICE_NAME, {**environ, "OTEL_EXPORTER_OTLP_TIMEOUT": "7"}, 2.0)
+    assert chosen is not None
+    try:
+        assert _otlp_timeout(chosen) == 7.0
+    finally:
+        chosen.shutdown()
