@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
@@ -105,10 +105,47 @@ def _code_name(context: Context, error: BaseException | None) -> str:
     return "OK" if error is None else "UNKNOWN"
 
 
+class CallLimit:
+    """The calls of our services running at once in one process, and their
+    bound: a call beyond it is refused at once with RESOURCE_EXHAUSTED.
+    Counted here rather than by the server's maximum_concurrent_rpcs, whose
+    count drifts (grpc 1.85): it checks when it asks for the next call, not
+    when one arrives, and a refused call also lowers it, so after a few
+    refusals the process admitted more than its bound."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.running = 0
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[bool]:
+        """True, counted while the block runs, if the call is within the bound."""
+        if self.limit is not None and self.running >= self.limit:
+            yield False
+            return
+        self.running += 1
+        try:
+            yield True
+        finally:
+            self.running -= 1
+
+    def refusal(self) -> str:
+        return (
+            f"the service is at its limit of {self.limit} concurrent calls "
+            "(BMS_IMAGE_MAX_CONCURRENT_RPCS); retry with backoff"
+        )
+
+
 class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, authority: TokenAuthority, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        authority: TokenAuthority,
+        metrics: ServiceMetrics | None = None,
+        max_concurrent_calls: int | None = None,
+    ) -> None:
         self._authority = authority
         self._metrics = metrics or ServiceMetrics()
+        self.calls = CallLimit(max_concurrent_calls)
         #: Guarded handlers by method, with the handler each wraps: built once,
         #: not on every call.
         self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -200,6 +237,15 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_stream = handler.unary_stream or handler.stream_stream
 
             async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+                with self.calls.admitted() as admitted:
+                    if not admitted:
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, self.calls.refusal()
+                        )
+                    async for response in guarded_stream(request, context):
+                        yield response
+
+            async def guarded_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 info, call = begin_call("", method)
                 failure: BaseException | None = None
@@ -242,6 +288,12 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner_unary = handler.unary_unary or handler.stream_unary
 
         async def unary(request: Any, context: Context) -> Any:
+            with self.calls.admitted() as admitted:
+                if not admitted:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.calls.refusal())
+                return await guarded_unary(request, context)
+
+        async def guarded_unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             info, call = begin_call("", method)
             failure: BaseException | None = None

@@ -55,7 +55,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     calls on that connection wait, they are not refused), keepalive that
     detects dead peers of long streams, ping-flood protection, and no silent
     port sharing between servers. RuntimeError for a limit below 1. The RPCs
-    of the whole process are bounded by the server's maximum_concurrent_rpcs
+    of the whole process are bounded by the call guard's CallLimit
     (settings.max_concurrent_rpcs), which refuses the call beyond it."""
     for name in ("max_streams_per_connection", "max_concurrent_rpcs", "max_message_bytes"):
         if getattr(settings, name) < 1:
@@ -158,9 +158,11 @@ def new_server(
     and refusals belong to its span."""
     tracing_interceptors = tracing.server_interceptors() if tracing is not None else []
     return grpc.aio.server(
-        interceptors=[*tracing_interceptors, CallGuard(authority, metrics)],
+        interceptors=[
+            *tracing_interceptors,
+            CallGuard(authority, metrics, settings.max_concurrent_rpcs),
+        ],
         options=server_options(settings),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
 
 
