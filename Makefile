@@ -83,6 +83,7 @@ bench-tools:
 # GetImage (off, on, sampled out); QUICK=1 for the short runs.
 bench: $(STUBS_STAMP) tools bench-tools
 	$(BIN)/python -m bench.dataplane $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.chunks $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.metadata $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.deploy $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.bystander $(if $(QUICK),--quick,)

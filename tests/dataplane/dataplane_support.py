@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
-from support import builders, errors, services
+from support import builders, chunk_store, errors, services
 from support.builders import sha256_hex
 from support.errors import RichError
 from support.services import Serving, make_settings, serving
@@ -318,19 +318,26 @@ def image_id(name: str) -> str:
 
 
 def files_of(data_dir: Path, name: str) -> list[Path]:
-    """Every file the service keeps for one image: its blob, staged upload
-    and scratch files."""
+    """Every file the service keeps for one image: a whole blob of an
+    earlier version, the files of the chunks its manifest names, its staged
+    upload and scratch files (each once, sorted)."""
     key = image_id(name)
-    found: list[Path] = []
+    found: set[Path] = set(chunk_store.chunk_files(data_dir, name))
     for sub in ("blobs", "staging"):
         directory = data_dir / sub
         if directory.exists():
-            found += [p for p in directory.iterdir() if p.name.startswith(key)]
+            found |= {p for p in directory.iterdir() if p.name.startswith(key)}
     return sorted(found)
 
 
-def blob_path(data_dir: Path, name: str) -> Path:
-    return data_dir / "blobs" / f"{image_id(name)}.blob"
+def assert_only_stored(data_dir: Path, name: str) -> None:
+    """The image's bytes are stored (a complete manifest) and live only
+    there: every file kept for it is a chunk of its manifest, each present;
+    nothing is staged."""
+    assert chunk_store.stored(data_dir, name), f"{name} is not stored"
+    chunks = sorted(set(chunk_store.chunk_files(data_dir, name)))
+    assert files_of(data_dir, name) == chunks
+    assert all(path.is_file() for path in chunks), "a chunk of the manifest has no file"
 
 
 def staged_path(data_dir: Path, name: str) -> Path:
@@ -338,7 +345,9 @@ def staged_path(data_dir: Path, name: str) -> Path:
 
 
 def temp_blobs(data_dir: Path) -> list[Path]:
-    return sorted((data_dir / "blobs").glob(".tmp-*"))
+    """Temporary files of writes to the blob store: of whole blobs, and of
+    chunks."""
+    return sorted((data_dir / "blobs").glob(".tmp-*")) + chunk_store.temp_chunk_files(data_dir)
 
 
 def file_size(path: Path) -> int | None:
@@ -374,6 +383,7 @@ async def assert_killed_and_clean(
     assert image.sha256 == ""
     assert image.size_bytes == 0
     assert files_of(data_dir, name) == []
+    assert not chunk_store.stored(data_dir, name)
     assert temp_blobs(data_dir) == []
     return image
 
@@ -383,6 +393,7 @@ async def assert_untouched(images: Stub, metadata: Metadata, name: str, data_dir
     image = await get_image(images, metadata, name)
     assert (image.status, image.uploaded_bytes) == (QUEUED, 0), status_name(image.status)
     assert files_of(data_dir, name) == []
+    assert not chunk_store.stored(data_dir, name)
 
 
 @dataclass

@@ -17,7 +17,9 @@ import pytest
 
 from bms_image.images.adapters.blobs.s3 import S3BlobStore
 from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
+from bms_image.images.adapters.chunks.s3 import S3ChunkObjects
 from bms_image.processes import start
+from support import chunk_store
 from support.builders import random_bytes
 from support.services import fresh_project, make_settings
 
@@ -49,15 +51,18 @@ async def test_a_second_deployment_on_the_same_prefix_refuses_to_start(
         created = await dp.create_image(own.images, alpha)
         content = random_bytes(70_000)
         await dp.upload(own.images, alpha, created.name, content)
-    image_id = created.name.removeprefix("images/")
 
     # Another database (another deployment) on the same bucket and prefix:
     # its orphan sweep would take the first one's image for its own orphan.
     with pytest.raises(RuntimeError, match="BMS_IMAGE_S3_PREFIX") as refused:
         await start(make_settings(tmp_path / "second", **settings))
     assert f"s3://{bucket}/images/" in str(refused.value)
+    chunks = chunk_store.object_names(tmp_path / "first", created.name)
+    assert chunks, "random bytes have chunks"
     async with s3_store(s3_endpoint, bucket) as store:
-        assert image_id in await store.keys(), "the second deployment deleted the first's blob"
+        assert chunks <= set(await S3ChunkObjects(store).names()), (
+            "the second deployment deleted the first's chunks"
+        )
 
     # With a prefix of its own it starts, and both keep their images.
     async with dp.own_service(tmp_path / "third", **settings, s3_prefix="other/") as other:

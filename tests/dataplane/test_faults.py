@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from bms.image.v1 import image_pb2, sharing_pb2, sharing_pb2_grpc
+from support import chunk_store
 from support.builders import MiB, random_bytes
 from support.disks import remount, tmpfs
 from support.errors import RichError, expect_error
@@ -124,7 +125,7 @@ async def test_a_full_staging_area_gives_storage_full_and_keeps_the_upload(
 async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
     tmp_path: Path,
 ) -> None:
-    blobs = tmp_path / "blobs"
+    blobs = chunk_store.chunks_root(tmp_path)  # where the image store writes bytes
     async with tiny_storage(tmp_path, blobs, 2 * MiB) as (own, alpha, created):
         content = random_bytes(3 * MiB + 5)
 
@@ -134,6 +135,7 @@ async def test_a_full_blob_store_gives_storage_full_and_the_upload_resumes(
         assert image.uploaded_bytes == len(content)
         assert dp.temp_blobs(tmp_path) == [], "a partial copy holds the space"
         assert descriptors_under(blobs) == []
+        assert not chunk_store.stored(tmp_path, created.name)
 
         remount(blobs, 16 * MiB)  # an operator makes room
         resumed = await dp.resume_upload(own.images, alpha, created.name, content, len(content))
@@ -184,7 +186,7 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             sharing = sharing_pb2_grpc.SharingServiceStub(own.channel)
             stored = await dp.create_image(own.images, alpha)
             stored_content = random_bytes(100_000)
-            await dp.upload(own.images, alpha, stored.name, stored_content)
+            stored = await dp.upload(own.images, alpha, stored.name, stored_content)
             await sharing.CreateImageMember(
                 sharing_pb2.CreateImageMemberRequest(
                     parent=stored.name, member=sharing_pb2.ImageMember(member_project=beta_project)
@@ -223,20 +225,24 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             )
             assert_no_internals(unread.message, *internals)
 
-            # A replica whose copy fails is KILLED: its status_reason is ours.
-            failed = await expect_error(
-                sharing.ReplicateImage(
-                    sharing_pb2.ReplicateImageRequest(name=stored.name), metadata=beta
-                ),
+            # A replica is a manifest naming the same chunks: it needs no
+            # byte from the store, so it is made (ACTIVE, the source's size
+            # and digest); reading it is UNAVAILABLE as the source is.
+            replica = await sharing.ReplicateImage(
+                sharing_pb2.ReplicateImageRequest(name=stored.name), metadata=beta
+            )
+            assert replica.status == dp.ACTIVE, dp.status_name(replica.status)
+            assert (replica.size_bytes, replica.sha256) == (stored.size_bytes, stored.sha256)
+            unread = await expect_error(
+                dp.download_all(own.images, beta, replica.name),
                 UNAVAILABLE,
                 "BLOB_STORE_UNAVAILABLE",
             )
-            assert_no_internals(failed.message, *internals)
+            assert_no_internals(unread.message, *internals)
             killed = await own.images.ListImages(
                 image_pb2.ListImagesRequest(filter="status = killed"), metadata=beta
             )
-            assert [i.status for i in killed.images] == [dp.KILLED]
-            assert_no_internals(killed.images[0].status_reason, *internals)
+            assert list(killed.images) == []
 
             failing = await own.service.monitor.check_once()
             assert "blob store" in failing
@@ -245,6 +251,7 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             moto = start_moto(moto_port)  # back, with its buckets (moto keeps them in memory)
             resumed = await dp.resume_upload(own.images, alpha, pending.name, content, len(content))
             await dp.assert_stored(own.images, alpha, resumed, content)
+            assert await dp.download_verified(own.images, beta, replica.name) == stored_content
             await own.service.monitor.check_once()
             assert await image_health(own) == health_pb2.HealthCheckResponse.SERVING
     finally:

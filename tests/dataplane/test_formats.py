@@ -14,6 +14,7 @@ import pytest
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support import chunk_store
 from support.builders import MiB, random_bytes, sha256_hex
 from support.tokens import Metadata
 
@@ -125,8 +126,8 @@ async def test_format_is_detected_and_stored_as_raw(
     assert active.sha256 == sha256_hex(expected)
     data = await dp.download_verified(images, alpha, created.name)
     assert data == expected
-    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
-    assert dp.blob_path(data_dir, created.name).read_bytes() == expected
+    dp.assert_only_stored(data_dir, created.name)
+    assert chunk_store.stored_bytes(data_dir, created.name) == expected
 
 
 async def test_raw_is_detected_as_raw(

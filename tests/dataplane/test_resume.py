@@ -14,6 +14,7 @@ import pytest
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support import chunk_store
 from support.builders import MiB, random_bytes, sha256_hex
 from support.services import fresh_project
 from support.tokens import Metadata
@@ -94,7 +95,7 @@ async def test_broken_upload_resumes_from_uploaded_bytes(
     assert str(sent) in image.status_reason
     assert (image.size_bytes, image.sha256) == (0, "")
     assert dp.staged_path(data_dir, image.name).read_bytes() == content[:sent]
-    assert not dp.blob_path(data_dir, image.name).exists()
+    assert not chunk_store.stored(data_dir, image.name)
     await dp.expect_error(
         dp.download_all(images, alpha, image.name),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -108,7 +109,7 @@ async def test_broken_upload_resumes_from_uploaded_bytes(
     assert resumed.uploaded_bytes == 0
     assert resumed.status_reason == ""
     assert await dp.download_verified(images, alpha, image.name) == content
-    assert dp.files_of(data_dir, image.name) == [dp.blob_path(data_dir, image.name)]
+    dp.assert_only_stored(data_dir, image.name)
 
 
 async def test_upload_resumes_after_two_breaks(
@@ -359,18 +360,45 @@ async def test_image_deleted_during_its_upload_ends_the_upload_as_not_found(
     await dp.expect_error(call, grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
 
     assert dp.files_of(data_dir, created.name) == []
+    assert not chunk_store.stored(data_dir, created.name)
     await dp.expect_error(dp.get_image(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)
 
 
+@pytest.mark.parametrize("how", ["lost", "damaged"])
 async def test_download_of_an_image_whose_blob_is_gone_is_data_loss(
-    images: dp.Stub, alpha: Metadata, data_dir: Path
+    images: dp.Stub, alpha: Metadata, data_dir: Path, how: str
 ) -> None:
+    """A chunk whose bytes are lost (its file gone) or damaged (a byte
+    flipped) is DATA_LOSS naming the offset of its chunk; the bytes before
+    it may have been sent, and they are the image's: never a byte that is
+    not."""
+    content = random_bytes(3 * MiB + 3000)
     created = await dp.create_image(images, alpha)
-    await dp.upload(images, alpha, created.name, random_bytes(3000))
-    dp.blob_path(data_dir, created.name).unlink()
+    await dp.upload(images, alpha, created.name, content)
+    bad = 2 * MiB + 5
+    if how == "lost":
+        chunk_store.chunk_files(data_dir, created.name)[bad // MiB].unlink()
+    else:
+        chunk_store.damage_bytes(data_dir, created.name, bad)
 
-    await dp.expect_error(
-        dp.download_all(images, alpha, created.name),
-        grpc.StatusCode.DATA_LOSS,
-        "IMAGE_DATA_MISSING",
-    )
+    received: list[bytes] = []
+
+    async def drain() -> None:
+        call = images.DownloadImageData(
+            image_pb2.DownloadImageDataRequest(name=created.name), metadata=alpha
+        )
+        async for message in call:
+            assert not message.last, "a damaged image's download ended as complete"
+            received.append(message.chunk)
+
+    refused = await dp.expect_error(drain(), grpc.StatusCode.DATA_LOSS, "IMAGE_DATA_DAMAGED")
+    assert f"offset {bad // MiB * MiB}" in refused.message, refused.message
+    sent = b"".join(received)
+    assert len(sent) <= bad // MiB * MiB, "bytes of the damaged chunk were sent"
+    assert sent == content[: len(sent)], "bytes that are not the image's were sent"
+
+    # Every chunk of it lost (a wiped store): DATA_LOSS too, from the first byte.
+    chunk_store.lose_bytes(data_dir, created.name)
+    received.clear()
+    await dp.expect_error(drain(), grpc.StatusCode.DATA_LOSS, "IMAGE_DATA_DAMAGED")
+    assert received == []

@@ -4,6 +4,7 @@ comes back byte for byte and the image reports its real size and SHA-256."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dataplane_support as dp
@@ -12,6 +13,7 @@ import pytest
 
 from bms.image.v1 import image_pb2
 from bms_image.common.serving import RunningService
+from support import chunk_store
 from support.builders import MiB, random_bytes, sha256_hex
 from support.tokens import Metadata
 
@@ -62,8 +64,9 @@ async def test_round_trip_of_random_raw_content(
     assert got.chunk_sizes == expected_chunks
     assert got.messages == len(expected_chunks) + 1
 
-    # The bytes live in exactly one place: the blob; nothing is left staged.
-    assert dp.files_of(data_dir, created.name) == [dp.blob_path(data_dir, created.name)]
+    # The bytes live in exactly one place: the chunk store; nothing is left staged.
+    dp.assert_only_stored(data_dir, created.name)
+    assert chunk_store.stored_bytes(data_dir, created.name) == content
 
 
 async def test_round_trip_without_declared_size_or_checksum(
@@ -110,9 +113,17 @@ async def test_deleted_image_loses_its_blob_and_download(
 ) -> None:
     created = await dp.create_image(images, alpha)
     await dp.upload(images, alpha, created.name, random_bytes(3000))
-    assert dp.blob_path(data_dir, created.name).exists()
+    assert chunk_store.stored(data_dir, created.name)
+    chunks = chunk_store.chunk_files(data_dir, created.name)
+    assert chunks and all(path.is_file() for path in chunks)
 
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=created.name), metadata=alpha)
 
+    assert not chunk_store.stored(data_dir, created.name)
     assert dp.files_of(data_dir, created.name) == []
+    # Its chunks (its own bytes: random, shared by no other image) are freed
+    # by the next collection (not one past the puts' TTL: the module's
+    # service may be storing bytes of other tests).
+    await chunk_store.collect(data_dir, later=timedelta(0), orphans=False)
+    assert [path for path in chunks if path.exists()] == []
     await dp.expect_error(dp.download_all(images, alpha, created.name), grpc.StatusCode.NOT_FOUND)

@@ -319,10 +319,6 @@ def cache_file(settings: Settings, sha256: str) -> Path:
     return cache_dir(settings) / f"{sha256}.raw"
 
 
-def blob_path(settings: Settings, image_name: str) -> Path:
-    return Path(settings.data_dir) / "blobs" / f"{image_name.removeprefix('images/')}.blob"
-
-
 def read_disk_file(settings: Settings, server_name: str, name: str) -> bytes | None:
     return disks.read_file(system_disk(settings, server_name), name)
 

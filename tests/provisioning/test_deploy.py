@@ -13,6 +13,7 @@ from provisioning_support import CENTOS, S4, S4_MODEL, UBUNTU
 
 from bms.image.v1 import provisioning_pb2
 from bms_image.common import disk_format as disks
+from support import chunk_store
 from support.builders import new_ssh_key
 from support.fleet_events import (
     ACTIVE,
@@ -84,16 +85,15 @@ def check_server_events(deployment: Events, server: str, boot_source: int, image
 
 
 async def test_public_image_with_key_and_user_data_on_both_boot_sources(
-    provisioning, images, as_project, settings
+    provisioning, images, as_project, settings, tmp_path
 ) -> None:
     md = as_project("alpha")
     key = new_ssh_key("ops@example")
     user_data = prov.cloud_config({"/etc/motd": "managed by bms\n", "/opt/app/config.ini": "a=1\n"})
     image = await prov.get_image(images, md, CENTOS)
-    blob_release = disks.read_file(
-        Path(settings.data_dir) / "blobs" / f"{CENTOS.removeprefix('images/')}.blob",
-        "etc/os-release",
-    )
+    stored = tmp_path / "centos.raw"  # the stored bytes, as the chunk store holds them
+    stored.write_bytes(chunk_store.stored_bytes(Path(settings.data_dir), CENTOS))
+    blob_release = disks.read_file(stored, "etc/os-release")
     assert blob_release is not None and b'VERSION_ID="7.6"' in blob_release
 
     sizes = {}

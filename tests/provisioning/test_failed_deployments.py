@@ -5,6 +5,8 @@ the server up without a network."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import provisioning_support as prov
 import pytest
@@ -13,6 +15,7 @@ from provisioning_support import CLOUD_INIT, NETWORK_CONFIG, S4, SDI_DRIVER
 from bms.image.v1 import image_pb2, provisioning_pb2
 from bms_image.common.disk_format import PLUGIN_PATHS, plugin_content
 from bms_image.common.model import PluginKind
+from support import chunk_store
 from support.builders import new_ssh_key
 from support.errors import decode
 from support.fleet_events import (
@@ -35,10 +38,11 @@ async def test_corrupted_image_fails_every_server_with_data_loss(
 ) -> None:
     md = as_project("alpha")
     image, data = await prov.create_disk_image(images, md, bulk_bytes=256 * 1024)
-    blob = prov.blob_path(settings, image.name)
-    assert blob.read_bytes() == data
-    prov.corrupt(blob, len(data) // 2, b"\xde\xad\xbe\xef" * 16)  # rot in the bulk data
-    assert blob.stat().st_size == len(data)
+    data_dir = Path(settings.data_dir)
+    assert chunk_store.stored_bytes(data_dir, image.name) == data
+    chunk_store.damage_bytes(data_dir, image.name, len(data) // 2)  # rot in the bulk data
+    assert chunk_store.stored_bytes(data_dir, image.name) != data
+    assert len(chunk_store.stored_bytes(data_dir, image.name)) == len(data)
 
     deployment = await prov.deploy(
         provisioning,
@@ -54,7 +58,7 @@ async def test_corrupted_image_fails_every_server_with_data_loss(
         final = deployment.final(server_name)
         assert final.state == ERROR
         assert final.error_code == "DATA_LOSS"
-        assert final.error_reason == "IMAGE_CHECKSUM_MISMATCH"
+        assert final.error_reason == "IMAGE_DATA_DAMAGED"
         assert final.message
         assert [e for e in deployment.by_server[server_name] if e.stage == FAILED] == [final]
         server = await prov.get_server(provisioning, md, server_name)

@@ -29,7 +29,7 @@ from bms_image.common import disk_format as disks
 from bms_image.common.disk_format import DiskSpec
 from bms_image.common.model import Plugin, PluginKind
 from bms_image.images.adapters.blobs.store import DEPLOYMENT_MARKER
-from support import builders
+from support import builders, chunk_store
 from support.builders import random_bytes, sha256_hex  # noqa: F401
 from support.disks import PLUGIN_PROTO, recorded_disk, server_dir, system_disk  # noqa: F401
 from support.errors import Code, decode, expect_error
@@ -531,7 +531,13 @@ PROBLEMS = {
     "server-transitional": "a server still BUILDING or REBUILDING after the restart",
     "server-held": "a server still held by a task (capture, reinstall) nobody runs",
     "server-error-without-reason": "a server in ERROR without a state_reason",
-    "orphan-blob": "a blob no ACTIVE or DEACTIVATED image owns",
+    "orphan-blob": "a blob or a complete manifest no ACTIVE or DEACTIVATED image owns",
+    "active-not-stored": "an ACTIVE or DEACTIVATED image without a complete manifest",
+    "pending-manifest": "a put's unfinished manifest left after a collection",
+    "manifest-wrong": "a manifest whose entries do not make its size",
+    "chunk-missing": "a manifest entry whose chunk has no live, stored row or no file",
+    "chunk-refs-wrong": "a chunk whose refs do not count the entries naming it",
+    "orphan-chunk": "a chunk file no chunk row claims after a collection",
     "orphan-staging": "a staged file no QUEUED image owns (or of the wrong size)",
     "temp-file": "a temporary file of an interrupted write",
     "leftover-fleet-file": "a file the fleet's interrupted work left behind",
@@ -566,6 +572,7 @@ class World:
     projects: Sequence[str]
     contents: Mapping[str, bytes] = field(default_factory=dict)
     fleet: bool = True
+    database_url: str = ""  # the service's, if not SQLite in data_dir
 
 
 async def all_images(world: World) -> dict[str, tuple[image_pb2.Image, str]]:
@@ -591,8 +598,14 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
       (uploaded_bytes = its staged bytes), never a capture no one resumes;
       KILLED images say why;
     - no server is BUILDING or REBUILDING or held by a task; ERROR says why;
-    - every blob belongs to an ACTIVE/DEACTIVATED image, every staged file
-      to a QUEUED one, and no temporary or fleet scratch file is left."""
+    - every blob and complete manifest belongs to an ACTIVE/DEACTIVATED
+      image (and each of those has one), every staged file to a QUEUED
+      one, and no temporary or fleet scratch file is left;
+    - after one collection of the chunk store (once a killed process's
+      puts count as abandoned): no pending manifest, every manifest's
+      chunks live with their files, refs that count the entries, and no
+      chunk file without its row. Temporary files of chunk puts (.tmp-*
+      under blobs/chunks, swept once an hour old) are not chunks."""
     found = Audit()
     seen = await all_images(world)
     images = {name: image for name, (image, _) in seen.items()}
@@ -659,6 +672,8 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
     for path in _files(blobs):
         if path.name == DEPLOYMENT_MARKER:  # names the deployment owning the directory
             continue
+        if path == chunk_store.chunks_root(world.data_dir):
+            continue  # the chunk store's, audited below
         if path.name.startswith("."):
             found.add("temp-file", str(path.relative_to(world.data_dir)))
             continue
@@ -666,6 +681,19 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
         if owner is None or owner.status not in (ACTIVE, DEACTIVATED):
             state = image_status(owner.status) if owner else "no image"
             found.add("orphan-blob", f"{path.name}: {state}")
+    manifests = set(await chunk_store.complete_keys(world.data_dir, world.database_url))
+    for key in sorted(manifests):
+        owner = by_key.get(key)
+        if owner is None or owner.status not in (ACTIVE, DEACTIVATED):
+            state = image_status(owner.status) if owner else "no image"
+            found.add("orphan-blob", f"manifest {key}: {state}")
+    for key, image in sorted(by_key.items()):
+        whole = chunk_store.whole_blob(world.data_dir, key).exists()
+        if image.status in (ACTIVE, DEACTIVATED) and key not in manifests and not whole:
+            found.add("active-not-stored", f"{key}: {image_status(image.status)}")
+    await chunk_store.collect(world.data_dir, world.database_url)
+    for code, detail in await chunk_store.inconsistencies(world.data_dir, world.database_url):
+        found.add(code, detail)
     for path in _files(world.data_dir / "staging"):
         owner = by_key.get(path.name.removesuffix(".part"))
         if not path.name.endswith(".part") or owner is None or owner.status != QUEUED:

@@ -35,8 +35,9 @@ from bms_image.common.config import Settings
 from bms_image.common.guard import CallGuard
 from bms_image.common.serving import RunningService
 from bms_image.fleet.domain.fleet import Fleet
-from bms_image.images.adapters.blobs.local import LocalBlobStore
+from bms_image.images.adapters.chunks.store import ChunkStore
 from bms_image.images.adapters.repository import SqlImageRepository
+from support import chunk_store
 from support.errors import Code
 from support.services import ImageStub, ProvisioningStub, make_settings
 from support.tokens import Metadata
@@ -85,21 +86,39 @@ def gate() -> Iterator[Gate]:
 
 @pytest.fixture
 def slow_blobs(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> Gate:
-    """Blob reads give their first chunk, then wait for the gate."""
-    original = LocalBlobStore.read
+    """Reads of the image store give their first chunk, then wait for the
+    gate; the keys of reads not yet closed are in READING."""
+    original = ChunkStore.read
 
     async def read(
-        self: LocalBlobStore, key: str, offset: int = 0, chunk_bytes: int = CHUNK
+        self: ChunkStore, key: str, offset: int = 0, chunk_bytes: int = CHUNK
     ) -> AsyncIterator[bytes]:
         first = True
-        async for chunk in original(self, key, offset, chunk_bytes):
-            yield chunk
-            if first:
-                first = False
-                await gate.wait()
+        READING.append(key)
+        try:
+            async for chunk in original(self, key, offset, chunk_bytes):
+                yield chunk
+                if first:
+                    first = False
+                    await gate.wait()
+        finally:
+            READING.remove(key)
 
-    monkeypatch.setattr(LocalBlobStore, "read", read)
+    monkeypatch.setattr(ChunkStore, "read", read)
     return gate
+
+
+#: The keys of the image store's reads in progress (see slow_blobs).
+READING: list[str] = []
+
+
+def chunk_fetches() -> list[asyncio.Task[Any]]:
+    """The image store's fetches of chunks not finished (a read's read-ahead)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "") == "ChunkStore._fetch"
+    ]
 
 
 def held_before(monkeypatch: pytest.MonkeyPatch, gate: Gate, owner: type, method: str) -> Gate:
@@ -188,9 +207,10 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
     assert isinstance(first, image_pb2.DownloadImageDataResponse)
     assert first.offset == 0 and first.chunk == data[:CHUNK]
     await rs.eventually(lambda: slow_blobs.waiting == 1, "the server holds the download")
-    # Held mid-stream: the server serves the call and has the image file open.
+    # Held mid-stream: the server serves the call and its read of the image
+    # is open (chunks are read whole: no file of them stays open).
     assert rs.active_handlers("ImageService/DownloadImageData")
-    assert any(image_id in path for path in blob_files(service))
+    assert READING == [image_id]
 
     if ending == "cancel":
         assert call.cancel()
@@ -201,6 +221,8 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
         assert raised.value.code() == Code.DEADLINE_EXCEEDED
     await no_handlers("ImageService/DownloadImageData")
     await rs.eventually(lambda: slow_blobs.waiting == 0, "the held read was abandoned")
+    await rs.eventually(lambda: not READING, "the image's read is closed")
+    await rs.eventually(lambda: not chunk_fetches(), "the read's fetches are over")
     await rs.eventually(lambda: not blob_files(service), "the image file is closed")
 
     # Nothing holds the image: another client downloads it whole, and it can be deleted.
@@ -217,7 +239,10 @@ async def test_a_download_broken_off_lets_go_of_its_stream_and_file(
     await images.DeleteImage(
         image_pb2.DeleteImageRequest(name=image.name), metadata=owner, timeout=rs.CALL_TIMEOUT
     )
-    assert not list((service.settings.data_dir / "blobs").glob(f"{image_id}*"))
+    data_dir = service.settings.data_dir
+    assert not list((data_dir / "blobs").glob(f"{image_id}*"))
+    assert not chunk_store.stored(data_dir, image.name)
+    assert chunk_store.chunk_files(data_dir, image.name) == []
     await rs.still_serving(channel, owner)
 
 
@@ -240,6 +265,7 @@ async def test_a_client_that_stops_reading_a_download_and_cancels_leaks_nothing(
     assert first.chunk == data[:CHUNK]
     call.cancel()
     await no_handlers()
+    await rs.eventually(lambda: not chunk_fetches(), "the read's fetches are over")
     await rs.eventually(lambda: not blob_files(service), "the image file is closed")
     await rs.still_serving(channel, owner)
 

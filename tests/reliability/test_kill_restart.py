@@ -464,7 +464,9 @@ async def test_sigkill_during_a_burst_of_creates(
 
     await start(serve)
     async with connect(serve.address) as client:
-        problems, images = await audit(World(client, data_dir, ["alpha"], fleet=True))
+        problems, images = await audit(
+            World(client, data_dir, ["alpha"], fleet=True, database_url=database_url)
+        )
         lost = [name for name in acked.values() if name not in images]
         assert lost == [], f"acknowledged creates lost in the crash: {lost}"
         members = await list_members(client, "alpha", shared.name)

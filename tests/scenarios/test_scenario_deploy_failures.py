@@ -17,13 +17,13 @@ from scenario_support import (
     get_server,
     image_id,
     new_ssh_key,
-    overwrite,
     upload_disk_image,
 )
 
 from bms.image.v1 import image_pb2
 from bms_image.common.disk_format import DiskSpec
-from support.disks import blob_path, cache_dir, server_dir, write_disk_file
+from support import chunk_store
+from support.disks import cache_dir, server_dir, write_disk_file
 from support.errors import Code, expect_error
 from support.fleet_events import (
     ACTIVE,
@@ -54,10 +54,11 @@ async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
     async with cloud(tmp_path) as c:
         md = c.md("alpha")
         image = await uploaded(c, md, tmp_path / "golden.disk", disk_spec(bulk_bytes=MIB))
-        blob = blob_path(c.data_dir, image.name)
-        assert blob.stat().st_size == image.size_bytes
-        overwrite(blob, image.size_bytes // 2, b"\xde\xad\xbe\xef" * 64)  # bit rot
-        assert blob.stat().st_size == image.size_bytes
+        stored = chunk_store.stored_bytes(c.data_dir, image.name)
+        assert len(stored) == image.size_bytes
+        chunk_store.damage_bytes(c.data_dir, image.name, image.size_bytes // 2)  # bit rot
+        rotten = chunk_store.stored_bytes(c.data_dir, image.name)
+        assert len(rotten) == image.size_bytes and rotten != stored
 
         events = await collect(
             c.provisioning.CreateServers(
@@ -74,8 +75,10 @@ async def test_rotten_image_bytes_end_in_data_loss(tmp_path: Path) -> None:
             assert final.stage == FAILED, events.describe(name)
             assert final.state == ERROR
             assert final.error_code == "DATA_LOSS", final
-            assert final.error_reason == "IMAGE_CHECKSUM_MISMATCH", final
-            assert image.sha256 in final.message or "SHA-256" in final.message, final.message
+            # The image service finds the rotten chunk as it reads it, before
+            # the fleet's SHA-256 would: no rotten byte is ever sent.
+            assert final.error_reason == "IMAGE_DATA_DAMAGED", final
+            assert image.name in final.message and "damaged" in final.message, final.message
             server = await get_server(c, md, name)
             assert server.state == ERROR, server
             assert server.state_reason, server

@@ -9,6 +9,8 @@ the image service publishes, over gRPC. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ from bms_image.images.adapters.repository import SqlImageRepository
 from bms_image.images.adapters.tables import Base as ImageBase
 from bms_image.processes import start, start_provisioner
 from bms_image.store.db import FLEET, IMAGES, Database, Schema, alembic_config
+from support import chunk_store
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 IMAGE_TABLES = {
@@ -48,6 +51,9 @@ IMAGE_TABLES = {
     "flavors",
     "image_members",
     "deployment",
+    "chunks",
+    "manifests",
+    "manifest_chunks",
 }
 FLEET_TABLES = {"servers"}
 #: The state before the trust-boundaries work (image chain at 0005, servers
@@ -450,3 +456,87 @@ async def test_a_provisioner_on_its_own_database_lists_the_image_services_public
         assert await fleet_db.run(_tables) == FLEET_TABLES | {FLEET.version_table}
     finally:
         await fleet_db.close()
+
+
+# --- image bytes stored whole before the chunk store ---------------------------------
+
+_OLD_BLOBS = ("src/bms_image/__init__.py", "src/bms_image/blobs")
+_PUT_OLD_BLOB = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from bms_image.blobs.local import LocalBlobStore
+
+    root, key, source = sys.argv[1:4]
+    asyncio.run(LocalBlobStore(Path(root)).put_file(key, Path(source)))
+    """
+)
+
+
+def _put_old_blob(commit: str, root: Path, key: str, source: Path, scratch: Path) -> None:
+    """Stores `source` as `commit`'s own blob store did: one whole file."""
+    tree = scratch / f"blobs-{commit}"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "archive", commit, *_OLD_BLOBS],
+        capture_output=True,
+        timeout=60,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {commit} is not in this clone: {archive.stderr.decode()[:200]}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=60)
+    put = subprocess.run(
+        [sys.executable, "-c", _PUT_OLD_BLOB, str(root), key, str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tree / "src")},
+    )
+    assert put.returncode == 0, put.stderr
+
+
+async def _download(service: RunningService, project: str, image_id: str) -> bytes:
+    metadata = (("authorization", f"Bearer {service.authority.issue(project)}"),)
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stub = image_pb2_grpc.ImageServiceStub(channel)
+        request = image_pb2.DownloadImageDataRequest(name=f"images/{image_id}")
+        return b"".join([r.chunk async for r in stub.DownloadImageData(request, metadata=metadata)])
+
+
+async def test_an_image_stored_whole_by_5a27b31_is_read_then_converted(tmp_path: Path) -> None:
+    """A data directory and database made by 5a27b31 (an active image's
+    bytes in one whole blob): the new service serves the bytes at once, and
+    its background conversion turns the blob into a manifest of chunks, after
+    which the whole blob is gone and the bytes are the same."""
+    commit = "5a27b31"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    url = f"sqlite:///{data_dir / 'bms-image.db'}"
+    names = ("public", "private", "request", "local", "evs", "deployment")
+    ids = {name: str(uuid.uuid4()) for name in names}
+    data = os.urandom(3 * 1024 * 1024) + bytes(1024 * 1024) + os.urandom(100)
+    rows = _old_rows(ids)
+    for image in rows["images"]:
+        if image["id"] == ids["private"]:
+            digest = hashlib.sha256(data).hexdigest()
+            image.update(size_bytes=len(data), uploaded_bytes=len(data), sha256=digest)
+    _make_old_database(commit, url, rows, tmp_path)
+    source = tmp_path / "golden.raw"
+    source.write_bytes(data)
+    _put_old_blob(commit, data_dir / "blobs", ids["private"], source, tmp_path)
+    whole = chunk_store.whole_blob(data_dir, ids["private"])
+    assert whole.exists()
+
+    service = await start(_settings(data_dir, database_url=url))
+    try:
+        assert await _download(service, "alpha", ids["private"]) == data
+        for _ in range(200):
+            if not whole.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not whole.exists(), "the whole blob was converted and removed"
+        assert chunk_store.stored(data_dir, ids["private"])
+        assert len(chunk_store.chunk_files(data_dir, ids["private"])) == 4, "zeros not stored"
+        assert await _download(service, "alpha", ids["private"]) == data
+    finally:
+        await service.stop(0)

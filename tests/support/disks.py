@@ -40,11 +40,6 @@ def cache_dir(data_dir: Path) -> Path:
     return data_dir / "fleet" / "image-cache"
 
 
-def blob_path(data_dir: Path, image: str) -> Path:
-    """The blob of `images/<id>` in the local blob store."""
-    return data_dir / "blobs" / f"{image.removeprefix('images/')}.blob"
-
-
 def system_disk(data_dir: Path, server: str, database_url: str = "") -> disks.Layers:
     """A server's system disk as the fleet recorded it: an EVS clone (base
     and overlay) or the local disk."""

@@ -81,6 +81,9 @@ class FakeBlobStore:
             raise BlobNotFound(key)
         return len(self.blobs[key])
 
+    async def intact(self, key: str) -> bool:
+        return key in self.blobs
+
     async def copy(self, source_key: str, target_key: str) -> None:
         if source_key not in self.blobs:
             raise BlobNotFound(source_key)

@@ -1,4 +1,4 @@
-"""The service's own commands: serve, provisioner, migrate, token."""
+"""The service's own commands: serve, provisioner, migrate, token, storage."""
 
 from __future__ import annotations
 
@@ -207,4 +207,37 @@ def token(
         raise typer.Exit(2) from None
 
 
-COMMANDS: list[Callable[..., None]] = [serve, provisioner, migrate, token]
+def storage(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
+    """Show what the chunk store holds: the images' bytes (logical) against
+    the bytes stored once deduplicated, with chunk and manifest counts
+    (read from the database; an operator's view, no token needed)."""
+    from bms_image.images.adapters.chunks import manifests
+    from bms_image.store.db import IMAGES, Database
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    try:
+        settings = settings.resolved()
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+    async def run() -> manifests.StoreStats:
+        database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        try:
+            await database.migrate(IMAGES)
+            return await database.run(manifests.stats)
+        finally:
+            await database.close()
+
+    stats = asyncio.run(run())
+    mib = 1024 * 1024
+    typer.echo(
+        f"logical bytes   {stats.logical_bytes:>16,}  ({stats.logical_bytes / mib:,.1f} MiB)"
+    )
+    typer.echo(f"stored bytes    {stats.stored_bytes:>16,}  ({stats.stored_bytes / mib:,.1f} MiB)")
+    typer.echo(f"dedup ratio     {stats.dedup_ratio:>16.2f}")
+    typer.echo(f"manifests       {stats.manifests:>16,}")
+    typer.echo(f"chunks          {stats.chunks:>16,}  ({stats.unreferenced:,} unreferenced)")
+
+
+COMMANDS: list[Callable[..., None]] = [serve, provisioner, migrate, token, storage]

@@ -89,6 +89,9 @@ class Settings:
     #: Memory for images rendered as messages (bytes each caller type sees,
     #: reused by ListImages pages and GetImage), in MiB; at least 1.
     rendered_images_mib: int = 64
+    #: How often the chunk store's collector frees unreferenced chunks, in
+    #: seconds; 0 never (another replica on the same store does it).
+    gc_seconds: float = 60.0
     #: How often health re-checks the database and blob store.
     health_check_seconds: float = 5.0
     #: "uvloop" (libuv: less CPU per call) or "asyncio" (the standard loop).
@@ -254,6 +257,7 @@ _CASTERS: dict[str, Any] = {
     "event_loop": str,
     "metadata_cache_seconds": float,
     "rendered_images_mib": int,
+    "gc_seconds": float,
     "sqlite_synchronous": str,
     "token_previous_secrets": str,
     "tls_cert_file": str,

@@ -42,6 +42,10 @@ from bms_image.images.adapters.blobs.s3 import S3BlobStore
 from bms_image.images.adapters.blobs.store import BlobStore, PrefixOwned
 from bms_image.images.adapters.captures import RemoteCaptures
 from bms_image.images.adapters.catalog import seed
+from bms_image.images.adapters.chunks.housekeeping import housekeeping
+from bms_image.images.adapters.chunks.objects import ChunkObjects, LocalChunkObjects
+from bms_image.images.adapters.chunks.s3 import S3ChunkObjects
+from bms_image.images.adapters.chunks.store import ChunkStore
 from bms_image.images.adapters.deployment import deployment_id
 from bms_image.images.adapters.formats import ContentInspector
 from bms_image.images.adapters.members import SqlMemberRepository
@@ -111,6 +115,14 @@ async def open_blob_store(
     return store
 
 
+def chunk_objects(settings: Settings, whole_blobs: BlobStore) -> ChunkObjects:
+    """Where the chunk store keeps chunks' bytes: beside the blobs, under the
+    same claim (in the blob directory, or under the S3 prefix)."""
+    if isinstance(whole_blobs, S3BlobStore):
+        return S3ChunkObjects(whole_blobs)
+    return LocalChunkObjects(settings.data_dir / "blobs" / "chunks")
+
+
 async def start(
     settings: Settings, embed: Embed | None = None, tracing: Tracing | None = None
 ) -> RunningService:
@@ -126,7 +138,9 @@ async def start(
     database = open_database(settings)
     await database.migrate(IMAGES)  # its own tables only; an embedded fleet migrates its own
     closing = AsyncExitStack()
-    blobs = await open_blob_store(settings, closing, database)
+    whole_blobs = await open_blob_store(settings, closing, database)
+    blobs = ChunkStore(database, chunk_objects(settings, whole_blobs), whole_blobs)
+    await closing.enter_async_context(housekeeping(blobs, settings.gc_seconds))
     staging = Staging(settings.data_dir / "staging")
     added = await seed(database, blobs, staging, settings.catalog_image_mib * 1024 * 1024)
     if added:
@@ -204,7 +218,7 @@ async def start(
 
     async def inventory() -> Inventory:
         images, quota_used = await image_repository.inventory()
-        return Inventory(images, quota_used, settings.private_image_quota)
+        return Inventory(images, quota_used, settings.private_image_quota, await blobs.figures())
 
     metrics.watch_inventory(asyncio.get_running_loop(), inventory)
     rendered = RenderedImages(catalog, max(1, settings.rendered_images_mib) * 1024 * 1024)

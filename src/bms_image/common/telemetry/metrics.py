@@ -7,11 +7,11 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,30 @@ INVENTORY_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
+class StoreFigures:
+    """The chunk store at scrape time: what it holds and what its collector
+    and conversion have done since the process started."""
+
+    logical_bytes: int
+    stored_bytes: int
+    chunks: int
+    unreferenced_chunks: int
+    legacy_blobs: int  # whole blobs not converted yet (-1: not counted yet)
+    gc_sweeps: int
+    gc_freed_chunks: int
+    gc_orphan_objects: int
+    gc_abandoned_puts: int
+    gc_last_sweep: float | None  # Unix time
+    converted_blobs: int
+    #: Requests made to the chunks' backend, by kind (S3: PUT, GET, ...).
+    requests: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What is stored, counted by the database at scrape time."""
 
@@ -34,6 +58,7 @@ class Inventory:
     #: project -> private images counted against its quota
     quota_used: dict[str, int]
     quota_limit: int
+    store: StoreFigures | None = None
 
 
 class ServiceMetrics:
@@ -207,7 +232,53 @@ class _InventoryCollector(Collector):
             "Private images a project may have",
             inventory.quota_limit,
         )
-        return [images, used, limit]
+        return [images, used, limit, *_store_metrics(inventory.store)]
+
+
+def _store_metrics(store: StoreFigures | None) -> list[Metric]:
+    if store is None:
+        return []
+    gauges = [
+        ("bms_image_store_logical_bytes", "Bytes of the images stored (their sizes)",
+         store.logical_bytes),
+        ("bms_image_store_stored_bytes", "Bytes the chunk store holds: chunks, plus an "
+         "estimate of the records that index them", store.stored_bytes),
+        ("bms_image_store_dedup_ratio", "Logical bytes / stored bytes", store.dedup_ratio),
+        ("bms_image_store_chunks", "Chunks stored", store.chunks),
+        ("bms_image_store_unreferenced_chunks", "Chunks no manifest references (the "
+         "collector frees them)", store.unreferenced_chunks),
+        ("bms_image_store_legacy_blobs", "Whole blobs of an earlier version not yet "
+         "converted into manifests (-1: not counted yet)", store.legacy_blobs),
+    ]  # fmt: skip
+    families: list[Metric] = [GaugeMetricFamily(n, h, value) for n, h, value in gauges]
+    counters = [
+        ("bms_image_gc_sweeps", "Sweeps of the chunk store's collector", store.gc_sweeps),
+        ("bms_image_gc_freed_chunks", "Chunks the collector freed", store.gc_freed_chunks),
+        ("bms_image_gc_orphan_objects", "Objects without a chunk record the collector "
+         "deleted", store.gc_orphan_objects),
+        ("bms_image_gc_abandoned_puts", "Puts of dead processes the collector dropped",
+         store.gc_abandoned_puts),
+        ("bms_image_store_converted_blobs", "Whole blobs converted into manifests",
+         store.converted_blobs),
+    ]  # fmt: skip
+    families += [CounterMetricFamily(n, h, value) for n, h, value in counters]
+    if store.gc_last_sweep is not None:
+        families.append(
+            GaugeMetricFamily(
+                "bms_image_gc_last_sweep_timestamp_seconds",
+                "When the collector's last sweep ended",
+                store.gc_last_sweep,
+            )
+        )
+    requests = CounterMetricFamily(
+        "bms_image_store_requests",
+        "Requests to the chunks' backend, by kind",
+        labels=["kind"],
+    )
+    for kind, number in sorted(store.requests.items()):
+        requests.add_metric([kind], number)
+    families.append(requests)
+    return families
 
 
 async def _call(count: Callable[[], Awaitable[Inventory]]) -> Inventory:

@@ -166,3 +166,52 @@ class DeploymentRow(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ChunkRow(Base):
+    """A chunk of the content-addressed store: its id (BLAKE3 of its bytes),
+    the generation its bytes are stored under, and how many manifest entries
+    reference it. `refs` changes in the transaction that adds or drops the
+    references, and the collector frees only a chunk it finds at 0 (marking
+    it `deleting` first, under the row's lock): README "Chunk store"."""
+
+    __tablename__ = "chunks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(Integer)
+    refs: Mapped[int] = mapped_column(BigInteger)
+    #: "live", or "deleting" while the collector removes its bytes.
+    state: Mapped[str] = mapped_column(String(8))
+    #: Whether this generation's bytes were made durable at least once.
+    stored: Mapped[bool] = mapped_column(Boolean)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_chunks_refs_state", "refs", "state"),)
+
+
+class ManifestRow(Base):
+    """The bytes stored under a key (an image's id, or a put in progress,
+    `pending-...`): `size` bytes in chunks of `chunk_bytes`."""
+
+    __tablename__ = "manifests"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunk_bytes: Mapped[int] = mapped_column(Integer)
+    complete: Mapped[bool] = mapped_column(Boolean)
+    #: A put in progress touches it with every batch: one left untouched
+    #: long enough was abandoned (its process died) and is collected.
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ManifestChunkRow(Base):
+    """Entry `position` of a manifest: the chunk holding bytes
+    [position * chunk_bytes, + length), or none for a chunk of zeros."""
+
+    __tablename__ = "manifest_chunks"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunk_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    length: Mapped[int] = mapped_column(Integer)

@@ -155,6 +155,10 @@ class BlobStore(Protocol):
     async def size(self, key: str) -> int:
         """Size in bytes; raises BlobNotFound if absent."""
 
+    async def intact(self, key: str) -> bool:
+        """Whether every part of the key's bytes is there (present, not
+        re-hashed: a read checks the bytes); False for an absent blob."""
+
     async def copy(self, source_key: str, target_key: str) -> None:
         """Stores a copy of one blob under another key."""
 

@@ -90,6 +90,9 @@ class LocalBlobStore:
         except FileNotFoundError:
             raise BlobNotFound(key) from None
 
+    async def intact(self, key: str) -> bool:
+        return self._path(key).is_file()
+
     def _copy(self, source_key: str, target_key: str) -> None:
         source = self._path(source_key)
         if not source.exists():

@@ -24,7 +24,8 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -95,6 +96,17 @@ _UNREACHABLE = (
     TimeoutError,
 )
 
+#: Where the chunk store keeps its objects (chunks.s3.S3ChunkObjects): a
+#: sub-prefix of the blob store's prefix, in the same bucket. Blob keys never
+#: contain "/", so no blob is ever inside it, and `keys()` lists only what is
+#: directly under the prefix.
+CHUNKS_SUB_PREFIX = "chunks/"
+#: Blob keys refused although well-formed: the name of a sub-prefix. S3
+#: itself keeps an object "chunks" apart from objects under "chunks/", but
+#: stores that map keys to files (MinIO's file system mode, OBS parallel file
+#: systems) cannot hold both.
+_RESERVED_KEYS = frozenset({CHUNKS_SUB_PREFIX.rstrip("/")})
+
 AddressingStyle = Literal["auto", "path", "virtual"]
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -145,9 +157,24 @@ def _is_not_found(error: Any) -> bool:
 
 def _check_key(key: str) -> None:
     # The same rule as LocalBlobStore, so that a key valid for one backend is
-    # valid for the other (and "a/b" cannot reach outside the prefix).
-    if not key or "/" in key or key.startswith("."):
+    # valid for the other (and "a/b" cannot reach outside the prefix), plus
+    # the names of sub-prefixes (blob keys are image ids, never "chunks").
+    if not key or "/" in key or key.startswith(".") or key in _RESERVED_KEYS:
         raise ValueError(f"invalid blob key {key!r}")
+
+
+def _check_nested_name(name: str) -> None:
+    """A name under a sub-prefix ("chunks/ab/<name>"): two or more segments,
+    none empty or starting with ".", so it is never a blob key, never the
+    deployment marker, and cannot climb out of the prefix."""
+    segments = name.split("/")
+    if len(segments) < 2 or any(not segment or segment.startswith(".") for segment in segments):
+        raise ValueError(f"invalid object name {name!r}")
+
+
+def _count(requests: Counter[str] | None, kind: str) -> None:
+    if requests is not None:
+        requests[kind] += 1
 
 
 def _content_md5(data: bytes) -> str:
@@ -211,6 +238,8 @@ class S3BlobStore:
     copy_part_bytes = 512 * MiB
     #: Keys per ListObjectsV2 page (1000 is S3's maximum).
     list_page_size = 1000
+    #: Keys per DeleteObjects request (1000 is S3's maximum).
+    delete_batch_size = 1000
 
     def __init__(
         self,
@@ -224,6 +253,7 @@ class S3BlobStore:
         part_bytes: int = 16 * MiB,
         addressing_style: AddressingStyle = "path",
         max_connections: int = 64,
+        max_attempts: int = 5,
     ) -> None:
         """`endpoint_url` None means AWS S3 itself; `access_key`/`secret_key`
         None means botocore's default credential chain (environment, instance
@@ -231,9 +261,13 @@ class S3BlobStore:
         with every S3-compatible store, whatever their DNS setup; "virtual"
         (bucket in the host name) is what AWS prefers. Each download in
         progress holds one of `max_connections` pooled connections for as long
-        as it streams."""
+        as it streams. `max_attempts` counts a request's first try: botocore
+        retries throttling, 5xx answers and connection failures, with
+        backoff, up to it."""
         if not bucket:
             raise ValueError("the S3 bucket name is empty")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
         if not MIN_PART_BYTES <= part_bytes <= MAX_PART_BYTES:
             raise ValueError(
                 f"part_bytes must be between {MIN_PART_BYTES} and {MAX_PART_BYTES}, "
@@ -248,6 +282,7 @@ class S3BlobStore:
         self._secret_key = secret_key
         self._addressing_style = addressing_style
         self._max_connections = max_connections
+        self._max_attempts = max_attempts
         self._client: Any = None
         self._exit_stack: AsyncExitStack | None = None
 
@@ -275,7 +310,7 @@ class S3BlobStore:
             # by default, which several S3-compatible stores reject.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": self._max_attempts},
             max_pool_connections=self._max_connections,
             connect_timeout=10,
             read_timeout=60,
@@ -448,6 +483,13 @@ class S3BlobStore:
             raise
         return int(response["ContentLength"])
 
+    async def intact(self, key: str) -> bool:
+        try:
+            await self.size(key)
+        except BlobNotFound:
+            return False
+        return True
+
     @_translated("copy")
     async def copy(self, source_key: str, target_key: str) -> None:
         """A server-side copy: the bytes never pass through this process.
@@ -506,8 +548,11 @@ class S3BlobStore:
     @_translated("list")
     async def keys(self) -> list[str]:
         """Every key directly under the prefix. Objects in deeper "folders"
-        and folder markers (an object named just the prefix, which web
-        consoles create) are not blobs of this store and are skipped."""
+        (the chunk store's, under CHUNKS_SUB_PREFIX, and anyone else's) and
+        folder markers (an object named just the prefix, which web consoles
+        create) are not blobs of this store and are skipped; the Delimiter
+        makes S3 fold each folder into one CommonPrefixes entry instead of
+        listing every object in it."""
         found: list[str] = []
         paginator = self._s3.get_paginator("list_objects_v2")
         async for page in paginator.paginate(
@@ -565,6 +610,114 @@ class S3BlobStore:
         finally:
             body.close()
         return data.decode(errors="replace").strip()
+
+    # -- objects under a sub-prefix (the chunk store's) ------------------------
+    #
+    # Names are relative to the prefix and contain a "/" ("chunks/ab/<name>"),
+    # so they never reach a blob. Failures go through `_faults` like the
+    # blobs'; a missing object is BlobNotFound. Each method counts the
+    # requests it makes in `requests` (when given one) under PUT, GET, DELETE
+    # or LIST; a retry inside botocore is not counted again.
+
+    @_translated("put")
+    async def put_object(
+        self, name: str, data: bytes, *, requests: Counter[str] | None = None
+    ) -> None:
+        """One PUT with a Content-MD5: the object appears whole, replacing
+        any of that name, and is durable once this returns."""
+        _check_nested_name(name)
+        md5 = await asyncio.to_thread(_content_md5, data)  # 2 ms a MiB: off the loop
+        _count(requests, "PUT")
+        await self._s3.put_object(
+            Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentMD5=md5
+        )
+
+    @_translated("get")
+    async def get_object(self, name: str, *, requests: Counter[str] | None = None) -> bytes:
+        """The whole object, read into memory (for objects of a few MiB)."""
+        _check_nested_name(name)
+        _count(requests, "GET")
+        try:
+            response = await self._s3.get_object(Bucket=self.bucket, Key=self.prefix + name)
+        except ClientError as error:
+            if _is_not_found(error):
+                raise BlobNotFound(name) from None
+            raise
+        body = response["Body"]
+        try:
+            data: bytes = await body.read()
+        finally:
+            body.close()
+        return data
+
+    @_translated("head")
+    async def has_object(self, name: str, *, requests: Counter[str] | None = None) -> bool:
+        """Whether an object of that name exists (one HEAD)."""
+        _check_nested_name(name)
+        _count(requests, "HEAD")
+        try:
+            await self._s3.head_object(Bucket=self.bucket, Key=self.prefix + name)
+        except ClientError as error:
+            if _is_not_found(error):
+                return False
+            raise
+        return True
+
+    @_translated("delete")
+    async def delete_objects(
+        self, names: Sequence[str], *, requests: Counter[str] | None = None
+    ) -> None:
+        """Deletes the objects, `delete_batch_size` to a DeleteObjects
+        request; names with no object are ignored. DeleteObjects answers 200
+        even when keys failed, so its per-key errors are checked here: any
+        but "no such key" fails the call (UNAVAILABLE if the store was busy)."""
+        for name in names:
+            _check_nested_name(name)
+        for start in range(0, len(names), self.delete_batch_size):
+            batch = names[start : start + self.delete_batch_size]
+            _count(requests, "DELETE")
+            response = await self._s3.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self.prefix + name} for name in batch], "Quiet": True},
+            )
+            errors = [
+                error
+                for error in response.get("Errors", [])
+                if str(error.get("Code", "")) not in _NOT_FOUND_CODES
+            ]
+            if errors:
+                log.warning(
+                    "S3 delete of %d objects failed for %d, the first %s: %s %s",
+                    len(batch),
+                    len(errors),
+                    errors[0].get("Key"),
+                    errors[0].get("Code"),
+                    errors[0].get("Message"),
+                )
+                if any(str(error.get("Code", "")) in _UNAVAILABLE_CODES for error in errors):
+                    raise store_unavailable()
+                raise BlobStoreRefused()
+
+    @_translated("list")
+    async def list_object_keys(
+        self, sub_prefix: str, *, requests: Counter[str] | None = None
+    ) -> list[str]:
+        """The names (relative to the prefix, as the other methods take them)
+        of every object under prefix + sub_prefix, at any depth, sorted."""
+        if not sub_prefix.endswith("/"):
+            raise ValueError(f"a sub-prefix ends with '/', not {sub_prefix!r}")
+        _check_nested_name(sub_prefix + "x")
+        found: list[str] = []
+        paginator = self._s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + sub_prefix,
+            PaginationConfig={"PageSize": self.list_page_size},
+        ):
+            _count(requests, "LIST")
+            for entry in page.get("Contents", []):
+                found.append(str(entry["Key"]).removeprefix(self.prefix))
+        return sorted(found)
 
     # -- administration --------------------------------------------------------
 
