@@ -6,9 +6,11 @@ owns are collected at start."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import grpc
 import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
+from support import chunk_store
 from support.builders import MiB, random_bytes, sha256_hex
 from support.processes import ServeProcess
 
@@ -37,8 +40,12 @@ def serve(tmp_path: Path) -> Iterator[ServeProcess]:
 async def assert_only_active_blobs(
     images: image_pb2_grpc.ImageServiceStub, metadata: tuple[tuple[str, str], ...], data_dir: Path
 ) -> None:
-    """Every blob on disk belongs to an ACTIVE image the caller can see (its
-    own or a public one), and no temporary file is left from a copy."""
+    """Every blob on disk (whole, of an earlier version) and every complete
+    manifest belongs to an ACTIVE image the caller can see (its own or a
+    public one), and no temporary file is left from a copy. Then, after one
+    collection (once a killed process's puts count as abandoned): no pending
+    manifest is left, every manifest's chunks are live with their files,
+    the refs count the entries, and every chunk file belongs to a row."""
     assert dp.temp_blobs(data_dir) == []
     listed = await images.ListImages(
         image_pb2.ListImagesRequest(page_size=1000, filter="status = active"), metadata=metadata
@@ -46,6 +53,10 @@ async def assert_only_active_blobs(
     active = {image.name.removeprefix("images/") for image in listed.images}
     on_disk = {p.name.removesuffix(".blob") for p in (data_dir / "blobs").glob("*.blob")}
     assert on_disk <= active, f"orphan blobs: {on_disk - active}"
+    manifests = set(await chunk_store.complete_keys(data_dir))
+    assert manifests <= active, f"orphan manifests: {manifests - active}"
+    await chunk_store.collect(data_dir)
+    assert await chunk_store.inconsistencies(data_dir) == []
 
 
 @dataclass
@@ -124,7 +135,7 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
                 assert "restart" in image.status_reason, label
             staged = dp.staged_path(data_dir, upload_.name).read_bytes()
             assert staged == upload_.content[: upload_.sent], label
-            assert not dp.blob_path(data_dir, upload_.name).exists(), label
+            assert not chunk_store.stored(data_dir, upload_.name), label
 
             resumed = await dp.resume_upload(
                 images, alpha, upload_.name, upload_.content, upload_.sent, chunk_sizes=[4 * MiB]
@@ -135,7 +146,7 @@ async def test_sigkill_with_uploads_in_flight(serve: ServeProcess) -> None:
             assert resumed.sha256 == sha256_hex(upload_.content), label
             data = await dp.download_verified(images, alpha, upload_.name)
             assert data == upload_.content, label
-            assert dp.files_of(data_dir, upload_.name) == [dp.blob_path(data_dir, upload_.name)]
+            dp.assert_only_stored(data_dir, upload_.name)
         await assert_only_active_blobs(images, alpha, data_dir)
 
 
@@ -176,7 +187,7 @@ async def test_sigkill_while_bytes_are_flowing(serve: ServeProcess) -> None:
         assert image.uploaded_bytes == staged_at_crash
         offset = image.uploaded_bytes
         assert dp.staged_path(data_dir, created.name).read_bytes() == content[:offset]
-        assert not dp.blob_path(data_dir, created.name).exists()
+        assert not chunk_store.stored(data_dir, created.name)
 
         resumed = await dp.resume_upload(
             images, alpha, created.name, content, offset, chunk_sizes=[4 * MiB]
@@ -209,24 +220,51 @@ async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
     # What a crash or an operator could leave behind.
     nobody = f"images/{uuid.uuid4()}"
     planted = {
-        "unknown blob": dp.blob_path(data_dir, nobody),
+        "unknown blob": chunk_store.whole_blob(data_dir, nobody),
         "unknown staged upload": dp.staged_path(data_dir, nobody),
         "temporary blob copy": data_dir / "blobs" / f".tmp-{uuid.uuid4().hex}",
-        "killed image's blob": dp.blob_path(data_dir, killed.name),
+        "killed image's blob": chunk_store.whole_blob(data_dir, killed.name),
         "killed image's staged upload": dp.staged_path(data_dir, killed.name),
-        "deleted image's blob": dp.blob_path(data_dir, deleted.name),
+        "deleted image's blob": chunk_store.whole_blob(data_dir, deleted.name),
         "deleted image's staged upload": dp.staged_path(data_dir, deleted.name),
-        "queued image's blob": dp.blob_path(data_dir, queued.name),
+        "queued image's blob": chunk_store.whole_blob(data_dir, queued.name),
         "active image's stale staged upload": dp.staged_path(data_dir, active.name),
     }
     for path in planted.values():
         path.write_bytes(random_bytes(4096))
     queued_prefix = random_bytes(10_000)
     dp.staged_path(data_dir, queued.name).write_bytes(queued_prefix)
+    # The same in the chunk store: manifests (naming the active image's
+    # chunks) of images that should have none, a put a killed process left,
+    # a chunk file no row claims and an old temporary file of a put.
+    manifests = {
+        "unknown image's manifest": nobody,
+        "killed image's manifest": killed.name,
+        "deleted image's manifest": deleted.name,
+        "queued image's manifest": queued.name,
+    }
+    for key in manifests.values():
+        await chunk_store.plant_manifest(data_dir, active.name, key)
+    abandoned = f"pending-{uuid.uuid4().hex}"
+    await chunk_store.plant_manifest(
+        data_dir, active.name, abandoned, pending_for=timedelta(hours=1)
+    )
+    planted["chunk file of no row"] = chunk_store.plant_orphan_chunk(data_dir)
+    planted["old temporary chunk file"] = chunk_store.plant_stale_temp_chunk(data_dir)
 
     async with dp.own_service(data_dir) as own:
-        left = {what: path for what, path in planted.items() if path.exists()}
+        stored = [what for what, key in manifests.items() if chunk_store.stored(data_dir, key)]
+        assert stored == [], f"not released at start: {stored}"
+        # The collector's first sweep runs at start, beside the service.
+        deadline = time.monotonic() + 10
+        while True:
+            left = {what: path for what, path in planted.items() if path.exists()}
+            pending = abandoned in chunk_store.manifest_keys(data_dir)
+            if (not left and not pending) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert left == {}, f"not collected at start: {sorted(left)}"
+        assert not pending, "the abandoned put's manifest outlived the first sweep"
 
         # The active image keeps its blob; the queued one keeps its staged bytes,
         # which become its uploaded_bytes.
@@ -248,16 +286,21 @@ async def test_restart_collects_bytes_no_image_owns(tmp_path: Path) -> None:
         await assert_only_active_blobs(own.images, alpha, data_dir)
 
 
-async def test_restart_rebuilds_a_lost_public_blob(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", ["manifest", "chunk files"])
+async def test_restart_rebuilds_a_lost_public_blob(tmp_path: Path, lost: str) -> None:
     async with dp.own_service(tmp_path) as own:
         beta = own.metadata("beta")
         listed = await own.images.ListImages(
             image_pb2.ListImagesRequest(filter="type = public"), metadata=beta
         )
         public = listed.images[0]
-    dp.blob_path(tmp_path, public.name).unlink()
+    if lost == "manifest":
+        await chunk_store.lose_manifest(tmp_path, public.name)
+    else:
+        chunk_store.lose_bytes(tmp_path, public.name)
 
     async with dp.own_service(tmp_path) as own:
         data = await dp.download_verified(own.images, beta, public.name)
         assert sha256_hex(data) == public.sha256
         assert len(data) == public.size_bytes
+        assert chunk_store.stored(tmp_path, public.name)

@@ -136,7 +136,8 @@ async def seed(
 ) -> int:
     """Inserts the flavors and public images that are not stored yet, each
     image with its bytes (a public image is never active without them), and
-    rebuilds the bytes of catalog images whose blob went missing. Returns how
+    rebuilds the bytes of active catalog images whose bytes are not all
+    there (a lost blob, manifest or chunk: BlobStore.intact). Returns how
     many entries were added or repaired."""
     catalog = catalog or load_catalog()
     added = await seed_flavors(database, catalog)
@@ -146,10 +147,11 @@ async def seed(
     stored: dict[str, str] = dict(
         await database.run(lambda connection: connection.execute(statuses).all())
     )
-    present = set(await blobs.keys())
     for image in catalog.images:
         status = stored.get(image.id)
-        if status is not None and (status != ImageStatus.ACTIVE.value or image.id in present):
+        if status is not None and (
+            status != ImageStatus.ACTIVE.value or await blobs.intact(image.id)
+        ):
             continue
         await _build_bytes(image, blobs, staging, bulk_bytes)
         if await database.run(partial(_store_seeded, image, status is None), write=True):
