@@ -185,15 +185,26 @@ async def resume_upload(
 
 
 def paced_requests(
-    name: str, content: bytes, sent: int, more: asyncio.Event, piece: int = MiB
+    name: str,
+    content: bytes,
+    sent: int,
+    more: asyncio.Event,
+    counted: CountedRequests | None = None,
+    piece: int = MiB,
 ) -> Callable[[], AsyncIterator[image_pb2.UploadImageDataRequest]]:
     """A request stream declaring all of `content`, sending its first `sent`
-    bytes, then waiting for `more` before it sends the rest."""
+    bytes, then waiting for `more` before it sends the rest (`counted`
+    counts what it sent before that)."""
+
+    def count(message: image_pb2.UploadImageDataRequest) -> image_pb2.UploadImageDataRequest:
+        return counted.count(message) if counted is not None else message
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content))
+        yield count(upload_metadata(name, size_bytes=len(content), sha256=sha256_hex(content)))
         for chunk in split(content[:sent], [piece]):
-            yield chunk_message(chunk)
+            yield count(chunk_message(chunk))
+        if counted is not None:
+            counted.paused.set()
         await more.wait()
         for chunk in split(content[sent:], [piece]):
             yield chunk_message(chunk)
@@ -211,9 +222,12 @@ async def held_upload(
     more: asyncio.Event,
 ) -> grpc.aio.StreamUnaryCall:
     """An upload of `content` (see `paced_requests`) whose first `sent` bytes
-    the server has staged; the rest follows once `more` is set."""
-    call = images.UploadImageData(paced_requests(name, content, sent, more)(), metadata=metadata)
-    await wait_for_file_size(staged_path(data_dir, name), sent)
+    the server has taken in; the rest follows once `more` is set."""
+    counted = CountedRequests(data_dir)
+    call = images.UploadImageData(
+        paced_requests(name, content, sent, more, counted)(), metadata=metadata
+    )
+    await counted.taken_in()
     return call
 
 
@@ -319,10 +333,11 @@ def image_id(name: str) -> str:
 
 def files_of(data_dir: Path, name: str) -> list[Path]:
     """Every file the service keeps for one image: a whole blob of an
-    earlier version, the files of the chunks its manifest names, its staged
-    upload and scratch files (each once, sorted)."""
+    earlier version, the files of the chunks its manifest and its staged
+    upload name, and its scratch files (each once, sorted)."""
     key = image_id(name)
     found: set[Path] = set(chunk_store.chunk_files(data_dir, name))
+    found |= set(chunk_store.chunk_files(data_dir, f"upload-{key}"))
     for sub in ("blobs", "staging"):
         directory = data_dir / sub
         if directory.exists():
@@ -335,13 +350,60 @@ def assert_only_stored(data_dir: Path, name: str) -> None:
     there: every file kept for it is a chunk of its manifest, each present;
     nothing is staged."""
     assert chunk_store.stored(data_dir, name), f"{name} is not stored"
+    assert staged(data_dir, name) is None, f"{name} still has staged bytes"
     chunks = sorted(set(chunk_store.chunk_files(data_dir, name)))
     assert files_of(data_dir, name) == chunks
     assert all(path.is_file() for path in chunks), "a chunk of the manifest has no file"
 
 
-def staged_path(data_dir: Path, name: str) -> Path:
+def legacy_staging_file(data_dir: Path, name: str) -> Path:
+    """Where versions before the chunk store staged an upload whole."""
     return data_dir / "staging" / f"{image_id(name)}.part"
+
+
+def staged(data_dir: Path, name: str) -> bytes | None:
+    """The bytes of the image's upload staged durably (None: nothing staged)."""
+    return chunk_store.staged_bytes(data_dir, name)
+
+
+async def wait_for_staged(data_dir: Path, name: str, size: int, within: float = 10.0) -> None:
+    """Waits until at least `size` bytes of the image's upload are staged
+    durably (they are, a batch of chunks at a time and at the stream's end)."""
+    deadline = time.monotonic() + within
+    while (chunk_store.staged_size(data_dir, name) or 0) < size:
+        if time.monotonic() > deadline:
+            found = chunk_store.staged_size(data_dir, name)
+            raise AssertionError(f"{name} has {found} bytes staged after {within}s, not {size}")
+        await asyncio.sleep(0.02)
+
+
+class CountedRequests:
+    """A request stream that counts the bytes of the messages it has sent
+    and says when it has sent every one before its pause (`paused`), so that
+    a test can wait until the service has taken them all in (`taken_in`)."""
+
+    def __init__(self, where: Path | services.RunningService) -> None:
+        """`where`: the in-process service, or its data directory."""
+        self._service = services.running_at(where) if isinstance(where, Path) else where
+        self._start = services.received_upload_bytes(self._service)
+        self.sent = 0
+        self.paused = asyncio.Event()
+
+    def count(self, message: image_pb2.UploadImageDataRequest) -> image_pb2.UploadImageDataRequest:
+        self.sent += message.ByteSize()
+        return message
+
+    async def taken_in(self, within: float = 10.0) -> None:
+        """Waits until the stream paused and the service took in its messages."""
+        await asyncio.wait_for(self.paused.wait(), within)
+        deadline = time.monotonic() + within
+        while (taken := services.received_upload_bytes(self._service)) < self._start + self.sent:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the service took in {taken - self._start} bytes after {within}s, "
+                    f"not {self.sent}"
+                )
+            await asyncio.sleep(0.01)
 
 
 def temp_blobs(data_dir: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """A resume continues only from bytes that are really there (issue 14, item
 3). When the bytes staged for an upload are fewer than its recorded offset
-(the staging area was lost or restored, a crash fell between two steps, or
-the resume reaches another process), the service refuses the resume with
+(chunk files of the store were lost or restored, or a crash fell between two
+steps), the service refuses the resume with
 FAILED_PRECONDITION UPLOAD_OFFSET_MISMATCH carrying the real offset, records
 that offset for GetImage, and a resume from it yields the right bytes: never
 a prefix of zeros.
@@ -21,6 +21,7 @@ import pytest
 
 from bms.image.v1 import image_pb2, image_pb2_grpc
 from bms_image.common.serving import RunningService
+from support import chunk_store
 from support.builders import MiB, random_bytes, sha256_hex
 from support.processes import ServerProcess
 from support.services import fresh_project
@@ -30,21 +31,21 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def lose_staged_bytes(data_dir: Path, name: str, keep: int) -> None:
-    """What a lost or restored staging area does to an upload: only the
-    first `keep` bytes of it are left (0: nothing at all)."""
-    path = dp.staged_path(data_dir, name)
-    if keep == 0:
+    """What a lost or restored blob store does to a staged upload: only the
+    files of its chunks before `keep` (a multiple of the chunk size) are
+    left, though the records still name the others."""
+    files = chunk_store.chunk_files(data_dir, f"upload-{dp.image_id(name)}")
+    assert keep % MiB == 0 and len(files) * MiB > keep, (keep, len(files))
+    for path in files[keep // MiB :]:
         path.unlink()
-    else:
-        with path.open("rb+") as handle:
-            handle.truncate(keep)
 
 
 async def upload_first_part(
     images: dp.Stub, metadata: Metadata, name: str, part: bytes, data_dir: Path
 ) -> None:
     """Sends `part` (declaring neither size nor checksum, as a plain client
-    may), waits until the service holds it, then breaks the stream off."""
+    may; a multiple of 8 MiB, the batch the service stores at once), waits
+    until the service has staged it, then breaks the stream off."""
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
         yield dp.upload_metadata(name)
@@ -53,7 +54,7 @@ async def upload_first_part(
         await asyncio.Event().wait()  # the client hangs until cancelled
 
     call = images.UploadImageData(requests(), metadata=metadata)
-    await dp.wait_for_file_size(dp.staged_path(data_dir, name), len(part), within=30)
+    await dp.wait_for_staged(data_dir, name, len(part), within=30)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -90,15 +91,15 @@ async def resume_after_loss(
     assert await dp.download_verified(images, metadata, created.name) == content
 
 
-@pytest.mark.parametrize("keep", [0, 1 * MiB + 3], ids=["deleted", "truncated"])
+@pytest.mark.parametrize("keep", [0, 3 * MiB], ids=["deleted", "truncated"])
 async def test_a_resume_after_lost_staged_bytes_is_refused_with_the_real_offset(
     service: RunningService, channel: grpc.aio.Channel, keep: int
 ) -> None:
     images = image_pb2_grpc.ImageServiceStub(channel)
     alpha = bearer(service.authority.issue(fresh_project("lost")))
-    content = random_bytes(5 * MiB + 11)
+    content = random_bytes(10 * MiB + 11)
     await resume_after_loss(
-        images, alpha, service.settings.data_dir, content, sent=3 * MiB + 5, keep=keep
+        images, alpha, service.settings.data_dir, content, sent=8 * MiB, keep=keep
     )
 
 
@@ -115,10 +116,10 @@ def serve(tmp_path: Path) -> Iterator[ServerProcess]:
 async def test_a_real_service_refuses_a_resume_past_the_bytes_it_holds(
     serve: ServerProcess,
 ) -> None:
-    """The same against a `bms-image serve` process, the staging file
-    deleted between the two halves of the upload."""
+    """The same against a `bms-image serve` process, every staged chunk's
+    file deleted between the two halves of the upload."""
     async with grpc.aio.insecure_channel(serve.address) as opened:
         images = image_pb2_grpc.ImageServiceStub(opened)
         alpha = bearer(serve.token(fresh_project("lost")))
-        content = random_bytes(4 * MiB + 5)
-        await resume_after_loss(images, alpha, serve.data_dir, content, sent=2 * MiB, keep=0)
+        content = random_bytes(9 * MiB + 5)
+        await resume_after_loss(images, alpha, serve.data_dir, content, sent=8 * MiB, keep=0)

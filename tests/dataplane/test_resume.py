@@ -37,24 +37,28 @@ async def break_off_upload(
     how: str = "cancel",
 ) -> None:
     """Starts an upload from `offset` declaring the whole `content`, sends the
-    bytes up to `sent_until`, waits until the server has staged them, then
+    bytes up to `sent_until`, waits until the server has taken them in, then
     breaks the stream off: `cancel` cancels the call, `raise` makes the
     request generator fail (which the client library turns into a cancel)."""
     proceed = asyncio.Event()
+    counted = dp.CountedRequests(data_dir)
 
     async def requests() -> AsyncIterator[image_pb2.UploadImageDataRequest]:
-        yield dp.upload_metadata(
-            name, offset=offset, size_bytes=len(content), sha256=sha256_hex(content)
+        yield counted.count(
+            dp.upload_metadata(
+                name, offset=offset, size_bytes=len(content), sha256=sha256_hex(content)
+            )
         )
         for piece in dp.split(content[offset:sent_until], [300_001, 65_536]):
-            yield dp.chunk_message(piece)
+            yield counted.count(dp.chunk_message(piece))
+        counted.paused.set()
         await proceed.wait()
         if how == "raise":
             raise ClientGaveUp("the client lost its source file")
         await asyncio.Event().wait()  # hangs until cancelled
 
     call = images.UploadImageData(requests(), metadata=metadata)
-    await dp.wait_for_file_size(dp.staged_path(data_dir, name), sent_until)
+    await counted.taken_in()
     image = await dp.get_image(images, metadata, name)
     assert image.status == dp.SAVING, dp.status_name(image.status)
     if how == "cancel":
@@ -94,7 +98,7 @@ async def test_broken_upload_resumes_from_uploaded_bytes(
     assert image.uploaded_bytes == sent
     assert str(sent) in image.status_reason
     assert (image.size_bytes, image.sha256) == (0, "")
-    assert dp.staged_path(data_dir, image.name).read_bytes() == content[:sent]
+    assert dp.staged(data_dir, image.name) == content[:sent]
     assert not chunk_store.stored(data_dir, image.name)
     await dp.expect_error(
         dp.download_all(images, alpha, image.name),
@@ -152,7 +156,7 @@ async def test_resume_with_a_wrong_offset_is_refused_and_keeps_the_bytes(
         assert rich.info.metadata["uploaded_bytes"] == str(sent)
         image = await dp.get_image(images, alpha, queued.name)
         assert (image.status, image.uploaded_bytes) == (dp.QUEUED, sent)
-        assert dp.staged_path(data_dir, queued.name).read_bytes() == content[:sent]
+        assert dp.staged(data_dir, queued.name) == content[:sent]
 
     resumed = await dp.resume_upload(images, alpha, queued.name, content, sent)
     assert (resumed.status, resumed.sha256) == (dp.ACTIVE, sha256_hex(content))
@@ -223,7 +227,7 @@ async def test_deleting_an_interrupted_upload_removes_its_staged_bytes(
 ) -> None:
     content = random_bytes(MiB)
     queued = await interrupted_upload(images, alpha, content, 100_000, data_dir)
-    assert dp.staged_path(data_dir, queued.name).exists()
+    assert dp.staged(data_dir, queued.name) == content[:100_000]
 
     await images.DeleteImage(image_pb2.DeleteImageRequest(name=queued.name), metadata=alpha)
 

@@ -95,6 +95,11 @@ async def test_checksum_mismatch_on_s3_leaves_no_object(
         catalog_keys = await _object_keys(s3_endpoint, str(settings["s3_bucket"]))
         assert created.name.removeprefix("images/") not in catalog_keys
         assert not chunk_store.stored(tmp_path, created.name)
+        assert chunk_store.staged(tmp_path, created.name) is None, "the staged chunks stayed"
+        # The staged chunk was stored as it arrived; the killed image dropped its
+        # reference, and the next collection frees it.
+        async with _s3_store(s3_endpoint, str(settings["s3_bucket"])) as store:
+            await chunk_store.collect(tmp_path, objects=S3ChunkObjects(store), later=timedelta(0))
         # Every chunk object is one of the stored images' (the catalog's).
         stored = set[str]().union(
             *[

@@ -538,7 +538,7 @@ PROBLEMS = {
     "chunk-missing": "a manifest entry whose chunk has no live, stored row or no file",
     "chunk-refs-wrong": "a chunk whose refs do not count the entries naming it",
     "orphan-chunk": "a chunk file no chunk row claims after a collection",
-    "orphan-staging": "a staged file no QUEUED image owns (or of the wrong size)",
+    "orphan-staging": "a staged upload no QUEUED image owns, or a scratch file left",
     "temp-file": "a temporary file of an interrupted write",
     "leftover-fleet-file": "a file the fleet's interrupted work left behind",
 }
@@ -599,8 +599,9 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
       KILLED images say why;
     - no server is BUILDING or REBUILDING or held by a task; ERROR says why;
     - every blob and complete manifest belongs to an ACTIVE/DEACTIVATED
-      image (and each of those has one), every staged file to a QUEUED
-      one, and no temporary or fleet scratch file is left;
+      image (and each of those has one), every staged upload (a manifest
+      `upload-<id>`) to a QUEUED one, and no scratch, temporary or fleet
+      scratch file is left;
     - after one collection of the chunk store (once a killed process's
       puts count as abandoned): no pending manifest, every manifest's
       chunks live with their files, refs that count the entries, and no
@@ -609,6 +610,7 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
     found = Audit()
     seen = await all_images(world)
     images = {name: image for name, (image, _) in seen.items()}
+    staged = await chunk_store.staged_sizes(world.data_dir, world.database_url)
     for name, (image, project) in seen.items():
         if image.status == ACTIVE:
             try:
@@ -632,8 +634,7 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
         elif image.status == SAVING:
             found.add("image-saving", f"{name}: {image.status_reason!r}")
         elif image.status == QUEUED:
-            staged = world.data_dir / "staging" / f"{key_of(name)}.part"
-            size = staged.stat().st_size if staged.exists() else 0
+            size = staged.get(key_of(name), 0)
             if image.source_server:
                 found.add(
                     "capture-stuck-queued",
@@ -694,11 +695,13 @@ async def audit(world: World) -> tuple[Audit, dict[str, image_pb2.Image]]:
     await chunk_store.collect(world.data_dir, world.database_url)
     for code, detail in await chunk_store.inconsistencies(world.data_dir, world.database_url):
         found.add(code, detail)
-    for path in _files(world.data_dir / "staging"):
-        owner = by_key.get(path.name.removesuffix(".part"))
-        if not path.name.endswith(".part") or owner is None or owner.status != QUEUED:
+    for key in sorted(staged):
+        owner = by_key.get(key)
+        if owner is None or owner.status != QUEUED:
             state = image_status(owner.status) if owner else "no image"
-            found.add("orphan-staging", f"{path.name}: {state}")
+            found.add("orphan-staging", f"upload-{key}: {state}")
+    for path in _files(world.data_dir / "staging"):  # scratch files of conversions
+        found.add("orphan-staging", f"staging/{path.name}")
     fleet = world.data_dir / "fleet"
     for path in _files(fleet):
         if path.is_file():
@@ -788,11 +791,8 @@ async def fill_members_exactly(client: Client, owner: str, image: str, limit: in
 
 
 def staged_size(data_dir: Path, image: str) -> int:
-    path = data_dir / "staging" / f"{key_of(image)}.part"
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    """Bytes of the image's upload staged durably (SQLite)."""
+    return chunk_store.staged_size(data_dir, image) or 0
 
 
 def flattened(disk: disks.Disk, scratch: Path) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, make_url, text, update
 
 from bms_image.images.adapters.chunks import manifests
+from bms_image.images.adapters.chunks import manifests as manifests_module
 from bms_image.images.adapters.chunks.chunking import parse_object_name
 from bms_image.images.adapters.chunks.objects import ChunkObjects, LocalChunkObjects
 from bms_image.images.adapters.chunks.store import PENDING_TTL, ChunkStore, SweepReport
@@ -88,6 +89,48 @@ def stored_bytes(data_dir: Path, image: str, database_url: str = "") -> bytes:
         bytes(length) if chunk is None else (root / chunk[:2] / f"{chunk}.{gen}").read_bytes()
         for chunk, length, gen in rows
     )
+
+
+def staged_bytes(data_dir: Path, image: str, database_url: str = "") -> bytes | None:
+    """The bytes of the image's upload staged durably in the chunk store
+    (its manifest `upload-<id>`, from position 0 up to the first gap or
+    chunk not stored), as a resume would find them; None if nothing is
+    staged for it."""
+    key = manifests.upload_key(_image_id(image))
+    with closing(sqlite3.connect(_database(data_dir, database_url))) as connection:
+        if connection.execute("SELECT 1 FROM manifests WHERE key = ?", (key,)).fetchone() is None:
+            return None
+        rows = connection.execute(
+            "SELECT m.position, m.chunk_id, m.length, c.generation, c.state, c.stored"
+            " FROM manifest_chunks m LEFT JOIN chunks c ON c.id = m.chunk_id"
+            " WHERE m.key = ? ORDER BY m.position",
+            (key,),
+        ).fetchall()
+    root = chunks_root(data_dir)
+    pieces: list[bytes] = []
+    for expected, (position, chunk, length, generation, state, stored_) in enumerate(rows):
+        if position != expected:
+            break
+        if chunk is None:
+            pieces.append(bytes(length))
+        elif state == "live" and stored_:
+            pieces.append((root / chunk[:2] / f"{chunk}.{generation}").read_bytes())
+        else:
+            break
+        if length != 1024 * 1024:
+            break
+    return b"".join(pieces)
+
+
+def staged(data_dir: Path, image: str, database_url: str = "") -> bytes | None:
+    """staged_bytes (a shorter name for assertions)."""
+    return staged_bytes(data_dir, image, database_url)
+
+
+def staged_size(data_dir: Path, image: str, database_url: str = "") -> int | None:
+    """How many bytes of the image's upload are staged durably (None: none)."""
+    staged = staged_bytes(data_dir, image, database_url)
+    return None if staged is None else len(staged)
 
 
 def object_names(data_dir: Path, image: str, database_url: str = "") -> set[str]:
@@ -188,6 +231,35 @@ def _records(connection: Connection) -> dict[str, list[Any]]:
     }
 
 
+async def staged_sizes(data_dir: Path, database_url: str = "") -> dict[str, int]:
+    """Image id -> bytes staged durably for its upload (as staged_bytes
+    counts them, from the records alone), for every staged upload; on any
+    database URL."""
+    database = Database(url_of(data_dir, database_url))
+    try:
+        records = await database.run(_records)
+    finally:
+        await database.close()
+    chunks = {row[0]: row for row in records["chunks"]}
+    sizes: dict[str, int] = {}
+    entries = sorted(records["entries"], key=lambda e: (e[0], e[1]))
+    for key, _, complete in records["manifests"]:
+        if complete or not key.startswith(manifests_module.UPLOAD_PREFIX):
+            continue
+        size = 0
+        for expected, (_, position, chunk, length) in enumerate(e for e in entries if e[0] == key):
+            row = chunks.get(chunk) if chunk is not None else None
+            if position != expected or (
+                chunk is not None and (row is None or row[4] != "live" or not row[5])
+            ):
+                break
+            size += length
+            if length != 1024 * 1024:
+                break
+        sizes[key.removeprefix(manifests_module.UPLOAD_PREFIX)] = size
+    return sizes
+
+
 async def complete_keys(data_dir: Path, database_url: str = "") -> list[str]:
     """The keys (image ids) of every complete manifest."""
     database = Database(url_of(data_dir, database_url))
@@ -201,12 +273,15 @@ async def complete_keys(data_dir: Path, database_url: str = "") -> list[str]:
 async def inconsistencies(data_dir: Path, database_url: str = "") -> list[tuple[str, str]]:
     """(code, detail) of everything wrong with a store after a collection:
     - "pending-manifest": a put's manifest not finished (after a restart and
-      a collection past PENDING_TTL, none is left);
+      a collection past PENDING_TTL, none is left; an upload's staged
+      manifest, `upload-<id>`, waits for its resume and is not one);
     - "manifest-wrong": a complete manifest whose entries are not positions
       0..n-1 or whose lengths do not add up to its size, or entries of no
       manifest;
-    - "chunk-missing": an entry naming a chunk without a live, stored row,
-      without its file, or whose file has not the entry's length;
+    - "chunk-missing": an entry of a complete manifest naming a chunk
+      without a live, stored row, without its file, or whose file has not
+      the entry's length (a staged upload's last batch may have been in
+      flight when its process died: a resume drops those entries);
     - "chunk-refs-wrong": a chunk row whose refs differ from the entries
       naming it (a collection frees those with none: no row is unreferenced);
     - "orphan-chunk": a chunk file of no row of its generation (temporary
@@ -224,7 +299,7 @@ async def inconsistencies(data_dir: Path, database_url: str = "") -> list[tuple[
     for entry in records["entries"]:
         by_key.setdefault(entry[0], []).append(entry)
     for key, (_, complete) in sorted(manifests.items()):
-        if not complete:
+        if not complete and not key.startswith(manifests_module.UPLOAD_PREFIX):
             found.append(("pending-manifest", key))
     for key, entries in sorted(by_key.items()):
         if key not in manifests:
@@ -238,8 +313,8 @@ async def inconsistencies(data_dir: Path, database_url: str = "") -> list[tuple[
         ):
             found.append(("manifest-wrong", f"{key}: entries do not make its {size} bytes"))
         for _, position, chunk, length in entries:
-            if chunk is None:
-                continue  # zeros: no chunk
+            if chunk is None or not complete:
+                continue  # zeros: no chunk; or a staged upload's
             row = chunks.get(chunk)
             where = f"{key} at chunk {position}: {chunk[:12]}"
             if row is None or row[4] != "live" or not row[5]:

@@ -103,18 +103,18 @@ class FakeBlobStore:
 
 
 class FakeStaged:
-    """An open staging file: appends to the file, hashing as it goes."""
+    """Staged bytes as a plain file: appends to it, hashing as it goes;
+    `commit` puts the file into the fake blob store."""
 
-    def __init__(self, path: Path, offset: int, write_error: Exception | None) -> None:
+    def __init__(
+        self, path: Path, offset: int, write_error: Exception | None, blobs: FakeBlobStore
+    ) -> None:
         self._path = path
         self._size = offset
         self._sha256 = hashlib.sha256(path.read_bytes()[:offset])
         self._write_error = write_error
+        self._blobs = blobs
         self.closed = False
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     @property
     def size(self) -> int:
@@ -137,10 +137,23 @@ class FakeStaged:
     async def close(self) -> None:
         self.closed = True
 
+    async def read(self) -> AsyncIterator[bytes]:
+        yield self._path.read_bytes()
+
+    async def materialize(self, path: Path) -> None:
+        path.write_bytes(self._path.read_bytes())
+
+    async def commit(self, key: str) -> None:
+        if not self._path.exists():
+            raise NotFound("IMAGE_NOT_FOUND", f"images/{key} was deleted during the upload")
+        await self._blobs.put_file(key, self._path)
+        self._path.unlink()
+
 
 class FakeStaging:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, blobs: FakeBlobStore) -> None:
         self.root = root
+        self.blobs = blobs
         root.mkdir(parents=True, exist_ok=True)
         #: Raised by every write of uploads opened after it is set.
         self.write_error: Exception | None = None
@@ -154,14 +167,14 @@ class FakeStaging:
         path.touch()
         available = path.stat().st_size
         if available < offset:
-            raise StagedBytesMissing(path, offset, available)
+            raise StagedBytesMissing(f"images/{key}", offset, available)
         with open(path, "r+b") as handle:
             handle.truncate(offset)
-        staged = FakeStaged(path, offset, self.write_error)
+        staged = FakeStaged(path, offset, self.write_error, self.blobs)
         self.opened.append(staged)
         return staged
 
-    def size(self, key: str) -> int:
+    async def size(self, key: str) -> int:
         path = self._path(key)
         return path.stat().st_size if path.exists() else 0
 
@@ -184,7 +197,7 @@ class FakeStaging:
             if path != self._path(key):
                 path.unlink()
 
-    def keys(self) -> list[str]:
+    async def keys(self) -> list[str]:
         return sorted({p.name.split(".", 1)[0] for p in self.root.iterdir()})
 
     def put(self, key: str, data: bytes) -> None:
@@ -211,11 +224,13 @@ class FakeInspector:
         self.refuse = False
         self.inspected: list[str] = []
 
-    async def inspect(self, path: Path, subject: str) -> Inspection:
+    async def inspect(self, pieces: AsyncIterator[bytes], size: int, subject: str) -> Inspection:
         self.inspected.append(subject)
+        async for _ in pieces:  # reads the content as the real one does
+            break
         if self.refuse:
             raise FailedPrecondition("IMAGE_UNSAFE", f"{subject}: the content is unsafe")
-        return Inspection(self.disk_format, path.stat().st_size)
+        return Inspection(self.disk_format, size)
 
     async def convert_to_raw(
         self, source: Path, disk_format: DiskFormat, target: Path, subject: str

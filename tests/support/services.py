@@ -25,7 +25,7 @@ import pytest_asyncio
 from bms.image.v1 import image_pb2_grpc, provisioning_pb2_grpc, sharing_pb2_grpc
 from bms_image.common.config import Settings
 from bms_image.common.serving import RunningService
-from bms_image.processes import start
+from bms_image.processes import start as start_process
 from support.tokens import TEST_SECRET, Metadata, bearer
 
 ImageStub = image_pb2_grpc.ImageServiceStub
@@ -123,6 +123,37 @@ async def serving(
             yield Serving(running, opened)
     finally:
         await running.stop(0)
+
+
+#: The services started in this process, by data directory (for helpers that
+#: read a service's own figures, such as the bytes it has received).
+_RUNNING: dict[str, RunningService] = {}
+
+
+async def start(settings: Settings) -> RunningService:
+    """Starts a service in this process (bms_image.processes.start)."""
+    running = await start_process(settings)
+    _RUNNING[str(settings.data_dir)] = running
+    return running
+
+
+def running_at(data_dir: Path) -> RunningService:
+    """The service of this process that runs on `data_dir`."""
+    return _RUNNING[str(data_dir)]
+
+
+def received_upload_bytes(service: RunningService) -> float:
+    """The bytes of UploadImageData messages the service has taken in (its
+    `bms_image_stream_bytes` counter, read through the counter itself:
+    collecting the whole registry would count the inventory)."""
+    return sum(
+        sample.value
+        for family in service.metrics.stream_bytes.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("direction") == "received"
+        and sample.labels.get("method") == "UploadImageData"
+    )
 
 
 # -- fixtures (tests/conftest.py imports them) -------------------------------------

@@ -40,7 +40,7 @@ class World:
         self.images = InMemoryImages()
         self.members = FakeMembers()
         self.blobs = FakeBlobStore()
-        self.staging = FakeStaging(root / "staging")
+        self.staging = FakeStaging(root / "staging", self.blobs)
         self.inspector = FakeInspector()
         self.release = FakeRelease()
         tokens = PageTokens(b"k" * 32)
@@ -89,7 +89,7 @@ async def test_an_upload_is_verified_stored_and_downloaded_again(world: World) -
     assert active.status is ImageStatus.ACTIVE
     assert (active.size_bytes, active.sha256) == (len(DATA), declared.sha256)
     assert world.blobs.blobs[IMAGE_ID] == DATA
-    assert world.staging.keys() == [], "the staged bytes are dropped once stored"
+    assert await world.staging.keys() == [], "the staged bytes are dropped once stored"
     assert world.inspector.inspected == [f"images/{IMAGE_ID}"]
     assert await world.download(ALPHA) == DATA
     assert await world.download(ALPHA, offset=len(DATA) - 10) == DATA[-10:]
@@ -103,7 +103,7 @@ async def test_a_wrong_checksum_kills_the_image_and_drops_its_bytes(world: World
     assert caught.value.reason == "IMAGE_CHECKSUM_MISMATCH"
     image = await world.stored()
     assert (image.status, image.uploaded_bytes) == (ImageStatus.KILLED, 0)
-    assert world.staging.keys() == [] and world.blobs.blobs == {}
+    assert await world.staging.keys() == [] and world.blobs.blobs == {}
     assert all(staged.closed for staged in world.staging.opened)
 
 
@@ -179,7 +179,7 @@ async def test_recovery_makes_uploads_resumable_and_removes_orphans(world: World
     image = await world.stored()
     assert (image.status, image.uploaded_bytes) == (ImageStatus.QUEUED, 700)
     assert world.blobs.blobs == {}
-    assert world.staging.size(IMAGE_ID) == 700, "the staged bytes stay for the resume"
+    assert await world.staging.size(IMAGE_ID) == 700, "the staged bytes stay for the resume"
 
 
 async def test_deleting_an_image_releases_its_bytes(world: World) -> None:
@@ -193,7 +193,7 @@ async def test_release_image_bytes_removes_the_blob_and_the_staged_upload(world:
     world.blobs.blobs[IMAGE_ID] = DATA
     world.staging.put(IMAGE_ID, DATA[:10])
     await release_image_bytes(world.blobs, world.staging, IMAGE_ID)
-    assert world.blobs.blobs == {} and world.staging.keys() == []
+    assert world.blobs.blobs == {} and await world.staging.keys() == []
 
 
 async def test_a_replica_copies_the_blob_of_an_accepted_share(world: World) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -173,11 +172,11 @@ def storage_full(storage: str) -> QuotaExceeded:
 
 
 class StagedBytesMissing(Exception):
-    """The staging file holds fewer bytes than the upload's recorded offset
-    (the staging area was lost or restored, or the resume runs where the
-    first half was not staged): `available` is how many are really there."""
+    """Fewer bytes are staged than the upload's recorded offset (the staged
+    chunks were lost, or a crash cut off their write): `available` is how
+    many are really there, durable."""
 
-    def __init__(self, path: Path, offset: int, available: int) -> None:
-        super().__init__(f"staging file {path} has {available} bytes, not the {offset} expected")
+    def __init__(self, subject: str, offset: int, available: int) -> None:
+        super().__init__(f"{subject} has {available} bytes staged, not the {offset} expected")
         self.offset = offset
         self.available = available

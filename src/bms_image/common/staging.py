@@ -1,7 +1,9 @@
-"""The staging area: one file per upload in progress, kept across broken
-streams and restarts so that uploads can resume. StagingArea is the adapter
-of the image domain's ByteStaging port; StagedUpload and PipelinedWriter
-also serve the fleet's image cache."""
+"""Local files written as they arrive: StagedUpload (appended, hashed as it
+goes, fsynced) and PipelinedWriter (its writes off the event loop) serve the
+fleet's image cache; Staging is the image service's local scratch directory
+(conversions, the catalog's seed), whose legacy `<key>.part` files are the
+uploads earlier versions staged whole there (the chunk store stages them now:
+images.adapters.chunks.uploads)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,8 @@ __all__ = [
     "WRITEBACK_WINDOW_BYTES",
     "PipelinedWriter",
     "StagedBytesMissing",
-    "StagedFile",
     "StagedUpload",
     "Staging",
-    "StagingArea",
     "copy_written_back",
     "fsync_directory",
     "sha256_of_file",
@@ -87,14 +87,14 @@ class StagedUpload:
         the offset raises StagedBytesMissing with what it really holds."""
         available = os.fstat(self._fd).st_size
         if available < offset:
-            raise StagedBytesMissing(self.path, offset, available)
+            raise StagedBytesMissing(self.path.name, offset, available)
         if available > offset:
             os.ftruncate(self._fd, offset)
         position = 0
         while position < offset:
             block = os.pread(self._fd, min(offset - position, _READ_BLOCK), position)
             if not block:  # shrank under us
-                raise StagedBytesMissing(self.path, offset, position)
+                raise StagedBytesMissing(self.path.name, offset, position)
             self.sha256.update(block)
             position += len(block)
 
@@ -254,6 +254,10 @@ class Staging:
     def keys(self) -> list[str]:
         return sorted({p.name.split(".", 1)[0] for p in self.root.iterdir() if p.is_file()})
 
+    def legacy_files(self, suffix: str) -> list[Path]:
+        """The files named `<key><suffix>` (uploads staged by earlier versions)."""
+        return sorted(p for p in self.root.iterdir() if p.is_file() and p.name.endswith(suffix))
+
 
 def sha256_of_file(path: Path, block: int = 4 * 1024 * 1024) -> tuple[str, int]:
     """SHA-256 (hex) and size of a file. Blocking."""
@@ -278,76 +282,3 @@ def copy_written_back(source: Path, target: Path) -> None:
                 os.posix_fadvise(dst.fileno(), *previous, os.POSIX_FADV_DONTNEED)
             previous = (offset, copied)
             offset += copied
-
-
-class StagedFile:
-    """A StagedUpload as the image domain's StagedBytes port: its chunks
-    written by a PipelinedWriter of its own, its blocking calls off the loop."""
-
-    def __init__(self, staged: StagedUpload) -> None:
-        self._staged = staged
-        self._writer: PipelinedWriter | None = None
-
-    @property
-    def path(self) -> Path:
-        return self._staged.path
-
-    @property
-    def size(self) -> int:
-        return self._staged.size
-
-    def hexdigest(self) -> str:
-        return self._staged.sha256.hexdigest()
-
-    async def write(self, chunk: bytes) -> None:
-        if self._writer is None:
-            self._writer = PipelinedWriter(self._staged)
-        await self._writer.write(chunk)
-
-    async def drain(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            await writer.drain()
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._staged.close)
-
-
-def _close_if_opened(opening: asyncio.Future[StagedUpload]) -> None:
-    """For an open whose caller was cancelled: the file it opened is closed."""
-    if not opening.cancelled() and opening.exception() is None:
-        with contextlib.suppress(Exception):
-            opening.result().close()
-
-
-class StagingArea:
-    """The staging area as the image domain's ByteStaging port."""
-
-    def __init__(self, staging: Staging) -> None:
-        self.staging = staging
-
-    async def open(self, key: str, offset: int) -> StagedFile:
-        opening = asyncio.ensure_future(asyncio.to_thread(self.staging.open, key, offset))
-        try:
-            return StagedFile(await asyncio.shield(opening))
-        except asyncio.CancelledError:  # the thread opens it anyway
-            opening.add_done_callback(_close_if_opened)
-            raise
-
-    def size(self, key: str) -> int:
-        return self.staging.size(key)
-
-    def scratch(self, key: str, suffix: str) -> Path:
-        return self.staging.scratch(key, suffix)
-
-    async def digest(self, path: Path) -> tuple[str, int]:
-        return await asyncio.to_thread(sha256_of_file, path)
-
-    async def discard(self, key: str) -> None:
-        await asyncio.to_thread(self.staging.discard, key)
-
-    async def discard_scratch(self, key: str) -> None:
-        await asyncio.to_thread(self.staging.discard_scratch, key)
-
-    def keys(self) -> list[str]:
-        return self.staging.keys()

@@ -32,7 +32,7 @@ from bms_image.common.serving import (
     server_options,
     token_authority,
 )
-from bms_image.common.staging import Staging, StagingArea
+from bms_image.common.staging import Staging
 from bms_image.common.telemetry.health import Check, HealthMonitor, free_space
 from bms_image.common.telemetry.metrics import Inventory, ServiceMetrics
 from bms_image.common.telemetry.tracing import Tracing
@@ -46,6 +46,7 @@ from bms_image.images.adapters.chunks.housekeeping import housekeeping
 from bms_image.images.adapters.chunks.objects import ChunkObjects, LocalChunkObjects
 from bms_image.images.adapters.chunks.s3 import S3ChunkObjects
 from bms_image.images.adapters.chunks.store import ChunkStore
+from bms_image.images.adapters.chunks.uploads import ChunkStaging
 from bms_image.images.adapters.deployment import deployment_id
 from bms_image.images.adapters.formats import ContentInspector
 from bms_image.images.adapters.members import SqlMemberRepository
@@ -184,7 +185,10 @@ async def start(
         )
         captures = RemoteCaptures(channel, ServiceCredential(authority, IMAGE_SERVICE_IDENTITY))
 
-    staging_area = StagingArea(staging)
+    staging_area = ChunkStaging(blobs, staging)
+    adopted = await staging_area.adopt_staging_files()
+    if adopted:
+        log.info("moved %d uploads staged by an earlier version into the chunk store", adopted)
 
     async def release(image_id: str) -> None:
         await release_image_bytes(blobs, staging_area, image_id)

@@ -14,7 +14,7 @@ import math
 import os
 import resource
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from oslo_utils.imageutils import format_inspector
@@ -49,45 +49,94 @@ def _refuse(reason: str, subject: str, description: str) -> FailedPrecondition:
     )
 
 
+class _Feed:
+    """What an InspectWrapper reads from: the piece handed to it last."""
+
+    def __init__(self) -> None:
+        self.piece = b""
+
+    def read(self, size: int) -> bytes:
+        piece, self.piece = self.piece, b""
+        return piece
+
+
+class HeaderInspection:
+    """The inspector fed piece by piece, as the bytes are read: every
+    format's inspector at once, until each has matched or is sure it does
+    not (a few MiB at most for real images). The inspector reads only the
+    regions each format's header names, each bounded by a constant of
+    oslo.utils (a VMDK descriptor at most 1 MiB, VHDX region and metadata
+    tables at most 2,047 entries and 64 KiB, the others a few KiB), never a
+    length the content claims; so a hostile header costs little memory
+    whatever it says. Blocking: feed it off the event loop."""
+
+    def __init__(self) -> None:
+        self._feed = _Feed()
+        self._wrapper = format_inspector.InspectWrapper(self._feed)  # type: ignore[arg-type]
+
+    def feed(self, piece: bytes) -> bool:
+        """Inspects the next piece; True once the format is decided."""
+        self._feed.piece = piece
+        self._wrapper.read(len(piece))
+        try:
+            return self._wrapper.format is not None
+        except format_inspector.ImageFormatError:
+            return True  # ambiguous: result() says so
+
+    def result(self, size: int, subject: str) -> Inspection:
+        """What the content of `size` bytes is; FailedPrecondition for
+        unknown, ambiguous, unsupported or unsafe content."""
+        self._wrapper.close()
+        try:
+            inspector = self._wrapper.format
+        except format_inspector.ImageFormatError as error:
+            raise _refuse(
+                "IMAGE_FORMAT_UNKNOWN", subject, f"content format is ambiguous: {error}"
+            ) from None
+        if inspector is None:
+            raise _refuse("IMAGE_FORMAT_UNKNOWN", subject, "content format could not be detected")
+        name = inspector.NAME
+        if name not in _FORMATS:
+            raise _refuse(
+                "IMAGE_FORMAT_UNSUPPORTED",
+                subject,
+                f"content is {name}; supported formats are raw, qcow2, vmdk, vhd and vhdx",
+            )
+        try:
+            inspector.safety_check()
+        except format_inspector.SafetyCheckFailed as error:
+            failures = "; ".join(f"{check}: {why}" for check, why in error.failures.items())
+            raise _refuse(
+                "IMAGE_UNSAFE", subject, f"unsafe {name} image refused ({failures})"
+            ) from None
+        except format_inspector.ImageFormatError as error:  # e.g. a VMDK without its descriptor
+            raise _refuse(
+                "IMAGE_UNSAFE", subject, f"{name} image refused: it cannot be checked ({error})"
+            ) from None
+        disk_format = _FORMATS[name]
+        if disk_format is DiskFormat.RAW:
+            return Inspection(disk_format, size)  # the inspector saw only the head
+        try:
+            virtual_size = int(inspector.virtual_size)
+        except Exception:  # a header the inspector matched but cannot read a size from
+            raise _refuse(
+                "IMAGE_FORMAT_UNKNOWN", subject, f"the {name} header names no readable virtual size"
+            ) from None
+        return Inspection(disk_format, virtual_size)
+
+
+_FILE_PIECE_BYTES = 64 * 1024
+
+
 def _inspect(path: Path, subject: str) -> Inspection:
-    """Blocking. The inspector reads only the regions each format's header
-    names, each bounded by a constant of oslo.utils (a VMDK descriptor at
-    most 1 MiB, VHDX region and metadata tables at most 2,047 entries and
-    64 KiB, the others a few KiB), never a length the file claims; so a
-    hostile header costs little memory whatever it says."""
-    try:
-        inspector = format_inspector.detect_file_format(str(path))
-    except format_inspector.ImageFormatError as error:
-        raise _refuse(
-            "IMAGE_FORMAT_UNKNOWN", subject, f"content format is ambiguous: {error}"
-        ) from None
-    if inspector is None:
-        raise _refuse("IMAGE_FORMAT_UNKNOWN", subject, "content format could not be detected")
-    name = inspector.NAME
-    if name not in _FORMATS:
-        raise _refuse(
-            "IMAGE_FORMAT_UNSUPPORTED",
-            subject,
-            f"content is {name}; supported formats are raw, qcow2, vmdk, vhd and vhdx",
-        )
-    try:
-        inspector.safety_check()
-    except format_inspector.SafetyCheckFailed as error:
-        failures = "; ".join(f"{check}: {why}" for check, why in error.failures.items())
-        raise _refuse(
-            "IMAGE_UNSAFE", subject, f"unsafe {name} image refused ({failures})"
-        ) from None
-    except format_inspector.ImageFormatError as error:  # e.g. a VMDK without its descriptor
-        raise _refuse(
-            "IMAGE_UNSAFE", subject, f"{name} image refused: it cannot be checked ({error})"
-        ) from None
-    try:
-        virtual_size = int(inspector.virtual_size)
-    except Exception:  # a header the inspector matched but cannot read a size from
-        raise _refuse(
-            "IMAGE_FORMAT_UNKNOWN", subject, f"the {name} header names no readable virtual size"
-        ) from None
-    return Inspection(_FORMATS[name], virtual_size)
+    """A local file's inspection (HeaderInspection). Blocking."""
+    inspection = HeaderInspection()
+    with open(path, "rb") as handle:
+        while piece := handle.read(_FILE_PIECE_BYTES):
+            if inspection.feed(piece):
+                break
+        size = os.fstat(handle.fileno()).st_size
+    return inspection.result(size, subject)
 
 
 def _without_paths(text: str, *paths: Path) -> str:
@@ -155,8 +204,17 @@ class ContentInspector:
         self.timeout_seconds = timeout_seconds
         self.memory_bytes = memory_bytes
 
-    async def inspect(self, path: Path, subject: str) -> Inspection:
-        inspection = await asyncio.to_thread(_inspect, path, subject)
+    async def inspect(self, pieces: AsyncIterator[bytes], size: int, subject: str) -> Inspection:
+        header = HeaderInspection()
+        try:
+            async for piece in pieces:
+                if await asyncio.to_thread(header.feed, piece):
+                    break
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        inspection = await asyncio.to_thread(header.result, size, subject)
         if inspection.format is not DiskFormat.RAW:
             self._require_convertible(inspection, subject)
         return inspection

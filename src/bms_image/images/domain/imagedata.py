@@ -222,11 +222,11 @@ class ImageData:
             return await self._finish(image_id, staged, declared)
 
     async def _open_staged(self, image_id: str, offset: int) -> StagedBytes:
-        """The staging file, resumed at `offset` (the image is SAVING). When
-        fewer bytes are really staged (the staging area was lost, or the first
-        half went to another process), the image goes back to QUEUED with the
-        bytes that are there and the client is told to resume from them: a
-        resume never continues from bytes that are not there."""
+        """The staged bytes, resumed at `offset` (the image is SAVING), on
+        whichever process. When fewer bytes are durably staged (a crash cut
+        off their write, or they were lost), the image goes back to QUEUED
+        with the bytes that are there and the client is told to resume from
+        them: a resume never continues from bytes that are not there."""
         try:
             return await self._staging.open(image_id, offset)
         except StagedBytesMissing as missing:
@@ -265,6 +265,7 @@ class ImageData:
             yield
         except NotFound:
             await _close_quietly(staged)
+            await self._staging.discard(image_id)  # whatever was staged after the deletion
             raise
         except (Unavailable, QuotaExceeded) as error:
             kept = await self._interrupt(image_id, staged, error.message)
@@ -335,7 +336,7 @@ class ImageData:
                 f"{subject}: the received bytes have SHA-256 {digest}, "
                 f"not the declared {declared.sha256}; upload the image again",
             )
-        inspection = await self._inspector.inspect(staged.path, subject)
+        inspection = await self._inspector.inspect(staged.read(), size, subject)
         if declared.disk_format and inspection.format is not declared.disk_format:
             raise FailedPrecondition(
                 "IMAGE_FORMAT_MISMATCH",
@@ -350,12 +351,16 @@ class ImageData:
                 f"over the limit of {self.max_image_bytes}",
                 [PreconditionViolation("SIZE", subject, "virtual size over the limit")],
             )
-        raw_path = staged.path
-        if inspection.format is not DiskFormat.RAW:
+        if inspection.format is DiskFormat.RAW:
+            await staged.commit(image_id)  # the staged bytes are the image's: none move
+        else:
+            # qemu-img reads a local file: the bytes as uploaded, into scratch.
+            uploaded = self._staging.scratch(image_id, "upload")
             raw_path = self._staging.scratch(image_id, "raw")
-            await self._inspector.convert_to_raw(staged.path, inspection.format, raw_path, subject)
+            await staged.materialize(uploaded)
+            await self._inspector.convert_to_raw(uploaded, inspection.format, raw_path, subject)
             digest, size = await self._staging.digest(raw_path)
-        await self._blobs.put_file(image_id, raw_path)
+            await self._blobs.put_file(image_id, raw_path)
         image = await self._images.transition(
             image_id,
             {ImageStatus.SAVING},
@@ -484,7 +489,7 @@ class ImageData:
                 continue
             if image.status is not ImageStatus.SAVING:
                 continue
-            staged = self._staging.size(image.id)
+            staged = await self._staging.size(image.id)
             await self._images.transition(
                 image.id,
                 {ImageStatus.SAVING},
@@ -496,7 +501,7 @@ class ImageData:
                 },
             )
             report["resumable"] += 1
-        for key in sorted(set(await self._blobs.keys()) | set(self._staging.keys())):
+        for key in sorted(set(await self._blobs.keys()) | set(await self._staging.keys())):
             owner = await self._images.get(key)
             status = owner.status if owner else None
             if owner is None or status in (ImageStatus.DELETED, ImageStatus.KILLED):
@@ -512,7 +517,7 @@ class ImageData:
         return report
 
     async def _sync_uploaded_bytes(self, image: Image) -> None:
-        staged = self._staging.size(image.id)
+        staged = await self._staging.size(image.id)
         if staged != image.uploaded_bytes:
             await self._images.transition(
                 image.id, {ImageStatus.QUEUED}, {"uploaded_bytes": staged}
@@ -526,9 +531,9 @@ async def release_image_bytes(blobs: BlobStore, staging: ByteStaging, image_id: 
 
 
 async def _close_quietly(staged: StagedBytes) -> None:
-    """Closes the staging file; a failure to make its bytes durable (a full
-    disk) is logged, and `staged.size` then counts only the durable ones."""
+    """Closes the staged bytes; a failure to make them durable (a full
+    store) is logged, and `staged.size` then counts only the durable ones."""
     try:
         await staged.close()
     except Exception as error:
-        log.warning("closing the staging file %s failed: %r", staged.path.name, error)
+        log.warning("closing staged bytes failed: %r", error)

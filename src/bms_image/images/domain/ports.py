@@ -105,8 +105,9 @@ class Inspection:
 
 
 class Inspector(Protocol):
-    async def inspect(self, path: Path, subject: str) -> Inspection:
-        """Detects the content's format and virtual size; raises
+    async def inspect(self, pieces: AsyncIterator[bytes], size: int, subject: str) -> Inspection:
+        """Detects the format and virtual size of content of `size` bytes
+        read from `pieces` (only as far as it needs: it closes them); raises
         FailedPrecondition for unknown, unsupported or unsafe content."""
 
     async def convert_to_raw(
@@ -181,52 +182,62 @@ class BlobStore(Protocol):
 
 
 class StagedBytes(Protocol):
-    """One upload's staging file, open for appending and hashing as it goes.
+    """One upload's staged bytes, open for appending and hashing as they
+    go, made durable piece by piece where any process can resume them.
     After `close`, `size` counts the durable bytes: what a resume may
     continue from."""
 
     @property
-    def path(self) -> Path:
-        """The file (for the inspector, and to store as the blob)."""
-
-    @property
     def size(self) -> int:
-        """Bytes written in whole chunks (durable ones after close)."""
+        """Bytes written (the durable ones after close)."""
 
     def hexdigest(self) -> str:
-        """SHA-256 (hex) of the bytes staged so far."""
+        """SHA-256 (hex) of the bytes staged (complete after close)."""
 
     async def write(self, chunk: bytes) -> None:
         """Appends a chunk; it may still be in flight when this returns
         (drain waits for every one). A failure breaks the upload: STORAGE_FULL
-        (QuotaExceeded) for a full disk, OSError otherwise."""
+        (QuotaExceeded) for a full store, NotFound when the image's staged
+        bytes were discarded meanwhile (it was deleted), OSError otherwise."""
 
     async def drain(self) -> None:
         """Waits for every chunk handed to write; raises the first failure.
         Call it on every path, failures included."""
 
     async def close(self) -> None:
-        """Makes what was written durable and closes; safe to call again.
-        Raises STORAGE_FULL when the bytes could not be made durable."""
+        """Makes what was written durable; safe to call again. Raises what
+        kept the bytes from being made durable (`size` then counts those
+        that are)."""
+
+    def read(self) -> AsyncIterator[bytes]:
+        """The staged bytes from the first on (after close), verified."""
+
+    async def materialize(self, path: Path) -> None:
+        """Writes the staged bytes into a local file (for a converter)."""
+
+    async def commit(self, key: str) -> None:
+        """The staged bytes become the blob store's blob under key, as
+        they are; NotFound if they were discarded meanwhile."""
 
 
 class ByteStaging(Protocol):
-    """The staging area: one file per upload in progress, kept across broken
-    streams and restarts so that uploads can resume."""
+    """Where uploads in progress keep their bytes, across broken streams,
+    restarts and processes, so that they can resume; plus local scratch
+    files for what needs a file (a conversion)."""
 
     async def open(self, key: str, offset: int) -> StagedBytes:
-        """The upload's staging file, resumed at offset (its first `offset`
+        """The upload's staged bytes, resumed at offset (its first `offset`
         bytes hashed again, anything past them dropped). Raises
         common.errors.StagedBytesMissing when fewer bytes are staged."""
 
-    def size(self, key: str) -> int:
-        """Bytes staged under key (0 if none)."""
+    async def size(self, key: str) -> int:
+        """Bytes staged durably under key (0 if none)."""
 
     def scratch(self, key: str, suffix: str) -> Path:
-        """A second file for the same upload (e.g. its conversion to raw)."""
+        """A local scratch file for the upload (e.g. its conversion to raw)."""
 
     async def digest(self, path: Path) -> tuple[str, int]:
-        """SHA-256 (hex) and size of a file of the staging area (a scratch file)."""
+        """SHA-256 (hex) and size of a scratch file."""
 
     async def discard(self, key: str) -> None:
         """Removes the staged bytes and scratch files of key."""
@@ -234,7 +245,7 @@ class ByteStaging(Protocol):
     async def discard_scratch(self, key: str) -> None:
         """Removes the scratch files of key but keeps its staged bytes."""
 
-    def keys(self) -> list[str]:
+    async def keys(self) -> list[str]:
         """Every key with staged bytes or scratch files."""
 
 

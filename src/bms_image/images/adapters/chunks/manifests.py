@@ -55,6 +55,15 @@ LIVE = "live"
 DELETING = "deleting"
 #: The key of a put in progress (a manifest not yet under its key).
 PENDING_PREFIX = "pending-"
+#: The key of an upload's staged bytes (README "Chunk store", "Uploads"): a
+#: manifest left incomplete for as long as the upload may be resumed, which
+#: the collector never takes for abandoned.
+UPLOAD_PREFIX = "upload-"
+
+
+class ManifestGone(Exception):
+    """The manifest a writer appends to, or finishes, is no longer there
+    (its image was deleted meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,13 @@ class Entry:
     length: int
     generation: str | None  # the chunk's generation (None if the row is gone)
     live: bool
+    stored: bool = False  # whether that generation's bytes are known durable
+
+    @property
+    def durable(self) -> bool:
+        """Whether the entry's bytes are there: zeros, or a live chunk whose
+        bytes were stored."""
+        return self.chunk_id is None or (self.generation is not None and self.live and self.stored)
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,10 @@ def new_generation() -> str:
 
 def pending_key() -> str:
     return f"{PENDING_PREFIX}{uuid.uuid4().hex}"
+
+
+def upload_key(image_key: str) -> str:
+    return f"{UPLOAD_PREFIX}{image_key}"
 
 
 def _upsert(connection: Connection) -> Any:
@@ -151,6 +171,24 @@ def create(connection: Connection, key: str, chunk_bytes: int, now: datetime) ->
     )
 
 
+def ensure(connection: Connection, key: str, chunk_bytes: int, now: datetime) -> int:
+    """Creates the incomplete manifest `key` unless it exists; returns its
+    chunk size (an upload resumed keeps the size it was staged with)."""
+    found = chunk_size(connection, key)
+    if found is not None:
+        return found
+    create(connection, key, chunk_bytes, now)
+    return chunk_bytes
+
+
+def keys_with_prefix(connection: Connection, prefix: str) -> list[str]:
+    return list(
+        connection.execute(
+            select(MANIFESTS.c.key).where(MANIFESTS.c.key.startswith(prefix, autoescape=True))
+        ).scalars()
+    )
+
+
 def append(
     connection: Connection,
     key: str,
@@ -158,60 +196,81 @@ def append(
     now: datetime,
 ) -> None:
     """Adds entries (position, chunk id or None, length) to a manifest and
-    touches it (a put in progress is alive)."""
+    touches it (a put in progress is alive); ManifestGone if it is not there
+    (then nothing is added: the caller's transaction rolls back)."""
+    touched = connection.execute(
+        update(MANIFESTS).where(MANIFESTS.c.key == key).values(update_time=now)
+    ).rowcount
+    if not touched:
+        raise ManifestGone(key)
     if entries:
         connection.execute(
             insert(ENTRIES),
             [{"key": key, "position": p, "chunk_id": c, "length": n} for p, c, n in entries],
         )
-    connection.execute(update(MANIFESTS).where(MANIFESTS.c.key == key).values(update_time=now))
 
 
-def _lock_chunks_of(connection: Connection, key: str) -> None:
+def _lock_chunks_of(connection: Connection, key: str, first: int = 0) -> None:
     if connection.dialect.name != "sqlite":  # SQLite's BEGIN IMMEDIATE already serialises
         connection.execute(
             select(CHUNKS.c.id)
-            .where(CHUNKS.c.id.in_(_chunks_of(key)))
+            .where(CHUNKS.c.id.in_(_chunks_of(key, first)))
             .order_by(CHUNKS.c.id)
             .with_for_update()
         ).all()
 
 
-def _chunks_of(key: str) -> Any:
-    return select(ENTRIES.c.chunk_id).where(ENTRIES.c.key == key, ENTRIES.c.chunk_id.is_not(None))
+def _of(key: str, first: int) -> Any:
+    """The key's entries from position `first` on."""
+    return and_(ENTRIES.c.key == key, ENTRIES.c.position >= first)
 
 
-def _adjust_refs(connection: Connection, key: str, sign: int) -> None:
-    """refs +/-= the number of the key's entries naming each chunk."""
+def _chunks_of(key: str, first: int = 0) -> Any:
+    return select(ENTRIES.c.chunk_id).where(_of(key, first), ENTRIES.c.chunk_id.is_not(None))
+
+
+def _adjust_refs(connection: Connection, key: str, sign: int, first: int = 0) -> None:
+    """refs +/-= the number of the key's entries (from `first` on) naming
+    each chunk."""
     count = (
         select(func.count())
-        .where(ENTRIES.c.key == key, ENTRIES.c.chunk_id == CHUNKS.c.id)
+        .where(_of(key, first), ENTRIES.c.chunk_id == CHUNKS.c.id)
         .scalar_subquery()
     )
     connection.execute(
         update(CHUNKS)
-        .where(CHUNKS.c.id.in_(_chunks_of(key)))
+        .where(CHUNKS.c.id.in_(_chunks_of(key, first)))
         .values(refs=CHUNKS.c.refs + sign * count)
     )
 
 
+def truncate(connection: Connection, key: str, first: int) -> None:
+    """Drops the key's entries from position `first` on, and their
+    references (a resume that continues before them)."""
+    _lock_chunks_of(connection, key, first)
+    _adjust_refs(connection, key, -1, first)
+    connection.execute(delete(ENTRIES).where(_of(key, first)))
+
+
 def release(connection: Connection, key: str) -> bool:
     """Drops the key's manifest and its references; False if it had none."""
-    _lock_chunks_of(connection, key)
-    _adjust_refs(connection, key, -1)
-    connection.execute(delete(ENTRIES).where(ENTRIES.c.key == key))
+    truncate(connection, key, 0)
     return connection.execute(delete(MANIFESTS).where(MANIFESTS.c.key == key)).rowcount > 0
 
 
 def finish(connection: Connection, pending: str, key: str, size: int, now: datetime) -> None:
-    """The pending manifest becomes the key's (whose old one is released)."""
+    """The pending manifest becomes the key's (whose old one is released);
+    ManifestGone if the pending one is not there (then nothing changes: the
+    caller's transaction rolls back)."""
     release(connection, key)
-    connection.execute(update(ENTRIES).where(ENTRIES.c.key == pending).values(key=key))
-    connection.execute(
+    renamed = connection.execute(
         update(MANIFESTS)
         .where(MANIFESTS.c.key == pending)
         .values(key=key, size=size, complete=True, update_time=now)
-    )
+    ).rowcount
+    if not renamed:
+        raise ManifestGone(pending)
+    connection.execute(update(ENTRIES).where(ENTRIES.c.key == pending).values(key=key))
 
 
 def copy(connection: Connection, source: str, target: str, now: datetime) -> bool:
@@ -256,6 +315,14 @@ def manifest(connection: Connection, key: str) -> Manifest | None:
     return Manifest(row.size, row.chunk_bytes) if row is not None else None
 
 
+def chunk_size(connection: Connection, key: str) -> int | None:
+    """The chunk size of the key's manifest, complete or not; None if none."""
+    found = connection.execute(
+        select(MANIFESTS.c.chunk_bytes).where(MANIFESTS.c.key == key)
+    ).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
 def entries(connection: Connection, key: str, first: int, limit: int) -> list[Entry]:
     """Entries from position `first` on, at most `limit`, with their chunks'
     generations."""
@@ -266,13 +333,17 @@ def entries(connection: Connection, key: str, first: int, limit: int) -> list[En
             ENTRIES.c.length,
             CHUNKS.c.generation,
             CHUNKS.c.state,
+            CHUNKS.c.stored,
         )
         .select_from(ENTRIES.outerjoin(CHUNKS, CHUNKS.c.id == ENTRIES.c.chunk_id))
-        .where(ENTRIES.c.key == key, ENTRIES.c.position >= first)
+        .where(_of(key, first))
         .order_by(ENTRIES.c.position)
         .limit(limit)
     )
-    return [Entry(r.position, r.chunk_id, r.length, r.generation, r.state == LIVE) for r in rows]
+    return [
+        Entry(r.position, r.chunk_id, r.length, r.generation, r.state == LIVE, bool(r.stored))
+        for r in rows
+    ]
 
 
 def complete_keys(connection: Connection) -> list[str]:
@@ -282,11 +353,15 @@ def complete_keys(connection: Connection) -> list[str]:
 
 
 def abandoned(connection: Connection, before: datetime) -> list[str]:
-    """Pending manifests untouched since `before`: their puts died."""
+    """Pending manifests untouched since `before`: their puts died. (An
+    upload's staged manifest is not a put's: it waits for its resume, and
+    goes with its image.)"""
     return list(
         connection.execute(
             select(MANIFESTS.c.key).where(
-                MANIFESTS.c.complete == false(), MANIFESTS.c.update_time < before
+                MANIFESTS.c.complete == false(),
+                MANIFESTS.c.update_time < before,
+                MANIFESTS.c.key.startswith(PENDING_PREFIX),
             )
         ).scalars()
     )

@@ -19,7 +19,7 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +37,7 @@ from bms_image.images.adapters.chunks.chunking import (
     parse_object_name,
     zeros,
 )
-from bms_image.images.adapters.chunks.manifests import Entry
+from bms_image.images.adapters.chunks.manifests import Entry, Manifest
 from bms_image.images.adapters.chunks.objects import ChunkMissing, ChunkObjects
 from bms_image.images.domain.ports import DEFAULT_CHUNK_BYTES, BlobNotFound, BlobStore
 from bms_image.store.db import Database
@@ -98,7 +98,7 @@ async def _file_pieces(path: Path, size: int) -> AsyncIterator[bytes]:
         handle.close()
 
 
-def _cut(buffer: bytearray, chunk_bytes: int, final: bool) -> list[bytes]:
+def cut(buffer: bytearray, chunk_bytes: int, final: bool) -> list[bytes]:
     """Whole chunks off the front of the buffer (and the rest when final)."""
     end = len(buffer) if final else len(buffer) - len(buffer) % chunk_bytes
     pieces = [bytes(buffer[i : min(i + chunk_bytes, end)]) for i in range(0, end, chunk_bytes)]
@@ -106,7 +106,7 @@ def _cut(buffer: bytearray, chunk_bytes: int, final: bool) -> list[bytes]:
     return pieces
 
 
-def _identify(pieces: Sequence[bytes]) -> list[str | None]:
+def identify(pieces: Sequence[bytes]) -> list[str | None]:
     """Each chunk's id, None for a chunk of zeros. Blocking (hashes)."""
     return [None if is_zero(piece) else chunk_id(piece) for piece in pieces]
 
@@ -163,19 +163,29 @@ class ChunkStore:
         async for piece in pieces:
             buffer += piece
             if len(buffer) >= batch_bytes:
-                chunks = _cut(buffer, self.chunk_bytes, final=False)
-                position, size = await self._store_batch(pending, chunks, position, size)
+                chunks = cut(buffer, self.chunk_bytes, final=False)
+                await self.append(pending, chunks, position)
+                position, size = position + len(chunks), size + sum(map(len, chunks))
         if buffer:
-            chunks = _cut(buffer, self.chunk_bytes, final=True)
-            position, size = await self._store_batch(pending, chunks, position, size)
+            chunks = cut(buffer, self.chunk_bytes, final=True)
+            await self.append(pending, chunks, position)
+            size += sum(map(len, chunks))
         return size
 
-    async def _store_batch(
-        self, pending: str, chunks: list[bytes], position: int, size: int
-    ) -> tuple[int, int]:
-        """References the chunks (before their bytes exist: see manifests),
-        stores every one of them, then records them stored."""
-        ids = await asyncio.to_thread(_identify, chunks)
+    async def append(
+        self,
+        key: str,
+        chunks: Sequence[bytes],
+        position: int,
+        ids: Sequence[str | None] | None = None,
+    ) -> None:
+        """Adds the chunks to the incomplete manifest `key` from `position`
+        on: references them (before their bytes exist: see manifests), stores
+        every one of them, then records them stored. `ids`: the chunks' ids
+        if the caller has hashed them already (identify). ManifestGone if the
+        manifest is not there."""
+        if ids is None:
+            ids = await asyncio.to_thread(identify, chunks)
         counts: dict[str, tuple[int, int]] = {}
         entries: list[tuple[int, str | None, int]] = []
         for offset, (data, chunk) in enumerate(zip(chunks, ids, strict=True)):
@@ -186,7 +196,7 @@ class ChunkStore:
 
         def reference(connection: Connection) -> dict[str, tuple[str, bool]]:
             generations = manifests.reference(connection, counts, now)
-            manifests.append(connection, pending, entries, now)
+            manifests.append(connection, key, entries, now)
             return generations
 
         generations = await self._db.run(reference, write=True)
@@ -198,10 +208,53 @@ class ChunkStore:
         await self.objects.put(list(items.items()))
         stored = {chunk: generations[chunk][0] for chunk in counts}
         await self._db.run(lambda c: manifests.mark_stored(c, stored), write=True)
-        return position + len(chunks), size + sum(len(data) for data in chunks)
 
     async def _release(self, key: str) -> bool:
         return await self._db.run(lambda c: manifests.release(c, key), write=True)
+
+    # -- incomplete manifests (an upload's staged bytes: chunks.uploads) ----
+
+    async def ensure(self, key: str) -> int:
+        """Creates the incomplete manifest `key` unless it exists; returns
+        its chunk size."""
+        return await self._db.run(
+            lambda c: manifests.ensure(c, key, self.chunk_bytes, self._clock()), write=True
+        )
+
+    async def durable_prefix(self, key: str) -> tuple[int, int, int] | None:
+        """(entries, bytes, chunk size) of the key's manifest, counting only
+        the entries from position 0 on whose bytes are durable, up to the
+        first gap, chunk not stored or short chunk; None without a manifest."""
+        chunk_bytes = await self._db.run(functools.partial(manifests.chunk_size, key=key))
+        if chunk_bytes is None:
+            return None
+        count = size = 0
+        async with contextlib.aclosing(self._entries(key, 0)) as found:
+            async for entry in found:
+                if entry.position != count or not entry.durable:
+                    break
+                count, size = count + 1, size + entry.length
+                if entry.length != chunk_bytes:
+                    break
+        return count, size, chunk_bytes
+
+    async def truncate(self, key: str, first: int) -> None:
+        """Drops the key's entries from position `first` on."""
+        await self._db.run(lambda c: manifests.truncate(c, key, first), write=True)
+
+    async def finish(self, pending: str, key: str, size: int) -> None:
+        """The incomplete manifest `pending` becomes the key's, complete;
+        ManifestGone if it is not there."""
+        await self._db.run(
+            lambda c: manifests.finish(c, pending, key, size, self._clock()), write=True
+        )
+
+    async def release(self, key: str) -> bool:
+        """Drops the key's manifest, complete or not, and its references."""
+        return await self._release(key)
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        return await self._db.run(functools.partial(manifests.keys_with_prefix, prefix=prefix))
 
     # -- reading -----------------------------------------------------------
 
@@ -216,6 +269,21 @@ class ChunkStore:
             async for piece in self._legacy.read(key, offset, chunk_bytes):
                 yield piece
             return
+        async for piece in self.read_manifest(key, found, offset, chunk_bytes):
+            yield piece
+
+    async def read_manifest(
+        self,
+        key: str,
+        found: Manifest,
+        offset: int = 0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        subject: str = "",
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes of the key's manifest (complete or not: `found` says
+        its size) from offset on, verified as `read` does; damage is
+        reported for `subject` (the key by default)."""
+        subject = subject or key
         if offset >= found.size:
             # No bytes from there on: no chunk to fetch (the last one would
             # be read, hashed and its damage reported for nothing).
@@ -224,7 +292,11 @@ class ChunkStore:
         fetching: collections.deque[asyncio.Task[bytes]] = collections.deque()
         try:
             async for entry in self._entries(key, position):
-                fetching.append(asyncio.ensure_future(self._fetch(key, entry, found.chunk_bytes)))
+                if entry.position * found.chunk_bytes >= found.size:
+                    break
+                fetching.append(
+                    asyncio.ensure_future(self._fetch(subject, entry, found.chunk_bytes))
+                )
                 if len(fetching) > READ_AHEAD:
                     data = await fetching.popleft()
                     for piece in _split(data[skip:], chunk_bytes):
@@ -239,7 +311,7 @@ class ChunkStore:
             for task in fetching:
                 task.cancel()
 
-    async def _entries(self, key: str, position: int) -> AsyncIterator[Entry]:
+    async def _entries(self, key: str, position: int) -> AsyncGenerator[Entry, None]:
         while True:
             page = await self._db.run(
                 functools.partial(manifests.entries, key=key, first=position, limit=ENTRIES_PAGE)
