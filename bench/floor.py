@@ -44,6 +44,7 @@ from bms.image.v1 import image_pb2
 from bms_image.common.config import Settings
 from bms_image.common.eventloop import run_with
 from bms_image.common.serving import server_options
+from bms_image.images.adapters.chunks.chunking import Chunker
 
 from .bare import SERVICE, tune_malloc
 
@@ -101,18 +102,13 @@ class FloorUpload:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata first")
             raise AssertionError("unreachable")
         digest = hashlib.sha256()
-        buffer = bytearray()
-        batch_bytes = BATCH_CHUNKS * CHUNK_BYTES
+        chunker = Chunker(CHUNK_BYTES)  # the service's: a 1 MiB message is a chunk, uncopied
         received = 0
         writing: asyncio.Future[None] | None = None
 
         async def flush(final: bool) -> None:
             nonlocal writing
-            end = len(buffer) if final else len(buffer) - len(buffer) % CHUNK_BYTES
-            chunks = [
-                bytes(buffer[i : min(i + CHUNK_BYTES, end)]) for i in range(0, end, CHUNK_BYTES)
-            ]
-            del buffer[:end]
+            chunks = chunker.take(final)
             if writing is not None:
                 await writing
             writing = asyncio.ensure_future(asyncio.to_thread(write_batch, self.root, chunks))
@@ -121,10 +117,10 @@ class FloorUpload:
             chunk = message.chunk
             digest.update(chunk)
             received += len(chunk)
-            buffer += chunk
-            if len(buffer) >= batch_bytes:
+            chunker.add(chunk)
+            if chunker.ready >= BATCH_CHUNKS:
                 await flush(final=False)
-        if buffer:
+        if chunker.buffered:
             await flush(final=True)
         if writing is not None:
             await writing

@@ -53,3 +53,59 @@ def parse_object_name(name: str) -> tuple[str, str] | None:
     if not dot or not CHUNK_ID.match(chunk) or not re.fullmatch(r"[0-9a-f]{16}", generation):
         return None
     return chunk, generation
+
+
+class Chunker:
+    """Cuts a stream of pieces (upload messages, file reads) into chunks of
+    `chunk_bytes`, copying as little as the pieces allow: a piece that is
+    exactly the next chunk is kept as it is (the usual 1 MiB message), and
+    any other chunk is joined from its parts once. Each copy here costs the
+    first write into fresh memory, which is dear on the VMs this runs on."""
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, head: bytes = b"") -> None:
+        self.chunk_bytes = chunk_bytes
+        self._parts: list[bytes | memoryview] = []
+        self._partial = 0
+        self._ready: list[bytes] = []
+        if head:
+            self.add(head)
+
+    @property
+    def ready(self) -> int:
+        """Whole chunks cut and not yet taken."""
+        return len(self._ready)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes added and not yet taken."""
+        return len(self._ready) * self.chunk_bytes + self._partial
+
+    def add(self, piece: bytes) -> None:
+        size = self.chunk_bytes
+        if not self._parts and len(piece) == size:
+            self._ready.append(piece)
+            return
+        view = memoryview(piece)
+        while view:
+            if not self._parts and len(view) >= size:
+                self._ready.append(bytes(view[:size]))
+                view = view[size:]
+                continue
+            part = view[: size - self._partial]
+            self._parts.append(part)
+            self._partial += len(part)
+            view = view[len(part) :]
+            if self._partial == size:
+                self._ready.append(b"".join(self._parts))
+                self._parts, self._partial = [], 0
+
+    def take(self, final: bool = False) -> list[bytes]:
+        """The whole chunks cut so far, and with `final` the short rest."""
+        chunks, self._ready = self._ready, []
+        if final and self._parts:
+            chunks.append(b"".join(self._parts))
+            self._parts, self._partial = [], 0
+        return chunks
+
+    def clear(self) -> None:
+        self._parts, self._partial, self._ready = [], 0, []

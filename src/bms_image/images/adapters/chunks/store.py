@@ -31,6 +31,7 @@ from bms_image.common.telemetry.metrics import StoreFigures
 from bms_image.images.adapters.chunks import manifests
 from bms_image.images.adapters.chunks.chunking import (
     CHUNK_BYTES,
+    Chunker,
     chunk_id,
     is_zero,
     object_name,
@@ -98,14 +99,6 @@ async def _file_pieces(path: Path, size: int) -> AsyncIterator[bytes]:
         handle.close()
 
 
-def cut(buffer: bytearray, chunk_bytes: int, final: bool) -> list[bytes]:
-    """Whole chunks off the front of the buffer (and the rest when final)."""
-    end = len(buffer) if final else len(buffer) - len(buffer) % chunk_bytes
-    pieces = [bytes(buffer[i : min(i + chunk_bytes, end)]) for i in range(0, end, chunk_bytes)]
-    del buffer[:end]
-    return pieces
-
-
 def identify(pieces: Sequence[bytes]) -> list[str | None]:
     """Each chunk's id, None for a chunk of zeros. Blocking (hashes)."""
     return [None if is_zero(piece) else chunk_id(piece) for piece in pieces]
@@ -157,17 +150,16 @@ class ChunkStore:
             raise
 
     async def _store_all(self, pending: str, pieces: AsyncIterator[bytes]) -> int:
-        buffer = bytearray()
+        chunker = Chunker(self.chunk_bytes)
         position = size = 0
-        batch_bytes = BATCH_CHUNKS * self.chunk_bytes
         async for piece in pieces:
-            buffer += piece
-            if len(buffer) >= batch_bytes:
-                chunks = cut(buffer, self.chunk_bytes, final=False)
+            chunker.add(piece)
+            if chunker.ready >= BATCH_CHUNKS:
+                chunks = chunker.take()
                 await self.append(pending, chunks, position)
                 position, size = position + len(chunks), size + sum(map(len, chunks))
-        if buffer:
-            chunks = cut(buffer, self.chunk_bytes, final=True)
+        if chunker.buffered:
+            chunks = chunker.take(final=True)
             await self.append(pending, chunks, position)
             size += sum(map(len, chunks))
         return size

@@ -35,8 +35,9 @@ from bms_image.common.errors import (
 )
 from bms_image.common.staging import Staging, sha256_of_file
 from bms_image.images.adapters.chunks import manifests
+from bms_image.images.adapters.chunks.chunking import Chunker
 from bms_image.images.adapters.chunks.manifests import Manifest, ManifestGone
-from bms_image.images.adapters.chunks.store import ChunkStore, cut, identify
+from bms_image.images.adapters.chunks.store import ChunkStore, identify
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class StagedChunks:
         self._chunk_bytes = chunk_bytes
         #: Position of the next chunk to cut.
         self._position = position
-        self._buffer = bytearray(head)
+        self._chunker = Chunker(chunk_bytes, head)
         self._sha256 = sha256
         self._size = position * chunk_bytes + len(head)
         self._batches: collections.deque[asyncio.Task[None]] = collections.deque()
@@ -97,10 +98,10 @@ class StagedChunks:
     async def write(self, chunk: bytes) -> None:
         if self._failure is not None:
             raise self._translated(self._failure)
-        self._buffer += chunk
+        self._chunker.add(chunk)
         self._size += len(chunk)
-        if len(self._buffer) >= BATCH_CHUNKS * self._chunk_bytes:
-            await self._submit(cut(self._buffer, self._chunk_bytes, final=False))
+        if self._chunker.ready >= BATCH_CHUNKS:
+            await self._submit(self._chunker.take())
 
     async def _submit(self, chunks: list[bytes]) -> None:
         position, self._position = self._position, self._position + len(chunks)
@@ -150,18 +151,20 @@ class StagedChunks:
 
     async def _close(self) -> None:
         try:
-            if self._failure is None and self._buffer:
-                await self._submit(cut(self._buffer, self._chunk_bytes, final=True))
+            if self._failure is None and self._chunker.buffered:
+                await self._submit(self._chunker.take(final=True))
             await self.drain()
             if self._failure is not None:  # a batch failed: what came after it is not durable
                 raise self._translated(self._failure)
         except BaseException:
-            self._buffer.clear()
+            self._chunker.clear()
             try:
                 found = await self._store.durable_prefix(self._key)
                 self._size = found[1] if found is not None else 0
             except Exception as error:  # the database is down too: nothing is known durable
-                log.warning("reading the durable bytes of images/%s failed: %r", self._key, error)
+                log.warning(
+                    "reading the durable bytes of images/%s failed: %r", self._image_key, error
+                )
                 self._size = 0
             raise
         finally:
