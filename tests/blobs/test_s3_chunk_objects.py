@@ -389,3 +389,40 @@ async def test_an_unreachable_store_is_unavailable_with_a_fixed_text(
 def test_max_attempts_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
         S3BlobStore("bucket", max_attempts=0)
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_an_overloaded_store_gets_exactly_max_attempts_tries(
+    attempts: int, isolated_aws_config: None
+) -> None:
+    """BMS_IMAGE_S3_MAX_ATTEMPTS: a store that answers 503 to everything is
+    asked `attempts` times per request, the first try included (botocore's
+    own `max_attempts` counts only the retries), then the call is
+    UNAVAILABLE."""
+    tries = 0
+
+    async def overloaded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal tries
+        while await reader.readline() not in (b"\r\n", b""):
+            pass  # the request's head (HEAD has no body)
+        tries += 1
+        writer.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(overloaded, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with S3BlobStore(
+            "bucket",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key="testing",
+            secret_key="testing",
+            max_attempts=attempts,
+        ) as store:
+            with pytest.raises(Unavailable):
+                await S3ChunkObjects(store).ping()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert tries == attempts

@@ -209,6 +209,7 @@ async def test_an_unreachable_s3_store_is_unavailable_and_tells_no_internals(
             s3_bucket=bucket,
             s3_access_key="testing",
             s3_secret_key="testing",
+            s3_max_attempts=2,  # each refused request is retried once, not four times
         ) as own:
             alpha_project, beta_project = fresh_project("alpha"), fresh_project("beta")
             alpha, beta = own.metadata(alpha_project), own.metadata(beta_project)

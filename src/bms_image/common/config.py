@@ -49,6 +49,10 @@ class Settings:
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_prefix: str = "images/"
+    #: Tries of one S3 request (the first included) before the store is
+    #: taken for unreachable: throttling, 5xx answers and refused
+    #: connections are retried with botocore's backoff in between.
+    s3_max_attempts: int = 5
     #: Multipart uploads under the prefix older than this are aborted at
     #: start (a crash left them; younger ones may be another replica's).
     s3_abort_incomplete_after_seconds: float = 24 * 3600.0
@@ -240,6 +244,7 @@ _CASTERS: dict[str, Any] = {
     "s3_access_key": str,
     "s3_secret_key": str,
     "s3_prefix": str,
+    "s3_max_attempts": int,
     "s3_abort_incomplete_after_seconds": float,
     "min_free_bytes": int,
     "max_uploads_per_project": int,

@@ -94,6 +94,7 @@ async def open_blob_store(
         access_key=settings.s3_access_key or None,
         secret_key=settings.s3_secret_key or None,
         prefix=settings.s3_prefix,
+        max_attempts=settings.s3_max_attempts,
     )
     await closing.enter_async_context(store)
     try:

@@ -310,7 +310,9 @@ class S3BlobStore:
             # by default, which several S3-compatible stores reject.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"mode": "standard", "max_attempts": self._max_attempts},
+            # botocore's `max_attempts` counts the retries, not the first try:
+            # `total_max_attempts` is what this store's `max_attempts` means.
+            retries={"mode": "standard", "total_max_attempts": self._max_attempts},
             max_pool_connections=self._max_connections,
             connect_timeout=10,
             read_timeout=60,
