@@ -7,10 +7,12 @@ upload leaves no references; and the collector leaves staged uploads alone."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,11 +56,6 @@ async def _write(staged: StagedChunks, data: bytes, piece: int = 300_001) -> Non
 
 async def _read(staged: StagedChunks) -> bytes:
     return b"".join([piece async for piece in staged.read()])
-
-
-async def _refs(database: Database) -> int:
-    stats = await database.run(manifests.stats)
-    return stats.entries
 
 
 async def test_an_upload_broken_off_resumes_in_another_process_with_the_same_digest(
@@ -164,8 +161,35 @@ async def test_an_upload_whose_image_was_deleted_stops_and_leaves_no_references(
         await staged.commit(KEY)
     stats = await database.run(manifests.stats)
     assert (stats.entries, stats.manifests) == (0, 0)
-    assert await _refs(database) == 0
+    assert stats.unreferenced == stats.chunks, "a chunk is still referenced"
     assert await staging.keys() == []
+
+
+async def test_an_upload_holds_at_most_two_batches_in_flight(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays bounded however fast the client sends: with two batches
+    not yet stored, the next write waits for the oldest of them."""
+    store, staging = _staging(database, tmp_path)
+    release = asyncio.Event()
+    real_append = store.append
+
+    async def slow_append(*args: Any, **kwargs: Any) -> None:
+        await release.wait()
+        await real_append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append", slow_append)
+    staged = await staging.open(KEY, 0)
+    batch = os.urandom(BATCH_CHUNKS * MiB)
+    await staged.write(batch)  # in flight: one batch
+    second = asyncio.ensure_future(staged.write(batch))  # two in flight: it waits
+    done, _ = await asyncio.wait([second], timeout=0.5)
+    assert not done, "a write went on with two batches in flight"
+    release.set()
+    await second
+    await staged.drain()
+    await staged.close()
+    assert await staging.size(KEY) == 2 * len(batch)
 
 
 async def test_the_collector_leaves_a_paused_upload_alone(

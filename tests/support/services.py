@@ -11,6 +11,7 @@ stubs and call metadata. The fixtures (`settings`, `service`, `channel`,
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -126,8 +127,9 @@ async def serving(
 
 
 #: The services started in this process, by data directory (for helpers that
-#: read a service's own figures, such as the bytes it has received).
-_RUNNING: dict[str, RunningService] = {}
+#: read a service's own figures, such as the bytes it has received); weak, so
+#: that a stopped service is not kept alive for the rest of the session.
+_RUNNING: weakref.WeakValueDictionary[str, RunningService] = weakref.WeakValueDictionary()
 
 
 async def start(settings: Settings) -> RunningService:

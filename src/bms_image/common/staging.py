@@ -32,7 +32,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".part"
 _READ_BLOCK = 4 * 1024 * 1024
 #: Uploads are written back to disk in windows of this size as they arrive.
 WRITEBACK_WINDOW_BYTES = 16 * 1024 * 1024
@@ -208,31 +207,23 @@ def _retrieved(future: asyncio.Future[None]) -> None:
 
 
 class Staging:
+    """The image service's local scratch directory: a conversion's files
+    (`<key>.<suffix>`), the catalog's seed, and the `<key>.part` files of
+    uploads that earlier versions staged whole here."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def path(self, key: str) -> Path:
+    def scratch(self, key: str, suffix: str) -> Path:
+        """A scratch file of `key` (an image id: never a caller's text)."""
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"invalid staging key {key!r}")
-        return self.root / (key + _SUFFIX)
-
-    def size(self, key: str) -> int:
-        try:
-            return self.path(key).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def open(self, key: str, offset: int) -> StagedUpload:
-        return StagedUpload(self.path(key), offset)
-
-    def scratch(self, key: str, suffix: str) -> Path:
-        """A second file for the same upload (e.g. its conversion to raw)."""
         return self.root / f"{key}.{suffix}"
 
     def _files_of(self, key: str) -> list[Path]:
-        """The staged bytes and scratch files of a key (a prefix test, not a
-        glob: the key would make a new pattern to compile on every call)."""
+        """The files of a key (a prefix test, not a glob: the key would make
+        a new pattern to compile on every call)."""
         prefix = key + "."
         with os.scandir(self.root) as entries:
             return [Path(e.path) for e in entries if e.name.startswith(prefix)]
@@ -244,12 +235,6 @@ class Staging:
             removed = True
         if removed:  # nothing to make durable otherwise (most deletes)
             fsync_directory(self.root)
-
-    def discard_scratch(self, key: str) -> None:
-        """Removes the upload's scratch files but keeps its staged bytes."""
-        for path in self._files_of(key):
-            if path.name != self.path(key).name:
-                path.unlink(missing_ok=True)
 
     def keys(self) -> list[str]:
         return sorted({p.name.split(".", 1)[0] for p in self.root.iterdir() if p.is_file()})

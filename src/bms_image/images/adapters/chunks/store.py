@@ -140,13 +140,11 @@ class ChunkStore:
         )
         try:
             size = await self._store_all(pending, pieces)
-            await self._db.run(
-                lambda c: manifests.finish(c, pending, key, size, self._clock()), write=True
-            )
+            await self.finish(pending, key, size)
             return size
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._release(pending))
+                await asyncio.shield(self.release(pending))
             raise
 
     async def _store_all(self, pending: str, pieces: AsyncIterator[bytes]) -> int:
@@ -201,7 +199,8 @@ class ChunkStore:
         stored = {chunk: generations[chunk][0] for chunk in counts}
         await self._db.run(lambda c: manifests.mark_stored(c, stored), write=True)
 
-    async def _release(self, key: str) -> bool:
+    async def release(self, key: str) -> bool:
+        """Drops the key's manifest, complete or not, and its references."""
         return await self._db.run(lambda c: manifests.release(c, key), write=True)
 
     # -- incomplete manifests (an upload's staged bytes: chunks.uploads) ----
@@ -240,10 +239,6 @@ class ChunkStore:
         await self._db.run(
             lambda c: manifests.finish(c, pending, key, size, self._clock()), write=True
         )
-
-    async def release(self, key: str) -> bool:
-        """Drops the key's manifest, complete or not, and its references."""
-        return await self._release(key)
 
     async def keys_with_prefix(self, prefix: str) -> list[str]:
         return await self._db.run(functools.partial(manifests.keys_with_prefix, prefix=prefix))
@@ -363,7 +358,7 @@ class ChunkStore:
     async def delete(self, key: str) -> None:
         """Drops the key's references; the collector frees what nobody
         references any more."""
-        await self._release(key)
+        await self.release(key)
         await self._legacy.delete(key)
 
     async def keys(self) -> list[str]:
@@ -387,7 +382,7 @@ class ChunkStore:
         report = SweepReport()
         before = self._clock() - PENDING_TTL
         for pending in await self._db.run(lambda c: manifests.abandoned(c, before)):
-            if await self._release(pending):
+            if await self.release(pending):
                 report.abandoned_puts += 1
         while True:
             freed = await self._db.run(lambda c: manifests.mark_freeable(c, FREE_BATCH), write=True)

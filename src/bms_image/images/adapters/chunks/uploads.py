@@ -291,7 +291,7 @@ class ChunkStaging:
                     while piece := await asyncio.to_thread(handle.read, _READ_BYTES):
                         await staged.write(piece)
                 finally:
-                    handle.close()
+                    await asyncio.to_thread(handle.close)
             finally:
                 await staged.drain()
                 await staged.close()
